@@ -1,0 +1,1 @@
+"""Alembic migration environment for the gpuvirt inventory (shipped inside the package)."""

@@ -1,0 +1,1 @@
+"""Data package: GPU model catalog and built-in partition profiles (YAML)."""
