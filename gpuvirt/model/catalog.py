@@ -114,7 +114,7 @@ class VgpuType:
 
     @property
     def series(self) -> str:
-        m = re.search(r"([ABCQ])(ME|NOME|MEALL|GFX)?$", self.name)
+        m = re.search(r"([ABCQ])\d*(ME|NOME|MEALL|GFX)?$", self.name)
         return m.group(1) if m else "?"
 
     @property
@@ -235,7 +235,8 @@ def mig_memory_gb(memory_mib: int, total_bytes: int) -> int:
     (NVIDIA/gpu-operator#351): the fraction of memory rounded up to eighths, times the total in whole GiB.
     """
     fraction = math.ceil(memory_mib * MIB / total_bytes * 8) / 8
-    return int(round(fraction * math.ceil(total_bytes / GIB)))
+    # Go's math.Round rounds halves away from zero (H200 3g: 70.5 -> 71); Python's round() would give 70
+    return int(math.floor(fraction * math.ceil(total_bytes / GIB) + 0.5))
 
 
 def mig_profile_name(compute_slices: int, memory_mib: int, total_bytes: int, attributes: Iterable[str] = (),
@@ -335,7 +336,42 @@ def _opt_int(v: Any, what: str) -> int | None:
     return None if v is None else _int(v, what)
 
 
+_KEYS = {
+    "model": {"id", "display_name", "nvml_name", "vendor", "architecture", "vendor_id", "device_id",
+              "subsystem_vendor_id", "subsystem_device_id", "pci_class", "memory_mib", "mig", "sriov", "vgpu",
+              "mdev", "aliases", "notes"},
+    "mig": {"memory_slices", "compute_slices", "sm_in_mig", "mode_survives_reboot", "enable_requires_reset",
+            "max_mig_devices", "gpu_instance_profiles", "compute_instance_profiles", "driver_placement_order"},
+    "gi": {"id", "nvml_constant", "name", "attributes", "compute_slices", "memory_slices", "max_instances",
+           "memory_mib", "sm", "engines", "starts"},
+    "sriov": {"total_vfs", "vf_device_id", "first_vf_offset", "vf_class"},
+    "vgpu": {"interface", "parent", "policy", "name_prefix", "create_errno", "types"},
+    "vtype": {"id", "name", "framebuffer_mib", "max_instances", "num_heads", "frl_config", "max_resolution",
+              "gpu_instance_profile_id", "mixed_size_max"},
+    "mdev": {"driver", "parent_kind", "virtual_path", "pool", "types", "create_errno"},
+    "mtype": {"sysfs_name", "name", "description", "device_api", "cost"},
+}
+
+
+def _check_keys(d: Any, kind: str, origin: str) -> None:
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"catalog {origin}: {kind} entry must be a mapping")
+    unknown = set(d) - _KEYS[kind]
+    if unknown:
+        raise ConfigError(f"catalog {origin}: unknown {kind} key(s): {', '.join(sorted(map(str, unknown)))}")
+
+
 def _model_from_dict(d: Mapping[str, Any], origin: str) -> GpuModel:
+    _check_keys(d, "model", origin)
+    for sub, kind in (("mig", "mig"), ("sriov", "sriov"), ("vgpu", "vgpu"), ("mdev", "mdev")):
+        if d.get(sub):
+            _check_keys(d[sub], kind, origin)
+    for p in (d.get("mig") or {}).get("gpu_instance_profiles") or []:
+        _check_keys(p, "gi", origin)
+    for t in (d.get("vgpu") or {}).get("types") or []:
+        _check_keys(t, "vtype", origin)
+    for t in (d.get("mdev") or {}).get("types") or []:
+        _check_keys(t, "mtype", origin)
     try:
         mid = str(d["id"])
         mig = None
