@@ -1,0 +1,103 @@
+"""The typer application and gpuvirt's single error boundary.
+
+Commands are thin: parse options, call one service function, render.  Every failure ends here as one
+line ``gpuvirt: error: <message>`` on stderr and the error's exit status; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Any, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from gpuvirt.errors import GpuvirtError
+
+try:  # typer >= 0.20 vendors click; its usage errors derive from TyperException
+    from typer.exceptions import TyperException as _UsageBase
+except ImportError:  # pragma: no cover - older typer on plain click
+    from click.exceptions import ClickException as _UsageBase  # type: ignore[no-redef]
+
+
+def _debug_requested(args: list[str] | None) -> bool:
+    return "--debug" in (args or []) or os.environ.get("GPUVIRT_DEBUG") == "1"
+
+
+def report_error(exc: BaseException, debug: bool) -> int:
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    if isinstance(exc, GpuvirtError):
+        msg, code = str(exc), exc.exit_code
+    elif isinstance(exc, _UsageBase):
+        msg, code = exc.format_message(), getattr(exc, "exit_code", 2)
+    elif isinstance(exc, (typer.Abort, KeyboardInterrupt)) or type(exc).__name__ == "Abort":
+        msg, code = "aborted", 130 if isinstance(exc, KeyboardInterrupt) else 1
+    else:
+        msg = f"internal error: {type(exc).__name__}: {exc}"
+        if not debug:
+            msg += " (run with --debug for the traceback)"
+        code = 1
+    line = " ".join(str(msg).split())
+    print(f"gpuvirt: error: {line}", file=sys.stderr)
+    return code
+
+
+class GpuvirtGroup(TyperGroup):
+    """Root command group: runs the CLI in non-standalone mode and owns the error boundary."""
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None,  # type: ignore[override]
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        arglist = list(args) if args is not None else sys.argv[1:]
+        debug = _debug_requested(arglist)
+        try:
+            rv = super().main(args=arglist, prog_name=prog_name or "gpuvirt", complete_var=complete_var,
+                              standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException as exc:  # noqa: BLE001 - this IS the error boundary
+            if type(exc).__name__ == "NoArgsIsHelpError" and getattr(exc, "ctx", None) is not None:
+                print(exc.ctx.get_help())  # bare "gpuvirt" or "gpuvirt sim": show help, like --help
+                code = 0
+            else:
+                code = report_error(exc, debug)
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+app = typer.Typer(cls=GpuvirtGroup, add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="gpuvirt - GPU virtualization manager for KVM hosts (mdev vGPU, vendor-VFIO vGPU, "
+                       "SR-IOV VFs, MIG).", context_settings={"help_option_names": ["-h", "--help"]})
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    root: Optional[str] = typer.Option(None, "--root", help="Root the host is seen under (prefixes sys/, etc/, "
+                                       "var/lib/gpuvirt). Env GPUVIRT_ROOT. Default /."),
+    sim: Optional[str] = typer.Option(None, "--sim", help="Use the simulated host in DIR (root=DIR, simulated "
+                                      "kernel and NVML). Env GPUVIRT_SIM."),
+    db: Optional[str] = typer.Option(None, "--db", help="Inventory database URL (any SQLAlchemy URL). Env "
+                                     "GPUVIRT_DB. Default sqlite under <root>/var/lib/gpuvirt."),
+    host_id: Optional[str] = typer.Option(None, "--host-id", help="This host's id in a shared inventory. Env "
+                                          "GPUVIRT_HOST_ID. Default: the hostname."),
+    config: Optional[str] = typer.Option(None, "--config", help="Config file. Env GPUVIRT_CONFIG. Default "
+                                         "<root>/etc/gpuvirt/gpuvirt.toml."),
+    debug: bool = typer.Option(False, "--debug", help="Print tracebacks on errors."),
+) -> None:
+    from gpuvirt.cli.state import CliState
+
+    ctx.obj = CliState(root=root, sim=sim, db=db, host_id=host_id, config=config, debug=debug)
+    ctx.call_on_close(ctx.obj.close)
+
+
+def run(args: list[str]) -> int:
+    return app(args=args, prog_name="gpuvirt", standalone_mode=False) or 0
+
+
+# the command modules register themselves on `app`
+from gpuvirt.cli import commands  # noqa: E402,F401

@@ -1,0 +1,181 @@
+"""Settings and the composition root.
+
+This is the one place that decides whether gpuvirt talks to a real machine or to a simulated one: with a
+simulator directory the root becomes that directory, sysfs writes go to ``SimKernel`` and pynvml gets
+``FakeNvmlLib``.  Everything else receives a ready ``Host`` and never asks which kind it has.
+
+Settings come, in order of precedence, from command-line options, environment variables
+(``GPUVIRT_ROOT``, ``GPUVIRT_SIM``, ``GPUVIRT_DB``, ``GPUVIRT_HOST_ID``, ``GPUVIRT_CONFIG``) and the config file
+``<root>/etc/gpuvirt/gpuvirt.toml`` - the file matters because libvirt runs hooks with an empty environment.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from gpuvirt.errors import ConfigError, UsageError
+
+CONFIG_REL = "etc/gpuvirt/gpuvirt.toml"
+DB_REL = "var/lib/gpuvirt/inventory.db"
+STATE_REL = "var/lib/gpuvirt"
+
+DEFAULT_POLICIES: dict[str, Any] = {
+    "mig_placement": "frag-aware",      # first-fit | best-fit | spread | pack | frag-aware
+    "vgpu_placement": "consolidate",    # consolidate | spread
+    "stale_after_seconds": 900,         # hosts silent for longer are shown stale in cluster reports
+    "reset_gpu": False,                 # apply may reset a GPU to activate a pending MIG mode
+}
+CONFIG_KEYS = {"db_url", "sim_dir", "host_id", "root", "policies"}
+
+
+@dataclass
+class Settings:
+    root: Path
+    sim_dir: Path | None
+    db_url: str | None
+    host_id: str
+    config_path: Path
+    config_found: bool
+    debug: bool = False
+    policies: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_POLICIES))
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / STATE_REL
+
+    @property
+    def default_db_path(self) -> Path:
+        return self.root / DB_REL
+
+    def effective_db_url(self) -> str:
+        if self.db_url:
+            return self.db_url
+        return f"sqlite:///{self.default_db_path}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"root": str(self.root), "sim_dir": str(self.sim_dir) if self.sim_dir else None,
+                "db_url": redact_url(self.effective_db_url()), "host_id": self.host_id,
+                "config_path": str(self.config_path), "config_found": self.config_found,
+                "policies": self.policies}
+
+
+def redact_url(url: str) -> str:
+    # never print database passwords
+    if "://" in url and "@" in url.split("://", 1)[1]:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+    return url
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        doc = tomllib.loads(data.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    unknown = set(doc) - CONFIG_KEYS
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown key(s) {', '.join(sorted(unknown))} "
+                          f"(known: {', '.join(sorted(CONFIG_KEYS))})")
+    pol = doc.get("policies", {})
+    if not isinstance(pol, dict):
+        raise ConfigError(f"config file {path}: [policies] must be a table")
+    bad = set(pol) - set(DEFAULT_POLICIES)
+    if bad:
+        raise ConfigError(f"config file {path}: unknown policy key(s) {', '.join(sorted(bad))}")
+    return doc
+
+
+def resolve_settings(*, root: str | None = None, sim: str | None = None, db: str | None = None,
+                     host_id: str | None = None, config: str | None = None, debug: bool = False,
+                     env: dict[str, str] | None = None) -> Settings:
+    env = dict(os.environ) if env is None else env
+    sim = sim or env.get("GPUVIRT_SIM") or None
+    root_opt = root or env.get("GPUVIRT_ROOT") or None
+    if sim and root_opt and Path(root_opt).absolute() != Path(sim).absolute():
+        raise UsageError("--sim DIR already sets the root to DIR; do not combine it with a different --root")
+    root_path = Path(sim or root_opt or "/").absolute()
+    if root_opt and not sim and not root_path.is_dir():
+        raise UsageError(f"--root {root_opt}: no such directory")
+    config_path = Path(config or env.get("GPUVIRT_CONFIG") or (root_path / CONFIG_REL))
+    doc = read_config(config_path)
+    if not sim and doc.get("sim_dir") and not root_opt:
+        sim = str(doc["sim_dir"])
+        root_path = Path(sim).absolute()
+    if not sim and not root_opt and doc.get("root"):
+        root_path = Path(str(doc["root"])).absolute()
+    policies = dict(DEFAULT_POLICIES)
+    policies.update(doc.get("policies", {}))
+    hid = host_id or env.get("GPUVIRT_HOST_ID") or doc.get("host_id") or socket.gethostname()
+    if not isinstance(hid, str) or not hid.strip() or len(hid) > 253 or any(c.isspace() for c in hid):
+        raise UsageError(f"invalid host id {hid!r}")
+    return Settings(root=root_path, sim_dir=Path(sim).absolute() if sim else None,
+                    db_url=db or env.get("GPUVIRT_DB") or doc.get("db_url") or None,
+                    host_id=hid, config_path=config_path, config_found=config_path.is_file(), debug=debug,
+                    policies=policies)
+
+
+class Context:
+    """What a command needs: settings, the host (real or simulated) and, lazily, the inventory."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._closers: list[Any] = []
+
+    @cached_property
+    def sim(self):
+        if self.settings.sim_dir is None:
+            return None
+        from gpuvirt.sim.control import open_sim
+
+        return open_sim(self.settings.sim_dir)
+
+    @cached_property
+    def host(self):
+        from gpuvirt.host.machine import Host
+
+        if self.settings.sim_dir is not None:
+            from gpuvirt.sim.kernel import SimKernel
+            from gpuvirt.sim.nvml import FakeNvmlLib
+
+            sim = self.sim
+            host = Host(self.settings.root, kernel=SimKernel(sim), nvml_lib=FakeNvmlLib(sim), use_udev=False)
+        else:
+            host = Host(self.settings.root)
+        self._closers.append(host.close)
+        return host
+
+    @cached_property
+    def inventory(self):
+        from gpuvirt.inventory.store import Inventory
+
+        inv = Inventory.open(self.settings)
+        self._closers.append(inv.close)
+        return inv
+
+    def close(self) -> None:
+        while self._closers:
+            fn = self._closers.pop()
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - closing must not mask the command's own outcome
+                pass
+
+    def __enter__(self) -> "Context":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

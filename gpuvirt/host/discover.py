@@ -1,0 +1,159 @@
+"""Discovery: one consistent picture of a host from sysfs and NVML (schema: docs/discover-schema.md)."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from gpuvirt.errors import GpuvirtError, NvmlError
+from gpuvirt.host.machine import Host, normalize_pci
+from gpuvirt.host.scan import ScanWarning
+from gpuvirt.model.catalog import load_catalog
+
+SCHEMA_VERSION = 1
+
+
+def _udev_names(addresses: list[str]) -> dict[str, str]:
+    """Model names from the udev hardware database, where udev is present (never required)."""
+    try:
+        import pyudev  # noqa: PLC0415 - optional at run time
+    except ImportError:
+        return {}
+    names: dict[str, str] = {}
+    try:
+        ctx = pyudev.Context()
+        for addr in addresses:
+            try:
+                dev = pyudev.Devices.from_name(ctx, "pci", addr)
+            except Exception:  # noqa: BLE001 - udev db may be absent (containers, no udevd)
+                continue
+            name = dev.properties.get("ID_MODEL_FROM_DATABASE")
+            if name:
+                names[addr] = name
+    except Exception:  # noqa: BLE001
+        return {}
+    return names
+
+
+def discover(host: Host, *, with_nvml: bool = True) -> dict[str, Any]:
+    scanner = host.scanner()
+    catalog = load_catalog()
+    pci = scanner.pci_devices()
+    parents = scanner.mdev_parents()
+    devices = scanner.mdev_devices()
+    vfio = scanner.vfio_vfs(pci)
+    by_parent: dict[str, list] = {}
+    for d in devices:
+        by_parent.setdefault(d.parent, []).append(d)
+    for p in parents:
+        p.devices = by_parent.get(p.address, [])
+    known_parents = {p.address for p in parents}
+    warnings: list[ScanWarning] = list(scanner.warnings)
+    for d in devices:
+        if d.parent not in known_parents:
+            warnings.append(ScanWarning(f"/sys/bus/mdev/devices/{d.uuid}",
+                                        f"mdev's parent {d.parent} is not registered in /sys/class/mdev_bus"))
+
+    udev = _udev_names([d.address for d in pci]) if host.use_udev else {}
+    pci_gpus = []
+    for d in pci:
+        entry = d.to_dict()
+        model = catalog.by_pci(d.vendor_id, d.device_id)
+        if d.physfn and model is None:
+            for m in catalog.models.values():
+                if m.sriov and m.vendor_id == d.vendor_id and m.sriov.vf_device_id == d.device_id:
+                    model = m
+                    break
+        entry["model"] = model.id if model else None
+        entry["name"] = udev.get(d.address) or (model.display_name if model else None)
+        entry["role"] = "vf" if d.physfn else "pf"
+        pci_gpus.append(entry)
+
+    sriov_pfs = [{"address": d.address, "vendor": d.vendor, "vendor_id": f"0x{d.vendor_id:04x}",
+                  "device_id": f"0x{d.device_id:04x}", "driver": d.driver, "total_vfs": d.sriov_total_vfs,
+                  "num_vfs": d.sriov_num_vfs, "vfs": d.vfs,
+                  "model": next((g["model"] for g in pci_gpus if g["address"] == d.address), None)}
+                 for d in pci if d.sriov_total_vfs is not None]
+
+    nvml_info: dict[str, Any] = {"available": False, "reason": None, "driver_version": None}
+    gpus: list[dict[str, Any]] = []
+    if with_nvml:
+        try:
+            session = host.nvml()
+            if session.available:
+                nvml_info["available"] = True
+                nvml_info["driver_version"] = session.driver_version()
+                gpus = _nvml_gpus(session, warnings)
+            else:
+                nvml_info["reason"] = session.unavailable_reason
+        except NvmlError as exc:
+            nvml_info["reason"] = str(exc)
+            warnings.append(ScanWarning("nvml", str(exc)))
+    else:
+        nvml_info["reason"] = "skipped"
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "host": {"hostname": socket.gethostname(), "root": str(host.root)},
+        "nvml": nvml_info,
+        "gpus": gpus,
+        "pci_gpus": pci_gpus,
+        "sriov_pfs": sriov_pfs,
+        "mdev_parents": [p.to_dict() for p in parents],
+        "mdev_devices": [d.to_dict() for d in devices],
+        "vfio_vfs": [v.to_dict() for v in vfio],
+        "warnings": [w.to_dict() for w in warnings],
+    }
+
+
+def _nvml_gpus(session: Any, warnings: list[ScanWarning]) -> list[dict[str, Any]]:
+    catalog = load_catalog()
+    out = []
+    for g in session.gpus():
+        model = catalog.by_nvml_name(g.name) or _model_by_device_id(g.pci_device_id)
+        entry: dict[str, Any] = {
+            "index": g.index, "uuid": g.uuid, "pci_address": normalize_pci(g.pci_address), "name": g.name,
+            "memory_mib": g.memory_mib, "model": model.id if model else None,
+            "pci_device_id": f"0x{g.pci_device_id:08X}",
+            "mig": {"supported": g.mig_capable, "current": g.mig_current, "pending": g.mig_pending,
+                    "gpu_instance_profiles": [], "gpu_instances": []},
+        }
+        if g.mig_capable and g.mig_current:
+            try:
+                profiles = session.gi_profiles(g.index)
+                names = {p.id: p.name for p in profiles}
+                entry["mig"]["gpu_instance_profiles"] = [
+                    {"id": p.id, "name": p.name, "memory_slices": p.memory_slices,
+                     "compute_slices": p.compute_slices, "max_instances": p.max_instances,
+                     "memory_mib": p.memory_mib, "remaining": p.remaining,
+                     "placements": [{"start": s, "size": z} for s, z in p.placements]}
+                    for p in profiles]
+                entry["mig"]["gpu_instances"] = [
+                    {"id": gi.id, "profile_id": gi.profile_id, "profile_name": names.get(gi.profile_id),
+                     "placement": {"start": gi.start, "size": gi.size},
+                     "compute_instances": [
+                         {"id": ci.id, "profile_id": ci.profile_id, "placement": {"start": ci.start, "size": ci.size},
+                          "uuid": ci.uuid} for ci in gi.compute_instances]}
+                    for gi in session.gpu_instances(g.index)]
+            except GpuvirtError as exc:
+                warnings.append(ScanWarning(f"nvml:gpu{g.index}", f"cannot read MIG state: {exc}"))
+        elif g.mig_capable:
+            # profiles are listed with MIG disabled too, so operators can plan before enabling
+            try:
+                profiles = session.gi_profiles(g.index)
+                entry["mig"]["gpu_instance_profiles"] = [
+                    {"id": p.id, "name": p.name, "memory_slices": p.memory_slices,
+                     "compute_slices": p.compute_slices, "max_instances": p.max_instances,
+                     "memory_mib": p.memory_mib, "remaining": p.remaining,
+                     "placements": [{"start": s, "size": z} for s, z in p.placements]}
+                    for p in profiles]
+            except GpuvirtError:
+                pass
+        out.append(entry)
+    return out
+
+
+def _model_by_device_id(pci_device_id: int):
+    dev = (pci_device_id >> 16) & 0xFFFF
+    ven = pci_device_id & 0xFFFF
+    return load_catalog().by_pci(ven, dev)

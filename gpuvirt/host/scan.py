@@ -1,0 +1,368 @@
+"""Reading the host's sysfs: PCI GPUs, SR-IOV, mdev parents/types/devices, vendor-specific VFIO VFs.
+
+Every reader is tolerant: one broken entry (missing directory, unreadable or non-numeric file, a device
+removed half-way) becomes a :class:`ScanWarning` naming its path, and the rest of the scan continues.
+mdevctl fails the whole command in the same situations (``formats.md`` 3.3, mdevctl issue #56); gpuvirt
+must keep working on a host where one parent is misbehaving.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PCI_ADDR_RE = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+VENDOR_NAMES = {0x10DE: "nvidia", 0x1002: "amd", 0x8086: "intel"}
+
+
+@dataclass
+class ScanWarning:
+    path: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": self.path, "message": self.message}
+
+
+@dataclass
+class PciDevice:
+    address: str
+    vendor_id: int
+    device_id: int
+    subsystem_vendor_id: int | None
+    subsystem_device_id: int | None
+    pci_class: int
+    driver: str | None
+    iommu_group: int | None
+    physfn: str | None = None                   # set on SR-IOV VFs
+    sriov_total_vfs: int | None = None          # set on SR-IOV PFs
+    sriov_num_vfs: int | None = None
+    vfs: list[str] = field(default_factory=list)
+
+    @property
+    def is_gpu(self) -> bool:
+        return (self.pci_class >> 16) == 0x03
+
+    @property
+    def vendor(self) -> str:
+        return VENDOR_NAMES.get(self.vendor_id, f"0x{self.vendor_id:04x}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "address": self.address, "vendor": self.vendor, "vendor_id": f"0x{self.vendor_id:04x}",
+            "device_id": f"0x{self.device_id:04x}",
+            "subsystem_id": (f"0x{self.subsystem_device_id:04x}{self.subsystem_vendor_id:04x}"
+                             if self.subsystem_device_id is not None and self.subsystem_vendor_id is not None
+                             else None),
+            "class": f"0x{self.pci_class:06x}", "driver": self.driver, "iommu_group": self.iommu_group,
+            "physfn": self.physfn,
+            "sriov": ({"total_vfs": self.sriov_total_vfs, "num_vfs": self.sriov_num_vfs, "vfs": self.vfs}
+                      if self.sriov_total_vfs is not None else None),
+        }
+
+
+@dataclass
+class MdevType:
+    id: str
+    name: str | None
+    description: str | None
+    available_instances: int
+    device_api: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "description": self.description,
+                "available_instances": self.available_instances, "device_api": self.device_api}
+
+
+@dataclass
+class MdevDevice:
+    uuid: str
+    parent: str
+    type: str
+    iommu_group: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"uuid": self.uuid, "parent": self.parent, "type": self.type, "iommu_group": self.iommu_group}
+
+
+@dataclass
+class MdevParent:
+    address: str                 # sysfs name: a PCI address, or e.g. "mtty" for a virtual parent
+    path: str
+    is_pci: bool
+    types: list[MdevType] = field(default_factory=list)
+    devices: list[MdevDevice] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"address": self.address, "pci": self.is_pci, "types": [t.to_dict() for t in self.types],
+                "devices": [{"uuid": d.uuid, "type": d.type} for d in self.devices]}
+
+
+@dataclass
+class VfioVgpuType:
+    id: int
+    name: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name}
+
+
+@dataclass
+class VfioVf:
+    address: str
+    physfn: str | None
+    current_type: int
+    creatable_types: list[VfioVgpuType]
+    iommu_group: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"address": self.address, "physfn": self.physfn, "current_type": self.current_type,
+                "creatable_types": [t.to_dict() for t in self.creatable_types], "iommu_group": self.iommu_group}
+
+
+def _read(path: str) -> str:
+    with open(path, "r", encoding="utf-8", errors="replace") as fh:
+        return fh.read()
+
+
+def _link_name(path: str) -> str | None:
+    try:
+        return os.path.basename(os.readlink(path))
+    except OSError:
+        return None
+
+
+def _int_attr(path: str, base: int = 0) -> int:
+    return int(_read(path).strip(), base)
+
+
+class Scanner:
+    """All sysfs reads of discovery; ``root`` is the injected root (``/`` on a real host)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = str(Path(root))
+        self.warnings: list[ScanWarning] = []
+
+    def p(self, rel: str) -> str:
+        return os.path.join(self.root, rel)
+
+    def warn(self, path: str, message: str) -> None:
+        self.warnings.append(ScanWarning(self._display(path), message))
+
+    def _display(self, path: str) -> str:
+        # show paths as the kernel would name them (relative to the injected root, with a leading '/')
+        if self.root not in ("", "/") and path.startswith(self.root):
+            return "/" + os.path.relpath(path, self.root)
+        return path
+
+    def _listdir(self, path: str, what: str, *, missing_ok: bool = True) -> list[str]:
+        try:
+            return sorted(os.listdir(path))
+        except FileNotFoundError:
+            if not missing_ok:
+                self.warn(path, f"{what} is missing")
+            return []
+        except OSError as exc:
+            self.warn(path, f"cannot list {what}: {exc.strerror}")
+            return []
+
+    # --- PCI -------------------------------------------------------------------------------------------------
+    def pci_devices(self, *, gpus_only: bool = True) -> list[PciDevice]:
+        base = self.p("sys/bus/pci/devices")
+        out = []
+        for name in self._listdir(base, "PCI device list"):
+            d = os.path.join(base, name)
+            try:
+                klass = _int_attr(os.path.join(d, "class"), 16)
+            except FileNotFoundError:
+                self.warn(os.path.join(d, "class"), "PCI device has no class attribute (device removed?)")
+                continue
+            except (OSError, ValueError) as exc:
+                self.warn(os.path.join(d, "class"), f"unreadable PCI class ({_why(exc)})")
+                continue
+            if gpus_only and (klass >> 16) != 0x03:
+                continue
+            try:
+                vendor = _int_attr(os.path.join(d, "vendor"), 16)
+                device = _int_attr(os.path.join(d, "device"), 16)
+            except (OSError, ValueError) as exc:
+                self.warn(d, f"unreadable PCI vendor/device id ({_why(exc)})")
+                continue
+            dev = PciDevice(address=name, vendor_id=vendor, device_id=device,
+                            subsystem_vendor_id=_opt_hex(os.path.join(d, "subsystem_vendor")),
+                            subsystem_device_id=_opt_hex(os.path.join(d, "subsystem_device")),
+                            pci_class=klass, driver=_link_name(os.path.join(d, "driver")),
+                            iommu_group=_group(os.path.join(d, "iommu_group")),
+                            physfn=_link_name(os.path.join(d, "physfn")))
+            total = os.path.join(d, "sriov_totalvfs")
+            if os.path.exists(total):
+                try:
+                    dev.sriov_total_vfs = _int_attr(total, 10)
+                    dev.sriov_num_vfs = _int_attr(os.path.join(d, "sriov_numvfs"), 10)
+                except (OSError, ValueError) as exc:
+                    self.warn(total, f"unreadable SR-IOV attributes ({_why(exc)})")
+                vfs = []
+                for entry in os.listdir(d):
+                    if entry.startswith("virtfn") and entry[6:].isdigit():
+                        target = _link_name(os.path.join(d, entry))
+                        if target:
+                            vfs.append((int(entry[6:]), target))
+                dev.vfs = [a for _, a in sorted(vfs)]
+            out.append(dev)
+        return out
+
+    # --- mdev ----------------------------------------------------------------------------------------------------
+    def mdev_parents(self) -> list[MdevParent]:
+        base = self.p("sys/class/mdev_bus")
+        parents = []
+        for name in self._listdir(base, "mdev parent list"):
+            link = os.path.join(base, name)
+            real = os.path.realpath(link)
+            if not os.path.isdir(real):
+                self.warn(link, "mdev parent link is dangling (parent device removed?)")
+                continue
+            parent = MdevParent(address=name, path=real, is_pci=bool(PCI_ADDR_RE.match(name)))
+            types_dir = os.path.join(link, "mdev_supported_types")
+            if not os.path.isdir(types_dir):
+                self.warn(types_dir, "mdev parent has no mdev_supported_types directory")
+                parents.append(parent)
+                continue
+            for tname in self._listdir(types_dir, "mdev types"):
+                t = self._mdev_type(os.path.join(types_dir, tname), tname)
+                if t is not None:
+                    parent.types.append(t)
+            parents.append(parent)
+        return parents
+
+    def _mdev_type(self, tdir: str, tname: str) -> MdevType | None:
+        avail_path = os.path.join(tdir, "available_instances")
+        try:
+            avail_text = _read(avail_path).strip()
+        except FileNotFoundError:
+            self.warn(avail_path, "mdev type has no available_instances (mandatory attribute)")
+            return None
+        except OSError as exc:
+            self.warn(avail_path, f"cannot read available_instances: {exc.strerror}")
+            return None
+        try:
+            avail = int(avail_text, 10)
+        except ValueError:
+            self.warn(avail_path, f"available_instances is not a number: {avail_text[:40]!r}")
+            return None
+        try:
+            api = _read(os.path.join(tdir, "device_api")).strip()
+        except OSError as exc:
+            self.warn(os.path.join(tdir, "device_api"), f"cannot read device_api (mandatory): {_why(exc)}")
+            return None
+        name = description = None
+        try:
+            name = _read(os.path.join(tdir, "name")).strip()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self.warn(os.path.join(tdir, "name"), f"cannot read name: {exc.strerror}")
+        try:
+            description = _read(os.path.join(tdir, "description")).rstrip("\n")
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self.warn(os.path.join(tdir, "description"), f"cannot read description: {exc.strerror}")
+        return MdevType(id=tname, name=name, description=description, available_instances=avail, device_api=api)
+
+    def mdev_devices(self) -> list[MdevDevice]:
+        base = self.p("sys/bus/mdev/devices")
+        out = []
+        for name in self._listdir(base, "mdev device list"):
+            link = os.path.join(base, name)
+            if not UUID_RE.match(name):
+                self.warn(link, "entry is not an mdev UUID")
+                continue
+            real = os.path.realpath(link)
+            if not os.path.isdir(real):
+                self.warn(link, "mdev device link is dangling (device being removed?)")
+                continue
+            # parent and type resolved the way mdevctl does: dirname of the canonical path, and the
+            # basename of the canonical mdev_type target
+            type_link = os.path.join(real, "mdev_type")
+            type_real = os.path.realpath(type_link)
+            if not os.path.isdir(type_real):
+                self.warn(type_link, "mdev device has no valid mdev_type link (half-removed device?)")
+                continue
+            out.append(MdevDevice(uuid=name, parent=os.path.basename(os.path.dirname(real)),
+                                  type=os.path.basename(type_real), iommu_group=_group(os.path.join(real, "iommu_group"))))
+        return out
+
+    # --- vendor-specific VFIO ----------------------------------------------------------------------------------
+    def vfio_vfs(self, pci: list[PciDevice] | None = None) -> list[VfioVf]:
+        base = self.p("sys/bus/pci/devices")
+        names = [d.address for d in pci] if pci is not None else self._listdir(base, "PCI device list")
+        out = []
+        for name in names:
+            ndir = os.path.join(base, name, "nvidia")
+            cur_path = os.path.join(ndir, "current_vgpu_type")
+            if not os.path.exists(cur_path):
+                continue
+            try:
+                cur_text = _read(cur_path).strip()
+                current = int(cur_text, 10)
+            except (OSError, ValueError) as exc:
+                self.warn(cur_path, f"unreadable current_vgpu_type ({_why(exc)})")
+                continue
+            creatable: list[VfioVgpuType] = []
+            ct_path = os.path.join(ndir, "creatable_vgpu_types")
+            try:
+                creatable = parse_creatable(_read(ct_path), lambda msg: self.warn(ct_path, msg))
+            except OSError as exc:
+                self.warn(ct_path, f"cannot read creatable_vgpu_types: {exc.strerror}")
+            out.append(VfioVf(address=name, physfn=_link_name(os.path.join(base, name, "physfn")),
+                              current_type=current, creatable_types=creatable,
+                              iommu_group=_group(os.path.join(base, name, "iommu_group"))))
+        return out
+
+
+def parse_creatable(text: str, warn: Any = None) -> list[VfioVgpuType]:
+    """Parse ``creatable_vgpu_types``: a header ``ID    : vGPU Name`` then ``%-5d : %s`` lines.
+
+    The KubeVirt device plugin README shows the list without its header and with single spaces, so the
+    header is optional and spacing is free.
+    """
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        left, sep, right = line.partition(":")
+        if not sep:
+            if warn:
+                warn(f"line {lineno} is not 'ID : name': {line.strip()[:60]!r}")
+            continue
+        left = left.strip()
+        if left == "ID" and right.strip() == "vGPU Name":
+            continue
+        if not left.isdigit():
+            if warn:
+                warn(f"line {lineno} has a non-numeric type id: {left[:20]!r}")
+            continue
+        out.append(VfioVgpuType(id=int(left), name=right.strip()))
+    return out
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc)
+
+
+def _opt_hex(path: str) -> int | None:
+    try:
+        return int(_read(path).strip(), 16)
+    except (OSError, ValueError):
+        return None
+
+
+def _group(link: str) -> int | None:
+    name = _link_name(link)
+    return int(name) if name and name.isdigit() else None
