@@ -1,0 +1,198 @@
+"""Inventory schema (SQLAlchemy 2 ORM).  Alembic revisions in the top-level ``migrations/`` create it.
+
+Every host-owned row carries ``host_id``: many hosts may share one PostgreSQL inventory, and a host only
+ever changes its own rows.  Instances record what gpuvirt created (or adopted) with their lifecycle state so
+that a crash half-way through an apply can be finished or undone by ``reconcile``; allocations tie an
+instance to a VM and a tenant, with a unique constraint so an instance is never handed out twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Optional
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# instance kinds
+MIG = "mig"                 # a MIG GPU instance (+ its default compute instance)
+MDEV = "mdev"               # a mediated device (NVIDIA classic vGPU, GVT-g, samples)
+VFIO_VGPU = "vfio-vgpu"     # NVIDIA vendor-specific VFIO: a vGPU type set on a VF
+VF = "vf"                   # a whole SR-IOV VF handed to a VM (AMD MxGPU etc.)
+KINDS = (MIG, MDEV, VFIO_VGPU, VF)
+
+# lifecycle states
+CREATING, ACTIVE, DESTROYING, FAILED = "creating", "active", "destroying", "failed"
+STATES = (CREATING, ACTIVE, DESTROYING, FAILED)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSON}
+
+
+class Host(Base):
+    __tablename__ = "hosts"
+    id: Mapped[str] = mapped_column(String(253), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(253))
+    root: Mapped[str] = mapped_column(Text, default="/")
+    simulated: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    boot_marker: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+
+    gpus: Mapped[list["Gpu"]] = relationship(back_populates="host", cascade="all, delete-orphan")
+
+
+class Gpu(Base):
+    """A physical device gpuvirt can partition: an NVIDIA/AMD/Intel GPU or a virtual mdev parent."""
+
+    __tablename__ = "gpus"
+    __table_args__ = (UniqueConstraint("host_id", "address", name="uq_gpus_host_address"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    host_id: Mapped[str] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"), index=True)
+    address: Mapped[str] = mapped_column(String(64))           # PCI address, or the parent name ("mtty")
+    uuid: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    nvml_index: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    model: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)   # catalog id
+    name: Mapped[Optional[str]] = mapped_column(String(128), nullable=True)
+    vendor: Mapped[str] = mapped_column(String(16), default="nvidia")
+    memory_mib: Mapped[int] = mapped_column(Integer, default=0)
+    mig_capable: Mapped[bool] = mapped_column(Boolean, default=False)
+    mig_current: Mapped[Optional[bool]] = mapped_column(Boolean, nullable=True)
+    mig_pending: Mapped[Optional[bool]] = mapped_column(Boolean, nullable=True)
+    vgpu_interface: Mapped[Optional[str]] = mapped_column(String(16), nullable=True)
+    sriov_total_vfs: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    sriov_num_vfs: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    present: Mapped[bool] = mapped_column(Boolean, default=True)
+    desired_profile: Mapped[Optional[str]] = mapped_column(
+        ForeignKey("profiles.name", ondelete="SET NULL", onupdate="CASCADE"), nullable=True)
+    profile_state: Mapped[Optional[str]] = mapped_column(String(32), nullable=True)  # applied|pending-reset|failed
+    last_seen_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    host: Mapped[Host] = relationship(back_populates="gpus")
+    instances: Mapped[list["Instance"]] = relationship(back_populates="gpu", cascade="all, delete-orphan")
+
+
+class Instance(Base):
+    """Something gpuvirt created or adopted on a GPU and may hand to a VM."""
+
+    __tablename__ = "instances"
+    __table_args__ = (
+        Index("ix_instances_host_kind_state", "host_id", "kind", "state"),
+        UniqueConstraint("host_id", "mdev_uuid", name="uq_instances_host_mdev_uuid"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    host_id: Mapped[str] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"), index=True)
+    gpu_id: Mapped[int] = mapped_column(ForeignKey("gpus.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default=CREATING)
+    origin: Mapped[str] = mapped_column(String(16), default="profile")   # profile | attach | adopted
+    persistent: Mapped[bool] = mapped_column(Boolean, default=True)
+    # MIG
+    profile_id: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)      # GI profile info.id
+    profile_name: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    placement_start: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    placement_size: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    gi_id: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    ci_id: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    mig_uuid: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    compute_slices: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    # mdev / vGPU
+    mdev_uuid: Mapped[Optional[str]] = mapped_column(String(36), nullable=True)
+    parent: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)        # mdev parent or VF address
+    type_id: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)       # nvidia-468 | 1145 | i915-...
+    type_name: Mapped[Optional[str]] = mapped_column(String(128), nullable=True)    # A100-4C
+    memory_mib: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    backing_instance_id: Mapped[Optional[int]] = mapped_column(
+        ForeignKey("instances.id", ondelete="SET NULL"), nullable=True)            # GI under a MIG-backed vGPU
+    error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+    gpu: Mapped[Gpu] = relationship(back_populates="instances")
+    allocation: Mapped[Optional["Allocation"]] = relationship(back_populates="instance", uselist=False,
+                                                              cascade="all, delete-orphan")
+
+    @property
+    def label(self) -> str:
+        if self.kind == MIG:
+            return f"{self.profile_name}@{self.placement_start}:{self.placement_size}"
+        if self.kind == MDEV:
+            return f"{self.type_name or self.type_id} {self.mdev_uuid}"
+        if self.kind == VFIO_VGPU:
+            return f"{self.type_name or self.type_id} on VF {self.parent}"
+        return f"VF {self.parent}"
+
+
+class Profile(Base):
+    __tablename__ = "profiles"
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))                 # mig | vgpu | sriov | mixed
+    model: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    description: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    source: Mapped[str] = mapped_column(String(255), default="user")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class Allocation(Base):
+    __tablename__ = "allocations"
+    __table_args__ = (UniqueConstraint("instance_id", name="uq_allocations_instance_id"),
+                      Index("ix_allocations_host_vm", "host_id", "vm_name"))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"))
+    host_id: Mapped[str] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"))
+    vm_name: Mapped[str] = mapped_column(String(255))
+    vm_uuid: Mapped[Optional[str]] = mapped_column(String(36), nullable=True)
+    tenant: Mapped[Optional[str]] = mapped_column(String(128), nullable=True, index=True)
+    persistent: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    instance: Mapped[Instance] = relationship(back_populates="allocation")
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    max_instances: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    max_memory_mib: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
+    max_compute_slices: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Event(Base):
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    host_id: Mapped[Optional[str]] = mapped_column(String(253), nullable=True, index=True)
+    actor: Mapped[str] = mapped_column(String(255))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[Optional[str]] = mapped_column(String(255), nullable=True)
+    result: Mapped[str] = mapped_column(String(16), default="ok")
+    detail: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
