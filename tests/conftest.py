@@ -1,0 +1,82 @@
+"""Shared test fixtures: simulated hosts, CLI runners and the optional reference pack."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_REFERENCE = REPO.parent / "shared" / "reference"
+GPUVIRT = str(Path(sys.executable).with_name("gpuvirt"))
+
+
+def reference(*parts: str) -> Path:
+    """A file of the reference pack next to the checkout; skips the test when the pack is absent."""
+    p = SHARED_REFERENCE.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"reference data not available: {p} (the ../shared folder is not present)")
+    return p
+
+
+@pytest.fixture
+def make_sim(tmp_path):
+    """make_sim(["a100-40gb:2"], name="h", **init_kwargs) -> SimHost in tmp_path/name."""
+    from gpuvirt.sim.control import init_sim
+
+    def _make(gpus, name="host", **kw):
+        kw.setdefault("seed", "test")
+        return init_sim(tmp_path / name, gpus, **kw)
+
+    return _make
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, tmp_path):
+    # never let a developer's environment leak into tests
+    for var in ("GPUVIRT_ROOT", "GPUVIRT_SIM", "GPUVIRT_DB", "GPUVIRT_HOST_ID", "GPUVIRT_CONFIG", "GPUVIRT_DEBUG"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("GPUVIRT_DB_BUSY_TIMEOUT_MS", os.environ.get("GPUVIRT_DB_BUSY_TIMEOUT_MS", "30000"))
+
+
+class CliResult:
+    def __init__(self, code: int, stdout: str, stderr: str):
+        self.exit_code, self.stdout, self.stderr = code, stdout, stderr
+
+    def json(self):
+        return json.loads(self.stdout)
+
+    def __repr__(self) -> str:
+        return f"CliResult(exit={self.exit_code}, stdout={self.stdout[-2000:]!r}, stderr={self.stderr[-2000:]!r})"
+
+
+@pytest.fixture
+def cli():
+    """In-process CLI run through typer's CliRunner (the same error boundary as the console script)."""
+    from typer.testing import CliRunner
+
+    from gpuvirt.cli.app import app
+
+    def _run(*args: str, input: str | None = None) -> CliResult:
+        runner = CliRunner()
+        res = runner.invoke(app, [str(a) for a in args], input=input)
+        return CliResult(res.exit_code, res.stdout, res.stderr)
+
+    return _run
+
+
+@pytest.fixture
+def gpuvirt_proc():
+    """Run the installed console script as a real process."""
+
+    def _run(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 120) -> CliResult:
+        e = dict(os.environ) if env is None else env
+        p = subprocess.run([GPUVIRT, *map(str, args)], input=input, capture_output=True, text=True, env=e,
+                           timeout=timeout)
+        return CliResult(p.returncode, p.stdout, p.stderr)
+
+    return _run
