@@ -119,6 +119,7 @@ def _nvml_gpus(session: Any, warnings: list[ScanWarning]) -> list[dict[str, Any]
                     "gpu_instance_profiles": [], "gpu_instances": []},
         }
         if g.mig_capable and g.mig_current:
+            entry["mig"]["profiles_source"] = "nvml"
             try:
                 profiles = session.gi_profiles(g.index)
                 names = {p.id: p.name for p in profiles}
@@ -137,18 +138,15 @@ def _nvml_gpus(session: Any, warnings: list[ScanWarning]) -> list[dict[str, Any]
                     for gi in session.gpu_instances(g.index)]
             except GpuvirtError as exc:
                 warnings.append(ScanWarning(f"nvml:gpu{g.index}", f"cannot read MIG state: {exc}"))
-        elif g.mig_capable:
-            # profiles are listed with MIG disabled too, so operators can plan before enabling
-            try:
-                profiles = session.gi_profiles(g.index)
-                entry["mig"]["gpu_instance_profiles"] = [
-                    {"id": p.id, "name": p.name, "memory_slices": p.memory_slices,
-                     "compute_slices": p.compute_slices, "max_instances": p.max_instances,
-                     "memory_mib": p.memory_mib, "remaining": p.remaining,
-                     "placements": [{"start": s, "size": z} for s, z in p.placements]}
-                    for p in profiles]
-            except GpuvirtError:
-                pass
+        elif g.mig_capable and model is not None and model.mig is not None:
+            # NVML answers NOT_SUPPORTED for profile queries while MIG mode is off, yet operators plan before
+            # enabling it: show the catalog's table for this model, marked as such
+            entry["mig"]["profiles_source"] = "catalog"
+            entry["mig"]["gpu_instance_profiles"] = [
+                {"id": p.id, "name": p.name, "memory_slices": p.memory_slices, "compute_slices": p.compute_slices,
+                 "max_instances": p.max_instances, "memory_mib": p.memory_mib, "remaining": None,
+                 "placements": [{"start": s, "size": z} for s, z in p.placements]}
+                for p in model.mig.gi_profiles]
         out.append(entry)
     return out
 

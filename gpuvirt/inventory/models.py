@@ -173,6 +173,9 @@ class Allocation(Base):
     tenant: Mapped[Optional[str]] = mapped_column(String(128), nullable=True, index=True)
     persistent: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    # set by the libvirt hook: running between prepare and release (added in revision 0002)
+    vm_state: Mapped[Optional[str]] = mapped_column(String(16), nullable=True)
+    vm_state_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime, nullable=True)
 
     instance: Mapped[Instance] = relationship(back_populates="allocation")
 

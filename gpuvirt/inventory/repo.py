@@ -235,6 +235,11 @@ class Unit:
         self.session.flush()
         return t
 
+    def lock_tenant(self, name: str) -> None:
+        """Serialise quota checks of one tenant across hosts (PostgreSQL row lock)."""
+        if self.backend == "postgresql":
+            self.session.execute(select(Tenant.name).where(Tenant.name == name).with_for_update())
+
     def tenant_usage(self, tenant: str) -> dict[str, int]:
         """Instances, GPU memory and compute slices held by a tenant across all hosts."""
         row = self.session.execute(

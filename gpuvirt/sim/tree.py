@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -216,6 +217,11 @@ def host_tree(state: dict[str, Any]) -> Tree:
               "usr/lib/mdevctl", "usr/lib/mdevctl/scripts.d", "usr/lib/mdevctl/scripts.d/callouts",
               "usr/lib/mdevctl/scripts.d/notifiers"):
         _dir(tree, d)
+    # a new boot id per simulated boot, like the kernel's /proc/sys/kernel/random/boot_id
+    for d in ("proc", "proc/sys", "proc/sys/kernel", "proc/sys/kernel/random"):
+        _dir(tree, d)
+    _file(tree, "proc/sys/kernel/random/boot_id",
+          str(uuid.uuid5(uuid.NAMESPACE_OID, f"{state['seed']}/boot/{state['boot']}")) + "\n")
     if state.get("driver_loaded") and any(d.get("uuid") for d in state["devices"]):
         _dir(tree, "sys/module")
         _dir(tree, "sys/module/nvidia")

@@ -1,4 +1,4 @@
-"""Tenants with quotas; hosts remember a boot marker (to tell a reboot from a restart).
+"""Tenants with quotas; allocations track their VM's state; hosts remember a boot marker.
 
 Revision ID: 0002_tenants
 Revises: 0001_initial
@@ -25,9 +25,15 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("hosts", schema=None) as batch_op:
         batch_op.add_column(sa.Column("boot_marker", sa.String(length=64), nullable=True))
+    with op.batch_alter_table("allocations", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("vm_state", sa.String(length=16), nullable=True))
+        batch_op.add_column(sa.Column("vm_state_at", sa.DateTime(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("allocations", schema=None) as batch_op:
+        batch_op.drop_column("vm_state_at")
+        batch_op.drop_column("vm_state")
     with op.batch_alter_table("hosts", schema=None) as batch_op:
         batch_op.drop_column("boot_marker")
     op.drop_table("tenants")

@@ -1,0 +1,559 @@
+"""attach / detach: hand instances to VMs and take them back.
+
+An attach first looks for a free instance of the requested kind (locked rows on PostgreSQL, the write lock
+on SQLite, plus a unique constraint on the allocation: two VMs never get the same instance).  When none is
+free it creates one where the GPU's layout still has room - MIG instances at the planner's placement,
+vGPUs on a free VF or parent - and allocates it in the same transaction that makes it active, so no other
+attach can take it in between.  Transient attachments (``--transient``) destroy what they created when the
+VM lets go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from gpuvirt.context import Context
+from gpuvirt.errors import CapacityError, ConflictError, GpuvirtError, NotFoundError, ProfileError, UsageError
+from gpuvirt.host.machine import normalize_uuid
+from gpuvirt.inventory.models import MDEV, MIG, VF, VFIO_VGPU
+from gpuvirt.model.catalog import resolve_gi_profile, resolve_vgpu_type
+from gpuvirt.model.mig import Placed
+from gpuvirt.service import hostview
+from gpuvirt.service.hostview import GpuView
+from gpuvirt.service.instances import (
+    Journal,
+    create_mig,
+    destroy_mig,
+    gpu_lock,
+    instance_fields_for_mig,
+    instance_fields_for_vgpu,
+    new_uuid,
+)
+
+_VM_NAME_BAD = re.compile(r"[\x00-\x1f\x7f/]")
+
+
+def check_vm_name(vm: str) -> str:
+    if not vm or len(vm) > 255 or _VM_NAME_BAD.search(vm) or vm != vm.strip():
+        raise UsageError(f"invalid VM name {vm!r}: 1-255 characters, no '/', no control characters, "
+                         "no leading/trailing spaces")
+    return vm
+
+
+def check_tenant(tenant: str | None) -> str | None:
+    if tenant is None:
+        return None
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}", tenant):
+        raise UsageError(f"invalid tenant name {tenant!r} (letters, digits and ._@- up to 128 characters)")
+    return tenant
+
+
+@dataclass
+class Request:
+    kind: str                        # mig | vgpu | vf | instance | mdev
+    ref: str | None = None           # profile name, vGPU type, mdev type dir
+    instance_id: int | None = None
+
+    def describe(self) -> str:
+        if self.kind == "instance":
+            return f"instance {self.instance_id}"
+        if self.kind == "vf":
+            return "a whole SR-IOV VF"
+        return f"{self.kind} {self.ref}"
+
+
+def make_request(*, vgpu: str | None, mig: str | None, vf: bool, instance: int | None,
+                 mdev: str | None) -> Request:
+    given = [k for k, v in (("vgpu", vgpu), ("mig", mig), ("vf", vf or None), ("instance", instance),
+                            ("mdev", mdev)) if v is not None]
+    if len(given) != 1:
+        raise UsageError("give exactly one of --vgpu TYPE, --mig PROFILE, --vf, --mdev TYPE or --instance ID")
+    if instance is not None:
+        if instance <= 0:
+            raise UsageError(f"invalid instance id {instance}")
+        return Request("instance", instance_id=instance)
+    if vf:
+        return Request("vf")
+    ref = vgpu or mig or mdev
+    assert ref is not None
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9 ._+:-]{0,127}", ref):
+        raise UsageError(f"invalid type/profile name {ref!r}")
+    return Request("vgpu" if vgpu else "mig" if mig else "mdev", ref=ref)
+
+
+# --- matching --------------------------------------------------------------------------------------------------
+def _matches(req: Request, inst: Any, model: Any) -> bool:
+    if req.kind == "instance":
+        return inst.id == req.instance_id
+    if req.kind == "vf":
+        return inst.kind == VF
+    if req.kind == "mdev":
+        return inst.kind == MDEV and inst.type_id == req.ref
+    if model is None:
+        return False
+    if req.kind == "mig":
+        if inst.kind != MIG or model.mig is None:
+            return False
+        try:
+            return resolve_gi_profile(model, req.ref).id == inst.profile_id
+        except GpuvirtError:
+            return False
+    if req.kind == "vgpu":
+        if inst.kind not in (MDEV, VFIO_VGPU) or model.vgpu is None:
+            return False
+        try:
+            t = resolve_vgpu_type(model, req.ref)
+        except GpuvirtError:
+            return False
+        return inst.type_id in (f"nvidia-{t.id}", str(t.id))
+    return False
+
+
+def _quota_check(uow: Any, tenant: str | None, inst_rows: list[Any]) -> None:
+    if tenant is None:
+        return
+    t = uow.tenant(tenant)
+    if t is None:
+        return
+    if uow.backend == "postgresql":
+        uow.lock_tenant(tenant)
+    used = uow.tenant_usage(tenant)
+    add_n = len(inst_rows)
+    add_mem = sum(r.memory_mib or 0 for r in inst_rows)
+    add_cs = sum(r.compute_slices or 0 for r in inst_rows)
+    over = []
+    if t.max_instances is not None and used["instances"] + add_n > t.max_instances:
+        over.append(f"instances {used['instances']}+{add_n} > {t.max_instances}")
+    if t.max_memory_mib is not None and used["memory_mib"] + add_mem > t.max_memory_mib:
+        over.append(f"GPU memory {used['memory_mib']}+{add_mem} MiB > {t.max_memory_mib} MiB")
+    if t.max_compute_slices is not None and used["compute_slices"] + add_cs > t.max_compute_slices:
+        over.append(f"compute slices {used['compute_slices']}+{add_cs} > {t.max_compute_slices}")
+    if over:
+        raise CapacityError(f"tenant {tenant} would exceed its quota: " + "; ".join(over))
+
+
+# --- handoff ------------------------------------------------------------------------------------------------------
+def handoff_for(inst: Any, alloc: Any, gpu_row: Any, *, display: bool = False, ramfb: bool = False):
+    from gpuvirt.vmm.handoff import Handoff
+
+    nvidia = (gpu_row.vendor == "nvidia") and inst.kind in (MDEV, VFIO_VGPU, MIG)
+    if inst.kind == MDEV:
+        nvidia = nvidia and (inst.type_id or "").startswith("nvidia-")
+        return Handoff(vm=alloc.vm_name, vm_uuid=alloc.vm_uuid, tenant=alloc.tenant, instance=inst.id, kind="mdev",
+                       uuid=inst.mdev_uuid, nvidia=nvidia, display=display, ramfb=ramfb)
+    if inst.kind in (VFIO_VGPU, VF):
+        return Handoff(vm=alloc.vm_name, vm_uuid=alloc.vm_uuid, tenant=alloc.tenant, instance=inst.id, kind="pci",
+                       pci_address=inst.parent, nvidia=nvidia)
+    raise UsageError(f"instance {inst.id} is a MIG instance ({inst.label}): MIG instances are not VFIO devices; "
+                     "hand one to a VM as a MIG-backed vGPU (--vgpu <board>-<g>-<GB>C) or use it on the host")
+
+
+# --- attach ---------------------------------------------------------------------------------------------------------
+def attach(ctx: Context, vm: str, *, vgpu: str | None = None, mig: str | None = None, vf: bool = False,
+           instance: int | None = None, mdev: str | None = None, tenant: str | None = None, count: int = 1,
+           persistent: bool = True, vm_uuid: str | None = None, gpu: str | None = None, display: bool = False,
+           ramfb: bool = False, domain_xml: str | None = None) -> list[Any]:
+    vm = check_vm_name(vm)
+    tenant = check_tenant(tenant)
+    if vm_uuid:
+        vm_uuid = normalize_uuid(vm_uuid)
+    if count < 1 or count > 64:
+        raise UsageError("--count must be between 1 and 64")
+    req = make_request(vgpu=vgpu, mig=mig, vf=vf, instance=instance, mdev=mdev)
+    if req.kind == "instance" and count != 1:
+        raise UsageError("--instance attaches exactly one instance")
+    if domain_xml is not None:
+        from gpuvirt.vmm.libvirt import parse_domain
+
+        try:
+            with open(domain_xml, "rb") as fh:
+                dom = parse_domain(fh.read())
+        except OSError as exc:
+            raise UsageError(f"cannot read --domain-xml {domain_xml}: {exc.strerror}") from exc
+        if dom.name != vm:
+            raise UsageError(f"--domain-xml {domain_xml} defines domain {dom.name!r}, not {vm!r}")
+        vm_uuid = vm_uuid or dom.uuid
+    done: list[tuple[int, Any]] = []
+    try:
+        for _ in range(count):
+            done.append(_attach_one(ctx, vm, req, tenant=tenant, persistent=persistent, vm_uuid=vm_uuid,
+                                    gpu_selector=gpu))
+    except GpuvirtError:
+        for inst_id, _h in reversed(done):
+            with contextlib.suppress(GpuvirtError):
+                _detach_instance(ctx, inst_id, force=True)
+        raise
+    handoffs = []
+    with ctx.inventory.unit() as uow:
+        for inst_id, _ in done:
+            inst = uow.instance(inst_id)
+            handoffs.append(handoff_for(inst, inst.allocation, inst.gpu, display=display, ramfb=ramfb))
+    if domain_xml is not None:
+        from gpuvirt.vmm.libvirt import insert_hostdev, rewrite_file_in_place
+
+        def _insert(text: str) -> str:
+            for h in handoffs:
+                text = insert_hostdev(text, h.libvirt_xml())
+            return text
+
+        rewrite_file_in_place(domain_xml, _insert)
+    return handoffs
+
+
+def _attach_one(ctx: Context, vm: str, req: Request, *, tenant: str | None, persistent: bool, vm_uuid: str | None,
+                gpu_selector: str | None) -> tuple[int, Any]:
+    host_id = ctx.settings.host_id
+    view = hostview.snapshot(ctx)
+    allowed = {g.address for g in (view.select(gpu_selector) if gpu_selector else view.gpus)}
+    models = {g.address: g.model for g in view.gpus}
+    # 1. a free instance that already exists
+    with ctx.inventory.unit(write=True, action=f"attach {req.describe()} to {vm}") as uow:
+        rows = hostview.record(ctx, view, uow)
+        addr_of = {r.id: a for a, r in rows.items()}
+        if req.kind == "instance":
+            inst = uow.instance(req.instance_id, host_id)
+            if inst.allocation is not None:
+                raise ConflictError(f"instance {inst.id} ({inst.label}) is already allocated to VM "
+                                    f"{inst.allocation.vm_name}")
+            if inst.state != "active":
+                raise ConflictError(f"instance {inst.id} is {inst.state}, not active")
+            candidates = [inst]
+        else:
+            kinds = {"mig": [MIG], "vgpu": [MDEV, VFIO_VGPU], "vf": [VF], "mdev": [MDEV]}[req.kind]
+            candidates = [i for i in uow.free_instances(host_id, kinds, lock=True)
+                          if addr_of.get(i.gpu_id) in allowed and _matches(req, i, models.get(addr_of.get(i.gpu_id)))
+                          and not _backs_a_vgpu(uow, i)]
+        for inst in candidates:
+            present = _on_host(view, addr_of.get(inst.gpu_id), inst)
+            if not present:
+                continue  # missing after a reboot: reconcile/prepare will restore it; do not hand it out now
+            _quota_check(uow, tenant, [inst])
+            alloc = uow.allocate(inst, vm_name=vm, vm_uuid=vm_uuid, tenant=tenant, persistent=persistent)
+            uow.event("attach", target=vm, detail={"instance": inst.id, "label": inst.label, "tenant": tenant})
+            return inst.id, alloc
+        if req.kind in ("instance", "vf"):
+            raise CapacityError(f"no capacity: no free {req.describe()} on this host")
+    # 2. create one where the layout has room
+    return _create_for(ctx, vm, req, view, allowed, tenant=tenant, persistent=persistent, vm_uuid=vm_uuid)
+
+
+def _backs_a_vgpu(uow: Any, inst: Any) -> bool:
+    return inst.kind == MIG and any(r.backing_instance_id == inst.id for r in uow.instances(
+        inst.host_id, gpu_id=inst.gpu_id, kinds=[MDEV, VFIO_VGPU]))
+
+
+def _on_host(view: Any, address: str | None, inst: Any) -> bool:
+    g = view.by_address(address) if address else None
+    if g is None:
+        return False
+    if inst.kind == MIG:
+        return any(gi["profile_id"] == inst.profile_id and gi["placement"]["start"] == inst.placement_start
+                   for gi in g.gpu_instances)
+    if inst.kind == MDEV:
+        return any(d["uuid"] == inst.mdev_uuid for d in g.mdev_devices)
+    if inst.kind == VFIO_VGPU:
+        return any(v["address"] == inst.parent and str(v["current_type"]) == inst.type_id for v in g.vfio_vfs)
+    return inst.parent in g.vfs
+
+
+def _allocator(vm: str, vm_uuid: str | None, tenant: str | None, persistent: bool):
+    def on_active(uow: Any, row: Any) -> None:
+        _quota_check(uow, tenant, [row])
+        uow.allocate(row, vm_name=vm, vm_uuid=vm_uuid, tenant=tenant, persistent=persistent)
+        uow.event("attach", target=vm, detail={"instance": row.id, "label": row.label, "tenant": tenant,
+                                               "created": True})
+    return on_active
+
+
+def _create_for(ctx: Context, vm: str, req: Request, view: Any, allowed: set[str], *, tenant: str | None,
+                persistent: bool, vm_uuid: str | None) -> tuple[int, Any]:
+    policy_mig = ctx.settings.policies.get("mig_placement", "frag-aware")
+    policy_vgpu = ctx.settings.policies.get("vgpu_placement", "consolidate")
+    gpus = [g for g in view.gpus if g.address in allowed]
+    if req.kind == "mig":
+        inst_id = _create_mig_for(ctx, vm, req.ref, gpus, policy_mig, tenant, persistent, vm_uuid)
+    elif req.kind == "vgpu":
+        inst_id = _create_vgpu_for(ctx, vm, req.ref, gpus, policy_vgpu, policy_mig, tenant, persistent, vm_uuid)
+    else:
+        inst_id = _create_generic_mdev_for(ctx, vm, req.ref, gpus, tenant, persistent, vm_uuid)
+    with ctx.inventory.unit() as uow:
+        inst = uow.instance(inst_id)
+        return inst.id, inst.allocation
+
+
+def _gpu_ids(ctx: Context, view_gpus: list[GpuView]) -> dict[str, int]:
+    with ctx.inventory.unit() as uow:
+        return {g.address: g.id for g in uow.gpus(ctx.settings.host_id)}
+
+
+def _create_mig_for(ctx: Context, vm: str, profile: str, gpus: list[GpuView], policy: str, tenant: str | None,
+                    persistent: bool, vm_uuid: str | None, allocate: bool = True) -> int:
+    from gpuvirt.model.planner import GpuState, choose_placement
+
+    cands = []
+    for g in gpus:
+        if not (g.mig_capable and g.mig_current and g.model and g.model.mig):
+            continue
+        try:
+            pid = resolve_gi_profile(g.model, profile).id
+        except GpuvirtError:
+            continue
+        cands.append((g, pid))
+    if not cands:
+        raise CapacityError(f"no capacity: no MIG-enabled GPU on this host offers {profile}")
+    ids = _gpu_ids(ctx, gpus)
+    # planner decides GPU and start; profile ids may differ per model, so plan per profile id group
+    addresses = sorted(g.address for g, _ in cands)
+    with contextlib.ExitStack() as locks:
+        for a in addresses:
+            locks.enter_context(gpu_lock(ctx, a))
+        fresh = hostview.snapshot(ctx)
+        best = None
+        for pid in sorted({pid for _, pid in cands}):
+            states = []
+            for g, p in cands:
+                if p != pid:
+                    continue
+                fg = fresh.by_address(g.address)
+                if fg is None:
+                    continue
+                states.append(GpuState(g.address, g.model.mig, tuple(fg.layout())))
+            d = choose_placement(states, pid, policy)
+            if d is not None and (best is None or d.score < best[0].score):
+                best = (d, pid)
+        if best is None:
+            raise CapacityError(f"no capacity: no legal placement for {profile} on any MIG GPU "
+                                f"(free slices may be fragmented: see 'gpuvirt plan --defrag --for {profile}')")
+        d, pid = best
+        g = next(g for g, _ in cands if g.address == d.gpu_key)
+        fields = instance_fields_for_mig(g.model, pid, d.start, "attach", persistent)
+        index = g.nvml_index
+        return Journal(ctx).create(ids[g.address], fields, lambda: create_mig(ctx, index, pid, d.start),
+                                   f"GPU instance {fields['profile_name']} at {d.start} on {g.label} for {vm}",
+                                   on_active=_allocator(vm, vm_uuid, tenant, persistent) if allocate else None)
+
+
+def _vgpu_board_room(g: GpuView, type_id: int, interface: str | None) -> tuple[int, str | None]:
+    """(room, parent to use) for one more vGPU of ``type_id`` on this GPU, as sysfs says now."""
+    tdir = f"nvidia-{type_id}"
+    if interface == "vendor-vfio":
+        free = [vf for vf in g.vfio_vfs if not vf["current_type"]]
+        ok = [vf for vf in free if any(t["id"] == type_id for t in vf["creatable_types"])]
+        return len(ok), (ok[0]["address"] if ok else None)
+    parents = [p for p in g.mdev_parents if g.parent_types.get(p, {}).get(tdir, {}).get("available_instances", 0) > 0]
+    room = sum(g.parent_types[p][tdir]["available_instances"] for p in parents)
+    return room, (parents[0] if parents else None)
+
+
+def _create_vgpu_for(ctx: Context, vm: str, ref: str, gpus: list[GpuView], policy: str, mig_policy: str,
+                     tenant: str | None, persistent: bool, vm_uuid: str | None) -> int:
+    from gpuvirt.model.planner import VgpuBoard, choose_vgpu_gpu
+
+    typed = []
+    for g in gpus:
+        if g.model is None or g.model.vgpu is None:
+            continue
+        try:
+            typed.append((g, resolve_vgpu_type(g.model, ref)))
+        except GpuvirtError:
+            continue
+    if not typed:
+        raise ProfileError(f"no GPU on this host offers vGPU type '{ref}'")
+    ids = _gpu_ids(ctx, gpus)
+    addresses = sorted(g.address for g, _ in typed)
+    with contextlib.ExitStack() as locks:
+        for a in addresses:
+            locks.enter_context(gpu_lock(ctx, a))
+        fresh = hostview.snapshot(ctx)
+        boards = []
+        parents: dict[str, tuple[GpuView, Any, str | None]] = {}
+        for g, t in typed:
+            fg = fresh.by_address(g.address)
+            if fg is None:
+                continue
+            if t.mig_backed and not _has_free_gi(ctx, fg, t):
+                # a MIG-backed vGPU needs a GPU instance of its profile first
+                if fg.mig_capable and fg.mig_current and fg.model and fg.model.mig:
+                    boards.append(VgpuBoard(fg.address, (), 1))
+                    parents[fg.address] = (fg, t, None)
+                continue
+            room, parent = _vgpu_board_room(fg, t.id, fg.interface)
+            existing = tuple((int(d["type"][7:]), 0) for d in fg.mdev_devices if d["type"].startswith("nvidia-"))
+            boards.append(VgpuBoard(fg.address, existing, room))
+            parents[fg.address] = (fg, t, parent)
+        key = choose_vgpu_gpu(boards, typed[0][1].id, policy)
+        if key is None:
+            raise CapacityError(f"no capacity: no GPU on this host can take another {ref} vGPU now")
+        g, t, parent = parents[key]
+        backing_id = None
+        if t.mig_backed:
+            gi_name = g.model.mig.profile(t.gpu_instance_profile_id).name  # type: ignore[union-attr]
+            free_gi = _free_gi_row(ctx, g, t)
+            if free_gi is None:
+                backing_id = _create_mig_for(ctx, vm, gi_name, [g], mig_policy, tenant, persistent, vm_uuid,
+                                             allocate=False)
+            else:
+                backing_id = free_gi
+            fresh = hostview.snapshot(ctx)
+            g = fresh.by_address(g.address) or g
+            room, parent = _vgpu_board_room(g, t.id, g.interface)
+            if parent is None:
+                raise CapacityError(f"no capacity: no free VF on {g.label} for {ref}")
+        if parent is None:
+            raise CapacityError(f"no capacity: no free parent on {g.label} for {ref}")
+        on_active = _allocator(vm, vm_uuid, tenant, persistent)
+
+        def on_active_with_backing(uow: Any, row: Any) -> None:
+            row.backing_instance_id = backing_id
+            on_active(uow, row)
+            if backing_id is not None:
+                gi_row = uow.instance(backing_id)
+                if gi_row.allocation is None:
+                    uow.allocate(gi_row, vm_name=vm, vm_uuid=vm_uuid, tenant=None, persistent=persistent)
+
+        journal = Journal(ctx)
+        if g.interface == "vendor-vfio":
+            fields = instance_fields_for_vgpu(g.model, VFIO_VGPU, str(t.id), t.name, parent, None, "attach",
+                                              persistent)
+            _add_slices(fields, g, t)
+            return journal.create(ids[g.address], fields,
+                                  lambda: (ctx.host.set_vgpu_type(parent, t.id, t.name), {})[1],
+                                  f"vGPU {t.name} on VF {parent} for {vm}", on_active=on_active_with_backing)
+        uuid = new_uuid()
+        fields = instance_fields_for_vgpu(g.model, MDEV, f"nvidia-{t.id}", t.name, parent, uuid, "attach",
+                                          persistent)
+        _add_slices(fields, g, t)
+        return journal.create(ids[g.address], fields,
+                              lambda: (ctx.host.create_mdev(parent, f"nvidia-{t.id}", uuid), {})[1],
+                              f"vGPU {t.name} {uuid} on {parent} for {vm}", on_active=on_active_with_backing)
+
+
+def _add_slices(fields: dict[str, Any], g: GpuView, t: Any) -> None:
+    if t.mig_backed and g.model and g.model.mig:
+        fields["compute_slices"] = g.model.mig.profile(t.gpu_instance_profile_id).compute_slices
+
+
+def _has_free_gi(ctx: Context, g: GpuView, t: Any) -> bool:
+    return _free_gi_row(ctx, g, t) is not None
+
+
+def _free_gi_row(ctx: Context, g: GpuView, t: Any) -> int | None:
+    with ctx.inventory.unit() as uow:
+        gpu = next((r for r in uow.gpus(ctx.settings.host_id) if r.address == g.address), None)
+        if gpu is None:
+            return None
+        for r in uow.instances(ctx.settings.host_id, gpu_id=gpu.id, kinds=[MIG], states=["active"]):
+            if r.profile_id == t.gpu_instance_profile_id and r.allocation is None and not _backs_a_vgpu(uow, r):
+                return r.id
+    return None
+
+
+def _create_generic_mdev_for(ctx: Context, vm: str, type_dir: str, gpus: list[GpuView], tenant: str | None,
+                             persistent: bool, vm_uuid: str | None) -> int:
+    ids = _gpu_ids(ctx, gpus)
+    for g in gpus:
+        for p in g.mdev_parents:
+            info = g.parent_types.get(p, {}).get(type_dir)
+            if info and info["available_instances"] > 0:
+                uuid = new_uuid()
+                fields = instance_fields_for_vgpu(g.model, MDEV, type_dir, info.get("name"), p, uuid, "attach",
+                                                  persistent)
+                with gpu_lock(ctx, g.address):
+                    return Journal(ctx).create(ids[g.address], fields,
+                                               lambda: (ctx.host.create_mdev(p, type_dir, uuid), {})[1],
+                                               f"mdev {type_dir} {uuid} on {p} for {vm}",
+                                               on_active=_allocator(vm, vm_uuid, tenant, persistent))
+    raise CapacityError(f"no capacity: no mdev parent on this host can create {type_dir} now")
+
+
+# --- detach ------------------------------------------------------------------------------------------------------------
+def detach(ctx: Context, vm: str, *, instance: int | None = None, force: bool = False,
+           domain_xml: str | None = None) -> list[dict[str, Any]]:
+    vm = check_vm_name(vm)
+    host_id = ctx.settings.host_id
+    with ctx.inventory.unit() as uow:
+        allocs = [a for a in uow.allocations(host_id=host_id, vm_name=vm)
+                  if instance is None or a.instance_id == instance]
+        if not allocs:
+            what = f"instance {instance} " if instance is not None else ""
+            raise NotFoundError(f"VM {vm} has no {what}allocation on this host")
+        running = [a for a in allocs if a.vm_state == "running"]
+        if running and not force:
+            raise ConflictError(f"VM {vm} is running (recorded by the libvirt hook); stop it first, or use --force")
+        ids = [a.instance_id for a in allocs]
+        handoffs = [handoff_for(a.instance, a, a.instance.gpu) for a in allocs if a.instance.kind != MIG]
+    out = []
+    for inst_id in ids:
+        out.append(_detach_instance(ctx, inst_id, force=force))
+    if domain_xml is not None and handoffs:
+        from gpuvirt.vmm.libvirt import remove_hostdev, rewrite_file_in_place
+
+        def _remove(text: str) -> str:
+            for h in handoffs:
+                text = remove_hostdev(text, uuid=h.uuid if h.kind == "mdev" else None,
+                                      address=h.pci_address if h.kind == "pci" else None)
+            return text
+
+        rewrite_file_in_place(domain_xml, _remove)
+    return out
+
+
+def _detach_instance(ctx: Context, inst_id: int, *, force: bool) -> dict[str, Any]:
+    """Free the allocation; destroy the instance when the attachment was transient."""
+    with ctx.inventory.unit(write=True, action="detach") as uow:
+        inst = uow.instance(inst_id)
+        alloc = inst.allocation
+        vm = alloc.vm_name if alloc else None
+        transient = (alloc is not None and not alloc.persistent) or (not inst.persistent and inst.origin == "attach")
+        label = inst.label
+        kind, gpu_row = inst.kind, inst.gpu
+        snap = {"kind": kind, "mdev_uuid": inst.mdev_uuid, "parent": inst.parent, "profile_id": inst.profile_id,
+                "placement_start": inst.placement_start, "gi_id": inst.gi_id, "backing": inst.backing_instance_id,
+                "index": gpu_row.nvml_index}
+        if alloc is not None:
+            uow.release(alloc)
+        uow.event("detach", target=vm, detail={"instance": inst_id, "label": label, "destroyed": transient})
+    result = {"instance": inst_id, "label": label, "vm": vm, "destroyed": False}
+    if transient and inst.origin == "attach":
+        _destroy_instance(ctx, inst_id, snap)
+        result["destroyed"] = True
+        if snap["backing"]:
+            with contextlib.suppress(GpuvirtError):
+                _detach_instance(ctx, snap["backing"], force=force)
+    return result
+
+
+def _destroy_instance(ctx: Context, inst_id: int, snap: dict[str, Any]) -> None:
+    host = ctx.host
+    if snap["kind"] == MDEV:
+        def do() -> None:
+            if host.mdev_exists(snap["mdev_uuid"]):
+                host.remove_mdev(snap["mdev_uuid"])
+    elif snap["kind"] == VFIO_VGPU:
+        def do() -> None:
+            if host.current_vgpu_type(snap["parent"]):
+                host.clear_vgpu_type(snap["parent"])
+    elif snap["kind"] == MIG:
+        def do() -> None:
+            from gpuvirt.service.instances import find_gi
+
+            gi = find_gi(ctx, snap["index"], snap["profile_id"], snap["placement_start"])
+            if gi is not None:
+                destroy_mig(ctx, snap["index"], gi.id)
+    else:
+        return
+    Journal(ctx).destroy(inst_id, do, f"instance {inst_id}")
+
+
+def allocations(ctx: Context, vm: str | None = None, tenant: str | None = None) -> list[dict[str, Any]]:
+    with ctx.inventory.unit() as uow:
+        return [{"vm": a.vm_name, "vm_uuid": a.vm_uuid, "tenant": a.tenant, "persistent": a.persistent,
+                 "vm_state": a.vm_state, "instance": a.instance_id, "label": a.instance.label,
+                 "gpu": a.instance.gpu.address, "kind": a.instance.kind}
+                for a in uow.allocations(host_id=ctx.settings.host_id, vm_name=vm, tenant=tenant)]
+
+
+__all__ = ["attach", "detach", "allocations", "check_vm_name", "handoff_for", "Placed"]

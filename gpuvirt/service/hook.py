@@ -1,0 +1,174 @@
+"""The libvirt qemu hook: make a VM's gpuvirt devices exist at ``prepare``, free transient ones at ``release``.
+
+libvirtd runs ``/etc/libvirt/hooks/qemu.d/*`` synchronously with argv ``<domain> <operation> <sub-op>
+<extra>`` and the domain XML on stdin (``../shared/reference/libvirt-vmm.md`` section 3).  Observed on
+libvirt 9.0.0: when a hook fails ``prepare``, libvirt still calls ``stopped`` and ``release`` - so release
+must be idempotent and correct even when prepare never completed.  A hook must never call back into
+libvirt (deadlock), so everything here works from the XML, sysfs and the inventory.
+
+Installing: ``gpuvirt hook install`` writes ``<root>/etc/libvirt/hooks/qemu.d/50-gpuvirt``, a small shell
+script that embeds the root / simulator / config it was installed for, because libvirt runs hooks with an
+(almost) empty environment.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import stat
+import sys
+from pathlib import Path
+from typing import Any
+
+from gpuvirt.context import Context
+from gpuvirt.errors import ConflictError, GpuvirtError, UsageError
+from gpuvirt.inventory.models import MDEV, VF, VFIO_VGPU
+
+HOOK_REL = "etc/libvirt/hooks/qemu.d/50-gpuvirt"
+
+
+def _owned(uow: Any, host_id: str, hostdevs: list[Any]) -> list[Any]:
+    out = []
+    for h in hostdevs:
+        if h.kind == "mdev":
+            inst = uow.instance_by_mdev(host_id, h.uuid)
+        else:
+            inst = uow.instance_by_parent(host_id, h.address, [VFIO_VGPU, VF])
+        if inst is not None:
+            out.append(inst)
+    return out
+
+
+def prepare(ctx: Context, domain: str, dom: Any) -> list[str]:
+    """Allocate and, where missing, recreate every gpuvirt device of the domain.  Raises on refusal."""
+    from gpuvirt.service import hostview
+    from gpuvirt.service.reconcile import reconcile
+
+    host_id = ctx.settings.host_id
+    notes: list[str] = []
+    with ctx.inventory.unit(write=True, action=f"hook prepare {domain}") as uow:
+        owned = _owned(uow, host_id, dom.hostdevs)
+        if not owned:
+            return notes
+        for inst in owned:
+            a = inst.allocation
+            if a is not None and a.vm_name != domain and not (dom.uuid and a.vm_uuid == dom.uuid):
+                raise ConflictError(f"{inst.label} is allocated to VM {a.vm_name}, not {domain}")
+            if a is None:
+                # a device named in the XML by hand: hold it for this run of the VM only
+                a = uow.allocate(inst, vm_name=domain, vm_uuid=dom.uuid, tenant=None, persistent=False)
+                uow.event("hook-allocate", target=domain, detail={"instance": inst.id}, actor="libvirt-hook")
+        ids = [i.id for i in owned]
+        gpu_addrs = {i.gpu.address for i in owned}
+    view = hostview.snapshot(ctx)
+    missing = [i for i in ids if not _present(ctx, view, i)]
+    if missing:
+        # the boot unit's restore path, limited to the GPUs this VM uses (VFs first, then instances)
+        rep = reconcile(ctx, only_parents=gpu_addrs, actor="libvirt-hook")
+        view = hostview.snapshot(ctx)
+        still = [i for i in ids if not _present(ctx, view, i)]
+        if still:
+            reasons = [f["action"] for f in rep.get("failed", []) if f.get("instance") in still]
+            raise ConflictError(f"cannot start {domain}: " + ("; ".join(r for r in reasons if r) or
+                                f"device(s) {', '.join(map(str, still))} could not be restored"))
+        notes.append(f"restored {len(missing)} device(s)")
+    with ctx.inventory.unit(write=True) as uow:
+        for inst_id in ids:
+            inst = uow.instance(inst_id)
+            if inst.allocation is not None:
+                inst.allocation.vm_state = "running"
+                inst.allocation.vm_state_at = _now()
+        uow.event("hook-prepare", target=domain, detail={"instances": ids, "notes": notes}, actor="libvirt-hook")
+    return notes
+
+
+def _now():
+    from gpuvirt.inventory.models import utcnow
+
+    return utcnow()
+
+
+def _present(ctx: Context, view: Any, inst_id: int) -> bool:
+    from gpuvirt.service.attach import _on_host
+
+    with ctx.inventory.unit() as uow:
+        inst = uow.instance(inst_id)
+        return _on_host(view, inst.gpu.address, inst)
+
+
+def release(ctx: Context, domain: str, dom: Any | None) -> list[str]:
+    """Free transient allocations of the domain (idempotent; safe after a failed or missing prepare)."""
+    from gpuvirt.service.attach import _detach_instance
+
+    host_id = ctx.settings.host_id
+    notes = []
+    with ctx.inventory.unit(write=True, action=f"hook release {domain}") as uow:
+        allocs = uow.allocations(host_id=host_id, vm_name=domain)
+        if dom is not None and dom.uuid:
+            allocs += [a for a in uow.allocations(host_id=host_id) if a.vm_uuid == dom.uuid and a not in allocs]
+        transient = [a.instance_id for a in allocs if not a.persistent]
+        for a in allocs:
+            if a.persistent:
+                a.vm_state = "stopped"
+                a.vm_state_at = _now()
+    for inst_id in transient:
+        try:
+            r = _detach_instance(ctx, inst_id, force=True)
+            notes.append(f"freed {r['label']}" + (" (destroyed)" if r["destroyed"] else ""))
+        except GpuvirtError as exc:
+            notes.append(f"could not free instance {inst_id}: {exc}")
+    if allocs:
+        with ctx.inventory.unit(write=True) as uow:
+            uow.event("hook-release", target=domain, detail={"notes": notes}, actor="libvirt-hook")
+    return notes
+
+
+# --- installation -------------------------------------------------------------------------------------------------
+def hook_script(ctx: Context) -> str:
+    s = ctx.settings
+    args = [sys.executable, "-I", "-m", "gpuvirt"]
+    if s.sim_dir is not None:
+        args += ["--sim", str(s.sim_dir)]
+    elif str(s.root) != "/":
+        args += ["--root", str(s.root)]
+    if s.config_found or os.environ.get("GPUVIRT_CONFIG"):
+        args += ["--config", str(s.config_path)]
+    if s.db_url and not s.config_found:
+        args += ["--db", s.db_url]
+    cmd = " ".join(shlex.quote(a) for a in args)
+    return ("#!/bin/sh\n"
+            "# libvirt qemu hook installed by 'gpuvirt hook install' - do not edit, reinstall instead.\n"
+            "# libvirtd runs it with argv <domain> <operation> <sub-operation> <extra> and the domain XML on\n"
+            "# stdin, and an almost empty environment: everything gpuvirt needs is on the line below.\n"
+            f"exec {cmd} hook libvirt-qemu \"$@\"\n")
+
+
+def install(ctx: Context, *, force: bool = False) -> dict[str, Any]:
+    path = Path(ctx.settings.root) / HOOK_REL
+    text = hook_script(ctx)
+    if path.exists() and not force:
+        current = path.read_text(errors="replace")
+        if current == text:
+            return {"path": str(path), "changed": False}
+        if "gpuvirt" not in current:
+            raise UsageError(f"{path} exists and was not written by gpuvirt (use --force to replace it)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.chmod(tmp, stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from exc
+    return {"path": str(path), "changed": True,
+            "note": "libvirtd reads hook scripts when it starts: restart libvirtd (or virtqemud) once"}
+
+
+def uninstall(ctx: Context) -> dict[str, Any]:
+    path = Path(ctx.settings.root) / HOOK_REL
+    if path.exists():
+        if "gpuvirt" not in path.read_text(errors="replace"):
+            raise UsageError(f"{path} was not written by gpuvirt; not removing it")
+        path.unlink()
+        return {"path": str(path), "removed": True}
+    return {"path": str(path), "removed": False}

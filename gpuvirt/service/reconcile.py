@@ -1,0 +1,401 @@
+"""status / reconcile: compare the inventory with the host and converge.
+
+After a reboot every VF, mdev, vendor-VFIO vGPU type and MIG instance is gone (and on Hopper the MIG mode
+too); the inventory still knows what should exist.  ``reconcile`` restores it in dependency order - MIG
+mode, SR-IOV VFs, GPU instances (same placements), then vGPUs (same mdev UUIDs, same VFs) - and finishes
+operations a crashed gpuvirt left half done: a row in state ``creating`` is completed (the host object is
+adopted if it exists, created if not), a row in ``destroying`` is destroyed and removed.  Host objects
+gpuvirt does not know are reported as foreign and never destroyed; ``--adopt`` records them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpuvirt.context import Context
+from gpuvirt.errors import GpuvirtError, ProfileError
+from gpuvirt.inventory.models import ACTIVE, CREATING, DESTROYING, FAILED, MDEV, MIG, VF, VFIO_VGPU
+from gpuvirt.service import hostview
+from gpuvirt.service.hostview import GpuView, HostView
+from gpuvirt.service.instances import create_mig, destroy_mig, gpu_lock, instance_fields_for_mig, \
+    instance_fields_for_vgpu
+
+
+@dataclass
+class Finding:
+    gpu: str
+    kind: str                 # missing | leftover-creating | leftover-destroying | foreign | mig-mode | vfs | ok
+    target: str
+    instance_id: int | None = None
+    action: str | None = None
+    result: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gpu": self.gpu, "kind": self.kind, "target": self.target, "instance": self.instance_id,
+                "action": self.action, "result": self.result}
+
+
+@dataclass
+class Report:
+    findings: list[Finding] = field(default_factory=list)
+
+    def add(self, *a: Any, **kw: Any) -> Finding:
+        f = Finding(*a, **kw)
+        self.findings.append(f)
+        return f
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"findings": [f.to_dict() for f in self.findings],
+                "changed": sum(1 for f in self.findings if f.result == "done"),
+                "failed": [f.to_dict() for f in self.findings if f.result == "failed"],
+                "foreign": [f.to_dict() for f in self.findings if f.kind == "foreign"],
+                "pending_reset": sorted({f.gpu for f in self.findings if f.result == "pending-reset"})}
+
+
+def _host_keys(g: GpuView) -> dict[tuple, Any]:
+    keys: dict[tuple, Any] = {}
+    for gi in g.gpu_instances:
+        keys[("mig", gi["profile_id"], gi["placement"]["start"])] = gi
+    for d in g.mdev_devices:
+        keys[("mdev", d["uuid"])] = d
+    for vf in g.vfio_vfs:
+        if vf["current_type"]:
+            keys[("vfio", vf["address"])] = vf
+    return keys
+
+
+def _row_key(r: Any) -> tuple:
+    if r.kind == MIG:
+        return ("mig", r.profile_id, r.placement_start)
+    if r.kind == MDEV:
+        return ("mdev", r.mdev_uuid)
+    if r.kind == VFIO_VGPU:
+        return ("vfio", r.parent)
+    return ("vf", r.parent)
+
+
+def _desired_mig(ctx: Context, g: GpuView, gpu_row: Any, rows: list[Any]) -> bool | None:
+    """Should MIG mode be on?  From the GPU's profile, else implied by recorded MIG instances."""
+    if gpu_row.desired_profile:
+        from gpuvirt.model.profile import resolve
+        from gpuvirt.service.profiles import get_profile
+
+        with contextlib.suppress(GpuvirtError):
+            spec = get_profile(ctx, gpu_row.desired_profile)
+            if g.model is not None:
+                entry = spec.entry_for(g.model, g.nvml_index)
+                if entry is not None:
+                    layout = resolve(entry, g.model)
+                    if layout.mig_enabled is not None:
+                        return layout.mig_enabled
+                    if layout.mig_counts:
+                        return True
+    if any(r.kind == MIG for r in rows):
+        return True
+    return None
+
+
+def analyze(ctx: Context, view: HostView, uow: Any, adopt: bool = False) -> tuple[Report, list[tuple]]:
+    """Findings and the work list [(finding, callable)] - nothing is changed here."""
+    rep = Report()
+    work: list[tuple[Finding, Any]] = []
+    host_id = ctx.settings.host_id
+    rows_by_gpu = hostview.record(ctx, view, uow)
+    for g in view.gpus:
+        gpu_row = rows_by_gpu[g.address]
+        rows = uow.instances(host_id, gpu_id=gpu_row.id)
+        keys = _host_keys(g)
+        # MIG mode first: nothing MIG can be restored without it (Hopper forgets it on reboot)
+        want_mig = _desired_mig(ctx, g, gpu_row, rows)
+        if want_mig is not None and g.mig_capable and bool(g.mig_current) != want_mig:
+            f = rep.add(g.address, "mig-mode", f"MIG mode {'on' if want_mig else 'off'}",
+                        action=f"{'enable' if want_mig else 'disable'} MIG mode")
+            work.append((f, ("mig-mode", g, want_mig)))
+        # SR-IOV VFs next: VF-hosted vGPUs and whole VFs need them (gone after a reboot)
+        needs_vfs = [r for r in rows if r.kind in (MDEV, VFIO_VGPU, VF) and r.parent and r.parent != g.address
+                     and r.parent not in g.mdev_parents and r.parent not in g.vfs]
+        if needs_vfs and g.sriov_total and not g.sriov_num:
+            count = gpu_row.sriov_num_vfs or g.sriov_total
+            if any(r.kind == VF for r in rows):
+                count = max(count, len([r for r in rows if r.kind == VF]))
+            f = rep.add(g.address, "vfs", f"{g.sriov_total} SR-IOV VFs", action="enable VFs")
+            work.append((f, ("enable-vfs", g, g.sriov_total if not any(r.kind == VF for r in rows) else count)))
+        known = set()
+        for r in sorted(rows, key=lambda r: (r.kind != MIG, r.id)):
+            key = _row_key(r)
+            known.add(key)
+            on_host = key in keys if r.kind != VF else (r.parent in g.vfs)
+            if r.state == DESTROYING:
+                f = rep.add(g.address, "leftover-destroying", r.label, r.id,
+                            action="destroy" if on_host else "forget")
+                work.append((f, ("finish-destroy", g, r.id, on_host)))
+            elif r.state == CREATING:
+                f = rep.add(g.address, "leftover-creating", r.label, r.id,
+                            action="adopt the created object" if on_host else "create")
+                work.append((f, ("finish-create", g, r.id, on_host)))
+            elif not on_host:
+                if r.persistent or r.allocation is not None and r.allocation.persistent:
+                    f = rep.add(g.address, "missing", r.label, r.id, action="recreate")
+                    work.append((f, ("recreate", g, r.id)))
+                else:
+                    f = rep.add(g.address, "missing", r.label, r.id, action="forget (transient)")
+                    work.append((f, ("forget", g, r.id)))
+            elif r.kind == MIG:
+                gi = keys[key]
+                ci = gi["compute_instances"][0] if gi["compute_instances"] else None
+                if r.gi_id != gi["id"] or (ci and (r.ci_id != ci["id"] or r.mig_uuid != ci["uuid"])) or \
+                        r.state == FAILED:
+                    f = rep.add(g.address, "ids", r.label, r.id, action="refresh GPU/compute instance ids")
+                    work.append((f, ("refresh", g, r.id)))
+        for key, obj in keys.items():
+            if key in known:
+                continue
+            label = _foreign_label(key, obj)
+            f = rep.add(g.address, "foreign", label, action="adopt" if adopt else None)
+            if adopt:
+                work.append((f, ("adopt", g, key, obj, gpu_row.id)))
+    return rep, work
+
+
+def _foreign_label(key: tuple, obj: Any) -> str:
+    if key[0] == "mig":
+        return f"GPU instance {obj.get('profile_name') or obj['profile_id']} at {obj['placement']['start']}:" \
+               f"{obj['placement']['size']} (GI {obj['id']})"
+    if key[0] == "mdev":
+        return f"mdev {obj['type']} {obj['uuid']} on {obj['parent']}"
+    return f"vGPU type {obj['current_type']} on VF {obj['address']}"
+
+
+def status(ctx: Context) -> dict[str, Any]:
+    view = hostview.snapshot(ctx)
+    with ctx.inventory.unit(write=True, action="status") as uow:
+        rep, _ = analyze(ctx, view, uow)
+        rows_by_gpu = {g.address: g for g in uow.gpus(ctx.settings.host_id)}
+        gpus = []
+        for g in view.gpus:
+            row = rows_by_gpu.get(g.address)
+            insts = uow.instances(ctx.settings.host_id, gpu_id=row.id) if row else []
+            keys = _host_keys(g)
+            gpus.append({
+                "address": g.address, "index": g.nvml_index, "model": g.model.id if g.model else None,
+                "name": g.name, "desired_profile": row.desired_profile if row else None,
+                "profile_state": row.profile_state if row else None,
+                "mig": {"current": g.mig_current, "pending": g.mig_pending} if g.mig_capable else None,
+                "instances": [_instance_dict(i, (_row_key(i) in keys) if i.kind != VF else i.parent in g.vfs)
+                              for i in insts],
+                "drift": [f.to_dict() for f in rep.findings if f.gpu == g.address and f.kind != "ids"],
+            })
+    return {"host": ctx.settings.host_id, "gpus": gpus,
+            "in_sync": not any(f.kind != "ids" for f in rep.findings)}
+
+
+def _instance_dict(i: Any, on_host: bool) -> dict[str, Any]:
+    d = {"id": i.id, "kind": i.kind, "state": i.state, "origin": i.origin, "persistent": i.persistent,
+         "label": i.label, "on_host": on_host}
+    if i.kind == MIG:
+        d.update({"profile_id": i.profile_id, "profile_name": i.profile_name,
+                  "placement": {"start": i.placement_start, "size": i.placement_size}, "gi_id": i.gi_id,
+                  "ci_id": i.ci_id, "mig_uuid": i.mig_uuid})
+    else:
+        d.update({"uuid": i.mdev_uuid, "parent": i.parent, "type_id": i.type_id, "type_name": i.type_name})
+    if i.allocation is not None:
+        d["allocation"] = {"vm": i.allocation.vm_name, "vm_uuid": i.allocation.vm_uuid,
+                           "tenant": i.allocation.tenant, "persistent": i.allocation.persistent}
+    return d
+
+
+def reconcile(ctx: Context, *, dry_run: bool = False, adopt: bool = False, only_parents: set[str] | None = None,
+              actor: str | None = None) -> dict[str, Any]:
+    view = hostview.snapshot(ctx)
+    addresses = sorted(g.address for g in view.gpus)
+    with contextlib.ExitStack() as locks:
+        for a in addresses:
+            locks.enter_context(gpu_lock(ctx, a))
+        view = hostview.snapshot(ctx)
+        with ctx.inventory.unit(write=True, action="reconcile") as uow:
+            rep, work = analyze(ctx, view, uow, adopt=adopt)
+        if only_parents is not None:
+            work = [(f, w) for f, w in work if _touches(w, only_parents)]
+        if dry_run:
+            return {"dry_run": True, **rep.to_dict()}
+        # phase order: MIG mode, VFs, then instances (MIG before vGPUs, as the list is sorted)
+        for phase in (("mig-mode",), ("enable-vfs",)):
+            for f, w in work:
+                if w[0] in phase:
+                    _run(ctx, f, w, actor)
+        for f, w in work:
+            if w[0] not in ("mig-mode", "enable-vfs"):
+                if any(x.result == "pending-reset" and x.gpu == f.gpu for x in rep.findings) and \
+                        _is_mig_work(ctx, w):
+                    f.result = "skipped"
+                    continue
+                _run(ctx, f, w, actor)
+        with ctx.inventory.unit(write=True) as uow:
+            out = rep.to_dict()
+            uow.event("reconcile", result="failed" if out["failed"] else "ok", actor=actor,
+                      detail={"changed": out["changed"], "failed": len(out["failed"]),
+                              "foreign": len(out["foreign"])})
+    return rep.to_dict()
+
+
+def _touches(w: tuple, parents: set[str]) -> bool:
+    g: GpuView = w[1]
+    return g.address in parents or any(p in parents for p in g.vfs) or any(p in parents for p in g.mdev_parents)
+
+
+def _is_mig_work(ctx: Context, w: tuple) -> bool:
+    if w[0] in ("recreate", "finish-create", "refresh"):
+        with ctx.inventory.unit() as uow:
+            return uow.instance(w[2]).kind == MIG
+    return False
+
+
+def _run(ctx: Context, f: Finding, w: tuple, actor: str | None) -> None:
+    try:
+        res = _do(ctx, w)
+        f.result = res or "done"
+    except GpuvirtError as exc:
+        f.result = "failed"
+        f.action = f"{f.action}: {exc}"
+        inst_id = f.instance_id
+        with ctx.inventory.unit(write=True) as uow:
+            if inst_id is not None:
+                with contextlib.suppress(GpuvirtError):
+                    row = uow.instance(inst_id)
+                    if row.state in (ACTIVE, FAILED):
+                        row.state = FAILED
+                        row.error = str(exc)
+            uow.event("reconcile", target=f.target, result="failed", actor=actor, detail={"error": str(exc)})
+
+
+def _do(ctx: Context, w: tuple) -> str | None:
+    op = w[0]
+    host = ctx.host
+    if op == "mig-mode":
+        g, want = w[1], w[2]
+        current, pending, status = host.nvml().set_mig_mode(g.nvml_index, want)
+        if current != want:
+            return "pending-reset"
+        return None
+    if op == "enable-vfs":
+        g, count = w[1], w[2]
+        host.enable_vfs(g.address, count)
+        return None
+    if op == "adopt":
+        g, key, obj, gpu_id = w[1], w[2], w[3], w[4]
+        with ctx.inventory.unit(write=True) as uow:
+            if key[0] == "mig":
+                fields = instance_fields_for_mig(g.model, obj["profile_id"], obj["placement"]["start"], "adopted")
+                ci = obj["compute_instances"][0] if obj["compute_instances"] else None
+                fields.update(gi_id=obj["id"], ci_id=ci["id"] if ci else None, mig_uuid=ci["uuid"] if ci else None)
+            elif key[0] == "mdev":
+                fields = instance_fields_for_vgpu(g.model, MDEV, obj["type"], None, obj["parent"], obj["uuid"],
+                                                  "adopted")
+            else:
+                fields = instance_fields_for_vgpu(g.model, VFIO_VGPU, str(obj["current_type"]), None,
+                                                  obj["address"], None, "adopted")
+            uow.add_instance(host_id=ctx.settings.host_id, gpu_id=gpu_id, state=ACTIVE, **fields)
+            uow.event("adopt", target=_foreign_label(key, obj))
+        return None
+    g: GpuView = w[1]
+    inst_id: int = w[2]
+    with ctx.inventory.unit() as uow:
+        r = uow.instance(inst_id)
+        snap = {k: getattr(r, k) for k in ("kind", "profile_id", "placement_start", "gi_id", "mdev_uuid",
+                                           "parent", "type_id")}
+    if op == "forget":
+        with ctx.inventory.unit(write=True) as uow:
+            uow.delete_instance(uow.instance(inst_id))
+            uow.event("forget", target=f"instance {inst_id}", detail={"reason": "transient instance gone"})
+        return None
+    if op == "finish-destroy":
+        if w[3]:
+            _host_destroy(ctx, g, snap)
+        with ctx.inventory.unit(write=True) as uow:
+            uow.delete_instance(uow.instance(inst_id))
+            uow.event("destroy", target=f"instance {inst_id}", detail={"finished_by": "reconcile"})
+        return None
+    if op in ("finish-create", "recreate"):
+        on_host = w[3] if op == "finish-create" else False
+        ids: dict[str, Any] = {}
+        if not on_host:
+            ids = _host_create(ctx, g, snap)
+        with ctx.inventory.unit(write=True) as uow:
+            row = uow.instance(inst_id)
+            for k, v in ids.items():
+                setattr(row, k, v)
+            row.state = ACTIVE
+            row.error = None
+            uow.event("restore" if op == "recreate" else "create", target=row.label,
+                      detail={"finished_by": "reconcile"} if op == "finish-create" else None)
+        if op == "finish-create" and on_host or op == "refresh":
+            _refresh(ctx, g, inst_id)
+        if snap["kind"] == MIG:
+            _refresh(ctx, g, inst_id)
+        return None
+    if op == "refresh":
+        _refresh(ctx, g, inst_id)
+        return None
+    raise GpuvirtError(f"unknown reconcile step {op}")
+
+
+def _host_create(ctx: Context, g: GpuView, snap: dict[str, Any]) -> dict[str, Any]:
+    host = ctx.host
+    if snap["kind"] == MIG:
+        if g.nvml_index is None:
+            raise ProfileError(f"{g.label} is not visible through NVML")
+        return create_mig(ctx, g.nvml_index, snap["profile_id"], snap["placement_start"])
+    if snap["kind"] == MDEV:
+        host.create_mdev(snap["parent"], snap["type_id"], snap["mdev_uuid"])
+        return {}
+    if snap["kind"] == VFIO_VGPU:
+        host.set_vgpu_type(snap["parent"], int(snap["type_id"]))
+        return {}
+    if snap["kind"] == VF:
+        total, num = host.sriov_state(g.address)
+        if not num:
+            host.enable_vfs(g.address)
+        return {}
+    raise GpuvirtError(f"cannot create instances of kind {snap['kind']}")
+
+
+def _host_destroy(ctx: Context, g: GpuView, snap: dict[str, Any]) -> None:
+    host = ctx.host
+    if snap["kind"] == MIG:
+        from gpuvirt.service.instances import find_gi
+
+        gi = find_gi(ctx, g.nvml_index, snap["profile_id"], snap["placement_start"])
+        if gi is not None:
+            destroy_mig(ctx, g.nvml_index, gi.id)
+    elif snap["kind"] == MDEV:
+        if host.mdev_exists(snap["mdev_uuid"]):
+            host.remove_mdev(snap["mdev_uuid"])
+    elif snap["kind"] == VFIO_VGPU:
+        if host.current_vgpu_type(snap["parent"]):
+            host.clear_vgpu_type(snap["parent"])
+
+
+def _refresh(ctx: Context, g: GpuView, inst_id: int) -> None:
+    if g.nvml_index is None:
+        return
+    with ctx.inventory.unit() as uow:
+        r = uow.instance(inst_id)
+        if r.kind != MIG:
+            return
+        pid, start = r.profile_id, r.placement_start
+    from gpuvirt.service.instances import find_gi
+
+    gi = find_gi(ctx, g.nvml_index, pid, start)
+    if gi is None:
+        return
+    ci = gi.compute_instances[0] if gi.compute_instances else None
+    with ctx.inventory.unit(write=True) as uow:
+        r = uow.instance(inst_id)
+        r.gi_id = gi.id
+        r.ci_id = ci.id if ci else None
+        r.mig_uuid = ci.uuid if ci else None
+        if r.state == FAILED:
+            r.state = ACTIVE
+            r.error = None
