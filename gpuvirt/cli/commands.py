@@ -157,6 +157,8 @@ def sim_fault(directory: str = typer.Argument(..., metavar="DIR"),
               errno: Optional[str] = typer.Option(None, "--errno", help="errno name for sysfs faults (default EIO)."),
               nvml: Optional[int] = typer.Option(None, "--nvml", help="NVML return code for NVML faults."),
               match: Optional[str] = typer.Option(None, "--match", help="Only operations whose target contains this."),
+              kill: Optional[str] = typer.Option(None, "--kill", help="Instead of failing, SIGKILL the calling process "
+                                                 "'before' or 'after' the operation takes effect."),
               clear: bool = typer.Option(False, "--clear", help="Remove all pending faults.")) -> None:
     """Inject a fault into the simulated kernel or NVML."""
     from gpuvirt.errors import UsageError
@@ -167,7 +169,7 @@ def sim_fault(directory: str = typer.Argument(..., metavar="DIR"),
         return
     if not op:
         raise UsageError("give --op (or --clear)")
-    simulator.fault(directory, op, skip=skip, times=times, errno=errno, nvml=nvml, match=match)
+    simulator.fault(directory, op, skip=skip, times=times, errno=errno, nvml=nvml, match=match, kill=kill)
 
 
 @sim_app.command("open")
@@ -214,3 +216,9 @@ def sim_repair(directory: str = typer.Argument(..., metavar="DIR")) -> None:
     from gpuvirt.service import simulator
 
     simulator.repair(directory)
+
+
+from gpuvirt.cli import ops_cmd  # noqa: E402,F401
+from gpuvirt.cli import profile_cmd  # noqa: E402,F401
+from gpuvirt.cli import vmm_cmd  # noqa: E402,F401
+from gpuvirt.cli import demo_cmd  # noqa: E402,F401

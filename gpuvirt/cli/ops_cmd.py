@@ -194,11 +194,17 @@ def reconcile(ctx: typer.Context,
               dry_run: bool = typer.Option(False, "--dry-run", help="Only report what would change."),
               adopt: bool = typer.Option(False, "--adopt", help="Record instances created outside gpuvirt."),
               yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+              wait: float = typer.Option(0, "--wait", help="Wait up to SECONDS for the NVIDIA driver first "
+                                                             "(boot ordering without fixed sleeps)."),
               json_out: bool = typer.Option(False, "--json")) -> None:
     """Converge host and inventory: restore after reboot, finish crashed operations, report foreign instances."""
     from gpuvirt.service.reconcile import reconcile as svc
+    from gpuvirt.service.reconcile import wait_for_driver
 
     c = state(ctx).context()
+    if wait > 0 and not wait_for_driver(c, wait):
+        print(f"gpuvirt: warning: the NVIDIA driver did not answer within {wait:g}s; reconciling what is visible",
+              file=sys.stderr)
     if not dry_run:
         pre = svc(c, dry_run=True, adopt=adopt)
         if any(f["action"] for f in pre["findings"] if f["kind"] != "foreign" or adopt):

@@ -516,6 +516,9 @@ def m_extra_device_ids(model: GpuModel) -> list[int]:
     return out
 
 
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def models_dir_files() -> list[tuple[str, str]]:
     root = importlib.resources.files("gpuvirt._profiles").joinpath("models")
     out = []
@@ -529,7 +532,7 @@ def parse_catalog(files: Iterable[tuple[str, str]]) -> Catalog:
     models: dict[str, GpuModel] = {}
     for name, text in files:
         try:
-            doc = yaml.safe_load(text)
+            doc = yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 - a safe loader, C-accelerated when present
         except yaml.YAMLError as exc:
             raise ConfigError(f"catalog {name}: not valid YAML ({exc})") from exc
         if not isinstance(doc, dict) or "id" not in doc:

@@ -240,6 +240,22 @@ def reconcile(ctx: Context, *, dry_run: bool = False, adopt: bool = False, only_
     return rep.to_dict()
 
 
+def wait_for_driver(ctx: Context, timeout: float, interval: float = 2.0) -> bool:
+    """Wait (bounded) until NVML answers on a host that has NVIDIA GPUs; True when ready."""
+    import time
+
+    deadline = time.monotonic() + max(0.0, timeout)
+    while True:
+        view = hostview.snapshot(ctx)
+        has_nvidia = any(d["vendor"] == "nvidia" for d in view.doc["pci_gpus"])
+        if not has_nvidia or view.doc["nvml"]["available"]:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        ctx.host.close()  # reopen NVML on the next snapshot
+        time.sleep(interval)
+
+
 def _touches(w: tuple, parents: set[str]) -> bool:
     g: GpuView = w[1]
     return g.address in parents or any(p in parents for p in g.vfs) or any(p in parents for p in g.mdev_parents)

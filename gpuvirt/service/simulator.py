@@ -45,9 +45,9 @@ def reboot(directory: str) -> dict[str, Any]:
 
 
 def fault(directory: str, op: str, *, skip: int, times: int, errno: str | None, nvml: int | None,
-          match: str | None) -> dict[str, Any]:
+          match: str | None, kill: str | None = None) -> dict[str, Any]:
     return control.add_fault(control.open_sim(directory), op, skip=skip, times=times, errno=errno, nvml=nvml,
-                             match=match)
+                             match=match, kill=kill)
 
 
 def clear_faults(directory: str) -> None:

@@ -83,17 +83,19 @@ def reboot(sim: SimHost) -> dict[str, Any]:
 
 
 def add_fault(sim: SimHost, op: str, *, skip: int = 0, times: int = 1, errno: str | None = None,
-              nvml: int | None = None, match: str | None = None) -> dict[str, Any]:
+              nvml: int | None = None, match: str | None = None, kill: str | None = None) -> dict[str, Any]:
     if op not in FAULT_OPS:
         raise UsageError(f"unknown fault operation '{op}'; one of: {', '.join(FAULT_OPS)}")
     if skip < 0 or times < 1:
         raise UsageError("--skip must be >= 0 and --times >= 1")
     if errno is not None and not hasattr(errno_mod, errno):
         raise UsageError(f"unknown errno name '{errno}'")
+    if kill not in (None, "before", "after"):
+        raise UsageError("--kill must be 'before' or 'after'")
     if op.startswith("nvml.") and nvml is None:
         nvml = 23 if "Create" in op else 19
     fault = {"op": op, "skip": skip, "times": times, "errno": errno if not op.startswith("nvml.") else None,
-             "nvml": nvml, "match": match}
+             "nvml": nvml, "match": match, "kill": kill}
     with sim.transaction() as state:
         state["faults"].append(fault)
     return fault

@@ -64,26 +64,37 @@ class SimKernel:
         if not (real == root or real.startswith(root + os.sep)):
             raise os_error(errno.EACCES, path, "outside the simulated root")
         rel = os.path.relpath(real, root)
+        failure: OSError | None = None
         with self.sim.transaction() as state:
-            if not os.path.exists(real) and not os.path.lexists(path):
-                raise os_error(errno.ENOENT, path)
-            parts = rel.split(os.sep)
-            name = parts[-1]
-            if name == "create" and len(parts) >= 3 and parts[-3] == "mdev_supported_types":
-                self._create(state, path, parts, data)
-            elif name == "remove" and len(parts) >= 2 and UUID_RE.match(parts[-2]):
-                self._remove(state, path, parts[-2], data)
-            elif name == "current_vgpu_type" and len(parts) >= 3 and parts[-2] == "nvidia":
-                self._vgpu_type(state, path, parts[-3], data)
-            elif name == "sriov_numvfs":
-                self._sriov(state, path, parts[-2], data)
-            elif name == "reset" and len(parts) >= 2:
-                self._reset(state, path, parts[-2], data)
-            elif not os.path.exists(real):
-                raise os_error(errno.ENOENT, path)
-            else:
-                raise os_error(errno.EACCES, path, "read-only attribute")
+            # the handlers validate before they mutate, so a failed write leaves the devices untouched; the
+            # transaction is still saved so that an injected fault that fired stays consumed
+            try:
+                self._dispatch(state, path, real, rel, data)
+            except OSError as exc:
+                failure = exc
+        if failure is not None:
+            raise failure
         return len(data)
+
+    def _dispatch(self, state: dict[str, Any], path: Any, real: str, rel: str, data: str) -> None:
+        if not os.path.exists(real) and not os.path.lexists(path):
+            raise os_error(errno.ENOENT, path)
+        parts = rel.split(os.sep)
+        name = parts[-1]
+        if name == "create" and len(parts) >= 3 and parts[-3] == "mdev_supported_types":
+            self._create(state, path, parts, data)
+        elif name == "remove" and len(parts) >= 2 and UUID_RE.match(parts[-2]):
+            self._remove(state, path, parts[-2], data)
+        elif name == "current_vgpu_type" and len(parts) >= 3 and parts[-2] == "nvidia":
+            self._vgpu_type(state, path, parts[-3], data)
+        elif name == "sriov_numvfs":
+            self._sriov(state, path, parts[-2], data)
+        elif name == "reset" and len(parts) >= 2:
+            self._reset(state, path, parts[-2], data)
+        elif not os.path.exists(real):
+            raise os_error(errno.ENOENT, path)
+        else:
+            raise os_error(errno.EACCES, path, "read-only attribute")
 
     # --- helpers ------------------------------------------------------------------------------------------
     def _fault(self, state: dict[str, Any], op: str, path: Any, target: str) -> None:

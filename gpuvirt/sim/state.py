@@ -26,7 +26,11 @@ State document (JSON, ``version`` 1)::
     Mdev = {"uuid": str, "parent": str, "type": "nvidia-468", "iommu_group": int,
             "gpu_instance_id": int | null, "open": bool}
     Fault = {"op": str, "skip": int, "times": int, "errno": str | null, "nvml": int | null,
-             "match": str | null}
+             "match": str | null, "kill": null | "before" | "after"}
+
+A fault with ``kill`` does not fail the operation: it kills the calling process with SIGKILL just before
+(``before``) or just after (``after``) the operation takes effect - a crash at an exact step, for testing
+that ``reconcile`` repairs whatever a dead gpuvirt left behind.
 
 ``open`` marks a device whose VFIO file is held by a (simulated) running VM; ``clients`` lists processes
 holding a GPU (they block MIG mode activation, like nvidia-persistenced or dcgm on a real host).
@@ -40,6 +44,7 @@ import errno
 import fcntl
 import json
 import os
+import signal
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -66,6 +71,7 @@ class SimHost:
         self._depth = 0
         self._current: dict[str, Any] | None = None
         self._lock_fd: int | None = None
+        self._kill_after = False
         # render hook: called as hook(self, before, after) after a transaction changed the state
         self.on_change = None
 
@@ -159,6 +165,8 @@ class SimHost:
                 self.save(work)
                 if self.on_change is not None:
                     self.on_change(self, before, work)
+            if self._kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
 
     def save(self, state: dict[str, Any]) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -183,6 +191,14 @@ class SimHost:
             if f.get("times", 1) <= 0:
                 continue
             f["times"] = f.get("times", 1) - 1
+            kill = f.get("kill")
+            if kill == "before":
+                # power loss / SIGKILL just before the operation: persist the consumed fault, then die
+                self.save(state)
+                os.kill(os.getpid(), signal.SIGKILL)
+            if kill == "after":
+                self._kill_after = True  # the operation completes and is saved, then the process dies
+                return None
             return f
         return None
 

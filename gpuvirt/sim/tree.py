@@ -285,12 +285,18 @@ def apply_diff(root: Path, old: Tree, new: Tree) -> None:
         if e[0] == "dir":
             full.mkdir(parents=True, exist_ok=True)
         elif e[0] == "file":
-            full.parent.mkdir(parents=True, exist_ok=True)
-            if full.is_symlink() or full.is_dir():
-                _remove(full)
-            atomic_write(full, e[1], e[2])
+            _write_attr(full, e[1], e[2], p in old)
         else:
-            full.parent.mkdir(parents=True, exist_ok=True)
+            if p not in old:
+                try:
+                    os.symlink(e[1], full)
+                    continue
+                except FileNotFoundError:
+                    full.parent.mkdir(parents=True, exist_ok=True)
+                    os.symlink(e[1], full)
+                    continue
+                except FileExistsError:
+                    pass
             if full.is_symlink() or full.exists():
                 if full.is_symlink() and os.readlink(full) == e[1]:
                     continue
@@ -300,6 +306,43 @@ def apply_diff(root: Path, old: Tree, new: Tree) -> None:
                 tmp.unlink()
             os.symlink(e[1], tmp)
             os.replace(tmp, full)
+
+
+def _write_attr(full: Path, text: str, mode: int, existed: bool) -> None:
+    """Write one attribute file so that a concurrent reader sees the old or the new value, never a mix.
+
+    Same-length updates (most counts: 0 <-> 1) are one in-place write(2); other changes go through a
+    rename, which costs far more on ext4 than the write itself; new files are written directly (nobody can
+    have opened a file that did not exist yet).
+    """
+    data = text.encode()
+    if existed and not full.is_symlink():
+        try:
+            if full.stat().st_size == len(data):
+                fd = os.open(full, os.O_WRONLY)
+                try:
+                    os.write(fd, data)
+                finally:
+                    os.close(fd)
+                if (full.stat().st_mode & 0o777) != mode:
+                    os.chmod(full, mode)
+                return
+        except FileNotFoundError:
+            pass
+        atomic_write(full, text, mode)
+        return
+    if full.is_symlink() or full.is_dir():
+        _remove(full)
+    try:
+        fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    except FileNotFoundError:
+        full.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.chmod(full, mode)  # the umask may have masked bits off
 
 
 def _remove(path: Path) -> None:

@@ -1,0 +1,54 @@
+"""``gpuvirt demo``: the whole main job on a fresh simulated host."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+import typer
+
+from gpuvirt.cli.app import app
+from gpuvirt.cli.render import console
+
+
+def _render(step: str, data: Any) -> None:
+    from rich.markup import escape
+    from rich.rule import Rule
+
+    out = console()
+    out.print(Rule(f"[bold]{escape(step)}[/bold]", align="left"))
+    if step == "discover":
+        from gpuvirt.cli.commands import render_discovery
+
+        render_discovery(data)
+    elif step in ("plan",):
+        from gpuvirt.cli.ops_cmd import render_plan
+
+        render_plan(data)
+    elif step == "status":
+        for g in data["gpus"]:
+            out.print(escape(f"{g['address']} {g['model']}: profile {g['desired_profile'] or '-'} "
+                             f"({g['profile_state'] or 'none'}), {len(g['instances'])} instance(s)"))
+            for i in g["instances"]:
+                vm = (i.get("allocation") or {}).get("vm")
+                out.print(escape(f"   #{i['id']} {i['label']} {i['state']}" + (f" -> {vm}" if vm else "")))
+    elif step == "libvirt domain XML":
+        out.print(escape(data), highlight=False)
+    elif step == "report" and isinstance(data, dict):
+        out.print(escape(json.dumps(data.get("summary", data), indent=2)[:3000]))
+    elif isinstance(data, (dict, list)):
+        out.print(escape(json.dumps(data, indent=2, default=str)[:3000]))
+    else:
+        out.print(escape(str(data)))
+
+
+@app.command()
+def demo(directory: Optional[str] = typer.Option(None, "--dir", help="Keep the simulated host in DIR "
+                                                 "(default: a temporary directory, removed afterwards)."),
+         keep: bool = typer.Option(False, "--keep", help="Keep the temporary directory.")) -> None:
+    """Run the main job end to end on a built-in simulated host (no GPU needed)."""
+    from gpuvirt.service.demo import run
+
+    summary = run(directory, _render, keep=keep or directory is not None)
+    console().print(f"[bold green]demo finished[/bold green] ({summary['dir']}"
+                    + (", removed" if summary.get("removed") else "") + ")")
