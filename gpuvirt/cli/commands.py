@@ -58,20 +58,34 @@ def render_discovery(doc: dict) -> None:
                         [[p["address"], p["vendor"], p["model"], p["num_vfs"], p["total_vfs"]]
                          for p in doc["sriov_pfs"]]))
     if doc["mdev_parents"]:
-        rows = []
+        # VFs of one board are listed as one row: 20 near-identical rows per GPU help nobody
+        physfn = {d["address"]: d["physfn"] for d in doc["pci_gpus"] if d.get("physfn")}
+        groups: dict[str, list] = {}
         for p in doc["mdev_parents"]:
-            avail = [f"{t['name'] or t['id']}={t['available_instances']}" for t in p["types"]
-                     if t["available_instances"] > 0]
-            rows.append([p["address"], len(p["types"]), len(p["devices"]),
-                         ", ".join(avail[:6]) + (" …" if len(avail) > 6 else "") or "none"])
-        out.print(table("mdev parents", ["parent", "types", "devices", "creatable now"], rows))
+            groups.setdefault(physfn.get(p["address"]) or p["address"], []).append(p)
+        rows = []
+        for owner, parents in groups.items():
+            avail: dict[str, int] = {}
+            for p in parents:
+                for t in p["types"]:
+                    if t["available_instances"] > 0:
+                        label = t["name"] or t["id"]
+                        avail[label] = avail.get(label, 0) + t["available_instances"]
+            where = owner if len(parents) == 1 and parents[0]["address"] == owner else f"{owner} ({len(parents)} VFs)"
+            text = ", ".join(f"{k} x{v}" for k, v in list(avail.items())[:8]) + (" …" if len(avail) > 8 else "")
+            rows.append([where, len(parents[0]["types"]), sum(len(p["devices"]) for p in parents), text or "none"])
+        out.print(table("mdev parents", ["parent", "types", "devices", "creatable now (free parents)"], rows))
     if doc["mdev_devices"]:
         out.print(table("mdev devices", ["UUID", "parent", "type", "IOMMU"],
                         [[d["uuid"], d["parent"], d["type"], d["iommu_group"]] for d in doc["mdev_devices"]]))
     if doc["vfio_vfs"]:
-        out.print(table("vendor-specific VFIO VFs", ["VF", "PF", "current type", "creatable types"],
-                        [[v["address"], v["physfn"], v["current_type"] or "-", len(v["creatable_types"])]
-                         for v in doc["vfio_vfs"]]))
+        groups2: dict[str, list] = {}
+        for v in doc["vfio_vfs"]:
+            groups2.setdefault(v["physfn"] or "?", []).append(v)
+        out.print(table("vendor-specific VFIO VFs", ["PF", "VFs", "with a vGPU", "creatable types (free VF)"],
+                        [[pf, len(vs), sum(1 for v in vs if v["current_type"]),
+                          max((len(v["creatable_types"]) for v in vs if not v["current_type"]), default=0)]
+                         for pf, vs in groups2.items()]))
     if doc["warnings"]:
         err = console(stderr=True)
         for w in doc["warnings"]:

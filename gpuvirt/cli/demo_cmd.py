@@ -17,7 +17,24 @@ def _render(step: str, data: Any) -> None:
 
     out = console()
     out.print(Rule(f"[bold]{escape(step)}[/bold]", align="left"))
-    if step == "discover":
+    if step in ("sim init", "sim reboot"):
+        out.print(escape(f"simulated host {data['dir']} (boot {data['boot']}): " + ", ".join(
+            f"{d['model']}@{d['address']} ({d['vfs']} VFs)" for d in data["devices"])))
+    elif step.startswith("apply"):
+        for g in data["gpus"]:
+            out.print(escape(f"{g['gpu']}: {len(g['operations'])} operation(s), {g['state']}"))
+            for o in g["operations"]:
+                out.print(escape(f"   {o['description']}"))
+        for a in data["unchanged"]:
+            out.print(escape(f"{a}: already matches {data['profile']} - nothing to do"))
+    elif step == "create-profile":
+        out.print(escape(f"{data.get('name')}: {data.get('summary') or data.get('layout') or data}"))
+    elif step == "reconcile":
+        for f in data["findings"]:
+            out.print(escape(f"{f['gpu']}: {f['kind']}: {f['target']} -> {f['action']} [{f.get('result')}]"))
+        if not data["findings"]:
+            out.print("host and inventory agree")
+    elif step == "discover":
         from gpuvirt.cli.commands import render_discovery
 
         render_discovery(data)

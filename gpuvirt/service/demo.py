@@ -51,13 +51,20 @@ def run(directory: str | None, emit: Emit, *, keep: bool = False) -> dict[str, A
 
     tmp = None
     if directory is None:
-        tmp = tempfile.mkdtemp(prefix="gpuvirt-demo-")
+        # tmpfs when available: a simulated host is thousands of tiny sysfs files
+        shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        tmp = tempfile.mkdtemp(prefix="gpuvirt-demo-", dir=shm)
         directory = os.path.join(tmp, "host")
     root = Path(directory).absolute()
     summary: dict[str, Any] = {"dir": str(root)}
 
     emit("sim init", simulator.init(str(root), DEMO_GPUS, seed="demo", force=True))
-    settings = resolve_settings(sim=str(root), host_id="demo-host", env={})
+    # like a real host: settings live in <root>/etc/gpuvirt/gpuvirt.toml, so the libvirt hook (run with an
+    # empty environment) sees the same host id and inventory
+    cfg = root / "etc/gpuvirt/gpuvirt.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text('host_id = "demo-host"\n')
+    settings = resolve_settings(sim=str(root), env={})
     with Context(settings) as ctx:
         emit("discover", discover(ctx))
         emit("create-profile", profile_svc.create_profile(
