@@ -162,6 +162,9 @@ class Context:
     def inventory(self):
         from gpuvirt.inventory.store import Inventory
 
+        if self.settings.sim_dir is not None and not self.settings.db_url:
+            self.sim  # noqa: B018 - a missing simulated host must fail before a database is created inside it
+
         inv = Inventory.open(self.settings)
         self._closers.append(inv.close)
         return inv

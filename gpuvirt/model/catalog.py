@@ -273,7 +273,8 @@ def resolve_gi_profile(model: GpuModel, name: str) -> GpuInstanceProfile:
     """Resolve a profile name for *this* model, tolerating driver memory rounding (7g.79gb == 7g.80gb).
 
     Exact names win.  Otherwise the compute slices and attributes must match and the memory figure must be
-    within 10% (or 2 GB) of exactly one profile; anything else is refused with the model's valid names.
+    within 1 GB (3% on large profiles) of exactly one profile; anything else is refused with the model's valid
+    names.
     """
     if model.mig is None:
         raise ProfileError(f"{model.display_name} does not support MIG (profile '{name}')", model=model.id)
@@ -289,7 +290,9 @@ def resolve_gi_profile(model: GpuModel, name: str) -> GpuInstanceProfile:
         if pp.compute_slices != parsed.compute_slices or pp.attributes != parsed.attributes:
             continue
         diff = abs(pp.gb - parsed.gb)
-        if diff <= max(2, round(0.1 * pp.gb)):
+        # observed drift is 1 GB (7g.79gb/7g.80gb, 3g.39gb/3g.40gb, 1g.23gb/1g.24gb); allow a little more on
+        # very large profiles, but never enough to turn 1g.7gb into 1g.5gb
+        if diff <= max(1, round(0.03 * pp.gb)):
             candidates.append((diff, p))
     candidates.sort(key=lambda c: c[0])
     if candidates and (len(candidates) == 1 or candidates[0][0] < candidates[1][0]):

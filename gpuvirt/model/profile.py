@@ -1,0 +1,1167 @@
+"""Partition profiles (pure): what a GPU should look like, by name.
+
+A :class:`ProfileSpec` is a named list of :class:`ProfileEntry` items.  Each entry says which GPUs it is
+for (PCI device filters and GPU indices, as in mig-parted and vgpu-device-manager) and what they should
+carry: MIG mode and GPU-instance counts, NVIDIA vGPU types, generic mdev types (GVT-g, kernel samples) or
+a number of SR-IOV VFs.  Entries are applied in order and the *last* entry matching a GPU decides its
+layout, which is what mig-parted does when it walks a config's entries in order over the same GPU.
+
+:func:`resolve` turns one entry into a :class:`Layout` for one GPU model (profile ids, type ids), checking
+every rule of the catalog before anything touches hardware; :func:`validate` runs it for every model an
+entry can meet.  Rejections are :class:`~gpuvirt.errors.ProfileError` with one sentence: the reason and
+the nearest valid alternatives.
+
+The module also reads and writes profile documents: gpuvirt's own YAML format, mig-parted v1
+``mig-configs`` and vgpu-device-manager v1 ``vgpu-configs`` (docs/profile-format.md).  It parses text it
+is given and never opens files: reading files and the packaged built-ins is the service layer's job.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import yaml
+
+from gpuvirt.errors import ProfileError
+from gpuvirt.model.catalog import (
+    Catalog,
+    GpuModel,
+    MdevDriverSpec,
+    MdevPoolType,
+    MigGeometry,
+    VgpuType,
+    load_catalog,
+    m_extra_device_ids,
+    resolve_gi_profile,
+    resolve_vgpu_type,
+)
+from gpuvirt.model.mig import Placed, all_valid_multisets, describe_counts, fits, pack_counts
+
+SPEC_FORMAT = 1                      # version of the stored JSON (ProfileSpec.to_dict); bump on changes
+KINDS = ("mig", "vgpu", "mdev", "sriov", "mixed")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MAX_ALTERNATIVES = 3
+
+_FILTER_RE = re.compile(r"(?:0x)?([0-9a-f]{8})(?::(?:0x)?([0-9a-f]{8}))?", re.IGNORECASE)
+_ENTRY_KEYS = ("device_filter", "devices", "mig_enabled", "mig", "vgpu", "mdev", "sriov_vfs")
+
+
+def check_name(name: Any, what: str = "profile name") -> str:
+    """A profile name is also a database key, a CLI argument and a mig-parted config name: keep it plain."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise ProfileError(f"invalid {what} {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+                           "starting with a letter or digit")
+    return name
+
+
+# --- entries -------------------------------------------------------------------------------------------------
+def normalise_filter(value: Any) -> str:
+    """``0x20b010de`` / ``20B010DE`` / ``0x20B010DE:0x134F10DE`` -> ``0x20B010DE[:0x134F10DE]``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        # an unquoted 0x20B010DE in YAML arrives as an integer; with a vendor half the intent is obvious
+        if not 0x10000 <= value <= 0xFFFFFFFF:
+            raise ProfileError(f"device filter {value:#x} is not of the form 0xDDDDVVVV (device id + vendor id); "
+                               "quote it in YAML, e.g. '0x20B010DE'")
+        value = f"0x{value:08X}"
+    if not isinstance(value, str):
+        raise ProfileError(f"device filter {value!r} is not a string like 0x20B010DE")
+    m = _FILTER_RE.fullmatch(value.strip())
+    if not m:
+        raise ProfileError(f"device filter '{value}' is not of the form 0xDDDDVVVV[:0xSSSSVVVV] "
+                           "(device id + vendor id, optional subsystem), e.g. 0x20B010DE")
+    out = "0x" + m.group(1).upper()
+    if m.group(2):
+        out += ":0x" + m.group(2).upper()
+    return out
+
+
+def _filters(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        return (normalise_filter(value),)
+    if isinstance(value, (list, tuple)):
+        out: list[str] = []
+        for v in value:
+            f = normalise_filter(v)
+            if f not in out:
+                out.append(f)
+        return tuple(out)
+    raise ProfileError(f"device filter must be a string or a list of strings, not {value!r}")
+
+
+def _devices(value: Any) -> str | tuple[int, ...]:
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return "all"
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ProfileError("devices is an empty list; write 'all' or list GPU indices")
+        out: list[int] = []
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ProfileError(f"devices: {v!r} is not a GPU index (a whole number >= 0)")
+            if v not in out:
+                out.append(v)
+        return tuple(out)
+    if isinstance(value, int) and not isinstance(value, bool):
+        # mig-parted refuses a bare index too (its issue #44): a list makes the intent unambiguous
+        raise ProfileError(f"devices must be 'all' or a list of GPU indices, not a bare number (write [{value}])")
+    raise ProfileError(f"devices must be 'all' or a list of GPU indices, not {value!r}")
+
+
+def _counts(what: str, value: Any) -> dict[str, int]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ProfileError(f"{what} must be a mapping of NAME: COUNT, not {value!r}")
+    out: dict[str, int] = {}
+    for k, n in value.items():
+        if isinstance(k, bool) or not isinstance(k, (str, int)) or not str(k).strip():
+            raise ProfileError(f"{what}: {k!r} is not a name")
+        key = str(k).strip()
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise ProfileError(f"{what}: the count of '{key}' must be a whole number, not {n!r}")
+        if n <= 0:
+            raise ProfileError(f"{what}: the count of '{key}' must be at least 1 (got {n})")
+        if key in out:
+            raise ProfileError(f"{what}: '{key}' is listed twice")
+        out[key] = n
+    return out
+
+
+@dataclass(frozen=True)
+class ProfileEntry:
+    """Which GPUs (device filter + indices) get what (MIG, vGPU, generic mdev, SR-IOV VFs).
+
+    Names and type references are kept as written ("1g.5gb", "A2-2Q", "nvidia-745", "mtty-2"): they are
+    resolved per GPU model by :func:`resolve`, because the same name means different profile ids (or
+    nothing) on different boards.
+    """
+
+    device_filter: tuple[str, ...] = ()
+    devices: str | tuple[int, ...] = "all"
+    mig_enabled: bool | None = None
+    mig: dict[str, int] = field(default_factory=dict)
+    vgpu: dict[str, int] = field(default_factory=dict)
+    mdev: dict[str, int] = field(default_factory=dict)
+    sriov_vfs: int | None = None
+
+    def __post_init__(self) -> None:
+        put = object.__setattr__           # frozen: normalise once, here, so every entry is canonical
+        put(self, "device_filter", _filters(self.device_filter))
+        put(self, "devices", _devices(self.devices))
+        if self.mig_enabled is not None and not isinstance(self.mig_enabled, bool):
+            raise ProfileError(f"mig_enabled must be true or false, not {self.mig_enabled!r}")
+        put(self, "mig", _counts("mig", self.mig))
+        put(self, "vgpu", _counts("vgpu", self.vgpu))
+        put(self, "mdev", _counts("mdev", self.mdev))
+        if self.sriov_vfs is not None and (isinstance(self.sriov_vfs, bool) or not isinstance(self.sriov_vfs, int)
+                                           or self.sriov_vfs < 0):
+            raise ProfileError(f"sriov_vfs must be a whole number >= 0, not {self.sriov_vfs!r}")
+        if self.mig_enabled is False and self.mig:
+            raise ProfileError("MIG instances are listed while mig_enabled is false; drop them or enable MIG")
+        if self.mig and self.mig_enabled is None:
+            put(self, "mig_enabled", True)      # instances imply MIG mode; one spelling per meaning
+        if not self.kinds:
+            raise ProfileError("the entry asks for nothing: give mig_enabled, mig, vgpu, mdev or sriov_vfs")
+
+    def __hash__(self) -> int:
+        return hash((self.device_filter, self.devices, self.mig_enabled, tuple(self.mig.items()),
+                     tuple(self.vgpu.items()), tuple(self.mdev.items()), self.sriov_vfs))
+
+    @property
+    def kinds(self) -> set[str]:
+        out = set()
+        if self.mig or self.mig_enabled is not None:
+            out.add("mig")
+        if self.vgpu:
+            out.add("vgpu")
+        if self.mdev:
+            out.add("mdev")
+        if self.sriov_vfs is not None:
+            out.add("sriov")
+        return out
+
+    def matches_model(self, model: GpuModel, subsystem: str | None = None) -> bool:
+        """Whether the device filter admits this model (any PCI id of its family).
+
+        The subsystem half of a filter is compared only with ``subsystem``, the id a real GPU reports
+        (``0xSSSSVVVV``): a catalog model stands for a board family whose subsystem ids vary by vendor.
+        """
+        if not self.device_filter:
+            return True
+        if model.vendor_id is None or model.device_id is None:
+            return False
+        ids = {f"0x{d:04X}{model.vendor_id:04X}" for d in [model.device_id, *m_extra_device_ids(model)]}
+        sub = normalise_filter(subsystem).split(":")[0] if subsystem else None
+        for f in self.device_filter:
+            dev, _, want_sub = f.partition(":")
+            if dev in ids and (not want_sub or sub is None or sub == want_sub):
+                return True
+        return False
+
+    def matches(self, model: GpuModel, index: int | None, subsystem: str | None = None) -> bool:
+        """Whether this entry applies to GPU ``index`` of ``model``; index None matches only ``devices: all``."""
+        if not self.matches_model(model, subsystem):
+            return False
+        if self.devices == "all":
+            return True
+        return index is not None and index in self.devices
+
+    def describe(self) -> str:
+        parts = []
+        if self.mig_enabled is False:
+            parts.append("MIG off")
+        elif self.mig:
+            parts.append("MIG " + _join_named(self.mig))
+        elif self.mig_enabled:
+            parts.append("MIG on, no instances")
+        if self.vgpu:
+            parts.append("vGPU " + _join_named(self.vgpu))
+        if self.mdev:
+            parts.append("mdev " + _join_named(self.mdev))
+        if self.sriov_vfs is not None:
+            parts.append(f"{self.sriov_vfs} VFs")
+        text = ", ".join(parts)
+        where = []
+        if self.devices != "all":
+            where.append("GPUs " + ",".join(str(i) for i in self.devices))
+        if self.device_filter:
+            where.append("filter " + ",".join(self.device_filter))
+        return (" ".join(where) + ": " + text) if where else text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device_filter": list(self.device_filter),
+                "devices": self.devices if self.devices == "all" else list(self.devices),
+                "mig_enabled": self.mig_enabled, "mig": dict(self.mig), "vgpu": dict(self.vgpu),
+                "mdev": dict(self.mdev), "sriov_vfs": self.sriov_vfs}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ProfileEntry":
+        if not isinstance(d, Mapping):
+            raise ProfileError(f"an entry must be a mapping, not {d!r}")
+        unknown = set(d) - set(_ENTRY_KEYS)
+        if unknown:
+            raise ProfileError(f"unknown entry field(s) {', '.join(sorted(map(str, unknown)))} "
+                               f"(known: {', '.join(_ENTRY_KEYS)})")
+        return cls(device_filter=d.get("device_filter"), devices=d.get("devices", "all"),  # type: ignore[arg-type]
+                   mig_enabled=d.get("mig_enabled"), mig=d.get("mig"), vgpu=d.get("vgpu"),  # type: ignore[arg-type]
+                   mdev=d.get("mdev"), sriov_vfs=d.get("sriov_vfs"))  # type: ignore[arg-type]
+
+
+def _join_named(counts: Mapping[str, int]) -> str:
+    return " + ".join(name if n == 1 else f"{n}x {name}" for name, n in counts.items())
+
+
+# --- specs ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProfileSpec:
+    """A named partition profile.  ``model`` (a catalog id) pins it to one board; without it, it must fit
+    every model it is applied to.  ``source`` says where it came from (user, builtin, mig-parted:FILE...)."""
+
+    name: str
+    description: str | None = None
+    model: str | None = None
+    entries: tuple[ProfileEntry, ...] = ()
+    source: str = "user"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "entries", tuple(self.entries))
+        if not self.entries:
+            raise ProfileError(f"profile '{self.name}' has no entries")
+
+    @property
+    def kind(self) -> str:
+        kinds: set[str] = set()
+        for e in self.entries:
+            kinds |= e.kinds
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
+    def entry_for(self, model: GpuModel, index: int | None, subsystem: str | None = None) -> ProfileEntry | None:
+        """The entry that decides GPU ``index`` of ``model``: the LAST matching one.
+
+        mig-parted walks a config's entries in order and applies each to every GPU it selects, so when
+        two entries select the same GPU the later one is what the GPU ends up with.
+        """
+        found = None
+        for e in self.entries:
+            if e.matches(model, index, subsystem):
+                found = e
+        return found
+
+    def summary(self) -> str:
+        return " | ".join(e.describe() for e in self.entries)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored form (``profiles.spec`` JSON column); docs/profile-format.md describes it."""
+        return {"format": SPEC_FORMAT, "name": self.name, "description": self.description, "model": self.model,
+                "source": self.source, "kind": self.kind, "entries": [e.to_dict() for e in self.entries]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ProfileSpec":
+        if not isinstance(d, Mapping):
+            raise ProfileError("stored profile spec is not a mapping")
+        fmt = d.get("format", SPEC_FORMAT)
+        if fmt != SPEC_FORMAT:
+            raise ProfileError(f"profile '{d.get('name')}' is stored in spec format {fmt!r}; this gpuvirt "
+                               f"reads format {SPEC_FORMAT}")
+        entries = d.get("entries")
+        if not isinstance(entries, list):
+            raise ProfileError(f"profile '{d.get('name')}': stored spec has no entries list")
+        return cls(name=str(d.get("name") or ""), description=d.get("description"), model=d.get("model"),
+                   entries=tuple(ProfileEntry.from_dict(e) for e in entries), source=str(d.get("source") or "user"))
+
+
+# --- layouts -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    """What one GPU of one model should carry, in the ids the host layer uses.
+
+    ``mig_enabled`` None means the profile does not care about MIG mode (no MIG on the board, or an entry
+    that only asks for generic mdevs or SR-IOV VFs); otherwise the GPU must be in that mode.  The GPU carries exactly the MIG
+    GPU instances in ``mig_counts`` ({GI profile id: n}), the vGPUs in ``vgpu`` ({type id: n}) and the
+    generic mdevs in ``mdev`` ({type dir: n}); ``sriov_vfs`` None leaves the VF count alone.
+    """
+
+    model: str
+    mig_enabled: bool | None = None
+    mig_counts: dict[int, int] = field(default_factory=dict)
+    vgpu: dict[int, int] = field(default_factory=dict)
+    mdev: dict[str, int] = field(default_factory=dict)
+    sriov_vfs: int | None = None
+    gpu_model: GpuModel | None = field(default=None, compare=False, repr=False)
+
+    def _model(self) -> GpuModel:
+        return self.gpu_model if self.gpu_model is not None else load_catalog().get(self.model)
+
+    def mig_placements(self) -> list[Placed]:
+        """Explicit placements of ``mig_counts`` on an empty GPU (larger instances first, lowest starts)."""
+        m = self._model()
+        if not self.mig_counts or m.mig is None:
+            return []
+        placed = pack_counts(m.mig, self.mig_counts)
+        if placed is None:  # resolve() only builds layouts that fit
+            raise ProfileError(f"MIG layout {describe_counts(m.mig, self.mig_counts)} does not fit the "
+                               f"{m.display_name}")
+        return placed
+
+    def describe(self) -> str:
+        m = self._model()
+        parts = []
+        if self.mig_enabled is False:
+            parts.append("MIG off")
+        elif self.mig_enabled:
+            parts.append("MIG on: " + (describe_counts(m.mig, self.mig_counts) if m.mig and self.mig_counts
+                                        else "no instances"))
+        if self.vgpu and m.vgpu:
+            parts.append("vGPU " + " + ".join(
+                (f"{n}x " if n > 1 else "") + f"{m.vgpu.type_by_id(t).name} ({m.vgpu.type_by_id(t).sysfs_id})"
+                for t, n in self.vgpu.items()))
+        if self.mdev:
+            parts.append("mdev " + _join_named(self.mdev))
+        if self.sriov_vfs is not None:
+            parts.append(f"{self.sriov_vfs} SR-IOV VFs")
+        return "; ".join(parts) if parts else "nothing"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "mig_enabled": self.mig_enabled,
+                "mig_counts": {str(k): v for k, v in self.mig_counts.items()},
+                "vgpu": {str(k): v for k, v in self.vgpu.items()}, "mdev": dict(self.mdev),
+                "sriov_vfs": self.sriov_vfs, "description": self.describe()}
+
+
+def resolve(entry: ProfileEntry, model: GpuModel) -> Layout:
+    """The layout ``entry`` asks for on one GPU of ``model``; ProfileError (one sentence) when it can't be.
+
+    MIG mode follows from the entry when it does not say: MIG instances or MIG-backed vGPU types need it
+    on, time-sliced vGPU types need it off (the driver offers them only with MIG disabled).
+    """
+    disp = model.display_name
+    mig_enabled = entry.mig_enabled
+    if (entry.mig or entry.mig_enabled) and model.mig is None:
+        what = _join_named(entry.mig) if entry.mig else "MIG mode"
+        raise ProfileError(f"the {disp} does not support MIG (asked for {what})", model=model.id)
+    if model.mig is None:
+        mig_enabled = None          # "mig-enabled: false" on a board without MIG: nothing to do, like mig-parted
+    mig_counts: dict[int, int] = {}
+    if entry.mig:
+        mig_counts = _resolve_mig(entry.mig, model)
+        mig_enabled = True
+    vgpu: dict[int, int] = {}
+    if entry.vgpu:
+        vgpu, mig_backed = _resolve_vgpu(entry, model, mig_counts)
+        if mig_backed:
+            mig_enabled = True
+        else:
+            if mig_counts or entry.mig_enabled:
+                raise ProfileError(f"time-sliced vGPU types ({_join_named(entry.vgpu)}) run only with MIG mode "
+                                   f"off on the {disp}; drop the MIG part or use MIG-backed types",
+                                   model=model.id)
+            if model.mig is not None:
+                mig_enabled = False
+    mdev = _resolve_mdev(entry.mdev, model) if entry.mdev else {}
+    if entry.sriov_vfs is not None:
+        if model.sriov is None:
+            raise ProfileError(f"the {disp} has no SR-IOV virtual functions (asked for {entry.sriov_vfs} VFs)",
+                               model=model.id)
+        if entry.sriov_vfs > model.sriov.total_vfs:
+            raise ProfileError(f"{entry.sriov_vfs} VFs exceed the {disp}'s maximum of {model.sriov.total_vfs}; "
+                               f"valid: 0 to {model.sriov.total_vfs}", model=model.id)
+    return Layout(model=model.id, mig_enabled=mig_enabled, mig_counts=mig_counts, vgpu=vgpu, mdev=mdev,
+                  sriov_vfs=entry.sriov_vfs, gpu_model=model)
+
+
+# --- MIG -----------------------------------------------------------------------------------------------------
+def _resolve_mig(names: Mapping[str, int], model: GpuModel) -> dict[int, int]:
+    geom = model.mig
+    assert geom is not None
+    disp = model.display_name
+    counts: dict[int, int] = {}
+    written: dict[int, str] = {}
+    for name, n in names.items():
+        try:
+            prof = resolve_gi_profile(model, name)
+        except ProfileError:
+            raise ProfileError(f"unknown MIG profile '{name}' for the {disp}; valid: "
+                               + ", ".join(p.name for p in geom.gi_profiles), model=model.id, profile=name) from None
+        if prof.id in counts:
+            raise ProfileError(f"'{written[prof.id]}' and '{name}' both name {prof.name} on the {disp}; list it "
+                               "once with the total count", model=model.id)
+        if n <= 0:
+            raise ProfileError(f"the count of {prof.name} must be at least 1 (got {n})", model=model.id)
+        counts[prof.id] = n
+        written[prof.id] = name
+    reason = mig_problem(geom, counts, disp)
+    if reason:
+        alts = nearest_mig_layouts(geom, counts)
+        raise ProfileError(reason + ("; valid: " + ", ".join(alts) if alts else ""), model=model.id)
+    return counts
+
+
+def mig_problem(geom: MigGeometry, counts: Mapping[int, int], gpu_name: str = "GPU") -> str | None:
+    """Why ``counts`` ({GI profile id: n}) does not fit one empty GPU, or None when it does."""
+    desc = describe_counts(geom, counts)
+    for pid, n in counts.items():
+        prof = geom.profile(pid)
+        if n > prof.max_instances:
+            return (f"{desc} exceeds the {gpu_name}'s limit of {prof.max_instances} {prof.name} "
+                    f"instance{'s' if prof.max_instances != 1 else ''}")
+    compute = sum(geom.profile(p).compute_slices * n for p, n in counts.items())
+    if compute > geom.compute_slices:
+        return f"{desc} needs {compute} compute slices, the {gpu_name} has {geom.compute_slices}"
+    memory = sum(geom.profile(p).memory_slices * n for p, n in counts.items())
+    if memory > geom.memory_slices:
+        return f"{desc} needs {memory} memory slices, the {gpu_name} has {geom.memory_slices}"
+    if not fits(geom, counts):
+        return (f"{desc} has no placement without overlapping memory slices on the {gpu_name} "
+                "(each profile may start only at its documented slices)")
+    return None
+
+
+_MULTISETS: dict[Any, list[Counter]] = {}
+
+
+def _valid_multisets(geom: MigGeometry) -> list[Counter]:
+    # catalogs are immutable; the profile table identifies the geometry (MigGeometry itself holds dicts)
+    key = (geom.memory_slices, geom.compute_slices, geom.gi_profiles)
+    if key not in _MULTISETS:
+        _MULTISETS[key] = all_valid_multisets(geom)
+    return _MULTISETS[key]
+
+
+def nearest_mig_layouts(geom: MigGeometry, counts: Mapping[int, int], limit: int = MAX_ALTERNATIVES) -> list[str]:
+    """Valid layouts closest to ``counts``, best first, as ``describe_counts`` strings.
+
+    Distance is the number of single-instance edits (remove, add, or swap one for another) turning the
+    request into the layout.  Among equally distant layouts the one whose compute and memory slices are
+    closest to the request's wins (a swap for a same-sized profile beats a swap for a bigger one), then a
+    sub-multiset of the request (it only drops instances), then the one using more compute.
+    """
+    req = Counter({p: n for p, n in counts.items() if n > 0})
+
+    def size(c: Counter) -> tuple[int, int]:
+        return (sum(geom.profile(p).compute_slices * n for p, n in c.items()),
+                sum(geom.profile(p).memory_slices * n for p, n in c.items()))
+
+    req_compute, req_memory = size(req)
+
+    def key(c: Counter) -> tuple:
+        removed = sum((req - c).values())
+        added = sum((c - req).values())
+        compute, memory = size(c)
+        return (max(removed, added), abs(compute - req_compute) + abs(memory - req_memory), added > 0,
+                -compute, describe_counts(geom, c))
+
+    ranked = sorted((c for c in _valid_multisets(geom) if c != req), key=key)
+    return [describe_counts(geom, c) for c in ranked[:limit]]
+
+
+# --- vGPU ----------------------------------------------------------------------------------------------------
+def _resolve_vgpu(entry: ProfileEntry, model: GpuModel,
+                  mig_counts: Mapping[int, int]) -> tuple[dict[int, int], bool]:
+    disp = model.display_name
+    spec = model.vgpu
+    if spec is None:
+        raise ProfileError(f"the {disp} has no NVIDIA vGPU types (asked for {_join_named(entry.vgpu)})",
+                           model=model.id)
+    chosen: list[tuple[VgpuType, int]] = []
+    written: dict[int, str] = {}
+    for ref, n in entry.vgpu.items():
+        try:
+            t = resolve_vgpu_type(model, ref)
+        except ProfileError:
+            raise ProfileError(f"unknown vGPU type '{ref}' for the {disp}; valid: "
+                               + ", ".join(t.name for t in spec.types), model=model.id, vgpu_type=ref) from None
+        if t.id in written:
+            raise ProfileError(f"'{written[t.id]}' and '{ref}' both name {t.name} ({t.sysfs_id}) on the {disp}; "
+                               "list it once with the total count", model=model.id)
+        if n <= 0:
+            raise ProfileError(f"the count of {t.name} must be at least 1 (got {n})", model=model.id)
+        written[t.id] = ref
+        chosen.append((t, n))
+    desc = " + ".join(f"{n}x {t.name}" if n > 1 else t.name for t, n in chosen)
+    backed = [(t, n) for t, n in chosen if t.mig_backed]
+    sliced = [(t, n) for t, n in chosen if not t.mig_backed]
+    if backed and sliced:
+        raise ProfileError(f"{desc} mixes time-sliced and MIG-backed vGPU types, which never share a GPU; "
+                           f"valid: {_vdesc(sliced)}, or {_vdesc(backed)}", model=model.id)
+    mixed_mode = spec.policy == "mixed-size"
+    for t, n in chosen:
+        cap = t.mixed_size_max if mixed_mode and t.mixed_size_max is not None else t.max_instances
+        if n > cap:
+            raise ProfileError(f"{n}x {t.name} exceeds the {disp}'s maximum of {cap} {t.name} vGPUs; "
+                               f"valid: {cap}x {t.name}", model=model.id)
+    total = sum(n for _, n in chosen)
+    if backed and entry.mig_enabled is False:
+        raise ProfileError(f"MIG-backed vGPU types ({_vdesc(backed)}) need MIG mode on, the entry sets "
+                           "mig_enabled: false", model=model.id)
+    if backed:
+        need: Counter = Counter()
+        for t, n in backed:
+            need[t.gpu_instance_profile_id] += n
+        assert model.mig is not None
+        for gi_pid, n in need.items():
+            have = mig_counts.get(gi_pid, 0)   # type: ignore[arg-type]
+            if n > have:
+                prof = model.mig.profile(gi_pid)  # type: ignore[arg-type]
+                alt = f"add {prof.name}={n} to its MIG part" + (f", or ask for at most {have}" if have else "")
+                raise ProfileError(f"{desc} needs {n} GPU instance{'s' if n != 1 else ''} of {prof.name} (one vGPU "
+                                   f"per GPU instance), the entry creates {have}; valid: {alt}", model=model.id)
+    elif spec.policy == "same-type" and len(sliced) > 1:
+        raise ProfileError(f"the {disp} runs one vGPU type at a time (same-type policy), the entry asks for "
+                           f"{desc}; valid: " + ", ".join(_vdesc([c]) for c in sliced), model=model.id)
+    elif spec.policy == "same-size":
+        sizes = sorted({t.framebuffer_mib for t, _ in sliced})
+        if len(sizes) > 1:
+            groups = [[(t, n) for t, n in sliced if t.framebuffer_mib == s] for s in sizes]
+            raise ProfileError(f"the {disp} runs vGPU types of one framebuffer size at a time (same-size policy), "
+                               f"{desc} mixes " + " and ".join(f"{s} MiB" for s in sizes)
+                               + "; valid: " + ", ".join(_vdesc(g) for g in groups), model=model.id)
+        cap = min(t.max_instances for t, _ in sliced)
+        if total > cap:
+            alt = f"{cap}x {sliced[0][0].name}" if len(sliced) == 1 else f"at most {cap} of them in total"
+            raise ProfileError(f"{desc} is {total} vGPUs of {sizes[0]} MiB, the {disp} holds at most {cap}; "
+                               f"valid: {alt}", model=model.id)
+    elif mixed_mode:
+        fb = sum(t.framebuffer_mib * n for t, n in sliced)
+        if fb > model.memory_mib:
+            raise ProfileError(f"{desc} needs {fb} MiB of framebuffer, the {disp} has {model.memory_mib} MiB; "
+                               "valid: " + ", ".join(_vdesc([(t, min(n, model.memory_mib // t.framebuffer_mib))])
+                                                      for t, n in sliced), model=model.id)
+    if spec.parent == "vf":
+        if model.sriov is None:
+            raise ProfileError(f"the {disp} hosts vGPUs on SR-IOV VFs but the catalog gives it none",
+                               model=model.id)
+        vfs = entry.sriov_vfs if entry.sriov_vfs is not None else model.sriov.total_vfs
+        if total > vfs:
+            where = "the entry enables" if entry.sriov_vfs is not None else f"the {disp} has"
+            raise ProfileError(f"{desc} needs {total} VFs (each VF hosts one vGPU), {where} {vfs}; "
+                               f"valid: at most {vfs} vGPUs", model=model.id)
+    return {t.id: n for t, n in chosen}, bool(backed)
+
+
+def _vdesc(items: Sequence[tuple[VgpuType, int]]) -> str:
+    return " + ".join(f"{n}x {t.name}" if n > 1 else t.name for t, n in items)
+
+
+# --- generic mdev ----------------------------------------------------------------------------------------------
+def _registered(spec: MdevDriverSpec) -> list[MdevPoolType]:
+    # a driver does not offer a type one instance of which exceeds the whole pool (GVT-g)
+    return [t for t in spec.types if all(spec.pool.get(r, 0) >= c for r, c in t.cost.items())]
+
+
+def find_mdev_type(spec: MdevDriverSpec, ref: str) -> MdevPoolType | None:
+    want = ref.strip().lower()
+    for t in spec.types:
+        if want in (spec.type_dir(t).lower(), t.sysfs_name.lower(), (t.name or "").lower()):
+            return t
+    return None
+
+
+def _resolve_mdev(refs: Mapping[str, int], model: GpuModel) -> dict[str, int]:
+    disp = model.display_name
+    spec = model.mdev
+    if spec is None:
+        raise ProfileError(f"the {disp} has no generic mdev types (asked for {_join_named(refs)})", model=model.id)
+    offered = _registered(spec)
+    valid = ", ".join(spec.type_dir(t) for t in offered)
+    chosen: list[tuple[MdevPoolType, int]] = []
+    for ref, n in refs.items():
+        t = find_mdev_type(spec, ref)
+        if t is None:
+            raise ProfileError(f"unknown mdev type '{ref}' for the {disp}; valid: {valid}", model=model.id)
+        if t not in offered:
+            raise ProfileError(f"the {disp} does not offer {spec.type_dir(t)} (one instance needs more than its "
+                               f"whole pool); valid: {valid}", model=model.id)
+        if any(c is t for c, _ in chosen):
+            raise ProfileError(f"mdev type {spec.type_dir(t)} is listed twice", model=model.id)
+        if n <= 0:
+            raise ProfileError(f"the count of {spec.type_dir(t)} must be at least 1 (got {n})", model=model.id)
+        chosen.append((t, n))
+    for res, size in spec.pool.items():
+        used = sum(t.cost.get(res, 0) * n for t, n in chosen)
+        if used > size:
+            desc = " + ".join(f"{n}x {spec.type_dir(t)}" if n > 1 else spec.type_dir(t) for t, n in chosen)
+            alts = ", ".join(f"{_pool_max(spec, t)}x {spec.type_dir(t)}" for t, _ in chosen)
+            raise ProfileError(f"{desc} needs {used} {res} from a pool of {size} on the {disp}; valid: {alts}",
+                               model=model.id)
+    return {spec.type_dir(t): n for t, n in chosen}
+
+
+def _pool_max(spec: MdevDriverSpec, t: MdevPoolType) -> int:
+    return min(spec.pool.get(r, 0) // c for r, c in t.cost.items() if c > 0)
+
+
+# --- validation ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Check:
+    entry: int          # index into spec.entries
+    model: str          # catalog id
+    layout: Layout
+
+
+@dataclass
+class ValidationReport:
+    checks: list[Check] = field(default_factory=list)
+    unmatched_filters: list[tuple[int, str]] = field(default_factory=list)   # (entry, filter) naming no model
+
+    @property
+    def models(self) -> list[str]:
+        return sorted({c.model for c in self.checks})
+
+    def warnings(self) -> list[str]:
+        return [f"entry {i + 1}: device filter {f} matches no GPU model in the catalog; it was not validated"
+                for i, f in self.unmatched_filters]
+
+
+def _model_pool(models: Catalog | Iterable[GpuModel] | None) -> list[GpuModel]:
+    if models is None:
+        models = load_catalog()
+    if isinstance(models, Catalog):
+        return [models.models[k] for k in models.ids()]
+    return list(models)
+
+
+def _could_meet(entry: ProfileEntry, model: GpuModel) -> bool:
+    """Whether ``entry`` means anything on ``model`` (every name it uses exists there)."""
+    if entry.mig or entry.mig_enabled is not None:
+        if model.mig is None:
+            return False
+        for name in entry.mig:
+            try:
+                resolve_gi_profile(model, name)
+            except ProfileError:
+                return False
+    if entry.vgpu:
+        if model.vgpu is None:
+            return False
+        for ref in entry.vgpu:
+            try:
+                resolve_vgpu_type(model, ref)
+            except ProfileError:
+                return False
+    if entry.mdev:
+        if model.mdev is None or any(find_mdev_type(model.mdev, r) is None for r in entry.mdev):
+            return False
+    if entry.sriov_vfs is not None and model.sriov is None:
+        return False
+    return True
+
+
+def _nobody_has(entry: ProfileEntry, pool: Sequence[GpuModel]) -> str:
+    """The first name of ``entry`` that no model knows (for the error when an entry can meet no model)."""
+    for name in entry.mig:
+        if not any(_could_meet(ProfileEntry(mig={name: 1}), m) for m in pool):
+            return f"no GPU model in the catalog has a MIG profile named '{name}'"
+    for ref in entry.vgpu:
+        if not any(_could_meet(ProfileEntry(vgpu={ref: 1}), m) for m in pool):
+            return f"no GPU model in the catalog has a vGPU type '{ref}'"
+    for ref in entry.mdev:
+        if not any(_could_meet(ProfileEntry(mdev={ref: 1}), m) for m in pool):
+            return f"no GPU model in the catalog has an mdev type '{ref}'"
+    return f"no GPU model in the catalog supports all of it ({entry.describe()})"
+
+
+def candidate_models(spec: ProfileSpec, index: int, pool: Sequence[GpuModel]) -> tuple[list[GpuModel], list[str]]:
+    """Models entry ``index`` must be valid on, and its device filters that name no known model.
+
+    The spec's model if it has one; else the models its device filters name; else every model on which
+    every name of the entry exists (a MIG entry naming ``1g.5gb`` can meet an A100-40GB, not an H100, whose
+    1-slice profile is ``1g.10gb``; resolve() rejects it there at apply time), preferring the models that
+    know the MIG names exactly over those that match only through the memory-rounding tolerance.
+    """
+    entry = spec.entries[index]
+    label = _entry_label(spec, index)
+    if spec.model:
+        want = spec.model.strip().lower()
+        m = next((m for m in pool if m.id == want), None) or next(
+            (m for m in pool if want == m.display_name.lower() or want in (a.lower() for a in m.aliases)), None)
+        if m is None:
+            raise ProfileError(f"profile '{spec.name}' is for model '{spec.model}', which the catalog does not know")
+        if not entry.matches_model(m):
+            raise ProfileError(f"{label}: device filter {','.join(entry.device_filter)} does not match the "
+                               f"{m.display_name}, the model the profile is for")
+        return [m], []
+    if entry.device_filter:
+        ms = [m for m in pool if entry.matches_model(m)]
+        unknown = [f for f in entry.device_filter
+                   if not any(ProfileEntry(device_filter=(f,), mig_enabled=False).matches_model(m) for m in pool)]
+        return ms, unknown
+    ms = [m for m in pool if _could_meet(entry, m)]
+    if not ms:
+        raise ProfileError(f"{label}: {_nobody_has(entry, pool)}")
+    # MIG names are written for a board: keep the models that know most of them by their exact name, so
+    # that "1g.5gb" means the A100-40GB and not, through the rounding tolerance, the A30's 1g.6gb; a
+    # name only some driver prints (7g.79gb) still finds its models through the tolerance
+    exact = {m.id: _exact_mig_names(entry, m) for m in ms}
+    best = max(exact.values())
+    return [m for m in ms if exact[m.id] == best], []
+
+
+def _exact_mig_names(entry: ProfileEntry, model: GpuModel) -> int:
+    if model.mig is None:
+        return 0
+    names = {p.name for p in model.mig.gi_profiles}
+    return sum(1 for n in entry.mig if n.strip().lower() in names)
+
+
+def _entry_label(spec: ProfileSpec, index: int) -> str:
+    return f"profile '{spec.name}'" + (f" entry {index + 1}" if len(spec.entries) > 1 else "")
+
+
+def validate(spec: ProfileSpec, models: Catalog | Iterable[GpuModel] | None = None) -> ValidationReport:
+    """Resolve every entry on every model it can apply to (see :func:`candidate_models`).
+
+    ``models`` is the universe to pick from (default: the packaged catalog); passing a list restricts the
+    check to those models.  Raises ProfileError naming the profile (and entry) on the first problem.
+    """
+    pool = _model_pool(models)
+    report = ValidationReport()
+    for i, entry in enumerate(spec.entries):
+        ms, unknown = candidate_models(spec, i, pool)
+        report.unmatched_filters.extend((i, f) for f in unknown)
+        for m in ms:
+            try:
+                layout = resolve(entry, m)
+            except ProfileError as exc:
+                raise ProfileError(f"{_entry_label(spec, i)}: {exc.message}",
+                                   **{**exc.context, "profile": spec.name}) from None
+            report.checks.append(Check(i, m.id, layout))
+    return report
+
+
+# --- documents: reading ----------------------------------------------------------------------------------------
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys: YAML would silently keep the last one, dropping a config."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:  # type: ignore[override]
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                dup = key in seen
+            except TypeError:
+                dup = False
+            if dup:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            try:
+                seen.add(key)
+            except TypeError:
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
+Locate = Callable[[Sequence[Any]], str]
+
+
+class _Bad(Exception):
+    """A problem at a path inside a document; turned into a ProfileError with file and line."""
+
+    def __init__(self, path: Sequence[Any], message: str) -> None:
+        super().__init__(message)
+        self.path = tuple(path)
+        self.message = message
+
+
+def _line_locator(text: str, filename: str) -> Locate:
+    def locate(path: Sequence[Any]) -> str:
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError:
+            return filename
+        mark = node.start_mark if node is not None else None
+        for step in path:
+            nxt = None
+            if isinstance(node, yaml.MappingNode):
+                for k, v in node.value:
+                    if isinstance(k, yaml.ScalarNode) and k.value == str(step):
+                        nxt, mark = v, k.start_mark
+                        break
+            elif isinstance(node, yaml.SequenceNode) and isinstance(step, int) and step < len(node.value):
+                nxt = node.value[step]
+                mark = nxt.start_mark
+            if nxt is None:
+                break
+            node = nxt
+        return f"{filename}:{mark.line + 1}" if mark is not None else filename
+    return locate
+
+
+def load_yaml(text: str, filename: str) -> Any:
+    """Parse YAML; errors name the file, line and column."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{filename}:{mark.line + 1}:{mark.column + 1}" if mark else filename
+        problem = exc.problem or exc.context or "syntax error"
+        raise ProfileError(f"{where}: not valid YAML: {problem}", file=filename) from None
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"{filename}: not valid YAML: {exc}", file=filename) from None
+
+
+def _run(fn: Callable[[], list[ProfileSpec]], source: str, locate: Locate | None) -> list[ProfileSpec]:
+    try:
+        return fn()
+    except _Bad as bad:
+        where = locate(bad.path) if locate else source
+        raise ProfileError(f"{where}: {bad.message}", file=source) from None
+
+
+def _top(doc: Any, key: str, allowed: set[str], version_required: bool) -> Mapping[str, Any]:
+    if not isinstance(doc, Mapping):
+        raise _Bad((), "expected a mapping at the top of the document")
+    unknown = set(doc) - allowed
+    if unknown:
+        raise _Bad((sorted(map(str, unknown))[0],), f"unknown field(s) {', '.join(sorted(map(str, unknown)))} "
+                   f"(known: {', '.join(sorted(allowed))})")
+    if version_required and "version" not in doc:
+        raise _Bad((), "missing 'version: v1'")
+    if "version" in doc and doc["version"] != "v1":
+        raise _Bad(("version",), f"unknown version {doc['version']!r} (expected v1)")
+    configs = doc.get(key)
+    if not isinstance(configs, Mapping) or not configs:
+        raise _Bad((key,), f"'{key}' must be a non-empty mapping of config names to entry lists")
+    return configs
+
+
+def _config_entries(configs: Mapping[str, Any], key: str, name: Any) -> list[Any]:
+    if isinstance(name, bool) or not isinstance(name, (str, int)) or not NAME_RE.fullmatch(str(name)):
+        raise _Bad((key, name), f"{key} name {name!r} is not usable as a profile name (1-128 letters, digits, "
+                                "'.', '_' or '-')")
+    entries = configs[name]
+    if not isinstance(entries, list) or not entries:
+        raise _Bad((key, name), f"{key} '{name}' must be a non-empty list of entries")
+    return entries
+
+
+def _tool_counts(path: Sequence[Any], what: str, value: Any) -> dict[str, int]:
+    """mig-devices / vgpu-devices: counts >= 0 are allowed and zeros mean 'none of these' (dropped)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _Bad(path, f"{what} must be a mapping of NAME: COUNT")
+    out: dict[str, int] = {}
+    for k, n in value.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise _Bad(list(path) + [k], f"{what}: the count of '{k}' must be a whole number >= 0, not {n!r}")
+        if n:
+            out[str(k)] = n
+    if value and not out:
+        raise _Bad(path, f"every count in {what} is 0; use {{}} for none")
+    return out
+
+
+def from_mig_parted(doc: Any, source: str = "mig-parted", *, locate: Locate | None = None) -> list[ProfileSpec]:
+    """mig-parted v1 ``mig-configs``: every named config becomes one profile; entries keep their device
+    filters and GPU indices.  Field rules follow mig-parted's own checks (formats.md section 1.1)."""
+    def run() -> list[ProfileSpec]:
+        configs = _top(doc, "mig-configs", {"version", "mig-configs"}, True)
+        specs = []
+        for name in configs:
+            entries = []
+            for i, e in enumerate(_config_entries(configs, "mig-configs", name)):
+                path = ("mig-configs", name, i)
+                label = f"mig-configs '{name}' entry {i + 1}"
+                if not isinstance(e, Mapping):
+                    raise _Bad(path, f"{label} must be a mapping")
+                unknown = set(e) - {"device-filter", "devices", "mig-enabled", "mig-devices"}
+                if unknown:
+                    raise _Bad(path, f"{label}: unknown field(s) {', '.join(sorted(map(str, unknown)))} "
+                               "(known: device-filter, devices, mig-enabled, mig-devices)")
+                if "devices" not in e:
+                    raise _Bad(path, f"{label}: devices is required ('all' or a list of GPU indices)")
+                if not isinstance(e.get("mig-enabled"), bool):
+                    raise _Bad(path, f"{label}: mig-enabled is required (true or false)")
+                enabled = e["mig-enabled"]
+                if enabled and "mig-devices" not in e:
+                    raise _Bad(path, f"{label}: mig-devices is required when mig-enabled is true (use {{}} for "
+                               "no instances)")
+                if not enabled and e.get("mig-devices"):
+                    raise _Bad(path + ("mig-devices",), f"{label}: mig-devices must be empty when mig-enabled is "
+                               "false")
+                counts = _tool_counts(path + ("mig-devices",), "mig-devices", e.get("mig-devices"))
+                try:
+                    entries.append(ProfileEntry(device_filter=e.get("device-filter"), devices=e["devices"],
+                                                mig_enabled=enabled, mig=counts))
+                except ProfileError as exc:
+                    raise _Bad(path, f"{label}: {exc.message}") from None
+            specs.append(ProfileSpec(name=str(name), entries=tuple(entries), source=source))
+        return specs
+    return _run(run, source, locate)
+
+
+def from_vgpu_dm(doc: Any, source: str = "vgpu-device-manager", *, locate: Locate | None = None) -> list[ProfileSpec]:
+    """vgpu-device-manager v1 ``vgpu-configs``: every named config becomes one profile."""
+    def run() -> list[ProfileSpec]:
+        configs = _top(doc, "vgpu-configs", {"version", "vgpu-configs"}, True)
+        specs = []
+        for name in configs:
+            entries = []
+            for i, e in enumerate(_config_entries(configs, "vgpu-configs", name)):
+                path = ("vgpu-configs", name, i)
+                label = f"vgpu-configs '{name}' entry {i + 1}"
+                if not isinstance(e, Mapping):
+                    raise _Bad(path, f"{label} must be a mapping with devices and vgpu-devices")
+                unknown = set(e) - {"device-filter", "devices", "vgpu-devices"}
+                if unknown:
+                    raise _Bad(path, f"{label}: unknown field(s) {', '.join(sorted(map(str, unknown)))} "
+                               "(known: device-filter, devices, vgpu-devices)")
+                if "devices" not in e:
+                    raise _Bad(path, f"{label}: devices is required ('all' or a list of GPU indices)")
+                if "vgpu-devices" not in e:
+                    raise _Bad(path, f"{label}: vgpu-devices is required (a mapping of vGPU type: count)")
+                counts = _tool_counts(path + ("vgpu-devices",), "vgpu-devices", e["vgpu-devices"])
+                if not counts:
+                    # an empty entry would carry no intent gpuvirt can store; removing vGPUs is done by
+                    # giving the GPU another profile
+                    raise _Bad(path + ("vgpu-devices",), f"{label}: vgpu-devices lists no vGPU type")
+                try:
+                    entries.append(ProfileEntry(device_filter=e.get("device-filter"), devices=e["devices"],
+                                                vgpu=counts))
+                except ProfileError as exc:
+                    raise _Bad(path, f"{label}: {exc.message}") from None
+            specs.append(ProfileSpec(name=str(name), entries=tuple(entries), source=source))
+        return specs
+    return _run(run, source, locate)
+
+
+_PROFILE_KEYS = ("name", "description", "model", "entries")
+
+
+def _gv_counts(value: Any) -> Any:
+    # YAML reads an unquoted numeric vGPU type id (745: 2) as an integer key; it is meant as a name
+    if isinstance(value, Mapping):
+        return {(str(k) if isinstance(k, int) and not isinstance(k, bool) else k): n for k, n in value.items()}
+    return value
+
+
+def _gv_entry(path: Sequence[Any], label: str, d: Mapping[str, Any]) -> ProfileEntry:
+    unknown = set(d) - set(_ENTRY_KEYS)
+    if unknown:
+        raise _Bad(path, f"{label}: unknown field(s) {', '.join(sorted(map(str, unknown)))} "
+                   f"(known: {', '.join(_ENTRY_KEYS)})")
+    try:
+        return ProfileEntry(device_filter=d.get("device_filter"), devices=d.get("devices", "all"),
+                            mig_enabled=d.get("mig_enabled"), mig=_gv_counts(d.get("mig")),
+                            vgpu=_gv_counts(d.get("vgpu")), mdev=_gv_counts(d.get("mdev")),
+                            sriov_vfs=d.get("sriov_vfs"))
+    except ProfileError as exc:
+        raise _Bad(path, f"{label}: {exc.message}") from None
+
+
+def _gv_profile(path: Sequence[Any], d: Any, source: str, default_name: str | None) -> ProfileSpec:
+    if not isinstance(d, Mapping):
+        raise _Bad(path, "a profile must be a mapping")
+    name = d.get("name", default_name)
+    label = f"profile '{name}'" if name else "profile"
+    unknown = set(d) - set(_PROFILE_KEYS) - set(_ENTRY_KEYS)
+    if unknown:
+        raise _Bad(path, f"{label}: unknown field(s) {', '.join(sorted(map(str, unknown)))} "
+                   f"(known: {', '.join(_PROFILE_KEYS + _ENTRY_KEYS)})")
+    if name is None:
+        raise _Bad(path, "profile without a name")
+    try:
+        check_name(name)
+    except ProfileError as exc:
+        raise _Bad(list(path) + ["name"], exc.message) from None
+    for k in ("description", "model"):
+        if d.get(k) is not None and not isinstance(d[k], str):
+            raise _Bad(list(path) + [k], f"{label}: {k} must be a string")
+    short = {k: d[k] for k in _ENTRY_KEYS if k in d}
+    if "entries" in d:
+        if short:
+            raise _Bad(path, f"{label}: give either entries or the short form ({', '.join(sorted(short))}), "
+                       "not both")
+        raw = d["entries"]
+        if not isinstance(raw, list) or not raw:
+            raise _Bad(list(path) + ["entries"], f"{label}: entries must be a non-empty list")
+        entries = []
+        for i, e in enumerate(raw):
+            if not isinstance(e, Mapping):
+                raise _Bad(list(path) + ["entries", i], f"{label} entry {i + 1} must be a mapping")
+            entries.append(_gv_entry(list(path) + ["entries", i], f"{label} entry {i + 1}", e))
+    else:
+        entries = [_gv_entry(path, label, short)]
+    return ProfileSpec(name=name, description=d.get("description"), model=d.get("model"), entries=tuple(entries),
+                       source=source)
+
+
+def from_gpuvirt(doc: Any, source: str = "file", *, default_name: str | None = None,
+                 locate: Locate | None = None) -> list[ProfileSpec]:
+    """gpuvirt's format: one profile mapping, or ``{version: 1, profiles: [...]}``."""
+    def run() -> list[ProfileSpec]:
+        if not isinstance(doc, Mapping):
+            raise _Bad((), "expected a mapping at the top of the document")
+        if "profiles" in doc:
+            unknown = set(doc) - {"version", "profiles"}
+            if unknown:
+                raise _Bad((), f"unknown field(s) {', '.join(sorted(map(str, unknown)))} next to profiles "
+                           "(known: version, profiles)")
+            if "version" in doc and doc["version"] != 1:
+                raise _Bad(("version",), f"unknown version {doc['version']!r} (expected 1)")
+            raw = doc["profiles"]
+            if not isinstance(raw, list) or not raw:
+                raise _Bad(("profiles",), "profiles must be a non-empty list")
+            specs = [_gv_profile(("profiles", i), p, source, None) for i, p in enumerate(raw)]
+            seen: set[str] = set()
+            for i, s in enumerate(specs):
+                if s.name in seen:
+                    raise _Bad(("profiles", i), f"profile '{s.name}' is defined twice")
+                seen.add(s.name)
+            return specs
+        body = {k: v for k, v in doc.items() if k != "version"}
+        if "version" in doc and doc["version"] != 1:
+            raise _Bad(("version",), f"unknown version {doc['version']!r} (expected 1)")
+        return [_gv_profile((), body, source, default_name)]
+    return _run(run, source, locate)
+
+
+def detect_format(doc: Any) -> str:
+    """``mig-parted`` | ``vgpu-device-manager`` | ``gpuvirt``."""
+    if isinstance(doc, Mapping):
+        if "mig-configs" in doc:
+            return "mig-parted"
+        if "vgpu-configs" in doc:
+            return "vgpu-device-manager"
+    return "gpuvirt"
+
+
+def parse_profiles(text: str, filename: str, *, source: str | None = None,
+                   default_name: str | None = None) -> tuple[str, list[ProfileSpec]]:
+    """Parse a profile document of any supported format: (format, specs).  Errors carry file and line."""
+    doc = load_yaml(text, filename)
+    if doc is None:
+        raise ProfileError(f"{filename}: the file is empty", file=filename)
+    fmt = detect_format(doc)
+    locate = _line_locator(text, filename)
+    src = source or f"{fmt}:{filename}"
+    if fmt == "mig-parted":
+        return fmt, from_mig_parted(doc, src, locate=locate)
+    if fmt == "vgpu-device-manager":
+        return fmt, from_vgpu_dm(doc, src, locate=locate)
+    return fmt, from_gpuvirt(doc, src, default_name=default_name, locate=locate)
+
+
+# --- documents: writing ----------------------------------------------------------------------------------------
+def _entry_yaml(e: ProfileEntry) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if e.device_filter:
+        out["device_filter"] = e.device_filter[0] if len(e.device_filter) == 1 else list(e.device_filter)
+    if e.devices != "all":
+        out["devices"] = list(e.devices)
+    if e.mig_enabled is not None and not e.mig:     # instances imply MIG mode on
+        out["mig_enabled"] = e.mig_enabled
+    for k in ("mig", "vgpu", "mdev"):
+        if getattr(e, k):
+            out[k] = dict(getattr(e, k))
+    if e.sriov_vfs is not None:
+        out["sriov_vfs"] = e.sriov_vfs
+    return out
+
+
+def to_gpuvirt(specs: Iterable[ProfileSpec]) -> dict[str, Any]:
+    """gpuvirt format document; one-entry profiles for every GPU use the short form."""
+    out = []
+    for s in specs:
+        d: dict[str, Any] = {"name": s.name}
+        if s.description:
+            d["description"] = s.description
+        if s.model:
+            d["model"] = s.model
+        if len(s.entries) == 1 and not s.entries[0].device_filter and s.entries[0].devices == "all":
+            d.update(_entry_yaml(s.entries[0]))
+        else:
+            d["entries"] = [_entry_yaml(e) for e in s.entries]
+        out.append(d)
+    return {"version": 1, "profiles": out}
+
+
+def model_filters(model: GpuModel) -> tuple[str, ...]:
+    """Every ``0xDDDDVVVV`` device filter of a model's board family (main device id first)."""
+    if model.vendor_id is None or model.device_id is None:
+        return ()
+    return tuple(f"0x{d:04X}{model.vendor_id:04X}" for d in [model.device_id, *m_extra_device_ids(model)])
+
+
+def to_mig_parted(specs: Iterable[ProfileSpec], catalog: Catalog | None = None) -> dict[str, Any]:
+    """mig-parted v1 document holding the MIG profiles; other kinds have no mig-parted form.
+
+    mig-parted has no notion of a profile's model: a profile pinned to a model gets that model's PCI ids
+    as ``device-filter`` on entries without one, which is how mig-parted configs target a board.
+    """
+    configs: dict[str, Any] = {}
+    for s in specs:
+        if s.kind != "mig":
+            raise ProfileError(f"profile '{s.name}' is a {s.kind} profile; mig-parted configs hold MIG layouts only")
+        pinned = model_filters((catalog or load_catalog()).get(s.model)) if s.model else ()
+        entries = []
+        for e in s.entries:
+            d: dict[str, Any] = {}
+            filters = e.device_filter or pinned
+            if filters:
+                d["device-filter"] = filters[0] if len(filters) == 1 else list(filters)
+            d["devices"] = "all" if e.devices == "all" else list(e.devices)
+            enabled = bool(e.mig) or bool(e.mig_enabled)
+            d["mig-enabled"] = enabled
+            if enabled:
+                d["mig-devices"] = dict(e.mig)
+            entries.append(d)
+        configs[s.name] = entries
+    return {"version": "v1", "mig-configs": configs}
+
+
+def dump_yaml(doc: Any) -> str:
+    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+__all__ = [
+    "Check", "KINDS", "Layout", "NAME_RE", "ProfileEntry", "ProfileSpec", "SPEC_FORMAT",
+    "ValidationReport", "candidate_models", "check_name", "detect_format", "dump_yaml", "find_mdev_type",
+    "from_gpuvirt", "from_mig_parted", "from_vgpu_dm", "load_yaml", "mig_problem", "model_filters",
+    "nearest_mig_layouts",
+    "normalise_filter", "parse_profiles", "resolve", "to_gpuvirt", "to_mig_parted", "validate",
+]
