@@ -408,15 +408,12 @@ def apply(ctx: Context, profile_name: str, selector: str, *, force: bool = False
 
     if not dry_run:
         ensure_stored(ctx, profile_name)  # a built-in profile becomes a row that GPUs can reference
-    view = hostview.snapshot(ctx)
-    targets = view.select(selector)
-    addresses = sorted(g.address for g in targets)
+    addresses = hostview.lock_addresses(ctx)
     allow_reset = ctx.settings.policies.get("reset_gpu", False) if reset_gpu is None else reset_gpu
     with contextlib.ExitStack() as locks:
         for a in addresses:
             locks.enter_context(gpu_lock(ctx, a))
-        if not dry_run:
-            view = hostview.snapshot(ctx)  # fresh picture now that nobody else can change these GPUs
+        view = hostview.snapshot(ctx)  # the picture apply works from: nobody else can change these GPUs now
         spec, plans = make_plans(ctx, profile_name, selector, force=force, view=view)
         blocked = [b for p in plans for b in p.blocked]
         if blocked:
@@ -458,7 +455,8 @@ def apply(ctx: Context, profile_name: str, selector: str, *, force: bool = False
         if progress:
             progress("done", total, total)
         with ctx.inventory.unit(write=True) as uow:
-            uow.event("apply", target=spec.name, detail={"gpus": addresses, "changed": len(result.applied),
+            uow.event("apply", target=spec.name, detail={"gpus": [p.gpu.address for p in plans],
+                                                          "changed": len(result.applied),
                                                           "pending_reset": result.pending_reset})
     if result.pending_reset:
         raise ResetRequiredError(

@@ -165,8 +165,15 @@ def build_view(doc: dict[str, Any]) -> HostView:
     return HostView(doc=doc, gpus=ordered)
 
 
-def snapshot(ctx: Context) -> HostView:
-    return build_view(host_discover(ctx.host))
+def snapshot(ctx: Context, *, nvml: bool = True) -> HostView:
+    """The host now.  ``nvml=False`` reads sysfs only: enough to know which devices exist (e.g. to take the
+    per-GPU locks in a fixed order) without the cost of querying every MIG profile."""
+    return build_view(host_discover(ctx.host, with_nvml=nvml))
+
+
+def lock_addresses(ctx: Context) -> list[str]:
+    """Every partitionable device of this host, in the fixed order locks are taken in."""
+    return sorted(g.address for g in snapshot(ctx, nvml=False).gpus)
 
 
 def record(ctx: Context, view: HostView, uow: Any) -> dict[str, Any]:

@@ -208,8 +208,7 @@ def _instance_dict(i: Any, on_host: bool) -> dict[str, Any]:
 
 def reconcile(ctx: Context, *, dry_run: bool = False, adopt: bool = False, only_parents: set[str] | None = None,
               actor: str | None = None) -> dict[str, Any]:
-    view = hostview.snapshot(ctx)
-    addresses = sorted(g.address for g in view.gpus)
+    addresses = hostview.lock_addresses(ctx)
     with contextlib.ExitStack() as locks:
         for a in addresses:
             locks.enter_context(gpu_lock(ctx, a))
