@@ -16,8 +16,9 @@ write                                  semantics (source: ../shared/reference, s
                                        catalog errno
 ``<PF>/sriov_numvfs``                  > total ERANGE; equal: no-op; change while enabled EBUSY; 0 disables
                                        (child mdevs go with their VFs)
-``<PF>/reset``                         applies a pending MIG mode; GPU/compute instances are lost; a GPU
-                                       held by clients or an open VF/mdev: EBUSY (UNVERIFIED)
+``<PF>/reset``                         anything but 1: EINVAL; applies a pending MIG mode; GPU/compute
+                                       instances are lost; a GPU held by clients or an open VF/mdev: EBUSY
+                                       (UNVERIFIED)
 =====================================  ===================================================================
 
 Anything else: ENOENT when the file does not exist, EACCES when it is a read-only attribute.
@@ -202,7 +203,7 @@ class SimKernel:
     # --- SR-IOV ----------------------------------------------------------------------------------------------------
     def _sriov(self, state: dict[str, Any], path: Any, pf_addr: str, data: str) -> None:
         value = _kstrtol(data)
-        if value is None or value < 0 or value > 0xFFFF:
+        if value is None or value < 0:           # kstrtou16; too large for u16 is > total below: ERANGE
             raise os_error(errno.EINVAL, path)
         try:
             dev, vf = self._device_for_parent(state, pf_addr)
@@ -231,10 +232,9 @@ class SimKernel:
     # --- GPU reset -------------------------------------------------------------------------------------------------
     def _reset(self, state: dict[str, Any], path: Any, addr: str, data: str) -> None:
         value = _kstrtol(data)
-        if value is None:
+        # pci reset_store: kstrtoul, then anything but 1 is EINVAL
+        if value is None or value != 1:
             raise os_error(errno.EINVAL, path)
-        if value != 1:
-            return
         try:
             dev, vf = self._device_for_parent(state, addr)
         except KeyError:
