@@ -1,6 +1,7 @@
-"""Placement services that need no host: ``gpuvirt plan --pack SPEC --model M``.
+"""Placement services behind ``gpuvirt plan --pack SPEC --model M`` (no host needed) and
+``gpuvirt plan --defrag --for PROFILE`` (reads the host, changes nothing).
 
-The answer is a plain dict so the CLI can print it as JSON unchanged; its shape is part of the CLI
+The --pack answer is a plain dict so the CLI can print it as JSON unchanged; its shape is part of the CLI
 contract (docs/placement.md):
 
     {"model": "a100-40gb",
@@ -20,6 +21,7 @@ from typing import Any
 
 from gpuvirt.errors import ProfileError, UsageError
 from gpuvirt.model.catalog import load_catalog, resolve_gi_profile
+from gpuvirt.model.mig import Placed
 from gpuvirt.model.planner import compute_lower_bound, pack
 
 _ITEM_RE = re.compile(r"^\s*(?P<name>[^=\s]+)\s*=\s*(?P<count>[^=]*?)\s*$")
@@ -65,3 +67,128 @@ def pack_plan(spec: str, model_id: str) -> dict[str, Any]:
         "gpu_count": len(gpus),
         "lower_bound": compute_lower_bound(geom, counts),
     }
+
+
+def defrag_plan(ctx: Any, profile_name: str, *, gpu_selector: str = "all",
+                include_allocated: bool = False) -> dict[str, Any]:
+    """``gpuvirt plan --defrag --for PROFILE``: the fewest instance moves on this host that make room for
+    one more GPU instance of ``profile_name`` on the selected GPUs.  Reads the host, changes nothing.
+
+    Instances gpuvirt did not create never move (they are not ours to destroy).  Instances allocated to a
+    VM, or carrying a MIG-backed vGPU, move only with ``include_allocated``.  Returns::
+
+        {"profile", "include_allocated", "fits_now", "impossible", "reason",
+         "target": {"gpu", "start", "profile", "profile_id"} | None,
+         "moves": [{"from": {"gpu", "start"}, "to": {"gpu", "start"}, "profile", "profile_id", "size",
+                    "instance_id", "allocated_to", "description"}, ...]}
+
+    ``moves`` is in execution order; every intermediate layout is legal.
+    """
+    from gpuvirt.inventory.models import ACTIVE, MIG
+    from gpuvirt.model.planner import GpuState, apply_moves, choose_placement, defrag_detailed
+    from gpuvirt.service import hostview
+
+    view = hostview.snapshot(ctx)
+    selected = [g for g in view.select(gpu_selector)
+                if g.mig_capable and g.mig_current and g.model is not None and g.model.mig is not None]
+    if not selected:
+        raise UsageError("no MIG-enabled GPU among the selected GPUs (apply a MIG profile first)")
+    resolved: dict[str, Any] = {}
+    first_error: ProfileError | None = None
+    for g in selected:
+        try:
+            resolved[g.address] = resolve_gi_profile(g.model, profile_name)
+        except ProfileError as exc:
+            first_error = first_error or exc
+    if not resolved:
+        assert first_error is not None
+        raise first_error
+
+    with ctx.inventory.unit(write=True, action="plan") as uow:
+        rows = hostview.record(ctx, view, uow)
+        host_rows = uow.instances(ctx.settings.host_id)
+        backing = {r.backing_instance_id for r in host_rows if r.backing_instance_id is not None}
+        info: dict[tuple[str, Placed], dict[str, Any]] = {}
+        pinned: dict[str, set[Placed]] = {}
+        for g in selected:
+            ours: dict[tuple, Any] = {}
+            for r in host_rows:
+                if r.gpu_id == rows[g.address].id and r.kind == MIG:
+                    key = (r.profile_id, r.placement_start)
+                    if key not in ours or r.state == ACTIVE:
+                        ours[key] = r
+            pinned[g.address] = set()
+            for p in g.layout():
+                row = ours.get((p.profile_id, p.start))
+                in_use = row is not None and (row.allocation is not None or row.id in backing)
+                info[(g.address, p)] = {
+                    "instance_id": row.id if row else None,
+                    "allocated_to": row.allocation.vm_name if row is not None and row.allocation else None,
+                    "backs_vgpu": row is not None and row.id in backing,
+                }
+                # foreign instances, and ours half-way through a create/destroy, never move
+                if row is None or row.state != ACTIVE or (in_use and not include_allocated):
+                    pinned[g.address].add(p)
+
+    policy = ctx.settings.policies.get("mig_placement", "frag-aware")
+    labels = {g.address: g.label for g in selected}
+    best: tuple[list[Any], list[GpuState], int] | None = None
+    complete = True
+    # one search per profile id: on a mixed host the same name can map to different ids per model
+    for pid in sorted({p.id for p in resolved.values()}):
+        gpus = [GpuState(g.address, g.model.mig, tuple(sorted(g.layout())), frozenset(pinned[g.address]))
+                for g in selected if g.address in resolved and resolved[g.address].id == pid]
+        res = defrag_detailed(gpus, pid)
+        complete &= res.complete
+        if res.moves is not None and (best is None or len(res.moves) < len(best[0])):
+            best = (res.moves, gpus, pid)
+
+    doc: dict[str, Any] = {"profile": profile_name, "include_allocated": include_allocated, "fits_now": False,
+                           "impossible": False, "reason": None, "target": None, "moves": []}
+    if best is None:
+        doc["impossible"] = True
+        doc["reason"] = (_why_no_room(selected, resolved, pinned, include_allocated) if complete else
+                         "the search gave up after its node limit (too many instances to search exhaustively); "
+                         "select fewer GPUs with --gpu")
+        return doc
+    moves, gpus, pid = best
+    after = apply_moves(gpus, moves)
+    d = choose_placement(after, pid, policy)
+    assert d is not None    # defrag only answers with a sequence after which the profile fits
+    prof = next(g for g in selected if g.address == d.gpu_key).model.mig.profile(pid)
+    doc["fits_now"] = not moves
+    doc["target"] = {"gpu": d.gpu_key, "start": d.start, "profile": prof.name, "profile_id": pid}
+    for mv in moves:
+        geom = next(g for g in gpus if g.key == mv.src_gpu).geometry
+        name = geom.profile(mv.instance.profile_id).name
+        meta = info.get((mv.src_gpu, mv.instance), {})
+        owner = f" (allocated to VM {meta['allocated_to']})" if meta.get("allocated_to") else ""
+        doc["moves"].append({
+            "from": {"gpu": mv.src_gpu, "start": mv.instance.start},
+            "to": {"gpu": mv.dst_gpu, "start": mv.dst_start},
+            "profile": name, "profile_id": mv.instance.profile_id, "size": mv.instance.size,
+            "instance_id": meta.get("instance_id"), "allocated_to": meta.get("allocated_to"),
+            "description": (f"move {name} on {labels[mv.src_gpu]} from start {mv.instance.start} to start "
+                            f"{mv.dst_start}{owner}" if mv.src_gpu == mv.dst_gpu else
+                            f"move {name} from {labels[mv.src_gpu]} start {mv.instance.start} to "
+                            f"{labels[mv.dst_gpu]} start {mv.dst_start}{owner}"),
+        })
+        # a later move of the same instance must find its metadata under its new place
+        info[(mv.dst_gpu, mv.dst)] = meta
+    return doc
+
+
+def _why_no_room(selected: list[Any], resolved: dict[str, Any], pinned: dict[str, set[Placed]],
+                 include_allocated: bool) -> str:
+    from gpuvirt.model.mig import compute_used
+
+    need = min(p.compute_slices for p in resolved.values())
+    free = sum(g.model.mig.compute_slices - compute_used(g.model.mig, g.layout())
+               for g in selected if g.address in resolved)
+    if free < need:
+        return f"only {free} free compute slice(s) on the selected GPUs; the profile needs {need}"
+    if any(pinned.values()) and not include_allocated:
+        return ("instances allocated to VMs (or not created by gpuvirt) are in the way; "
+                "--include-allocated lets allocated ones move")
+    return ("no sequence of single-instance moves reaches a layout with room (no free slot to move the first "
+            "instance to); rebuilding a GPU would be needed")
