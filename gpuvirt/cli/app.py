@@ -6,43 +6,15 @@ line ``gpuvirt: error: <message>`` on stderr and the error's exit status; ``--de
 
 from __future__ import annotations
 
-import os
 import sys
-import traceback
 from typing import Any, Optional
 
 import typer
 from typer.core import TyperGroup
 
-from gpuvirt.errors import GpuvirtError
 
-try:  # typer >= 0.20 vendors click; its usage errors derive from TyperException
-    from typer.exceptions import TyperException as _UsageBase
-except ImportError:  # pragma: no cover - older typer on plain click
-    from click.exceptions import ClickException as _UsageBase  # type: ignore[no-redef]
-
-
-def _debug_requested(args: list[str] | None) -> bool:
-    return "--debug" in (args or []) or os.environ.get("GPUVIRT_DEBUG") == "1"
-
-
-def report_error(exc: BaseException, debug: bool) -> int:
-    if debug:
-        traceback.print_exception(exc, file=sys.stderr)
-    if isinstance(exc, GpuvirtError):
-        msg, code = str(exc), exc.exit_code
-    elif isinstance(exc, _UsageBase):
-        msg, code = exc.format_message(), getattr(exc, "exit_code", 2)
-    elif isinstance(exc, (typer.Abort, KeyboardInterrupt)) or type(exc).__name__ == "Abort":
-        msg, code = "aborted", 130 if isinstance(exc, KeyboardInterrupt) else 1
-    else:
-        msg = f"internal error: {type(exc).__name__}: {exc}"
-        if not debug:
-            msg += " (run with --debug for the traceback)"
-        code = 1
-    line = " ".join(str(msg).split())
-    print(f"gpuvirt: error: {line}", file=sys.stderr)
-    return code
+from gpuvirt.cli.errors import debug_requested as _debug_requested  # noqa: E402
+from gpuvirt.cli.errors import report_error  # noqa: E402
 
 
 class GpuvirtGroup(TyperGroup):

@@ -22,7 +22,7 @@ def discover(ctx: typer.Context,
 
     doc = svc(state(ctx).context())
     if json_out:
-        emit_json(doc)
+        emit_json(doc, compact=True)
         return
     render_discovery(doc)
 
@@ -236,3 +236,4 @@ from gpuvirt.cli import ops_cmd  # noqa: E402,F401
 from gpuvirt.cli import profile_cmd  # noqa: E402,F401
 from gpuvirt.cli import vmm_cmd  # noqa: E402,F401
 from gpuvirt.cli import demo_cmd  # noqa: E402,F401
+from gpuvirt.cli import report_cmd  # noqa: E402,F401

@@ -7,8 +7,10 @@ import sys
 from typing import Any, Iterable
 
 
-def emit_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+def emit_json(doc: Any, compact: bool = False) -> None:
+    # compact output goes through the C encoder: discover on a large host is megabytes of JSON
+    text = json.dumps(doc, separators=(",", ":"), default=str) if compact else json.dumps(doc, indent=2, default=str)
+    sys.stdout.write(text + "\n")
 
 
 def console(stderr: bool = False):

@@ -8,7 +8,6 @@ from typing import Any
 from gpuvirt.errors import GpuvirtError, NvmlError
 from gpuvirt.host.machine import Host, normalize_pci
 from gpuvirt.host.scan import ScanWarning
-from gpuvirt.model.catalog import load_catalog
 
 SCHEMA_VERSION = 1
 
@@ -37,7 +36,6 @@ def _udev_names(addresses: list[str]) -> dict[str, str]:
 
 def discover(host: Host, *, with_nvml: bool = True) -> dict[str, Any]:
     scanner = host.scanner()
-    catalog = load_catalog()
     pci = scanner.pci_devices()
     parents = scanner.mdev_parents()
     devices = scanner.mdev_devices()
@@ -56,8 +54,14 @@ def discover(host: Host, *, with_nvml: bool = True) -> dict[str, Any]:
 
     udev = _udev_names([d.address for d in pci]) if host.use_udev else {}
     pci_gpus = []
+    catalog = None
+    if pci:
+        from gpuvirt.model.catalog import load_catalog
+
+        catalog = load_catalog()
     for d in pci:
         entry = d.to_dict()
+        assert catalog is not None
         model = catalog.by_pci(d.vendor_id, d.device_id)
         if d.physfn and model is None:
             for m in catalog.models.values():
@@ -77,7 +81,11 @@ def discover(host: Host, *, with_nvml: bool = True) -> dict[str, Any]:
 
     nvml_info: dict[str, Any] = {"available": False, "reason": None, "driver_version": None}
     gpus: list[dict[str, Any]] = []
-    if with_nvml:
+    if with_nvml and not any(d.vendor_id == 0x10DE for d in pci):
+        # no NVIDIA device in sysfs: nothing NVML could add (and under --root the real library would
+        # describe a different machine than the tree)
+        nvml_info["reason"] = "no NVIDIA GPU in sysfs"
+    elif with_nvml:
         try:
             session = host.nvml()
             if session.available:
@@ -107,6 +115,8 @@ def discover(host: Host, *, with_nvml: bool = True) -> dict[str, Any]:
 
 
 def _nvml_gpus(session: Any, warnings: list[ScanWarning]) -> list[dict[str, Any]]:
+    from gpuvirt.model.catalog import load_catalog
+
     catalog = load_catalog()
     out = []
     for g in session.gpus():
@@ -152,6 +162,8 @@ def _nvml_gpus(session: Any, warnings: list[ScanWarning]) -> list[dict[str, Any]
 
 
 def _model_by_device_id(pci_device_id: int):
+    from gpuvirt.model.catalog import load_catalog
+
     dev = (pci_device_id >> 16) & 0xFFFF
     ven = pci_device_id & 0xFFFF
     return load_catalog().by_pci(ven, dev)

@@ -18,8 +18,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-import yaml
-
 from gpuvirt.errors import ConfigError, NotFoundError, ProfileError
 
 GIB = 1 << 30
@@ -519,9 +517,6 @@ def m_extra_device_ids(model: GpuModel) -> list[int]:
     return out
 
 
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
 def models_dir_files() -> list[tuple[str, str]]:
     root = importlib.resources.files("gpuvirt._profiles").joinpath("models")
     out = []
@@ -532,10 +527,13 @@ def models_dir_files() -> list[tuple[str, str]]:
 
 
 def parse_catalog(files: Iterable[tuple[str, str]]) -> Catalog:
+    import yaml  # only here: discovery of hosts without PCI GPUs never needs the catalog
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     models: dict[str, GpuModel] = {}
     for name, text in files:
         try:
-            doc = yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 - a safe loader, C-accelerated when present
+            doc = yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader, C-accelerated when present
         except yaml.YAMLError as exc:
             raise ConfigError(f"catalog {name}: not valid YAML ({exc})") from exc
         if not isinstance(doc, dict) or "id" not in doc:

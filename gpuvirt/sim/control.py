@@ -27,7 +27,7 @@ FAULT_OPS = (
 
 def open_sim(root: str | Path) -> SimHost:
     sim = SimHost(root)
-    sim.check()
+    sim.peek()  # a missing or corrupt state is reported here, before anything reads the tree
     return attach_renderer(sim)
 
 

@@ -1,0 +1,32 @@
+"""Turning any exception into gpuvirt's one-line error report (shared by the typer CLI and the fast paths)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+
+def debug_requested(args: list[str] | None) -> bool:
+    return "--debug" in (args or []) or os.environ.get("GPUVIRT_DEBUG") == "1"
+
+
+def report_error(exc: BaseException, debug: bool) -> int:
+    from gpuvirt.errors import GpuvirtError
+
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    if isinstance(exc, GpuvirtError):
+        msg, code = str(exc), exc.exit_code
+    elif hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # click/typer usage errors
+        msg, code = exc.format_message(), getattr(exc, "exit_code", 2)
+    elif isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "Abort":
+        msg, code = "aborted", 130 if isinstance(exc, KeyboardInterrupt) else 1
+    else:
+        msg = f"internal error: {type(exc).__name__}: {exc}"
+        if not debug:
+            msg += " (run with --debug for the traceback)"
+        code = 1
+    line = " ".join(str(msg).split())
+    print(f"gpuvirt: error: {line}", file=sys.stderr)
+    return code
