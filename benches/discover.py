@@ -123,7 +123,12 @@ def build_tree(root: Path, parents: int, types: int) -> dict[str, int]:
 
 
 # --- running --------------------------------------------------------------------------------------------------------
+GPUVIRT_EXE: str | None = None   # --gpuvirt
+
+
 def gpuvirt_cmd() -> list[str]:
+    if GPUVIRT_EXE:
+        return [GPUVIRT_EXE]
     exe = Path(sys.executable).with_name("gpuvirt")
     if exe.exists():
         return [str(exe)]
@@ -283,7 +288,13 @@ def main(argv: list[str] | None = None) -> int:
                          "pass e.g. /var/tmp to time an on-disk tree like the reference (ext4, warm cache)")
     ap.add_argument("--profile", action="store_true", help="also show where gpuvirt's time goes")
     ap.add_argument("--json", action="store_true", help="print the result as JSON as well")
+    ap.add_argument("--gpuvirt", metavar="PATH",
+                    help="console script to time (default: the one next to this Python). An editable install "
+                         "(pip install -e) adds its import hook to every start-up; the README installs with "
+                         "'pip install .', which is what operators run")
     args = ap.parse_args(argv)
+    global GPUVIRT_EXE
+    GPUVIRT_EXE = args.gpuvirt
 
     started = time.perf_counter()
     tmp = None

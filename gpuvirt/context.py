@@ -12,8 +12,6 @@ Settings come, in order of precedence, from command-line options, environment va
 from __future__ import annotations
 
 import os
-import socket
-import tomllib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -82,6 +80,8 @@ def read_config(path: Path) -> dict[str, Any]:
         return {}
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    import tomllib  # most commands on most hosts have no config file
+
     try:
         doc = tomllib.loads(data.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -119,7 +119,7 @@ def resolve_settings(*, root: str | None = None, sim: str | None = None, db: str
         root_path = Path(str(doc["root"])).absolute()
     policies = dict(DEFAULT_POLICIES)
     policies.update(doc.get("policies", {}))
-    hid = host_id or env.get("GPUVIRT_HOST_ID") or doc.get("host_id") or socket.gethostname()
+    hid = host_id or env.get("GPUVIRT_HOST_ID") or doc.get("host_id") or os.uname().nodename
     if not isinstance(hid, str) or not hid.strip() or len(hid) > 253 or any(c.isspace() for c in hid):
         raise UsageError(f"invalid host id {hid!r}")
     return Settings(root=root_path, sim_dir=Path(sim).absolute() if sim else None,

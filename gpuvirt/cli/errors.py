@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 
 
 def debug_requested(args: list[str] | None) -> bool:
@@ -15,6 +14,8 @@ def report_error(exc: BaseException, debug: bool) -> int:
     from gpuvirt.errors import GpuvirtError
 
     if debug:
+        import traceback  # only on request: it costs more to import than a fast command takes to run
+
         traceback.print_exception(exc, file=sys.stderr)
     if isinstance(exc, GpuvirtError):
         msg, code = str(exc), exc.exit_code

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import socket
+import os
+
 from typing import Any
 
 from gpuvirt.errors import GpuvirtError, NvmlError
@@ -102,7 +103,7 @@ def discover(host: Host, *, with_nvml: bool = True) -> dict[str, Any]:
 
     return {
         "schema_version": SCHEMA_VERSION,
-        "host": {"hostname": socket.gethostname(), "root": str(host.root)},
+        "host": {"hostname": os.uname().nodename, "root": str(host.root)},
         "nvml": nvml_info,
         "gpus": gpus,
         "pci_gpus": pci_gpus,

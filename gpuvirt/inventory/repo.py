@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import getpass
 import os
-import socket
 from typing import Any, Iterable, Sequence
 
 from sqlalchemy import and_, delete, func, or_, select
@@ -36,7 +35,7 @@ def default_actor() -> str:
         user = getpass.getuser()
     except Exception:  # noqa: BLE001 - hooks may run without a passwd entry
         user = str(os.getuid())
-    return os.environ.get("GPUVIRT_ACTOR") or f"{user}@{socket.gethostname()}"
+    return os.environ.get("GPUVIRT_ACTOR") or f"{user}@{os.uname().nodename}"
 
 
 class Unit:
@@ -54,7 +53,7 @@ class Unit:
         h = self.session.get(Host, host_id)
         now = utcnow()
         if h is None:
-            h = Host(id=host_id, hostname=hostname or socket.gethostname(), root=root, simulated=simulated,
+            h = Host(id=host_id, hostname=hostname or os.uname().nodename, root=root, simulated=simulated,
                      created_at=now, last_seen_at=now, boot_marker=boot_marker)
             self.session.add(h)
             try:
@@ -95,8 +94,20 @@ class Unit:
     def upsert_gpu(self, host_id: str, address: str, **fields: Any) -> Gpu:
         g = self.gpu_by_address(host_id, address)
         if g is None:
-            g = Gpu(host_id=host_id, address=address)
-            self.session.add(g)
+            g = Gpu(host_id=host_id, address=address, **fields)
+            g.last_seen_at = utcnow()
+            try:
+                # PostgreSQL, READ COMMITTED: two processes of one host recording a new GPU at once both miss
+                # it, and the second insert fails on uq_gpus_host_address once the first commits.  A savepoint
+                # keeps that from aborting the caller's whole transaction; the winner's row is updated instead.
+                with self.session.begin_nested():
+                    self.session.add(g)
+                    self.session.flush()
+            except IntegrityError:
+                g = self.session.scalars(select(Gpu).where(Gpu.host_id == host_id, Gpu.address == address)
+                                         .execution_options(populate_existing=True)).one()
+            else:
+                return g
         for k, v in fields.items():
             setattr(g, k, v)
         g.last_seen_at = utcnow()
@@ -279,6 +290,80 @@ class Unit:
 
     def purge_host(self, host_id: str) -> None:
         self.session.execute(delete(Host).where(Host.id == host_id))
+
+    # --- capacity reports: column-only bulk reads ----------------------------------------------------------------
+    # A cluster report reads every host's rows at once (1,000 hosts x 8 GPUs x 7 instances is an ordinary
+    # size), so these return plain row tuples of exactly the columns the report uses, in one query each,
+    # instead of ORM objects loaded and related row by row.  Column order is part of each method's contract.
+    def report_hosts(self, host_ids: Iterable[str] | None = None) -> list[Any]:
+        """(id, hostname, last_seen_at, simulated) per host, by id."""
+        q = select(Host.id, Host.hostname, Host.last_seen_at, Host.simulated)
+        if host_ids is not None:
+            q = q.where(Host.id.in_(list(host_ids)))
+        return list(self.session.execute(q.order_by(Host.id)))
+
+    def _fetch_plain(self, stmt: Any) -> list[tuple]:
+        """Run a core SELECT on this unit's connection and return the DBAPI's own tuples.
+
+        Result rows are built by the driver in C; SQLAlchemy's Row objects and result processing would
+        double the cost of reading ~50,000 rows.  Only columns the drivers return as plain Python values
+        (integers, strings, None; SQLite booleans come back as 0/1) may be selected this way.  The bound
+        values (host ids) are rendered as SQL literals by SQLAlchemy's own quoting.
+        """
+        conn = self.session.connection()
+        sql = str(stmt.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+        cur = conn.connection.dbapi_connection.cursor()
+        try:
+            cur.execute(sql)
+            return cur.fetchall()
+        finally:
+            cur.close()
+
+    def report_gpus(self, host_ids: Iterable[str] | None = None) -> list[tuple]:
+        """(id, host_id, address, nvml_index, model, name, vendor, memory_mib, mig_capable, mig_current,
+        mig_pending, vgpu_interface, sriov_total_vfs, sriov_num_vfs) of every present GPU, by host and
+        NVML index.  Booleans may come back as 0/1."""
+        q = select(Gpu.id, Gpu.host_id, Gpu.address, Gpu.nvml_index, Gpu.model, Gpu.name, Gpu.vendor,
+                   Gpu.memory_mib, Gpu.mig_capable, Gpu.mig_current, Gpu.mig_pending, Gpu.vgpu_interface,
+                   Gpu.sriov_total_vfs, Gpu.sriov_num_vfs).where(Gpu.present.is_(True))
+        if host_ids is not None:
+            q = q.where(Gpu.host_id.in_(list(host_ids)))
+        return self._fetch_plain(q.order_by(Gpu.host_id, Gpu.nvml_index, Gpu.address))
+
+    def report_instances(self, host_ids: Iterable[str] | None = None, *, keys: bool = False) -> list[tuple]:
+        """(id, gpu_id, kind, state, profile_id, placement_start, type_id, memory_mib, compute_slices,
+        backing_instance_id, vm_name, tenant, vm_state) of every instance with its allocation (the last three
+        None when free); with ``keys`` also (parent, mdev_uuid, type_name), which match rows with what a
+        host shows.  By id (SQLite reads them in rowid order anyway)."""
+        cols = [Instance.id, Instance.gpu_id, Instance.kind, Instance.state, Instance.profile_id,
+                Instance.placement_start, Instance.type_id, Instance.memory_mib, Instance.compute_slices,
+                Instance.backing_instance_id, Allocation.vm_name, Allocation.tenant, Allocation.vm_state]
+        if keys:
+            cols += [Instance.parent, Instance.mdev_uuid, Instance.type_name]
+        q = select(*cols).outerjoin(Allocation, Allocation.instance_id == Instance.id)
+        if host_ids is not None:
+            q = q.where(Instance.host_id.in_(list(host_ids)))
+        return self._fetch_plain(q.order_by(Instance.id))
+
+    def tenant_usages(self) -> dict[str | None, dict[str, int]]:
+        """What every tenant holds across all hosts (the figures quotas are checked against), by tenant;
+        allocations without a tenant are listed under None."""
+        rows = self.session.execute(
+            select(Allocation.tenant, func.count(Allocation.id), func.coalesce(func.sum(Instance.memory_mib), 0),
+                   func.coalesce(func.sum(Instance.compute_slices), 0))
+            .join(Instance, Instance.id == Allocation.instance_id).group_by(Allocation.tenant))
+        return {t: {"instances": int(n), "memory_mib": int(m), "compute_slices": int(c)} for t, n, m, c in rows}
+
+    def tenant_allocations(self, tenant: str) -> list[Any]:
+        """(host_id, gpu address, instance id, kind, profile_name, type_name, memory_mib, compute_slices,
+        vm_name, vm_state, created_at) of one tenant's allocations on every host."""
+        q = (select(Allocation.host_id, Gpu.address, Instance.id, Instance.kind, Instance.profile_name,
+                    Instance.type_name, Instance.memory_mib, Instance.compute_slices, Allocation.vm_name,
+                    Allocation.vm_state, Allocation.created_at)
+             .join(Instance, Instance.id == Allocation.instance_id).join(Gpu, Gpu.id == Instance.gpu_id)
+             .where(Allocation.tenant == tenant)
+             .order_by(Allocation.host_id, Gpu.address, Instance.id))
+        return list(self.session.execute(q))
 
 
 __all__ = ["Unit", "default_actor", "and_", "or_"]

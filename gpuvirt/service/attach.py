@@ -135,6 +135,10 @@ def _quota_check(uow: Any, tenant: str | None, inst_rows: list[Any]) -> None:
         raise CapacityError(f"tenant {tenant} would exceed its quota: " + "; ".join(over))
 
 
+MIG_NOT_VFIO = ("MIG instances are not VFIO devices and cannot be handed to a VM; give the VM a MIG-backed vGPU "
+                "instead (--vgpu <board>-<g>-<GB>C, e.g. A100-1-5C) or use the MIG instance on the host")
+
+
 # --- handoff ------------------------------------------------------------------------------------------------------
 def handoff_for(inst: Any, alloc: Any, gpu_row: Any, *, display: bool = False, ramfb: bool = False):
     from gpuvirt.vmm.handoff import Handoff
@@ -147,8 +151,7 @@ def handoff_for(inst: Any, alloc: Any, gpu_row: Any, *, display: bool = False, r
     if inst.kind in (VFIO_VGPU, VF):
         return Handoff(vm=alloc.vm_name, vm_uuid=alloc.vm_uuid, tenant=alloc.tenant, instance=inst.id, kind="pci",
                        pci_address=inst.parent, nvidia=nvidia)
-    raise UsageError(f"instance {inst.id} is a MIG instance ({inst.label}): MIG instances are not VFIO devices; "
-                     "hand one to a VM as a MIG-backed vGPU (--vgpu <board>-<g>-<GB>C) or use it on the host")
+    raise UsageError(f"instance {inst.id} is a MIG instance ({inst.label}): {MIG_NOT_VFIO}")
 
 
 # --- attach ---------------------------------------------------------------------------------------------------------
@@ -163,6 +166,9 @@ def attach(ctx: Context, vm: str, *, vgpu: str | None = None, mig: str | None = 
     if count < 1 or count > 64:
         raise UsageError("--count must be between 1 and 64")
     req = make_request(vgpu=vgpu, mig=mig, vf=vf, instance=instance, mdev=mdev)
+    if req.kind == "mig":
+        # refuse before anything is created or allocated: no hand-off can ever be rendered for a MIG instance
+        raise UsageError(f"--mig {req.ref}: {MIG_NOT_VFIO}")
     if req.kind == "instance" and count != 1:
         raise UsageError("--instance attaches exactly one instance")
     if domain_xml is not None:
@@ -176,35 +182,37 @@ def attach(ctx: Context, vm: str, *, vgpu: str | None = None, mig: str | None = 
         if dom.name != vm:
             raise UsageError(f"--domain-xml {domain_xml} defines domain {dom.name!r}, not {vm!r}")
         vm_uuid = vm_uuid or dom.uuid
-    done: list[tuple[int, Any]] = []
+    done: list[tuple[int, bool]] = []  # (instance id, created by this call)
     try:
         for _ in range(count):
             done.append(_attach_one(ctx, vm, req, tenant=tenant, persistent=persistent, vm_uuid=vm_uuid,
                                     gpu_selector=gpu))
+        handoffs = []
+        with ctx.inventory.unit() as uow:
+            for inst_id, _ in done:
+                inst = uow.instance(inst_id)
+                handoffs.append(handoff_for(inst, inst.allocation, inst.gpu, display=display, ramfb=ramfb))
+        if domain_xml is not None:
+            from gpuvirt.vmm.libvirt import insert_hostdev, rewrite_file_in_place
+
+            def _insert(text: str) -> str:
+                for h in handoffs:
+                    text = insert_hostdev(text, h.libvirt_xml())
+                return text
+
+            rewrite_file_in_place(domain_xml, _insert)
     except GpuvirtError:
-        for inst_id, _h in reversed(done):
+        # all or nothing: a later step failing (the Nth of --count, the hand-off, the domain file) must not
+        # leave earlier allocations behind, nor instances this call created only to hand them out
+        for inst_id, created in reversed(done):
             with contextlib.suppress(GpuvirtError):
-                _detach_instance(ctx, inst_id, force=True)
+                _detach_instance(ctx, inst_id, force=True, destroy=created)
         raise
-    handoffs = []
-    with ctx.inventory.unit() as uow:
-        for inst_id, _ in done:
-            inst = uow.instance(inst_id)
-            handoffs.append(handoff_for(inst, inst.allocation, inst.gpu, display=display, ramfb=ramfb))
-    if domain_xml is not None:
-        from gpuvirt.vmm.libvirt import insert_hostdev, rewrite_file_in_place
-
-        def _insert(text: str) -> str:
-            for h in handoffs:
-                text = insert_hostdev(text, h.libvirt_xml())
-            return text
-
-        rewrite_file_in_place(domain_xml, _insert)
     return handoffs
 
 
 def _attach_one(ctx: Context, vm: str, req: Request, *, tenant: str | None, persistent: bool, vm_uuid: str | None,
-                gpu_selector: str | None) -> tuple[int, Any]:
+                gpu_selector: str | None) -> tuple[int, bool]:
     host_id = ctx.settings.host_id
     view = hostview.snapshot(ctx)
     allowed = {g.address for g in (view.select(gpu_selector) if gpu_selector else view.gpus)}
@@ -215,6 +223,8 @@ def _attach_one(ctx: Context, vm: str, req: Request, *, tenant: str | None, pers
         addr_of = {r.id: a for a, r in rows.items()}
         if req.kind == "instance":
             inst = uow.instance(req.instance_id, host_id)
+            if inst.kind == MIG:
+                raise UsageError(f"instance {inst.id} is a MIG instance ({inst.label}): {MIG_NOT_VFIO}")
             if inst.allocation is not None:
                 raise ConflictError(f"instance {inst.id} ({inst.label}) is already allocated to VM "
                                     f"{inst.allocation.vm_name}")
@@ -233,11 +243,15 @@ def _attach_one(ctx: Context, vm: str, req: Request, *, tenant: str | None, pers
             _quota_check(uow, tenant, [inst])
             alloc = uow.allocate(inst, vm_name=vm, vm_uuid=vm_uuid, tenant=tenant, persistent=persistent)
             uow.event("attach", target=vm, detail={"instance": inst.id, "label": inst.label, "tenant": tenant})
-            return inst.id, alloc
-        if req.kind in ("instance", "vf"):
-            raise CapacityError(f"no capacity: no free {req.describe()} on this host")
+            return inst.id, False
+        if req.kind == "instance":
+            raise CapacityError(f"no capacity: instance {req.instance_id} is not present on the host now "
+                                "(run 'gpuvirt reconcile' to restore it)")
+        if req.kind == "vf":
+            raise CapacityError("no capacity: no free SR-IOV VF on this host (VFs come from a profile with "
+                                "--sriov-vfs N)")
     # 2. create one where the layout has room
-    return _create_for(ctx, vm, req, view, allowed, tenant=tenant, persistent=persistent, vm_uuid=vm_uuid)
+    return _create_for(ctx, vm, req, view, allowed, tenant=tenant, persistent=persistent, vm_uuid=vm_uuid), True
 
 
 def _backs_a_vgpu(uow: Any, inst: Any) -> bool:
@@ -269,7 +283,7 @@ def _allocator(vm: str, vm_uuid: str | None, tenant: str | None, persistent: boo
 
 
 def _create_for(ctx: Context, vm: str, req: Request, view: Any, allowed: set[str], *, tenant: str | None,
-                persistent: bool, vm_uuid: str | None) -> tuple[int, Any]:
+                persistent: bool, vm_uuid: str | None) -> int:
     policy_mig = ctx.settings.policies.get("mig_placement", "frag-aware")
     policy_vgpu = ctx.settings.policies.get("vgpu_placement", "consolidate")
     gpus = [g for g in view.gpus if g.address in allowed]
@@ -279,9 +293,7 @@ def _create_for(ctx: Context, vm: str, req: Request, view: Any, allowed: set[str
         inst_id = _create_vgpu_for(ctx, vm, req.ref, gpus, policy_vgpu, policy_mig, tenant, persistent, vm_uuid)
     else:
         inst_id = _create_generic_mdev_for(ctx, vm, req.ref, gpus, tenant, persistent, vm_uuid)
-    with ctx.inventory.unit() as uow:
-        inst = uow.instance(inst_id)
-        return inst.id, inst.allocation
+    return inst_id
 
 
 def _gpu_ids(ctx: Context, view_gpus: list[GpuView]) -> dict[str, int]:
@@ -290,7 +302,7 @@ def _gpu_ids(ctx: Context, view_gpus: list[GpuView]) -> dict[str, int]:
 
 
 def _create_mig_for(ctx: Context, vm: str, profile: str, gpus: list[GpuView], policy: str, tenant: str | None,
-                    persistent: bool, vm_uuid: str | None, allocate: bool = True) -> int:
+                    persistent: bool, vm_uuid: str | None, allocate: bool = True, locked: bool = False) -> int:
     from gpuvirt.model.planner import GpuState, choose_placement
 
     cands = []
@@ -308,8 +320,11 @@ def _create_mig_for(ctx: Context, vm: str, profile: str, gpus: list[GpuView], po
     # planner decides GPU and start; profile ids may differ per model, so plan per profile id group
     addresses = sorted(g.address for g, _ in cands)
     with contextlib.ExitStack() as locks:
-        for a in addresses:
-            locks.enter_context(gpu_lock(ctx, a))
+        if not locked:
+            # a MIG-backed vGPU attach already holds this GPU's lock (locked=True); flock is not re-entrant
+            # across open file descriptions, so taking it a second time would block this process forever
+            for a in addresses:
+                locks.enter_context(gpu_lock(ctx, a))
         fresh = hostview.snapshot(ctx)
         best = None
         for pid in sorted({pid for _, pid in cands}):
@@ -394,7 +409,7 @@ def _create_vgpu_for(ctx: Context, vm: str, ref: str, gpus: list[GpuView], polic
             free_gi = _free_gi_row(ctx, g, t)
             if free_gi is None:
                 backing_id = _create_mig_for(ctx, vm, gi_name, [g], mig_policy, tenant, persistent, vm_uuid,
-                                             allocate=False)
+                                             allocate=False, locked=True)
             else:
                 backing_id = free_gi
             fresh = hostview.snapshot(ctx)
@@ -485,9 +500,17 @@ def detach(ctx: Context, vm: str, *, instance: int | None = None, force: bool = 
             raise ConflictError(f"VM {vm} is running (recorded by the libvirt hook); stop it first, or use --force")
         ids = [a.instance_id for a in allocs]
         handoffs = [handoff_for(a.instance, a, a.instance.gpu) for a in allocs if a.instance.kind != MIG]
-    out = []
+    out: list[dict[str, Any]] = []
+    done: set[int] = set()
     for inst_id in ids:
-        out.append(_detach_instance(ctx, inst_id, force=force))
+        if inst_id in done:
+            continue  # the backing GPU instance of a transient MIG-backed vGPU, destroyed together with it
+        r = _detach_instance(ctx, inst_id, force=force)
+        backing = r.pop("backing_result", None)
+        out.append(r)
+        if backing is not None:
+            out.append(backing)
+            done.add(backing["instance"])
     if domain_xml is not None and handoffs:
         from gpuvirt.vmm.libvirt import remove_hostdev, rewrite_file_in_place
 
@@ -501,13 +524,15 @@ def detach(ctx: Context, vm: str, *, instance: int | None = None, force: bool = 
     return out
 
 
-def _detach_instance(ctx: Context, inst_id: int, *, force: bool) -> dict[str, Any]:
-    """Free the allocation; destroy the instance when the attachment was transient."""
+def _detach_instance(ctx: Context, inst_id: int, *, force: bool, destroy: bool = False) -> dict[str, Any]:
+    """Free the allocation; destroy the instance when the attachment was transient (or ``destroy``: an
+    attach rolling back what it created itself)."""
     with ctx.inventory.unit(write=True, action="detach") as uow:
         inst = uow.instance(inst_id)
         alloc = inst.allocation
         vm = alloc.vm_name if alloc else None
-        transient = (alloc is not None and not alloc.persistent) or (not inst.persistent and inst.origin == "attach")
+        transient = destroy or (alloc is not None and not alloc.persistent) or \
+            (not inst.persistent and inst.origin == "attach")
         label = inst.label
         kind, gpu_row = inst.kind, inst.gpu
         snap = {"kind": kind, "mdev_uuid": inst.mdev_uuid, "parent": inst.parent, "profile_id": inst.profile_id,
@@ -522,7 +547,8 @@ def _detach_instance(ctx: Context, inst_id: int, *, force: bool) -> dict[str, An
         result["destroyed"] = True
         if snap["backing"]:
             with contextlib.suppress(GpuvirtError):
-                _detach_instance(ctx, snap["backing"], force=force)
+                # callers skip this id when it is also in their own list (it is gone after this)
+                result["backing_result"] = _detach_instance(ctx, snap["backing"], force=force, destroy=destroy)
     return result
 
 

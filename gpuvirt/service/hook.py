@@ -58,6 +58,10 @@ def prepare(ctx: Context, domain: str, dom: Any) -> list[str]:
                 # a device named in the XML by hand: hold it for this run of the VM only
                 a = uow.allocate(inst, vm_name=domain, vm_uuid=dom.uuid, tenant=None, persistent=False)
                 uow.event("hook-allocate", target=domain, detail={"instance": inst.id}, actor="libvirt-hook")
+            elif a.vm_uuid is None and dom.uuid:
+                # learn the VM's UUID (attach is often run before the domain is defined): release then also
+                # finds the allocation after a rename, and 'attach --format qemu' can print -uuid
+                a.vm_uuid = dom.uuid
         ids = [i.id for i in owned]
         gpu_addrs = {i.gpu.address for i in owned}
     view = hostview.snapshot(ctx)
@@ -68,9 +72,12 @@ def prepare(ctx: Context, domain: str, dom: Any) -> list[str]:
         view = hostview.snapshot(ctx)
         still = [i for i in ids if not _present(ctx, view, i)]
         if still:
-            reasons = [f["action"] for f in rep.get("failed", []) if f.get("instance") in still]
-            raise ConflictError(f"cannot start {domain}: " + ("; ".join(r for r in reasons if r) or
-                                f"device(s) {', '.join(map(str, still))} could not be restored"))
+            # GPU-level steps (MIG mode, enabling VFs) carry no instance id, and are often the real reason
+            reasons = [f["action"] for f in rep.get("failed", []) if f.get("instance") in still or
+                       f.get("instance") is None]
+            # hookmain prefixes "refusing to start <domain>:"; this is the reason only
+            raise ConflictError("; ".join(r for r in reasons if r) or
+                                f"instance(s) {', '.join(map(str, still))} could not be restored")
         notes.append(f"restored {len(missing)} device(s)")
     with ctx.inventory.unit(write=True) as uow:
         for inst_id in ids:
@@ -111,10 +118,16 @@ def release(ctx: Context, domain: str, dom: Any | None) -> list[str]:
             if a.persistent:
                 a.vm_state = "stopped"
                 a.vm_state_at = _now()
+    done: set[int] = set()
     for inst_id in transient:
+        if inst_id in done:
+            continue  # a MIG-backed vGPU's GPU instance, already freed together with the vGPU
         try:
             r = _detach_instance(ctx, inst_id, force=True)
             notes.append(f"freed {r['label']}" + (" (destroyed)" if r["destroyed"] else ""))
+            backing = r.get("backing_result")
+            if backing is not None:
+                done.add(backing["instance"])
         except GpuvirtError as exc:
             notes.append(f"could not free instance {inst_id}: {exc}")
     if allocs:

@@ -36,14 +36,15 @@ def _cmd(ctx: Context, *args: str) -> str:
 def reconcile_unit(ctx: Context) -> str:
     return f"""[Unit]
 Description=gpuvirt: restore MIG layouts, SR-IOV VFs and vGPUs recorded in the inventory
-Documentation=file://{Path(__file__).resolve().parents[2] / 'docs' / 'operator-guide.md'}
+Documentation=file://{Path(__file__).resolve().parents[2] / 'docs' / 'hook-guide.md'}
 # the vGPU manager registers vGPU types; VFs and vGPUs can only be restored after it
 After=nvidia-persistenced.service nvidia-vgpud.service nvidia-vgpu-mgr.service nvidia-fabricmanager.service
 After=systemd-modules-load.service local-fs.target network-online.target
+# (default dependencies stay on: they order this after sysinit.target, where udev coldplug has loaded the
+# GPU drivers and created the PCI devices this unit restores)
 Wants=nvidia-vgpu-mgr.service
 # VMs must find their devices: run before libvirt and the cloud agents that start VMs
 Before=libvirtd.service virtqemud.service nova-compute.service pve-guests.service
-DefaultDependencies=no
 
 [Service]
 Type=oneshot
@@ -61,7 +62,9 @@ def watch_unit(ctx: Context) -> str:
     return f"""[Unit]
 Description=gpuvirt: restore devices when a GPU parent (re)appears (udev)
 After=gpuvirt-reconcile.service systemd-udevd.service
-Requires=gpuvirt-reconcile.service
+# Wants, not Requires: when the boot restore fails (a driver that registers late), the watcher is exactly
+# what must still run to restore the parent once it appears
+Wants=gpuvirt-reconcile.service
 
 [Service]
 Type=simple

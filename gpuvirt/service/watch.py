@@ -74,18 +74,25 @@ def file_source(path: str) -> Iterator[UEvent | None]:
                 d = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UsageError(f"{path}:{n}: not a JSON event ({exc.msg})") from exc
+            # a valid JSON line of the wrong shape must give the same one-line error, not a traceback
+            if not isinstance(d, dict):
+                raise UsageError(f"{path}:{n}: an event must be a JSON object, not {type(d).__name__}")
             if d.get("quiet"):
                 yield QUIET
                 continue
-            if not isinstance(d.get("sys_name"), str):
+            if not isinstance(d.get("sys_name"), str) or not d["sys_name"]:
                 raise UsageError(f"{path}:{n}: event needs a sys_name")
+            props = d.get("properties") or {}
+            if not isinstance(props, dict):
+                raise UsageError(f"{path}:{n}: event properties must be a JSON object")
             yield UEvent(str(d.get("action", "")), str(d.get("subsystem", "")), d["sys_name"],
-                         {str(k): str(v) for k, v in (d.get("properties") or {}).items()})
+                         {str(k): str(v) for k, v in props.items()})
     yield QUIET
 
 
 def watch(ctx: Context, source: Iterable[UEvent | None], *, max_runs: int | None = None,
           on_run: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    from gpuvirt.service import hostview
     from gpuvirt.service.reconcile import reconcile
 
     runs: list[dict[str, Any]] = []
@@ -98,14 +105,24 @@ def watch(ctx: Context, source: Iterable[UEvent | None], *, max_runs: int | None
             continue
         if not pending:
             continue
-        parents = set(pending)
+        # udev reports every PCI function that appears (NICs, NVMe, hot-plug bridges): act only on parents
+        # that belong to a GPU this host partitions, so unrelated devices never cost a reconcile run
+        try:
+            view = hostview.snapshot(ctx)
+            parents = {p for p in pending if view.gpu_of_parent(p) is not None}
+        except GpuvirtError:
+            parents = set(pending)  # cannot tell now: let the reconcile run report what is wrong
+        if not parents:
+            pending.clear()
+            continue
         started = time.monotonic()
         try:
             rep = reconcile(ctx, only_parents=parents, actor="gpuvirt-watch")
-            run = {"parents": sorted(parents), "events": sum(pending.values()), "changed": rep["changed"],
-                   "failed": len(rep["failed"]), "seconds": round(time.monotonic() - started, 3)}
+            run = {"parents": sorted(parents), "events": sum(pending[p] for p in parents),
+                   "changed": rep["changed"], "failed": len(rep["failed"]),
+                   "seconds": round(time.monotonic() - started, 3)}
         except GpuvirtError as exc:
-            run = {"parents": sorted(parents), "events": sum(pending.values()), "error": str(exc)}
+            run = {"parents": sorted(parents), "events": sum(pending[p] for p in parents), "error": str(exc)}
         pending.clear()
         runs.append(run)
         if on_run:
