@@ -224,7 +224,7 @@ def render_fit(fit: dict[str, Any], out: Any) -> None:
             out.print(f"    missing {r['missing']}: {r['reason']}", markup=False, highlight=False)
 
 
-# --- tenants -----------------------------------------------------------------------------------------------------------
+# --- tenants ----------------------------------------------------------------------------------------------------------
 tenant_app = typer.Typer(help="Tenants and their quotas (checked by attach across all hosts).", no_args_is_help=True)
 app.add_typer(tenant_app, name="tenant")
 

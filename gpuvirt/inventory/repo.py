@@ -55,14 +55,17 @@ class Unit:
         if h is None:
             h = Host(id=host_id, hostname=hostname or os.uname().nodename, root=root, simulated=simulated,
                      created_at=now, last_seen_at=now, boot_marker=boot_marker)
-            self.session.add(h)
             try:
+                # added inside the savepoint so that its rollback also takes the pending row out of the
+                # session; added outside, the next query's autoflush inserted it again and failed the whole
+                # transaction (several processes of one new host at once on PostgreSQL)
                 with self.session.begin_nested():
+                    self.session.add(h)
                     self.session.flush()
             except IntegrityError:
                 # another process registered the host at the same moment
-                h = self.session.get(Host, host_id, populate_existing=True)
-                assert h is not None
+                h = self.session.scalars(select(Host).where(Host.id == host_id)
+                                         .execution_options(populate_existing=True)).one()
         h.last_seen_at = now
         if hostname:
             h.hostname = hostname

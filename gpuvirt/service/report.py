@@ -137,11 +137,11 @@ def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
-def _stale_after(ctx: Context) -> float:
+def _stale_after(ctx: Context) -> int | float:
     raw = ctx.settings.policies.get("stale_after_seconds", 900)
     if isinstance(raw, bool) or not isinstance(raw, (int, float)) or raw < 0:
         raise ConfigError(f"policies.stale_after_seconds must be a non-negative number of seconds, got {raw!r}")
-    return float(raw)
+    return raw
 
 
 def _model_of(model_id: str | None) -> GpuModel | None:
@@ -168,8 +168,19 @@ def _from_inventory(ctx: Context, host_ids: list[str] | None):
         gpu_rows = uow.report_gpus(host_ids)
         inst_rows = uow.report_instances(host_ids)
         tenants = {t.name: t for t in uow.tenants()}
-        # every host is in the rows just read: what tenants hold is summed from them (build_document)
         usage = None if host_ids is None else uow.tenant_usages()
+    if usage is None:
+        # every allocation of every host is in the rows just read: sum them here instead of a second pass
+        # over the database (the figures attach checks quotas against, GPUs no longer present included)
+        usage = {}
+        for r in inst_rows:
+            if r[I_VM] is not None:
+                u = usage.get(r[I_TENANT])
+                if u is None:
+                    u = usage[r[I_TENANT]] = {"instances": 0, "memory_mib": 0, "compute_slices": 0}
+                u["instances"] += 1
+                u["memory_mib"] += r[I_MEM] or 0
+                u["compute_slices"] += r[I_CS] or 0
     hosts = {h[0]: HostFacts(h[0], h[1], h[2], bool(h[3])) for h in host_rows}
     by_id: dict[int, GpuFacts] = {}
     models: dict[str | None, GpuModel | None] = {}
@@ -193,7 +204,7 @@ def _from_inventory(ctx: Context, host_ids: list[str] | None):
     return list(hosts.values()), tenants, usage
 
 
-# --- gathering: live ---------------------------------------------------------------------------------------------------
+# --- gathering: live --------------------------------------------------------------------------------------------------
 def _from_live(ctx: Context):
     from gpuvirt.service import hostview
 
@@ -261,9 +272,11 @@ def _live_instances(f: GpuFacts, g: Any, rows: list[tuple]) -> None:
             matched.add(r[I_ID])
             f.insts.append(r)
     f.missing = sum(1 for r in rows if r[I_ID] not in matched)
+    # the order the inventory view uses (by id), so both views of one host compare equal; foreign last
+    f.insts.sort(key=lambda r: (r[I_ID] is None, r[I_ID] or 0))
 
 
-# --- per-model lookups ---------------------------------------------------------------------------------------------------
+# --- per-model lookups ------------------------------------------------------------------------------------------------
 class _ModelInfo:
     """Catalog lookups of one model, cached: the report asks them once per instance."""
 
@@ -311,7 +324,7 @@ def _info(model: GpuModel | None) -> _ModelInfo:
     return got
 
 
-# --- per-GPU figures ---------------------------------------------------------------------------------------------------
+# --- per-GPU figures --------------------------------------------------------------------------------------------------
 # Many GPUs of a cluster share a layout (the same profile applied everywhere), so the rule answers are
 # memoised on (model, layout) and (model, board state); the entries are shared between GPUs and never
 # mutated afterwards.
@@ -413,6 +426,7 @@ def gpu_entry(f: GpuFacts, stale: bool) -> dict[str, Any]:
     mdevs: list[str] = []
     is_mig = mode == "MIG"
     items = info.items
+    tally: dict[tuple, int] = {}        # (kind, profile id, type id, state) -> instances
     for r in insts:
         # inline _state(): this loop runs once per instance of the cluster
         if r[I_ID] is None:
@@ -423,21 +437,14 @@ def gpu_entry(f: GpuFacts, stale: bool) -> dict[str, Any]:
             st = "in_use"
         else:
             st = "free"
-        counts[st] += 1
         kind = r[I_KIND]
-        bk = by_kind.get(kind)
-        if bk is None:
-            bk = by_kind[kind] = _zero()
-        bk[st] += 1
-        ck = (kind, r[I_PID], r[I_TYPE])
-        ik = items.get(ck)
-        if ik is None:
-            ik = items[ck] = info.item(r)
-        slot = per_item.get(ik)
-        if slot is None:
-            slot = per_item[ik] = _zero()
-        slot[st] += 1
+        tk = (kind, r[I_PID], r[I_TYPE], st)
+        tally[tk] = tally.get(tk, 0) + 1
         if r[I_VM] is not None:
+            ck = (kind, r[I_PID], r[I_TYPE])
+            ik = items.get(ck)
+            if ik is None:
+                ik = items[ck] = info.item(r)
             allocations.append({"instance": r[I_ID], "kind": kind, "item": ik[1], "vm": r[I_VM],
                                 "tenant": r[I_TENANT], "vm_state": r[I_VMSTATE]})
         if kind == MIG:
@@ -452,6 +459,20 @@ def gpu_entry(f: GpuFacts, stale: bool) -> dict[str, Any]:
                 existing.append(tid)
             elif r[I_TYPE]:
                 mdevs.append(r[I_TYPE])
+    for (kind, pid, type_id, st), n in tally.items():
+        counts[st] += n
+        bk = by_kind.get(kind)
+        if bk is None:
+            bk = by_kind[kind] = _zero()
+        bk[st] += n
+        ck = (kind, pid, type_id)
+        ik = items.get(ck)
+        if ik is None:
+            ik = items[ck] = info.item((None, None, kind, None, pid, None, type_id))
+        slot = per_item.get(ik)
+        if slot is None:
+            slot = per_item[ik] = _zero()
+        slot[st] += n
     e: dict[str, Any] = {
         "host": f.host, "gpu": f.address, "index": f.index, "model": model.id if model else None, "name": f.name,
         "vendor": f.vendor, "mode": mode, "stale": stale,
@@ -603,9 +624,8 @@ def _merge_totals(into: dict[str, Any], t: dict[str, Any]) -> None:
             into[k][name] = into[k].get(name, 0) + v
 
 
-def build_document(hosts: list[HostFacts], tenants: dict[str, Any],
-                   usage: dict[str | None, dict[str, int]] | None, *,
-                   now: dt.datetime, stale_after: float, source: str, by: str, cluster: bool,
+def build_document(hosts: list[HostFacts], tenants: dict[str, Any], usage: dict[str | None, dict[str, int]], *,
+                   now: dt.datetime, stale_after: int | float, source: str, by: str, cluster: bool,
                    host_filter: str | None, requests: list[tuple[str, int]], mig_policy: str,
                    vgpu_policy: str) -> dict[str, Any]:
     totals = _new_totals()
@@ -655,9 +675,7 @@ def build_document(hosts: list[HostFacts], tenants: dict[str, Any],
         "stale_after_seconds": stale_after,
         "models": models_section(models.values()),
         "hosts": host_docs,
-        "tenants": _tenant_entries(held, tenants, usage if usage is not None else
-                                   {k: {"instances": v[0], "memory_mib": v[1], "compute_slices": v[2]}
-                                    for k, v in held.items()}),
+        "tenants": _tenant_entries(held, tenants, usage),
         "totals": totals,
         "groups": None,
         "fit": None,
@@ -691,7 +709,7 @@ def _tenant_entries(held: dict[str | None, list], tenants: dict[str, Any],
     return out
 
 
-# --- rows (CSV and --by) -----------------------------------------------------------------------------------------------
+# --- rows (CSV and --by) ----------------------------------------------------------------------------------------------
 DETAIL_COLUMNS = ("host", "stale", "gpu", "index", "model", "mode", "kind", "item", "in_use", "free", "pending",
                   "foreign", "available", "free_memory_slices", "free_compute_slices", "stranded_slices", "tenants")
 GROUP_COLUMNS = {
@@ -839,7 +857,7 @@ def to_csv(doc: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
-# --- Prometheus ---------------------------------------------------------------------------------------------------------
+# --- Prometheus -------------------------------------------------------------------------------------------------------
 def to_prometheus(doc: dict[str, Any]) -> bytes:
     """Prometheus text exposition of the report (gauges; docs/capacity-report.md "Metrics").
 
@@ -961,7 +979,7 @@ def write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
         raise UsageError(f"cannot write --output {path}: {exc.strerror}") from exc
 
 
-# --- --fit ----------------------------------------------------------------------------------------------------------------
+# --- --fit ------------------------------------------------------------------------------------------------------------
 _FIT_ITEM = re.compile(r"^\s*(?P<name>[A-Za-z0-9][A-Za-z0-9 ._+:-]*?)\s*=\s*(?P<count>[^=]*?)\s*$")
 MAX_FIT_COUNT = 1_000_000
 
@@ -1236,10 +1254,13 @@ def _fit_one_vgpu(gpus, name, policy, mig_policy, note, GpuState, VgpuBoard, cho
         room = gg.room(t)
         if room > 0:
             fb = {x.id: x.framebuffer_mib for x in gg.model.vgpu.types}
-            boards.append(VgpuBoard(gg.key, tuple((tid, fb.get(tid, 0)) for tid in gg.vgpus), room))
+            # type ids are per board model: mark "the requested type" as -1 so that boards of different
+            # models compare alike in the planner's "already hosts this type" preference
+            boards.append(VgpuBoard(gg.key, tuple((-1 if tid == t.id else tid, fb.get(tid, 0)) for tid in gg.vgpus),
+                                    room))
             by_key[gg.key] = (gg, t)
     if boards:
-        key = choose_vgpu_gpu(boards, cands[0][1].id, policy)
+        key = choose_vgpu_gpu(boards, -1, policy)
         if key is not None:
             gg, t = by_key[key]
             gg.vgpus.append(t.id)
