@@ -44,7 +44,7 @@ def attach(ctx: typer.Context,
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}")
     handoffs = svc(state(ctx).context(), vm, vgpu=vgpu, mig=mig, vf=vf, instance=instance, mdev=mdev,
                    tenant=tenant, count=count, persistent=persistent, vm_uuid=vm_uuid, gpu=gpu,
-                   display=display or ramfb, ramfb=ramfb, domain_xml=domain_xml)
+                   display=display or ramfb, ramfb=ramfb, domain_xml=domain_xml, fmt=fmt)
     sys.stdout.write(render(handoffs, fmt).rstrip("\n") + "\n")
     for w in warnings_for(handoffs, fmt):
         print(f"gpuvirt: warning: {w}", file=sys.stderr)
@@ -134,7 +134,10 @@ def mdevctl_export(ctx: typer.Context, json_out: bool = typer.Option(False, "--j
     if json_out:
         emit_json(r)
         return
-    print(f"{len(r['written'])} definition(s) written, {len(r['unchanged'])} unchanged, in {r['directory']}")
+    print(f"{len(r['written'])} definition(s) written, {len(r['unchanged'])} unchanged, "
+          f"{len(r['removed'])} stale removed, in {r['directory']}")
+    for sk in r["skipped"]:
+        print(f"warning: {sk['parent']}/{sk['uuid']}: skipped: {sk['reason']}", file=sys.stderr)
 
 
 @mdevctl_app.command("import")

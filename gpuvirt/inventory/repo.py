@@ -174,6 +174,17 @@ class Unit:
             q = q.with_for_update(skip_locked=True, of=Instance)
         return list(self.session.scalars(q))
 
+    def try_lock_instance(self, inst: Instance) -> bool:
+        """Lock one candidate row for allocation; False when another transaction holds it (PostgreSQL
+        ``FOR UPDATE SKIP LOCKED``).  Locking candidates one at a time, after filtering, keeps concurrent
+        attaches from skipping every free row of the host at once.  SQLite: the write transaction already
+        holds the database lock."""
+        if self.backend != "postgresql":
+            return True
+        got = self.session.execute(select(Instance.id).where(Instance.id == inst.id)
+                                   .with_for_update(skip_locked=True)).first()
+        return got is not None
+
     # --- allocations -------------------------------------------------------------------------------------------
     def allocate(self, inst: Instance, *, vm_name: str, vm_uuid: str | None, tenant: str | None,
                  persistent: bool) -> Allocation:

@@ -139,6 +139,22 @@ MIG_NOT_VFIO = ("MIG instances are not VFIO devices and cannot be handed to a VM
                 "instead (--vgpu <board>-<g>-<GB>C, e.g. A100-1-5C) or use the MIG instance on the host")
 
 
+def _quota_precheck(ctx: Context, tenant: str | None, fields: dict[str, Any]) -> None:
+    """Refuse an over-quota attach before anything is created on the host.
+
+    The check in the activating transaction (``_allocator``) stays, because it is the one that holds against
+    concurrent attaches; but a refusal there comes after the host object exists, and the journal then leaves
+    it to reconcile.  Checked first, the common case leaves nothing behind.
+    """
+    if tenant is None:
+        return
+    from types import SimpleNamespace
+
+    with ctx.inventory.unit() as uow:
+        _quota_check(uow, tenant, [SimpleNamespace(memory_mib=fields.get("memory_mib"),
+                                                   compute_slices=fields.get("compute_slices"))])
+
+
 # --- handoff ------------------------------------------------------------------------------------------------------
 def handoff_for(inst: Any, alloc: Any, gpu_row: Any, *, display: bool = False, ramfb: bool = False):
     from gpuvirt.vmm.handoff import Handoff
@@ -158,7 +174,7 @@ def handoff_for(inst: Any, alloc: Any, gpu_row: Any, *, display: bool = False, r
 def attach(ctx: Context, vm: str, *, vgpu: str | None = None, mig: str | None = None, vf: bool = False,
            instance: int | None = None, mdev: str | None = None, tenant: str | None = None, count: int = 1,
            persistent: bool = True, vm_uuid: str | None = None, gpu: str | None = None, display: bool = False,
-           ramfb: bool = False, domain_xml: str | None = None) -> list[Any]:
+           ramfb: bool = False, domain_xml: str | None = None, fmt: str | None = None) -> list[Any]:
     vm = check_vm_name(vm)
     tenant = check_tenant(tenant)
     if vm_uuid:
@@ -192,6 +208,12 @@ def attach(ctx: Context, vm: str, *, vgpu: str | None = None, mig: str | None = 
             for inst_id, _ in done:
                 inst = uow.instance(inst_id)
                 handoffs.append(handoff_for(inst, inst.allocation, inst.gpu, display=display, ramfb=ramfb))
+        if fmt is not None:
+            from gpuvirt.vmm.handoff import render
+
+            # rendered here, inside the all-or-nothing block: output the VMM cannot use (QEMU without the
+            # VM UUID for an NVIDIA vGPU) is a failed attach and must not leave the allocation behind
+            render(handoffs, fmt)
         if domain_xml is not None:
             from gpuvirt.vmm.libvirt import insert_hostdev, rewrite_file_in_place
 
@@ -345,6 +367,8 @@ def _create_mig_for(ctx: Context, vm: str, profile: str, gpus: list[GpuView], po
         d, pid = best
         g = next(g for g, _ in cands if g.address == d.gpu_key)
         fields = instance_fields_for_mig(g.model, pid, d.start, "attach", persistent)
+        if allocate:
+            _quota_precheck(ctx, tenant, fields)
         index = g.nvml_index
         return Journal(ctx).create(ids[g.address], fields, lambda: create_mig(ctx, index, pid, d.start),
                                    f"GPU instance {fields['profile_name']} at {d.start} on {g.label} for {vm}",
@@ -403,6 +427,9 @@ def _create_vgpu_for(ctx: Context, vm: str, ref: str, gpus: list[GpuView], polic
         if key is None:
             raise CapacityError(f"no capacity: no GPU on this host can take another {ref} vGPU now")
         g, t, parent = parents[key]
+        charged = instance_fields_for_vgpu(g.model, MDEV, f"nvidia-{t.id}", t.name, "", None, "attach", persistent)
+        _add_slices(charged, g, t)
+        _quota_precheck(ctx, tenant, charged)  # before the backing GPU instance, too
         backing_id = None
         if t.mig_backed:
             gi_name = g.model.mig.profile(t.gpu_instance_profile_id).name  # type: ignore[union-attr]
@@ -476,6 +503,7 @@ def _create_generic_mdev_for(ctx: Context, vm: str, type_dir: str, gpus: list[Gp
                 uuid = new_uuid()
                 fields = instance_fields_for_vgpu(g.model, MDEV, type_dir, info.get("name"), p, uuid, "attach",
                                                   persistent)
+                _quota_precheck(ctx, tenant, fields)
                 with gpu_lock(ctx, g.address):
                     return Journal(ctx).create(ids[g.address], fields,
                                                lambda: (ctx.host.create_mdev(p, type_dir, uuid), {})[1],
@@ -525,14 +553,16 @@ def detach(ctx: Context, vm: str, *, instance: int | None = None, force: bool = 
 
 
 def _detach_instance(ctx: Context, inst_id: int, *, force: bool, destroy: bool = False) -> dict[str, Any]:
-    """Free the allocation; destroy the instance when the attachment was transient (or ``destroy``: an
+    """Free the allocation; destroy the instance when a transient attach created it (or ``destroy``: an
     attach rolling back what it created itself)."""
     with ctx.inventory.unit(write=True, action="detach") as uow:
         inst = uow.instance(inst_id)
         alloc = inst.allocation
         vm = alloc.vm_name if alloc else None
-        transient = destroy or (alloc is not None and not alloc.persistent) or \
-            (not inst.persistent and inst.origin == "attach")
+        # A transient attach creates its instance non-persistent; that is what goes away with it.  A transient
+        # attach that took a free persistent instance (from a profile, or left by an earlier persistent
+        # attach) only gives it back: destroying it would silently shrink the layout the operator keeps.
+        transient = destroy or (not inst.persistent and inst.origin == "attach")
         label = inst.label
         kind, gpu_row = inst.kind, inst.gpu
         snap = {"kind": kind, "mdev_uuid": inst.mdev_uuid, "parent": inst.parent, "profile_id": inst.profile_id,

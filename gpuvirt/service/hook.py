@@ -50,6 +50,7 @@ def prepare(ctx: Context, domain: str, dom: Any) -> list[str]:
         owned = _owned(uow, host_id, dom.hostdevs)
         if not owned:
             return notes
+        allocs = []
         for inst in owned:
             a = inst.allocation
             if a is not None and a.vm_name != domain and not (dom.uuid and a.vm_uuid == dom.uuid):
@@ -62,10 +63,25 @@ def prepare(ctx: Context, domain: str, dom: Any) -> list[str]:
                 # learn the VM's UUID (attach is often run before the domain is defined): release then also
                 # finds the allocation after a rename, and 'attach --format qemu' can print -uuid
                 a.vm_uuid = dom.uuid
+            allocs.append(a)
         ids = [i.id for i in owned]
         gpu_addrs = {i.gpu.address for i in owned}
-    view = hostview.snapshot(ctx)
-    missing = [i for i in ids if not _present(ctx, view, i)]
+        devices = [(i.kind, i.mdev_uuid, i.parent, i.type_id) for i in owned]
+        # what reconcile would forget rather than restore: created by a transient attach, allocated transiently
+        transient = {i.id: i.label for i, a in zip(owned, allocs) if not i.persistent and not a.persistent}
+    # the usual start: every device is there.  One sysfs lookup per device settles it, without the full
+    # discovery (a walk over every GPU's sysfs plus NVML initialisation, which a start does not need)
+    missing: list[int] = []
+    if not all(_quick_present(ctx, *d) for d in devices):
+        view = hostview.snapshot(ctx)
+        missing = [i for i in ids if not _present(ctx, view, i)]
+    gone = [transient[i] for i in missing if i in transient]
+    if gone:
+        # A transient allocation ends when its VM stops; after a host restart without a clean shutdown its
+        # device is gone, and the boot restore forgets such rows instead of recreating them.  Refuse with the
+        # reason and change nothing: the release libvirt calls next frees the allocation.
+        raise ConflictError(f"transient device(s) {', '.join(gone)} did not survive the host restart (a "
+                            "transient allocation ends with its VM); attach the VM again")
     if missing:
         # the boot unit's restore path, limited to the GPUs this VM uses (VFs first, then instances)
         rep = reconcile(ctx, only_parents=gpu_addrs, actor="libvirt-hook")
@@ -93,6 +109,21 @@ def _now():
     from gpuvirt.inventory.models import utcnow
 
     return utcnow()
+
+
+def _quick_present(ctx: Context, kind: str, uuid: str | None, parent: str | None, type_id: str | None) -> bool:
+    """The test of attach._on_host for one device, straight from sysfs; False when unsure (the caller then
+    runs the full check)."""
+    try:
+        if kind == MDEV and uuid:
+            return ctx.host.mdev_exists(uuid)
+        if kind == VFIO_VGPU and parent:
+            return str(ctx.host.current_vgpu_type(parent)) == type_id
+        if kind == VF and parent:
+            return ctx.host.pci_dir(parent).is_dir()
+    except GpuvirtError:
+        return False
+    return False
 
 
 def _present(ctx: Context, view: Any, inst_id: int) -> bool:
@@ -137,7 +168,12 @@ def release(ctx: Context, domain: str, dom: Any | None) -> list[str]:
 
 
 # --- installation -------------------------------------------------------------------------------------------------
-def hook_script(ctx: Context) -> str:
+MARKER = "installed by 'gpuvirt hook install'"
+
+
+def _hook_args(ctx: Context) -> list[str]:
+    from gpuvirt.context import read_config
+
     s = ctx.settings
     args = [sys.executable, "-I", "-m", "gpuvirt"]
     if s.sim_dir is not None:
@@ -146,30 +182,54 @@ def hook_script(ctx: Context) -> str:
         args += ["--root", str(s.root)]
     if s.config_found or os.environ.get("GPUVIRT_CONFIG"):
         args += ["--config", str(s.config_path)]
-    if s.db_url and not s.config_found:
+    # The hook sees no environment, only the config file: embed every setting that came from an option or
+    # a variable and differs from what the config file alone would give, or the hook would look at another
+    # host's rows (host id) or another database (db) than the one attach wrote to.
+    doc = read_config(s.config_path) if s.config_found else {}
+    if s.db_url and s.db_url != doc.get("db_url"):
         args += ["--db", s.db_url]
-    cmd = " ".join(shlex.quote(a) for a in args)
+    if s.host_id != (doc.get("host_id") or os.uname().nodename):
+        args += ["--host-id", s.host_id]
+    return args
+
+
+def hook_script(ctx: Context) -> str:
+    cmd = " ".join(shlex.quote(a) for a in _hook_args(ctx))
     return ("#!/bin/sh\n"
-            "# libvirt qemu hook installed by 'gpuvirt hook install' - do not edit, reinstall instead.\n"
+            f"# libvirt qemu hook {MARKER} - do not edit, reinstall instead.\n"
             "# libvirtd runs it with argv <domain> <operation> <sub-operation> <extra> and the domain XML on\n"
             "# stdin, and an almost empty environment: everything gpuvirt needs is on the line below.\n"
             f"exec {cmd} hook libvirt-qemu \"$@\"\n")
 
 
+def _ours(path: Path) -> bool:
+    # the marker line, not merely the word: an operator's own script that happens to call gpuvirt is theirs
+    return MARKER in path.read_text(errors="replace")
+
+
 def install(ctx: Context, *, force: bool = False) -> dict[str, Any]:
+    from gpuvirt.context import redact_url
+
     path = Path(ctx.settings.root) / HOOK_REL
     text = hook_script(ctx)
     if path.exists() and not force:
         current = path.read_text(errors="replace")
         if current == text:
             return {"path": str(path), "changed": False}
-        if "gpuvirt" not in current:
+        if not _ours(path):
             raise UsageError(f"{path} exists and was not written by gpuvirt (use --force to replace it)")
+    db = ctx.settings.db_url or ""
+    # a database password on the exec line must not be readable by every local user; libvirtd runs hooks
+    # as root, so owner-only is enough
+    mode = stat.S_IRWXU if ("--db" in _hook_args(ctx) and redact_url(db) != db) else \
+        stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.chmod(tmp, stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror}") from exc
@@ -180,7 +240,7 @@ def install(ctx: Context, *, force: bool = False) -> dict[str, Any]:
 def uninstall(ctx: Context) -> dict[str, Any]:
     path = Path(ctx.settings.root) / HOOK_REL
     if path.exists():
-        if "gpuvirt" not in path.read_text(errors="replace"):
+        if not _ours(path):
             raise UsageError(f"{path} was not written by gpuvirt; not removing it")
         path.unlink()
         return {"path": str(path), "removed": True}

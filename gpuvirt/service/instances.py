@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import threading
 import uuid as uuid_mod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,21 +67,49 @@ def new_uuid() -> str:
 # --- locking ---------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def gpu_lock(ctx: Context, address: str) -> Iterator[None]:
-    """One writer per GPU on this host (apply, reconcile, attach and the hook all take it)."""
+    """One writer per GPU on this host (apply, reconcile, attach and the hook all take it).
+
+    Re-entrant within a thread: flock() conflicts between two descriptors of the same file even in one
+    process, so a nested take (attach creating the GPU instance for a MIG-backed vGPU while it already holds
+    the GPU) would otherwise wait for itself forever.
+    """
     d = ctx.settings.state_dir / "locks"
+    path = d / f"gpu-{address.replace(':', '_')}.lock"
+    key = (threading.get_ident(), str(path))
+    with _HELD_GUARD:
+        if key in _HELD:
+            _HELD[key] += 1
+            nested = True
+        else:
+            nested = False
+    if nested:
+        try:
+            yield
+        finally:
+            with _HELD_GUARD:
+                _HELD[key] -= 1
+        return
     try:
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(d / f"gpu-{address.replace(':', '_')}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
     except OSError:
         # read-only state directory: nothing else can change it either; the inventory still serialises
         yield
         return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        with _HELD_GUARD:
+            _HELD[key] = 1
         yield
     finally:
+        with _HELD_GUARD:
+            _HELD.pop(key, None)
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+_HELD: dict[tuple[int, str], int] = {}
+_HELD_GUARD = threading.Lock()
 
 
 # --- journal -----------------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ Before=libvirtd.service virtqemud.service nova-compute.service pve-guests.servic
 [Service]
 Type=oneshot
 RemainAfterExit=yes
-# --wait polls (bounded) for the NVIDIA driver instead of sleeping a fixed time
+# --wait polls (bounded) for the NVIDIA driver instead of pausing a fixed time
 ExecStart={_cmd(ctx, "reconcile", "--yes", "--wait", "120")}
 TimeoutStartSec=600
 
