@@ -145,7 +145,7 @@ def load(url: str, rows: dict[str, list[dict]]) -> None:
 def time_service(url: str, runs: int) -> tuple[list[float], list[float], dict]:
     """Wall and CPU seconds of report() + compact JSON encoding, in this process."""
     from gpuvirt.context import Context, resolve_settings
-    from gpuvirt.service.report import paused_gc, report
+    from gpuvirt.service.report import render_machine, report
 
     times, cpu = [], []
     doc = {}
@@ -154,8 +154,7 @@ def time_service(url: str, runs: int) -> tuple[list[float], list[float], dict]:
         t, c = time.perf_counter(), time.process_time()
         with Context(settings) as ctx:
             doc = report(ctx, cluster=True)
-            with paused_gc():       # as the CLI serialises it
-                json.dumps(doc, separators=(",", ":"))
+            render_machine(doc, "json")     # exactly as the CLI serialises it
         if i:       # the first run warms the catalog and the database's caches
             times.append(time.perf_counter() - t)
             cpu.append(time.process_time() - c)
@@ -190,7 +189,7 @@ def profile_service(url: str) -> None:
     import pstats
 
     from gpuvirt.context import Context, resolve_settings
-    from gpuvirt.service.report import report
+    from gpuvirt.service.report import render_machine, report
 
     settings = resolve_settings(db=url, host_id="bench", env={})
     with Context(settings) as ctx:
@@ -199,7 +198,7 @@ def profile_service(url: str) -> None:
     with Context(resolve_settings(db=url, host_id="bench", env={})) as ctx:
         pr.enable()
         doc = report(ctx, cluster=True)
-        json.dumps(doc, separators=(",", ":"))
+        render_machine(doc, "json")
         pr.disable()
     pstats.Stats(pr).sort_stats("cumulative").print_stats(25)
 

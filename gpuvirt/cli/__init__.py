@@ -15,6 +15,8 @@ def main(argv: list[str] | None = None) -> None:
     fast = _hook_fast_path(args)
     if fast is None:
         fast = _discover_fast_path(args)
+    if fast is None:
+        fast = _report_fast_path(args)
     if fast is not None:
         sys.exit(fast)
     from gpuvirt.cli.app import run
@@ -77,6 +79,73 @@ def _discover_fast_path(args: list[str]) -> int | None:
                                     debug="--debug" in opts)
         with Context(settings) as ctx:
             emit_json(discover(ctx), compact=True)
+        return 0
+    except BaseException as exc:  # noqa: BLE001 - the CLI's error boundary, as in gpuvirt.cli.app
+        return report_error(exc, "--debug" in opts)
+
+
+_REPORT_VALUED = {"--by": "by", "--format": "fmt", "-f": "fmt", "--host": "host", "--fit": "fit", "--output": "output",
+                  "-o": "output"}
+
+
+def _report_fast_path(args: list[str]) -> int | None:
+    """``report`` in a machine format (json / csv / prometheus) without the CLI framework.
+
+    Cluster reports are polled by monitoring (node_exporter's textfile collector, dashboards); their wall
+    time is mostly start-up, so they take the same short road as ``discover --json``.  Anything this
+    parser does not recognise - the table view, --help, a typo - goes to the full CLI.
+    """
+    opts, i = _global_options(args)
+    if args[i:i + 1] != ["report"]:
+        return None
+    rest = args[i + 1:]
+    got: dict[str, object] = {"by": "gpu", "fmt": "table", "host": None, "output": None, "cluster": False,
+                              "fit": []}
+    k = 0
+    while k < len(rest):
+        a = rest[k]
+        key, val = (a.split("=", 1) + [None])[:2] if a.startswith("--") and "=" in a else (a, None)
+        if key == "--cluster" and val is None:
+            got["cluster"] = True
+            k += 1
+            continue
+        if key not in _REPORT_VALUED:
+            return None
+        if val is None:
+            if k + 1 >= len(rest):
+                return None
+            val = rest[k + 1]
+            k += 2
+        else:
+            k += 1
+        name = _REPORT_VALUED[key]
+        if name == "fit":
+            got["fit"].append(val)  # type: ignore[union-attr]
+        else:
+            got[name] = val
+    if got["fmt"] not in ("json", "csv", "prometheus"):
+        return None
+    from gpuvirt.cli.errors import report_error
+
+    try:
+        from gpuvirt.context import Context, resolve_settings
+        from gpuvirt.service import report as svc
+
+        settings = resolve_settings(root=opts.get("--root"), sim=opts.get("--sim"), db=opts.get("--db"),
+                                    host_id=opts.get("--host-id"), config=opts.get("--config"),
+                                    debug="--debug" in opts)
+        with Context(settings) as ctx:
+            doc = svc.report(ctx, by=str(got["by"]), cluster=bool(got["cluster"]),
+                             host=got["host"], fit=list(got["fit"]))  # type: ignore[arg-type]
+            pretty = got["fmt"] == "json" and got["output"] is None and sys.stdout.isatty()
+            data = svc.render_machine(doc, str(got["fmt"]), pretty=pretty)
+            if got["output"] is None:
+                sys.stdout.buffer.write(data)
+                sys.stdout.flush()
+            else:
+                svc.write_atomic(str(got["output"]), data)
+        if doc.get("fit") is not None and not doc["fit"]["fits"]:
+            return 4
         return 0
     except BaseException as exc:  # noqa: BLE001 - the CLI's error boundary, as in gpuvirt.cli.app
         return report_error(exc, "--debug" in opts)

@@ -51,8 +51,10 @@ def _render(step: str, data: Any) -> None:
                 out.print(escape(f"   #{i['id']} {i['label']} {i['state']}" + (f" -> {vm}" if vm else "")))
     elif step == "libvirt domain XML":
         out.print(escape(data), highlight=False)
-    elif step == "report" and isinstance(data, dict):
-        out.print(escape(json.dumps(data.get("summary", data), indent=2)[:3000]))
+    elif step == "report":
+        from gpuvirt.cli.report_cmd import render_report
+
+        render_report(data, out)
     elif isinstance(data, (dict, list)):
         out.print(escape(json.dumps(data, indent=2, default=str)[:3000]))
     else:

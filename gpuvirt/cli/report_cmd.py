@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import sys
 from typing import Any, List, Optional
 
@@ -33,18 +32,10 @@ def report(ctx: typer.Context,
     if fmt not in svc.FORMATS:
         raise UsageError(f"unknown --format '{fmt}'; choose one of {', '.join(svc.FORMATS)}")
     doc = svc.report(state(ctx).context(), by=by, cluster=cluster, host=host, fit=fit)
-    if fmt == "json":
-        pretty = output is None and sys.stdout.isatty()
-        # compact unless a person is reading: a cluster document has thousands of GPUs, and indenting
-        # switches json to its pure-Python encoder
-        with svc.paused_gc():
-            data = (json.dumps(doc, indent=2) if pretty else json.dumps(doc, separators=(",", ":"))) + "\n"
-        _emit(data.encode(), output)
-    elif fmt == "csv":
-        with svc.paused_gc():
-            _emit(svc.to_csv(doc).encode(), output)
-    elif fmt == "prometheus":
-        _emit(svc.to_prometheus(doc), output)
+    if fmt in ("json", "csv", "prometheus"):
+        # JSON is compact unless a person is reading: a cluster document has thousands of GPUs
+        _emit(svc.render_machine(doc, fmt, pretty=fmt == "json" and output is None and sys.stdout.isatty()),
+              output)
     else:
         if output is None:
             render_report(doc, console())

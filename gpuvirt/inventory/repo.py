@@ -181,9 +181,13 @@ class Unit:
         holds the database lock."""
         if self.backend != "postgresql":
             return True
+        # lock, then make sure nobody allocated it between our unlocked read and the lock
         got = self.session.execute(select(Instance.id).where(Instance.id == inst.id)
                                    .with_for_update(skip_locked=True)).first()
-        return got is not None
+        if got is None:
+            return False
+        taken = self.session.execute(select(Allocation.id).where(Allocation.instance_id == inst.id)).first()
+        return taken is None
 
     # --- allocations -------------------------------------------------------------------------------------------
     def allocate(self, inst: Instance, *, vm_name: str, vm_uuid: str | None, tenant: str | None,

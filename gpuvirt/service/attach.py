@@ -255,13 +255,15 @@ def _attach_one(ctx: Context, vm: str, req: Request, *, tenant: str | None, pers
             candidates = [inst]
         else:
             kinds = {"mig": [MIG], "vgpu": [MDEV, VFIO_VGPU], "vf": [VF], "mdev": [MDEV]}[req.kind]
-            candidates = [i for i in uow.free_instances(host_id, kinds, lock=True)
+            candidates = [i for i in uow.free_instances(host_id, kinds)
                           if addr_of.get(i.gpu_id) in allowed and _matches(req, i, models.get(addr_of.get(i.gpu_id)))
                           and not _backs_a_vgpu(uow, i)]
         for inst in candidates:
             present = _on_host(view, addr_of.get(inst.gpu_id), inst)
             if not present:
                 continue  # missing after a reboot: reconcile/prepare will restore it; do not hand it out now
+            if not uow.try_lock_instance(inst):
+                continue  # another attach is taking this one right now: try the next candidate
             _quota_check(uow, tenant, [inst])
             alloc = uow.allocate(inst, vm_name=vm, vm_uuid=vm_uuid, tenant=tenant, persistent=persistent)
             uow.event("attach", target=vm, detail={"instance": inst.id, "label": inst.label, "tenant": tenant})
@@ -370,9 +372,18 @@ def _create_mig_for(ctx: Context, vm: str, profile: str, gpus: list[GpuView], po
         if allocate:
             _quota_precheck(ctx, tenant, fields)
         index = g.nvml_index
+
+        def cleanup() -> None:
+            from gpuvirt.service.instances import find_gi
+
+            gi = find_gi(ctx, index, pid, d.start)
+            if gi is not None:
+                destroy_mig(ctx, index, gi.id)
+
         return Journal(ctx).create(ids[g.address], fields, lambda: create_mig(ctx, index, pid, d.start),
                                    f"GPU instance {fields['profile_name']} at {d.start} on {g.label} for {vm}",
-                                   on_active=_allocator(vm, vm_uuid, tenant, persistent) if allocate else None)
+                                   on_active=_allocator(vm, vm_uuid, tenant, persistent) if allocate else None,
+                                   cleanup=cleanup)
 
 
 def _vgpu_board_room(g: GpuView, type_id: int, interface: str | None) -> tuple[int, str | None]:
@@ -463,14 +474,16 @@ def _create_vgpu_for(ctx: Context, vm: str, ref: str, gpus: list[GpuView], polic
             _add_slices(fields, g, t)
             return journal.create(ids[g.address], fields,
                                   lambda: (ctx.host.set_vgpu_type(parent, t.id, t.name), {})[1],
-                                  f"vGPU {t.name} on VF {parent} for {vm}", on_active=on_active_with_backing)
+                                  f"vGPU {t.name} on VF {parent} for {vm}", on_active=on_active_with_backing,
+                                  cleanup=lambda: ctx.host.clear_vgpu_type(parent))
         uuid = new_uuid()
         fields = instance_fields_for_vgpu(g.model, MDEV, f"nvidia-{t.id}", t.name, parent, uuid, "attach",
                                           persistent)
         _add_slices(fields, g, t)
         return journal.create(ids[g.address], fields,
                               lambda: (ctx.host.create_mdev(parent, f"nvidia-{t.id}", uuid), {})[1],
-                              f"vGPU {t.name} {uuid} on {parent} for {vm}", on_active=on_active_with_backing)
+                              f"vGPU {t.name} {uuid} on {parent} for {vm}", on_active=on_active_with_backing,
+                              cleanup=lambda: ctx.host.remove_mdev(uuid))
 
 
 def _add_slices(fields: dict[str, Any], g: GpuView, t: Any) -> None:
@@ -508,7 +521,8 @@ def _create_generic_mdev_for(ctx: Context, vm: str, type_dir: str, gpus: list[Gp
                     return Journal(ctx).create(ids[g.address], fields,
                                                lambda: (ctx.host.create_mdev(p, type_dir, uuid), {})[1],
                                                f"mdev {type_dir} {uuid} on {p} for {vm}",
-                                               on_active=_allocator(vm, vm_uuid, tenant, persistent))
+                                               on_active=_allocator(vm, vm_uuid, tenant, persistent),
+                                               cleanup=lambda: ctx.host.remove_mdev(uuid))
     raise CapacityError(f"no capacity: no mdev parent on this host can create {type_dir} now")
 
 

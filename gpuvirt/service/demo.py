@@ -104,12 +104,9 @@ def run(directory: str | None, emit: Emit, *, keep: bool = False) -> dict[str, A
     with Context(settings) as ctx:
         rec = reconcile_svc.reconcile(ctx)  # the boot unit's job: the MIG layout comes back too
         emit("reconcile", rec)
-        try:
-            from gpuvirt.service.report import report
-        except ImportError:
-            report = None
-        if report is not None:
-            emit("report", report(ctx))
+        from gpuvirt.service.report import report
+
+        emit("report", report(ctx))
         summary["status"] = reconcile_svc.status(ctx)
     summary["hook_exit"] = proc.returncode
     if tmp is not None and not keep:

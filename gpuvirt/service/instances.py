@@ -130,11 +130,14 @@ class Journal:
 
     def create(self, gpu_id: int, fields: dict[str, Any], do: Callable[[], dict[str, Any]],
                label: str, undo: Callable[[int], None] | None = None,
-               on_active: Callable[[Any, Any], None] | None = None) -> int:
+               on_active: Callable[[Any, Any], None] | None = None,
+               cleanup: Callable[[], None] | None = None) -> int:
         """Journal a create; returns the inventory instance id.
 
         ``on_active(uow, row)`` runs in the same transaction that makes the row active - attach uses it to
-        allocate the new instance before any other process can see it as free.
+        allocate the new instance before any other process can see it as free.  If that transaction fails
+        (a quota refusal, a lost race), ``cleanup()`` removes the object from the host again and the row is
+        dropped, so nothing is left half-made; without ``cleanup`` the row stays ``creating`` for reconcile.
         """
         inv = self.ctx.inventory
         host_id = self.ctx.settings.host_id
@@ -150,15 +153,28 @@ class Journal:
                     uow.delete_instance(row)
                 self._event(uow, "create", label, "failed", error=str(exc))
             raise
-        with inv.unit(write=True, action=f"record {label}") as uow:
-            row = uow.instance(inst_id)
-            for k, v in result.items():
-                setattr(row, k, v)
-            row.state = ACTIVE
-            row.error = None
-            if on_active is not None:
-                on_active(uow, row)
-            self._event(uow, "create", label, instance=inst_id)
+        try:
+            with inv.unit(write=True, action=f"record {label}") as uow:
+                row = uow.instance(inst_id)
+                for k, v in result.items():
+                    setattr(row, k, v)
+                row.state = ACTIVE
+                row.error = None
+                if on_active is not None:
+                    on_active(uow, row)
+                self._event(uow, "create", label, instance=inst_id)
+        except BaseException as exc:
+            if cleanup is not None:
+                try:
+                    cleanup()
+                    with inv.unit(write=True) as uow:
+                        row = uow.session.get(_instance_cls(), inst_id)
+                        if row is not None:
+                            uow.delete_instance(row)
+                        self._event(uow, "create", label, "failed", error=str(exc), undone=True)
+                except GpuvirtError:
+                    pass  # the row stays 'creating': reconcile finishes or removes it
+            raise
         if undo is not None:
             self.done.append(Undo(f"destroy {label}", lambda: undo(inst_id)))
         return inst_id
