@@ -21,6 +21,9 @@ from gpuvirt.model.catalog import GpuModel, load_catalog
 from gpuvirt.sim import rules
 from gpuvirt.sim.state import atomic_write
 
+# the same default the simulated NVML reports (gpuvirt.sim.nvml.DEFAULT_DRIVER_VERSION)
+DEFAULT_DRIVER_VERSION = "570.86.15"
+
 PCI_ROOT = "sys/devices/pci0000:00"
 
 # entry kinds: ("dir",) | ("file", text, mode) | ("link", target)
@@ -225,7 +228,7 @@ def host_tree(state: dict[str, Any]) -> Tree:
     if state.get("driver_loaded") and any(d.get("uuid") for d in state["devices"]):
         _dir(tree, "sys/module")
         _dir(tree, "sys/module/nvidia")
-        _file(tree, "sys/module/nvidia/version", "550.127.05\n")
+        _file(tree, "sys/module/nvidia/version", f"{state.get('driver_version') or DEFAULT_DRIVER_VERSION}\n")
     return tree
 
 
