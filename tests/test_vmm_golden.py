@@ -165,7 +165,7 @@ def test_json_schema_keys():
 
 # --- mdevctl ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, text", [
-    ("mdevctl-config-auto.json", lambda: mdevctl.config_json("nvidia-471")),
+    ("mdevctl-config-auto.json", lambda: mdevctl.config_json("nvidia-745")),
     ("mdevctl-config-manual-attrs.json",
      lambda: mdevctl.config_json("nvidia-471", "manual", [("enable_uvm", "1"), ("label", "gpu für VM")])),
 ])
