@@ -47,6 +47,14 @@ def _global_options(args: list[str]) -> tuple[dict[str, str], int]:
     return opts, i
 
 
+def _settings(opts: dict[str, str]):
+    """Settings from the global options a fast path parsed (the same precedence as the typer callback)."""
+    from gpuvirt.context import resolve_settings
+
+    return resolve_settings(root=opts.get("--root"), sim=opts.get("--sim"), db=opts.get("--db"),
+                            host_id=opts.get("--host-id"), config=opts.get("--config"), debug="--debug" in opts)
+
+
 def _hook_fast_path(args: list[str]) -> int | None:
     """Run ``[global options] hook libvirt-qemu ...`` without the full CLI; None when not that command."""
     opts, i = _global_options(args)
@@ -71,13 +79,10 @@ def _discover_fast_path(args: list[str]) -> int | None:
 
     try:
         from gpuvirt.cli.render import emit_json
-        from gpuvirt.context import Context, resolve_settings
+        from gpuvirt.context import Context
         from gpuvirt.service.discover import discover
 
-        settings = resolve_settings(root=opts.get("--root"), sim=opts.get("--sim"), db=opts.get("--db"),
-                                    host_id=opts.get("--host-id"), config=opts.get("--config"),
-                                    debug="--debug" in opts)
-        with Context(settings) as ctx:
+        with Context(_settings(opts)) as ctx:
             emit_json(discover(ctx), compact=True)
         return 0
     except BaseException as exc:  # noqa: BLE001 - the CLI's error boundary, as in gpuvirt.cli.app
@@ -128,13 +133,10 @@ def _report_fast_path(args: list[str]) -> int | None:
     from gpuvirt.cli.errors import report_error
 
     try:
-        from gpuvirt.context import Context, resolve_settings
+        from gpuvirt.context import Context
         from gpuvirt.service import report as svc
 
-        settings = resolve_settings(root=opts.get("--root"), sim=opts.get("--sim"), db=opts.get("--db"),
-                                    host_id=opts.get("--host-id"), config=opts.get("--config"),
-                                    debug="--debug" in opts)
-        with Context(settings) as ctx:
+        with Context(_settings(opts)) as ctx:
             doc = svc.report(ctx, by=str(got["by"]), cluster=bool(got["cluster"]),
                              host=got["host"], fit=list(got["fit"]))  # type: ignore[arg-type]
             pretty = got["fmt"] == "json" and got["output"] is None and sys.stdout.isatty()
