@@ -157,16 +157,27 @@ def test_mig_backed_vgpu_creates_the_gpu_instance_first(make_sim, gpuvirt_proc):
     assert gpu_instances(sim) == [] and mdevs(sim) == {}
 
 
-def test_mig_is_refused_clearly_and_nothing_is_created(cli, make_sim):
+def test_mig_profile_is_handed_out_as_its_mig_backed_vgpu(cli, make_sim):
+    # a MIG instance itself is not a VFIO device: --mig PROFILE gives the VM a GPU instance of that profile
+    # through the board's MIG-backed vGPU type (A100-1-5C for 1g.5gb), creating the GPU instance first
     sim = make_sim(["a100-40gb"], mig_enabled=True)
     root = sim.root
-    res = cli("--sim", root, "attach", "vm1", "--mig", "1g.5gb")
+    res = cli("--sim", root, "attach", "vm1", "--mig", "1g.5gb", "--format", "json")
+    assert res.exit_code == 0, res
+    assert [p for p, _ in gpu_instances(sim)] == [19]
+    assert mdevs(sim)[res.json()["uuid"]][1] == "nvidia-474"
+
+
+def test_mig_without_a_mig_backed_vgpu_type_is_refused_clearly(cli, make_sim):
+    sim = make_sim(["h100-80gb"], mig_enabled=True)  # no vGPU host driver types in the catalog
+    root = sim.root
+    res = cli("--sim", root, "attach", "vm1", "--mig", "1g.10gb")
     assert res.exit_code == 2
     line = res.stderr.strip()
     assert "\n" not in line and "MIG instances are not VFIO devices" in line and "--vgpu" in line
     assert gpu_instances(sim) == [] and allocations(cli, root) == []
     # an existing MIG instance asked for by id: the same refusal, no allocation
-    ok(cli("--sim", root, "create-profile", "m", "--mig", "1g.5gb=1", "--model", "a100-40gb"))
+    ok(cli("--sim", root, "create-profile", "m", "--mig", "1g.10gb=1", "--model", "h100-80gb"))
     ok(cli("--sim", root, "apply", "m", "--gpu", "0", "--yes"))
     [gi] = instances(cli, root)
     res = cli("--sim", root, "attach", "vm1", "--instance", gi["id"])

@@ -183,8 +183,9 @@ def attach(ctx: Context, vm: str, *, vgpu: str | None = None, mig: str | None = 
         raise UsageError("--count must be between 1 and 64")
     req = make_request(vgpu=vgpu, mig=mig, vf=vf, instance=instance, mdev=mdev)
     if req.kind == "mig":
-        # refuse before anything is created or allocated: no hand-off can ever be rendered for a MIG instance
-        raise UsageError(f"--mig {req.ref}: {MIG_NOT_VFIO}")
+        # a MIG instance itself cannot be passed through; on KVM a VM gets a GPU instance of that profile as
+        # the MIG-backed vGPU on it (the GPU instance is created first when none is free)
+        req = Request("vgpu", ref=_mig_backed_type_for(ctx, req.ref or "", gpu))
     if req.kind == "instance" and count != 1:
         raise UsageError("--instance attaches exactly one instance")
     if domain_xml is not None:
@@ -276,6 +277,30 @@ def _attach_one(ctx: Context, vm: str, req: Request, *, tenant: str | None, pers
                                 "--sriov-vfs N)")
     # 2. create one where the layout has room
     return _create_for(ctx, vm, req, view, allowed, tenant=tenant, persistent=persistent, vm_uuid=vm_uuid), True
+
+
+def _mig_backed_type_for(ctx: Context, profile: str, gpu_selector: str | None) -> str:
+    """The MIG-backed vGPU type that gives a VM one GPU instance of ``profile`` on this host."""
+    view = hostview.snapshot(ctx, nvml=False)
+    gpus = view.select(gpu_selector) if gpu_selector else view.gpus
+    found: list[str] = []
+    for g in gpus:
+        m = g.model
+        if m is None or m.mig is None or m.vgpu is None:
+            continue
+        try:
+            pid = resolve_gi_profile(m, profile).id
+        except GpuvirtError:
+            continue
+        # catalog order: the compute (C) series first where a board has several for one profile
+        for t in sorted(m.vgpu.types, key=lambda t: (t.series != "C", t.id)):
+            if t.gpu_instance_profile_id == pid:
+                found.append(t.name)
+                break
+    if not found:
+        raise UsageError(f"--mig {profile}: {MIG_NOT_VFIO}; no GPU on this host offers a MIG-backed vGPU type "
+                         f"for {profile}")
+    return found[0]
 
 
 def _backs_a_vgpu(uow: Any, inst: Any) -> bool:
