@@ -125,7 +125,8 @@ def _blocker(row: Any, what: str, force: bool) -> str | None:
     return None
 
 
-def plan_gpu(g: GpuView, gpu_row: Any, profile_name: str, layout: Any, rows: list[Any], force: bool) -> GpuPlan:
+def plan_gpu(g: GpuView, gpu_row: Any, profile_name: str, layout: Any, rows: list[Any], force: bool,
+             policy: str = "frag-aware") -> GpuPlan:
     plan = GpuPlan(gpu=g, gpu_row_id=gpu_row.id, profile=profile_name, layout_text=layout.describe())
     by_key = _rows_by_key(rows)
     model = g.model
@@ -156,7 +157,7 @@ def plan_gpu(g: GpuView, gpu_row: Any, profile_name: str, layout: Any, rows: lis
     mig_create: list[Op] = []
     if mig_enabled is not None and g.mig_capable and model and model.mig:
         _plan_mig(plan, g, layout.mig_counts if mig_enabled else {}, mig_enabled, by_key, force,
-                  mig_destroy, mig_mode, mig_create)
+                  mig_destroy, mig_mode, mig_create, policy)
     elif mig_enabled and not g.mig_capable:
         plan.blocked.append(f"{g.label} does not support MIG")
 
@@ -175,7 +176,7 @@ def plan_gpu(g: GpuView, gpu_row: Any, profile_name: str, layout: Any, rows: lis
 
 
 def _plan_mig(plan: GpuPlan, g: GpuView, counts: dict[int, int], enabled: bool, by_key: dict, force: bool,
-              destroy: list[Op], mode: list[Op], create: list[Op]) -> None:
+              destroy: list[Op], mode: list[Op], create: list[Op], policy: str = "frag-aware") -> None:
     geom = g.model.mig  # type: ignore[union-attr]
     host_gis = [] if not g.mig_current else list(g.gpu_instances)
 
@@ -209,6 +210,12 @@ def _plan_mig(plan: GpuPlan, g: GpuView, counts: dict[int, int], enabled: bool, 
         if best is not None:
             chosen, placements = best[1], best[2]
             break
+    if chosen is not None and placements:
+        # among the layouts that work, take the planner's: new instances go where they leave the free
+        # slices most useful (e.g. two 1g on an empty A100 do not split the halves a 3g or 4g needs)
+        fixed = [Placed(gi["placement"]["start"], gi["placement"]["size"], gi["profile_id"]) for gi in chosen]
+        placements = _planner_placements(geom, fixed, Counter(p.profile_id for p in placements), policy) \
+            or placements
     if chosen is None:
         why = [_blocker(row_of(gi), label(gi), force) for gi in untouchable]
         plan.blocked.append("cannot reach the layout without destroying: " + "; ".join(w for w in why if w))
@@ -233,6 +240,25 @@ def _plan_mig(plan: GpuPlan, g: GpuView, counts: dict[int, int], enabled: bool, 
         prof = geom.profile(p.profile_id)
         create.append(Op("create-mig", g.address, {"profile_id": prof.id, "profile_name": prof.name,
                                                    "start": p.start, "size": p.size}))
+
+
+def _planner_placements(geom: Any, fixed: list[Placed], counts: Counter, policy: str) -> list[Placed] | None:
+    """Place ``counts`` next to ``fixed`` one by one (largest first) with the placement policy; None when the
+    greedy order gets stuck, in which case the exact packer's layout is used instead."""
+    from gpuvirt.model.planner import GpuState, choose_placement
+
+    state = GpuState("gpu", geom, tuple(sorted(fixed)))
+    out: list[Placed] = []
+    items = sorted(counts.elements(), key=lambda pid: (-geom.profile(pid).memory_slices,
+                                                        -geom.profile(pid).compute_slices, pid))
+    for pid in items:
+        d = choose_placement([state], pid, policy)
+        if d is None:
+            return None
+        pl = d.placed(geom.profile(pid).memory_slices)
+        out.append(pl)
+        state = state.with_layout(list(state.layout) + [pl])
+    return sorted(out)
 
 
 def _existing_vgpus(g: GpuView, model: Any) -> list[dict[str, Any]]:
@@ -380,7 +406,8 @@ def make_plans(ctx: Context, profile_name: str, selector: str, *, force: bool = 
         for g in targets:
             layout = _resolve_for(spec, g)
             inst = uow.instances(ctx.settings.host_id, gpu_id=rows[g.address].id)
-            plans.append(plan_gpu(g, rows[g.address], spec.name, layout, inst, force))
+            plans.append(plan_gpu(g, rows[g.address], spec.name, layout, inst, force,
+                                  policy=ctx.settings.policies.get("mig_placement", "frag-aware")))
     return spec, plans
 
 
