@@ -457,6 +457,11 @@ def test_pack_plan_names_and_errors():
 def test_defrag_plan_on_a_simulated_host(cli, make_sim):
     sim = make_sim(["a100-40gb"])
     root = sim.root
+    # first-fit puts the two 1g at the lowest starts, the fragmented case defrag is for (the default policy
+    # would keep the lower half free by itself)
+    cfg = root / "etc/gpuvirt/gpuvirt.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text('[policies]\nmig_placement = "first-fit"\n')
     assert cli("--sim", root, "create-profile", "two", "--mig", "1g.5gb=2", "--model", "a100-40gb").exit_code == 0
     assert cli("--sim", root, "apply", "two", "--gpu", "0", "--yes").exit_code == 0
     gpu = next(d for d in sim.load()["devices"] if d.get("mig"))
