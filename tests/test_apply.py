@@ -401,3 +401,18 @@ def test_config_file_supplies_db_and_host_id(cli, make_sim, tmp_path):
     r = cli("--sim", root, "status")
     assert r.exit_code == 2 and "unknown key" in r.stderr, r
     _ = json
+
+
+def test_partial_layout_leaves_room_for_large_profiles(cli, make_sim):
+    # two 1g instances on an empty A100: the placement policy keeps the only 4g start (0:4) free
+    sim = make_sim(["a100-40gb"])
+    root = sim.root
+    cli("--sim", root, "create-profile", "two", "--mig", "1g.5gb=2", "--model", "a100-40gb")
+    assert cli("--sim", root, "apply", "two", "--gpu", "0", "--yes").exit_code == 0
+    lay = host_layout(sim)["0000:41:00.0"]
+    assert all(start >= 4 for _, start, _ in lay)
+    from gpuvirt.host.nvml import NvmlSession
+    from gpuvirt.sim.nvml import FakeNvmlLib
+
+    with NvmlSession(FakeNvmlLib(sim)) as s:
+        s.create_gpu_instance(0, 5, 0)  # the 4g still fits: the simulator accepts it
