@@ -1181,29 +1181,21 @@ def fit_requests(items: list[tuple[Any, dict[str, Any], GpuFacts]], requests: li
             "policies": {"mig": mig_policy, "vgpu": vgpu_policy}}
 
 
-def _resolve_mig(gg: _FitGpu, name: str, cache: dict) -> Any:
-    key = (gg.model.id if gg.model else None, name)
-    if key not in cache:
-        p = None
-        if gg.model is not None and gg.model.mig is not None:
-            try:
-                p = resolve_gi_profile(gg.model, name)
-            except GpuvirtError:
-                p = None
-        cache[key] = p
-    return cache[key]
+def _resolve(gg: _FitGpu, kind: str, name: str, cache: dict) -> Any:
+    """A MIG profile ("mig") or vGPU type ("vgpu") of this GPU's model by name; None when the model has none.
 
-
-def _resolve_vgpu(gg: _FitGpu, name: str, cache: dict) -> Any:
-    key = (gg.model.id if gg.model else None, "vgpu", name)
+    Memoised per (model, kind, name): a fit over thousands of GPUs of a few models resolves each name once.
+    """
+    key = (gg.model.id if gg.model else None, kind, name)
     if key not in cache:
-        t = None
-        if gg.model is not None and gg.model.vgpu is not None:
+        found = None
+        m = gg.model
+        if m is not None and (m.mig if kind == "mig" else m.vgpu) is not None:
             try:
-                t = resolve_vgpu_type(gg.model, name)
+                found = resolve_gi_profile(m, name) if kind == "mig" else resolve_vgpu_type(m, name)
             except GpuvirtError:
-                t = None
-        cache[key] = t
+                found = None
+        cache[key] = found
     return cache[key]
 
 
@@ -1231,7 +1223,7 @@ def _fit_one_mig(gpus, name, policy, note, GpuState, choose_placement) -> tuple[
     for gg in gpus:
         if not gg.mig_on:
             continue
-        p = _resolve_mig(gg, name, _RESOLVED)
+        p = _resolve(gg, "mig", name, _RESOLVED)
         if p is not None:
             cands.append((gg, p))
     if not cands:
@@ -1257,7 +1249,7 @@ def _fit_one_vgpu(gpus, name, policy, mig_policy, note, GpuState, VgpuBoard, cho
                   choose_vgpu_gpu) -> tuple[bool, bool]:
     cands = []
     for gg in gpus:
-        t = _resolve_vgpu(gg, name, _RESOLVED)
+        t = _resolve(gg, "vgpu", name, _RESOLVED)
         if t is not None:
             cands.append((gg, t))
     if not cands:
@@ -1346,7 +1338,7 @@ def _missing_reason(gpus: list[_FitGpu], name: str, kind: str, offered: bool, mi
     if kind == "mig":
         fragmented = []
         for gg in gpus:
-            p = _resolve_mig(gg, name, _RESOLVED) if gg.mig_on else None
+            p = _resolve(gg, "mig", name, _RESOLVED) if gg.mig_on else None
             if p is None:
                 continue
             geom = gg.model.mig
