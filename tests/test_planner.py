@@ -186,9 +186,9 @@ def test_policies_on_a_small_cluster():
     assert choose_placement(gpus, 19, "best-fit").gpu_key == "g1"
     assert choose_placement(gpus, 19, "spread").gpu_key == "g0"
     assert choose_placement(gpus, 19, "pack").gpu_key == "g1"
-    # a 3g next to the 4g fills that GPU exactly, removing its stranded slices: the largest drop of F
+    # a 3g next to the 4g fills that GPU exactly: nothing stranded, no GPU opened, nothing left free
     d = choose_placement(gpus, 9, "frag-aware")
-    assert (d.gpu_key, d.start) == ("g1", 4) and d.score < 0
+    assert (d.gpu_key, d.start) == ("g1", 4) and d.score == 0
     with pytest.raises(UsageError):
         choose_placement(gpus, 19, "random")
 
@@ -203,6 +203,32 @@ def test_frag_aware_keeps_aligned_blocks_open():
         assert d is not None
         layout = tuple(sorted(layout + (placed(A100, pid, d.start),)))
     assert mig.compute_used(A100, layout) == 7
+
+
+def test_stranded_slices():
+    from gpuvirt.model.planner import _tables
+    t = _tables(A100)
+    pids = tuple(p.id for p in A100.gi_profiles)
+    assert t.stranded((), pids) == 0
+    assert t.stranded((placed(A100, 9, 4),), pids) == 0                       # 4g@0 completes it
+    assert t.stranded((placed(A100, 9, 0), placed(A100, 14, 4)), pids) == 1   # only a 1g fits at 6
+    assert t.stranded((placed(A100, 9, 0), placed(A100, 9, 4)), pids) == 1
+    assert t.stranded((placed(A100, 0, 0),), pids) == 0
+    # with only 4g and 7g expected, a lone 3g at 4 strands nothing but one at 0 strands all four
+    assert t.stranded((placed(A100, 9, 0),), (5, 0)) == 4
+    assert t.stranded((placed(A100, 9, 4),), (5, 0)) == 0
+
+
+def test_frag_aware_opens_a_gpu_rather_than_strand_a_slice():
+    # 3g@0 beside 2g@4 would strand a compute slice; while empty GPUs are plentiful a fresh one is used
+    used = GpuState("u", A100, (placed(A100, 14, 4),))
+    empties = [GpuState(f"e{i}", A100, ()) for i in range(3)]
+    d = choose_placement([used] + empties, 9)
+    assert (d.gpu_key, d.start) == ("e0", 4)
+    # when empty GPUs are scarce (1 of 40 <= 5 %), the last one is kept for whole-GPU requests
+    full = [GpuState(f"f{i}", A100, (placed(A100, 0, 0),)) for i in range(38)]
+    d = choose_placement([used] + full + empties[:1], 9)
+    assert (d.gpu_key, d.start) == ("u", 0)
 
 
 def test_fragmentation_score():

@@ -112,6 +112,11 @@ class VgpuBoard:
 # path to the same tables.
 _TABLES: dict[tuple, "_Tables"] = {}
 _MEMO_LIMIT = 200_000
+# While more than this share of the candidate GPUs is empty, opening an empty GPU is cheaper than stranding a
+# compute slice on a used one; below it, empty GPUs are kept for whole-GPU requests and one stranded slice is
+# the lesser evil.  Chosen on benches/placement.py (docs/placement.md, "stranding guard"): 0.05 was the one
+# value that beat the best baseline on all four B2 runs (trace/uniform mix, with/without departures).
+EMPTY_GPU_RESERVE = 0.05
 
 
 class _Tables:
@@ -127,6 +132,7 @@ class _Tables:
         self._frag: dict[tuple, float] = {}
         self._free: dict[tuple, int] = {}
         self._survive: dict[tuple, int] = {}
+        self._fill: dict[tuple, int] = {}
 
     def _trim(self, memo: dict) -> None:
         if len(memo) > _MEMO_LIMIT:
@@ -155,6 +161,31 @@ class _Tables:
             self._trim(self._survive)
             got = self._survive[layout] = sum(len(self.starts(layout, pid)) for pid in self.by_id)
         return got
+
+    def fillable(self, layout: tuple[Placed, ...], pids: tuple[int, ...]) -> int:
+        """Most compute slices that instances of ``pids`` added to ``layout`` can still occupy."""
+        key = (layout, pids)
+        got = self._fill.get(key)
+        if got is None:
+            free = self.compute_free(layout)
+            got = 0
+            for pid in pids:
+                prof = self.by_id[pid]
+                for s in self.starts(layout, pid):
+                    after = tuple(sorted(layout + (Placed(s, prof.memory_slices, pid),)))
+                    got = max(got, prof.compute_slices + self.fillable(after, pids))
+                    if got == free:
+                        break
+                if got == free:
+                    break
+            self._trim(self._fill)
+            self._fill[key] = got
+        return got
+
+    def stranded(self, layout: tuple[Placed, ...], pids: tuple[int, ...]) -> int:
+        """Free compute slices no combination of further instances can use while ``layout`` stays
+        (3g@0 + 2g@4 on an A100 strands one: only a 1g fits in slices 6-7)."""
+        return self.compute_free(layout) - self.fillable(layout, pids) if layout else 0
 
     def can_add(self, counts_key: tuple[tuple[int, int], ...], pid: int) -> bool:
         key = (counts_key, pid)
@@ -270,19 +301,29 @@ def choose_placement(gpus: Sequence[GpuState], profile_id: int, policy: str = DE
     best-fit      (free compute after, i, start)                                         free compute after
     spread        (-free compute after, i, start)                                        -free compute after
     pack          (free compute after, -placements still possible on the GPU, i, start)  free compute after
-    frag-aware    (ΔF, free compute after, -placements still possible, i, start)         ΔF
+    frag-aware    (ΔS + e, free compute after, ΔF, -placements still possible, i, start)  ΔS + e
     ============  =====================================================================  =================
 
-    ΔF is the growth of :func:`fragmentation` on the chosen GPU, with ``weights`` ({profile id: p}) the
-    expected request mix (default: uniform over the model's profiles).  "Placements still possible" counts,
-    over all profiles of the model, the legal free starts left after the placement, so that among equally
-    good GPUs the start that keeps large aligned blocks open wins (the HAMi PR #2855 tie-break).
+    ΔS is the growth of the GPU's *stranded* compute slices (free slices that no combination of further
+    instances of the mix's profiles can use while the present ones stay, e.g. 3g@0 + 2g@4 on an A100), and
+    ``e`` the price of opening an empty GPU: 0.5 while more than :data:`EMPTY_GPU_RESERVE` of the candidate
+    GPUs are empty (a fresh GPU beats a stranded slice), 1.5 below it (keep the last empty GPUs for whole-GPU
+    requests unless two or more slices would be stranded).  ΔF is the growth of :func:`fragmentation` on the
+    chosen GPU, with ``weights`` ({profile id: p}) the expected request mix (default: uniform over the
+    model's profiles).  "Placements still possible" counts, over all profiles of the model, the legal free
+    starts left after the placement, so that among equally good GPUs the start that keeps large aligned
+    blocks open wins (the HAMi PR #2855 tie-break).
     """
     if policy not in POLICIES:
         raise UsageError(f"unknown placement policy '{policy}'; choose one of {', '.join(POLICIES)}")
     best: tuple | None = None
     best_decision: Decision | None = None
     wkeys: dict[int, tuple] = {}
+    open_price = 0.0
+    if policy == "frag-aware":
+        able = [g for g in gpus if profile_id in _tables(g.geometry).by_id]
+        empty = sum(1 for g in able if not g.layout)
+        open_price = 0.5 if empty > EMPTY_GPU_RESERVE * len(able) else 1.5
     for i, gpu in enumerate(gpus):
         t = _tables(gpu.geometry)
         prof = t.by_id.get(profile_id)
@@ -307,6 +348,8 @@ def choose_placement(gpus: Sequence[GpuState], profile_id: int, policy: str = DE
                 if wkey is None:
                     wkey = wkeys[id(t)] = _weights_key(gpu.geometry, weights)
             f_before = t.frag(layout, wkey) if wkey else 0.0
+            pids = tuple(p for p, _ in wkey)
+            s_before = t.stranded(layout, pids) if wkey else 0
             cand = None
             for s in starts:
                 after = tuple(sorted(layout + (Placed(s, prof.memory_slices, profile_id),)))
@@ -315,9 +358,10 @@ def choose_placement(gpus: Sequence[GpuState], profile_id: int, policy: str = DE
                     key = (free_after, -survive, i, s)
                     score = float(free_after)
                 else:
+                    strand = t.stranded(after, pids) - s_before + (open_price if not layout else 0.0)
                     delta = round(t.frag(after, wkey) - f_before, 9)   # rounding: stable ties across sums
-                    key = (delta, free_after, -survive, i, s)
-                    score = delta
+                    key = (strand, free_after, delta, -survive, i, s)
+                    score = strand
                 if cand is None or key < cand[0]:
                     cand = (key, score, s)
         assert cand is not None
