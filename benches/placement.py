@@ -394,17 +394,47 @@ def part_b1(models):
 
 # --- B2a ------------------------------------------------------------------------------------------------------
 def part_b2a(geom, wl):
-    print("\n== B2a online acceptance, inflation: i.i.d. trace requests until 1.3x capacity asked, "
-          "no departures, 64 GPUs ==")
+    print("\n== B2a online acceptance, inflation: i.i.d. requests until 1.3x capacity asked, no departures, "
+          "64 GPUs, seeds 0-9 ==")
+    states = []
+    for mix in ("trace", "uniform"):
+        draw = ((lambda rng: wl.sample_profiles(rng, 1)[0]) if mix == "trace"
+                else (lambda rng: rng.choice(UNIFORM_IDS)))
+        results, upper = _b2a_runs(geom, draw, states if mix == "trace" else None)
+        print(f"-- {mix} mix" + (" (the benchmark's workload)" if mix == "trace" else
+                                 f" (every plain profile equally likely, ids {UNIFORM_IDS}: a contrast where "
+                                 "small shapes and alignment matter)"))
+        rows = []
+        for p in ONLINE_POLICIES:
+            r = results[p]
+            rows.append([p, pct(r["acc"] / r["n"]), pct(r["alloc"] / 10), pct(r["frag"] / r["n"]),
+                         pct(r["avoid"] / r["n"]),
+                         pct(r["first_rej"] / r["runs_rej"]) if r["runs_rej"] else "-",
+                         f"{r['active'] / 10:.1f}"])
+        table(["policy", "accepted", "alloc. slices", "frag. rej.", "avoidable rej.", "alloc. at 1st rej.",
+               "active GPUs"], rows)
+        print(f"offline bound (ILP, same requests, <= 64 GPUs): {pct(upper['accepted'] / upper['n'])} accepted; "
+              f"{upper['n'] / 10:.0f} requests per seed")
+        if mix == "trace":
+            _acceptance_targets("B2a", results, upper["accepted"] / upper["n"], "offline optimum")
+        else:
+            acc = {p: results[p]["acc"] / results[p]["n"] for p in results}
+            print(f"uniform mix (no target): frag-aware {pct(acc['frag-aware'])} vs best of first-fit/best-fit "
+                  f"{pct(max(acc['first-fit'], acc['best-fit']))}; avoidable rejections "
+                  f"{pct(results['frag-aware']['avoid'] / results['frag-aware']['n'])} vs "
+                  f"{pct(min(results[p]['avoid'] / results[p]['n'] for p in ('first-fit', 'best-fit')))}")
+    return states
+
+
+def _b2a_runs(geom, draw, states):
     capacity = N_GPUS * geom.compute_slices
     results = {p: Counter() for p in ONLINE_POLICIES}
     upper = Counter()
-    states = []
     for seed in range(10):
         rng = random.Random(seed)
         items, asked = [], 0
         while asked < 1.3 * capacity:
-            pid = wl.sample_profiles(rng, 1)[0]
+            pid = draw(rng)
             items.append(pid)
             asked += geom.profile(pid).compute_slices
         upper["accepted"] += ilp_max_accept(geom, Counter(items), N_GPUS)
@@ -427,23 +457,12 @@ def part_b2a(geom, wl):
                 live = cl.live()
                 live[pid] += 1
                 r["avoid"] += fits_in(geom, live, N_GPUS)
-                if frag and policy in ("first-fit", "best-fit", "frag-aware") and \
+                if states is not None and frag and policy in ("first-fit", "best-fit", "frag-aware") and \
                         not any(s[0] == (policy, seed) for s in states):
                     states.append(((policy, seed), pid, list(cl.layouts)))     # tuples: a snapshot
             r["alloc"] += cl.used() / capacity
             r["active"] += sum(1 for lay in cl.layouts if lay)
-    rows = []
-    for p in ONLINE_POLICIES:
-        r = results[p]
-        rows.append([p, pct(r["acc"] / r["n"]), pct(r["alloc"] / 10), pct(r["frag"] / r["n"]),
-                     pct(r["avoid"] / r["n"]),
-                     pct(r["first_rej"] / r["runs_rej"]) if r["runs_rej"] else "-", f"{r['active'] / 10:.1f}"])
-    table(["policy", "accepted", "alloc. slices", "frag. rej.", "avoidable rej.", "alloc. at 1st rej.",
-           "active GPUs"], rows)
-    print(f"offline bound (ILP, same requests, <= 64 GPUs): {pct(upper['accepted'] / upper['n'])} accepted; "
-          f"{upper['n'] / 10:.0f} requests per seed, seeds 0-9")
-    _acceptance_targets("B2a", results, upper["accepted"] / upper["n"], "offline optimum")
-    return states
+    return results, upper
 
 
 def _acceptance_targets(name, results, ceiling, ceiling_name):
@@ -458,7 +477,7 @@ def _acceptance_targets(name, results, ceiling, ceiling_name):
 
 
 # --- B2b ------------------------------------------------------------------------------------------------------
-def part_b2b(geom, wl, seeds=(0, 1, 2), arrivals=2400, warmup=800, load=1.1):
+def part_b2b(geom, wl, seeds=(0, 1, 2, 3, 4, 5), arrivals=2400, warmup=800, load=1.1):
     print(f"\n== B2b online acceptance with churn: trace (profile, duration) pairs, Poisson arrivals re-timed to "
           f"{load:.1f}x offered load, {arrivals} arrivals, first {warmup} are warm-up, seeds {list(seeds)} ==")
     capacity = N_GPUS * geom.compute_slices
