@@ -173,22 +173,27 @@ def test_sigkill_at_a_step_is_repaired_by_reconcile(cli, gpuvirt_proc, make_sim,
     assert [p for p, _, _ in host_layout(sim)["0000:41:00.0"]] == [9, 9]
 
 
-def test_reboot_then_reconcile_restores_identical_placements_and_uuids(cli, make_sim):
+@pytest.mark.parametrize("gpus,n_mdevs,n_vfio", [(["a100-40gb", "a2"], 8, 0), (["a100-40gb", "a2", "l40s"], 0, 14)],
+                         ids=["mdev-host", "vendor-vfio-host"])
+def test_reboot_then_reconcile_restores_identical_placements_and_uuids(cli, make_sim, gpus, n_mdevs, n_vfio):
     from gpuvirt.sim.control import reboot
 
-    sim = make_sim(["a100-40gb", "a2", "l40s"])
+    # one host runs one vGPU interface: with an L40S on board the A2 is driven through vendor VFIO too
+    sim = make_sim(gpus)
     root = sim.root
     cli("--sim", root, "create-profile", "bal", "--mig", "1g.5gb=2", "--mig", "2g.10gb=1", "--mig", "3g.20gb=1",
         "--model", "a100-40gb")
     cli("--sim", root, "create-profile", "q2", "--vgpu", "A2-2Q=8", "--model", "a2")
     cli("--sim", root, "create-profile", "l4q", "--vgpu", "L40S-4Q=6", "--model", "l40s")
     for prof, sel in (("bal", "a100-40gb"), ("q2", "a2"), ("l4q", "l40s")):
+        if sel not in gpus:
+            continue
         r = cli("--sim", root, "apply", prof, "--gpu", sel, "--yes")
         assert r.exit_code == 0, r
     mig_before, mdevs_before = host_layout(sim), host_mdevs(sim)
     vfio_before = sorted((vf["address"], vf["current_vgpu_type"]) for d in sim.load()["devices"]
                          for vf in d["vfs"] if vf["current_vgpu_type"])
-    assert len(vfio_before) == 6
+    assert len(vfio_before) == n_vfio and len(mdevs_before) == n_mdevs
     reboot(sim)
     assert host_mdevs(sim) == [] and all(not v for v in host_layout(sim).values())
     assert not status(cli, root)["in_sync"]

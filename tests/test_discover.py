@@ -435,15 +435,17 @@ def test_simulator_reproduces_the_fixtures(make_sim, cli) -> None:
     """The fixture's A2 VF shows the state after one 4096M vGPU exists on a sibling VF; the simulator gives
     the same 15 types, byte for byte, in that state.  An idle simulated L40S VF lists what the fixture lists."""
     expected_a2 = _fixture_a2_types()
-    sim = make_sim(["a2", "l40s"])
+    sim = make_sim(["a2"])          # two hosts: the A2 fixture is classic mdev, the L40S one vendor VFIO
     SimKernel(sim).write(sim.root / f"sys/class/mdev_bus/{vf(0)}/mdev_supported_types/nvidia-754/create",
                          "6a1f0c2e-0000-4000-8000-0000000000aa\n")
     doc = discover_json(cli, "--sim", str(sim.root))
     parents = {p["address"]: p for p in doc["mdev_parents"]}
     for i in range(1, 16):
         assert parents[vf(i)]["types"] == expected_a2
+    sim = make_sim(["l40s"])
+    doc = discover_json(cli, "--sim", str(sim.root))
     fixture_text = reference(*FIXTURE, "sys/bus/pci/devices", L40S_VF, "nvidia/creatable_vgpu_types").read_text()
-    sim_text = (sim.root / "sys/bus/pci/devices" / vf(0, bus=0x42) / "nvidia/creatable_vgpu_types").read_text()
+    sim_text = (sim.root / "sys/bus/pci/devices" / vf(0) / "nvidia/creatable_vgpu_types").read_text()
     assert sim_text == fixture_text
     assert [v["creatable_types"] for v in doc["vfio_vfs"]] == [_fixture_l40s_types()] * 32
 
@@ -493,7 +495,8 @@ def _break_creatable(root: Path, doc: dict) -> str:
                          ids=["no-mdev_supported_types", "non-numeric-available", "no-device_api",
                               "dangling-mdev-link", "unreadable-creatable"])
 def test_broken_entry_becomes_a_warning(make_sim, cli, breaker) -> None:
-    sim = make_sim(["t4", "mtty", "l40s"])
+    # the L40S forces the vendor-VFIO interface host-wide; the T4 PF is an mdev parent only on an mdev host
+    sim = make_sim(["t4", "mtty", "l40s"], vgpu_interface="vendor-vfio" if breaker is _break_creatable else "mdev")
     SimKernel(sim).write(sim.root / "sys/class/mdev_bus/mtty/mdev_supported_types/mtty-2/create", MTTY_DEV)
     before = discover_json(cli, "--sim", str(sim.root))
     assert before["warnings"] == []

@@ -748,13 +748,19 @@ def test_crash_fault_kills_the_writer_at_the_chosen_step(make_sim, kill: str) ->
 
 # === reboot =======================================================================================================
 def test_reboot_wipes_volatile_state(make_sim, cli) -> None:
-    sim = make_sim(["a100-40gb", "h100-80gb", "a2", "l40s", "t4", "mtty"], mig_enabled=True)
-    # a100 0000:41, h100 0000:42, a2 0000:43, l40s 0000:44, t4 0000:45
-    a2_vf, l40s_vf, t4 = vf(0, 0x43), vf(0, 0x44), "0000:45:00.0"
+    sim = make_sim(["a100-40gb", "h100-80gb", "a2", "t4", "mtty"], mig_enabled=True)
+    # a100 0000:41, h100 0000:42, a2 0000:43, t4 0000:44 (a classic mdev host); the vendor-VFIO L40S VF is
+    # checked on a host of its own, since one host never runs both interfaces
+    a2_vf, t4 = vf(0, 0x43), "0000:44:00.0"
+    vfio = make_sim(["l40s"], name="vfio")
+    l40s_vf = vf(0, 0x41)
+    host(vfio).set_vgpu_type(l40s_vf, type_id_by_name("l40s", "L40S-8Q"))
+    reboot(vfio)
+    assert vfio.load()["devices"][0]["vfs"] == []
+    assert not (vfio.root / "sys/bus/pci/devices" / l40s_vf).exists()
     create(sim, a2_vf, "nvidia-746")
     create(sim, t4, "nvidia-230")
     create(sim, "mtty", "mtty-1")
-    host(sim).set_vgpu_type(l40s_vf, type_id_by_name("l40s", "L40S-8Q"))
     with nvml(sim) as s:
         s.create_gpu_instance(0, 19)
         s.create_gpu_instance(1, 19)
@@ -773,7 +779,6 @@ def test_reboot_wipes_volatile_state(make_sim, cli) -> None:
     # only parents that need no VFs remain: the T4 PF and the mtty sample
     assert sorted(os.listdir(sim.root / "sys/class/mdev_bus")) == [t4, "mtty"]
     assert avail(sim, t4, "nvidia-230") == 16 and avail(sim, "mtty", "mtty-1") == 24
-    assert not (sim.root / "sys/bus/pci/devices" / l40s_vf).exists()
     by_model = {d["model"]: d for d in state["devices"]}
     # MIG mode persists on Ampere, is lost on Hopper; GPU instances never survive
     assert by_model["a100-40gb"]["mig"] == {"current": 1, "pending": 1, "gpu_instances": []}
@@ -913,3 +918,26 @@ def test_repair_rewrites_a_damaged_tree(make_sim, cli) -> None:
     assert cli("sim", "repair", str(sim.root)).exit_code == 0
     assert avail_map(sim, "mtty") == {"mtty-1": 22, "mtty-2": 11}
     assert len(mdev_uuids(sim)) == 1
+
+
+# === one vGPU interface per host ====================================================================================
+@pytest.mark.parametrize("gpus,forced,expected", [
+    (["a2", "t4"], None, "mdev"),
+    (["l40s"], None, "vendor-vfio"),
+    (["a100-40gb", "a2", "l40s"], None, "vendor-vfio"),      # boards disagree: the newer driver's interface
+    (["a100-40gb", "l40s"], "mdev", "mdev"),
+    (["h100-80gb", "mtty"], None, None),                     # no NVIDIA vGPU board at all
+])
+def test_host_runs_one_vgpu_interface(make_sim, cli, gpus, forced, expected) -> None:
+    sim = make_sim(gpus, vgpu_interface=forced)
+    state = sim.load()
+    assert state["vgpu_interface"] == expected
+    assert {d["interface"] for d in state["devices"] if d["interface"]} == ({expected} if expected else set())
+    res = cli("--sim", str(sim.root), "discover", "--json")
+    assert res.exit_code == 0, res
+    doc = res.json()
+    nvidia_parents = [p for p in doc["mdev_parents"] if p["address"] not in ("mtty",)]
+    if expected == "vendor-vfio":
+        assert nvidia_parents == [] and doc["vfio_vfs"]
+    elif expected == "mdev":
+        assert nvidia_parents and doc["vfio_vfs"] == []

@@ -116,8 +116,9 @@ def sim_init(directory: str = typer.Argument(..., metavar="DIR"),
              gpu: List[str] = typer.Option(..., "--gpu", help="MODEL[:COUNT]; repeatable."),
              seed: Optional[str] = typer.Option(None, "--seed", help="Seed for UUIDs (reproducible hosts)."),
              vgpu_interface: Optional[str] = typer.Option(None, "--vgpu-interface",
-                                                          help="Force the host-wide vGPU interface: mdev | "
-                                                               "vendor-vfio (default: each board's usual one)."),
+                                                          help="The host-wide vGPU interface: mdev | "
+                                                               "vendor-vfio (default: the boards' usual one; "
+                                                               "vendor-vfio when they differ)."),
              no_vfs: bool = typer.Option(False, "--no-vfs", help="Leave SR-IOV VFs disabled."),
              mig: bool = typer.Option(False, "--mig", help="Start with MIG mode enabled on MIG-capable GPUs."),
              no_driver: bool = typer.Option(False, "--no-driver", help="Simulate a host without libnvidia-ml."),

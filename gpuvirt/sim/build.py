@@ -48,6 +48,17 @@ def vf_address(pf_address: str, index: int, offset: int) -> str:
     return f"{dom}:{bus}:{devfn // 8:02x}.{devfn % 8}"
 
 
+def host_vgpu_interface(models: Sequence[GpuModel]) -> str | None:
+    """The one vGPU interface of a host holding these boards (reference nvidia-vgpu.md section 1: a host
+    runs either classic mdev or the vendor-specific VFIO interface, never both).  Boards that agree get
+    their usual interface; a mix gets vendor-vfio, because the vGPU manager that drives the newer board
+    (vGPU 17+ on a >= 6.8 kernel) offers no mdev at all - UNVERIFIED, see docs/simulator-fidelity.md."""
+    usual = {m.vgpu.interface for m in models if m.vgpu is not None}
+    if not usual:
+        return None
+    return usual.pop() if len(usual) == 1 else "vendor-vfio"
+
+
 def new_state(specs: Sequence[str], *, seed: str | None = None, vgpu_interface: str | None = None,
               enable_vfs: bool = True, mig_enabled: bool = False, driver_loaded: bool = True) -> dict[str, Any]:
     if not specs:
@@ -59,6 +70,8 @@ def new_state(specs: Sequence[str], *, seed: str | None = None, vgpu_interface: 
     total = sum(c for _, c in parsed)
     if total > MAX_GPUS:
         raise UsageError(f"at most {MAX_GPUS} devices per simulated host (asked for {total})")
+    if vgpu_interface is None:
+        vgpu_interface = host_vgpu_interface([m for m, _ in parsed])
 
     state: dict[str, Any] = {
         "format": FORMAT, "version": VERSION, "seed": seed, "boot": 1,

@@ -11,7 +11,7 @@ rewritten, each by an atomic rename, so concurrent readers never see a half-writ
 State document (JSON, ``version`` 1)::
 
     {"format": "gpuvirt-sim", "version": 1, "seed": str, "boot": int,
-     "vgpu_interface": null | "mdev" | "vendor-vfio",      # host-wide override (else per board default)
+     "vgpu_interface": null | "mdev" | "vendor-vfio",      # host-wide mode (null in old states: per board)
      "driver_loaded": bool,                               # false: no libnvidia-ml (NVML unavailable)
      "devices": [Device], "mdevs": [Mdev], "faults": [Fault], "next_iommu_group": int}
 
