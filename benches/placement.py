@@ -1,8 +1,8 @@
-"""Placement planner benchmark: packing (B1), online acceptance (B2a inflation, B2b churn), minimum-move
-defragmentation (B3) and decision latency, as defined in docs/placement.md.
+"""Placement planner benchmark: packing (B1), online acceptance (B2a inflation, B2b churn, B2v time-sliced
+vGPU), minimum-move defragmentation (B3) and decision latency, as defined in docs/placement.md.
 
     .venv/bin/python benches/placement.py            # everything, one run, all numbers printed
-    .venv/bin/python benches/placement.py --part B1  # one part (B1, B2a, B2b, B3, latency)
+    .venv/bin/python benches/placement.py --part B1  # one part (B1, B2a, B2b, B2v, B3, latency)
 
 Seeded and reproducible.  The reference optima come from integer programs solved by scipy's HiGHS
 (``scipy.optimize.milp``), which share nothing with the planner except the placement rules in
@@ -37,7 +37,15 @@ from scipy.optimize import Bounds, LinearConstraint, milp  # noqa: E402
 from gpuvirt.model import mig, planner  # noqa: E402
 from gpuvirt.model.catalog import load_catalog  # noqa: E402
 from gpuvirt.model.mig import Placed  # noqa: E402
-from gpuvirt.model.planner import GpuState, choose_placement, defrag, pack_detailed  # noqa: E402
+from gpuvirt.model import vgpu as vgpu_rules  # noqa: E402
+from gpuvirt.model.planner import (  # noqa: E402
+    GpuState,
+    VgpuBoard,
+    choose_placement,
+    choose_vgpu_gpu,
+    defrag,
+    pack_detailed,
+)
 
 TRACE = REPO.parent / "shared" / "reference" / "data" / "alibaba-gpu-v2023" / "openb_pod_list_gpushare100.csv"
 
@@ -64,6 +72,7 @@ class Workload:
     def __init__(self, geom):
         self.geom = geom
         self.tasks: list[tuple[int, float]] = []      # (profile id, duration s)
+        self.shares: list[tuple[float, float]] = []   # (share of one GPU asked for, duration s), for B2v
         if TRACE.exists():
             self.source = f"Alibaba v2023 trace {TRACE.name}"
             with TRACE.open() as f:
@@ -74,8 +83,10 @@ class Workload:
                     dur = max(1.0, float(int(row["deletion_time"]) - int(row["creation_time"])))
                     if milli < 1000:
                         self.tasks.append((plain_profile_for(geom, math.ceil(7 * milli / 1000)), dur))
+                        self.shares.append((milli / 1000, dur))
                     else:
                         self.tasks.extend((plain_profile_for(geom, 7), dur) for _ in range(n))
+                        self.shares.extend((1.0, dur) for _ in range(n))
         else:
             self.source = ("SYNTHETIC (trace not found at ../shared/reference/...): slice shares "
                            f"{SYNTHETIC_SLICE_SHARES}, lognormal durations median {SYNTHETIC_MEDIAN_S:.0f} s "
@@ -85,11 +96,13 @@ class Workload:
                 for _ in range(n):
                     dur = max(1.0, rng.lognormvariate(math.log(SYNTHETIC_MEDIAN_S), SYNTHETIC_SIGMA))
                     self.tasks.append((plain_profile_for(geom, slices), dur))
+                    self.shares.append((slices / 7, dur))
         # a handful of tasks run for the whole trace window; capping at the 99th percentile keeps the churn
         # experiment from being a slow fill-up with never-leaving tasks
         durs = sorted(d for _, d in self.tasks)
         self.cap = durs[int(0.99 * len(durs))]
         self.tasks = [(p, min(d, self.cap)) for p, d in self.tasks]
+        self.shares = [(f, min(d, self.cap)) for f, d in self.shares]
         mix = Counter(p for p, _ in self.tasks)
         self.mix = {p: n / len(self.tasks) for p, n in sorted(mix.items())}
 
@@ -699,6 +712,177 @@ def _drain_rebuild(geom, gpus, pid):
     return best
 
 
+# --- B2v: time-sliced vGPU ---------------------------------------------------------------------------------------
+VGPU_BOARD = "l40s"
+VGPU_POLICIES_BENCH = ["first-fit", "spread", "consolidate"]
+
+
+def vgpu_requests(model, shares):
+    """Trace share of a GPU -> the smallest Q-series type whose framebuffer covers that share of the board."""
+    qtypes = sorted((t for t in model.vgpu.types if t.name.endswith("Q") and not t.mig_backed),
+                    key=lambda t: t.framebuffer_mib)
+    out = []
+    for f, d in shares:
+        need = f * model.memory_mib
+        out.append((next(t for t in qtypes if t.framebuffer_mib >= need - 1e-6), d))
+    return out
+
+
+class VgpuCluster:
+    """64 boards under the board's real type rules (gpuvirt.model.vgpu.board_room) and VF count."""
+
+    def __init__(self, model, policy):
+        self.model, self.policy = model, policy
+        self.boards: list[list] = [[] for _ in range(N_GPUS)]       # VgpuType objects per board
+        self.keys = [f"h{i // GPUS_PER_HOST}g{i % GPUS_PER_HOST}" for i in range(N_GPUS)]
+        self.index = {k: i for i, k in enumerate(self.keys)}
+        self.vfs = model.sriov.total_vfs if model.sriov else None
+
+    def room(self, i, vt):
+        return vgpu_rules.available(self.model, vt, [t.id for t in self.boards[i]], mig_enabled=False,
+                                    free_parents=None if self.vfs is None else self.vfs - len(self.boards[i]))
+
+    def place(self, vt):
+        if self.policy == "first-fit":
+            i = next((i for i in range(N_GPUS) if self.room(i, vt) > 0), None)
+        else:
+            boards = [VgpuBoard(k, tuple((t.id, t.framebuffer_mib) for t in b), self.room(i, vt))
+                      for i, (k, b) in enumerate(zip(self.keys, self.boards))]
+            key = choose_vgpu_gpu(boards, vt.id, self.policy)
+            i = None if key is None else self.index[key]
+        if i is None:
+            return None
+        self.boards[i].append(vt)
+        return i
+
+    def remove(self, i, vt):
+        self.boards[i].remove(vt)
+
+    def live(self) -> Counter:
+        return Counter(t.id for b in self.boards for t in b)
+
+    def fb_used(self) -> int:
+        return sum(t.framebuffer_mib for b in self.boards for t in b)
+
+
+def vgpu_boards_needed(model, counts) -> int:
+    """Boards a full repack of ``counts`` needs.  Exact for same-size / same-type boards (each board holds
+    one size / type, up to its per-board maximum); the bench only runs such a board."""
+    types = {t.id: t for t in model.vgpu.types}
+    if model.vgpu.policy == "same-size":
+        by_size: Counter = Counter()
+        cap: dict[int, int] = {}
+        for tid, n in counts.items():
+            t = types[tid]
+            by_size[t.framebuffer_mib] += n
+            cap[t.framebuffer_mib] = min(cap.get(t.framebuffer_mib, 10**9), t.max_instances)
+        return sum(-(-n // cap[sz]) for sz, n in by_size.items() if n)
+    assert model.vgpu.policy == "same-type", model.vgpu.policy
+    return sum(-(-n // types[tid].max_instances) for tid, n in counts.items() if n)
+
+
+def vgpu_max_accept(model, counts, n_boards) -> int:
+    """Offline bound for B2v inflation: most of the requests that n_boards boards can hold (ILP over boards
+    per size: x_s <= cap_s * b_s, x_s <= demand_s, sum b_s <= n_boards)."""
+    types = {t.id: t for t in model.vgpu.types}
+    demand: Counter = Counter()
+    cap: dict[int, int] = {}
+    for tid, n in counts.items():
+        sz = types[tid].framebuffer_mib
+        demand[sz] += n
+        cap[sz] = min(cap.get(sz, 10**9), types[tid].max_instances)
+    sizes = sorted(demand)
+    k = len(sizes)
+    c = np.concatenate([-np.ones(k), np.zeros(k)])          # variables x_s then b_s
+    rows, lo, hi = [], [], []
+    for j, sz in enumerate(sizes):
+        r = np.zeros(2 * k)
+        r[j], r[k + j] = 1, -cap[sz]
+        rows.append(r), lo.append(-np.inf), hi.append(0)
+    r = np.zeros(2 * k)
+    r[k:] = 1
+    rows.append(r), lo.append(0), hi.append(n_boards)
+    ub = np.concatenate([[demand[sz] for sz in sizes], np.full(k, n_boards)])
+    res = milp(c, integrality=np.ones(2 * k), bounds=Bounds(0, ub),
+               constraints=LinearConstraint(np.array(rows), lo, hi))
+    assert res.success, res.message
+    return int(round(-res.fun))
+
+
+def part_b2v(wl, seeds_churn=(0, 1, 2, 3, 4, 5)):
+    model = load_catalog().get(VGPU_BOARD)
+    reqs = vgpu_requests(model, wl.shares)
+    mix = Counter(t.name for t, _ in reqs)
+    print(f"\n== B2v time-sliced vGPU, 64 {model.display_name} boards ({model.vgpu.policy} rule, "
+          f"{model.sriov.total_vfs if model.sriov else '-'} VFs each): trace share of a GPU -> smallest Q type "
+          "covering that share of the framebuffer ==")
+    print("mix: " + ", ".join(f"{n} {pct(v / len(reqs))}" for n, v in
+                              sorted(mix.items(), key=lambda kv: -kv[1])))
+    capacity = N_GPUS * model.memory_mib
+    inflation = {p: Counter() for p in VGPU_POLICIES_BENCH}
+    upper = Counter()
+    for seed in range(10):
+        rng = random.Random(seed)
+        items, asked = [], 0
+        while asked < 1.3 * capacity:
+            vt = rng.choice(reqs)[0]
+            items.append(vt)
+            asked += vt.framebuffer_mib
+        upper["acc"] += vgpu_max_accept(model, Counter(t.id for t in items), N_GPUS)
+        upper["n"] += len(items)
+        for policy in VGPU_POLICIES_BENCH:
+            cl, r = VgpuCluster(model, policy), inflation[policy]
+            for vt in items:
+                r["n"] += 1
+                if cl.place(vt) is not None:
+                    r["acc"] += 1
+                    continue
+                live = cl.live()
+                live[vt.id] += 1
+                r["avoid"] += vgpu_boards_needed(model, live) <= N_GPUS
+            r["fb"] += cl.fb_used() / capacity
+    churn = {p: Counter() for p in VGPU_POLICIES_BENCH}
+    mean_work = statistics.fmean(t.framebuffer_mib * d for t, d in reqs)
+    rate = 1.1 * capacity / mean_work
+    for seed in seeds_churn:
+        rng = random.Random(seed)
+        t, arr = 0.0, []
+        for _ in range(2400):
+            t += rng.expovariate(rate)
+            arr.append((t,) + rng.choice(reqs))
+        for policy in VGPU_POLICIES_BENCH:
+            cl, r = VgpuCluster(model, policy), churn[policy]
+            departures: list = []
+            for k, (now, vt, dur) in enumerate(arr):
+                while departures and departures[0][0] <= now:
+                    _, _, i, gone = heapq.heappop(departures)
+                    cl.remove(i, gone)
+                i = cl.place(vt)
+                if i is not None:
+                    heapq.heappush(departures, (now + dur, k, i, vt))
+                if k < 800:
+                    continue
+                r["n"] += 1
+                r["fb"] += cl.fb_used() / capacity
+                if i is not None:
+                    r["acc"] += 1
+                else:
+                    live = cl.live()
+                    live[vt.id] += 1
+                    r["avoid"] += vgpu_boards_needed(model, live) <= N_GPUS
+    rows = [[p, pct(inflation[p]["acc"] / inflation[p]["n"]), pct(inflation[p]["fb"] / 10),
+             pct(inflation[p]["avoid"] / inflation[p]["n"]), pct(churn[p]["acc"] / churn[p]["n"]),
+             pct(churn[p]["fb"] / churn[p]["n"]), pct(churn[p]["avoid"] / churn[p]["n"])]
+            for p in VGPU_POLICIES_BENCH]
+    table(["policy", "infl. accepted", "infl. framebuffer", "infl. avoidable", "churn accepted",
+           "churn mean fb", "churn avoidable"], rows)
+    print(f"inflation: i.i.d. until 1.3x the framebuffer is asked for, seeds 0-9, {upper['n'] / 10:.0f} requests "
+          f"per seed; offline bound (ILP) {pct(upper['acc'] / upper['n'])}. churn: as B2b (1.1x offered load, "
+          f"2,400 arrivals, 800 warm-up, seeds {list(seeds_churn)}). first-fit = lowest board with room; "
+          "consolidate / spread = planner.choose_vgpu_gpu. avoidable = a full repack (one size per board) "
+          "would have held it.")
+
+
 # --- latency -----------------------------------------------------------------------------------------------------
 def part_latency(geom, wl, warm_latencies=None):
     print("\n== planner latency per decision, 64 GPUs ==")
@@ -733,7 +917,7 @@ def part_latency(geom, wl, warm_latencies=None):
 # --- main -----------------------------------------------------------------------------------------------------
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["B1", "B2a", "B2b", "B3", "latency", "all"], default="all")
+    ap.add_argument("--part", choices=["B1", "B2a", "B2b", "B2v", "B3", "latency", "all"], default="all")
     args = ap.parse_args(argv)
     cat = load_catalog()
     a100 = cat.get("a100-40gb").mig
@@ -758,6 +942,8 @@ def main(argv=None):
         states = timed("B2a", part_b2a, a100, wl_a100)
     if args.part in ("B2b", "all"):
         timed("B2b", part_b2b, a100, wl_a100)
+    if args.part in ("B2v", "all"):
+        timed("B2v", part_b2v, wl_a100)
     if args.part in ("B3", "all"):
         timed("B3", part_b3, a100, wl_a100, states)
     if args.part in ("latency", "all"):
