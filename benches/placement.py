@@ -291,7 +291,7 @@ class Cluster:
         self.layouts: list[tuple[Placed, ...]] = [() for _ in range(N_GPUS)]
         self.keys = [f"h{i // GPUS_PER_HOST}g{i % GPUS_PER_HOST}" for i in range(N_GPUS)]
         self.index = {k: i for i, k in enumerate(self.keys)}
-        self.seen = Counter({p.id: 1 for p in geom.gi_profiles})
+        self.seen: Counter = Counter()          # requests seen so far, by profile (frag-aware+mix)
         self.latency: list[float] = []
 
     def place(self, pid):
@@ -304,7 +304,9 @@ class Cluster:
             weights = None
             policy = self.policy
             if policy == "frag-aware+mix":
-                # FGD's weighting: the request mix observed so far (no knowledge of the future)
+                # FGD's weighting: the request mix observed so far, this request included (no knowledge of
+                # the future); profiles never asked for weigh nothing, so they neither count as stranding
+                # nor as fragmentation
                 total = sum(self.seen.values())
                 weights = {k: v / total for k, v in self.seen.items()}
                 policy = "frag-aware"
@@ -769,28 +771,30 @@ def vgpu_boards_needed(model, counts) -> int:
     """Boards a full repack of ``counts`` needs.  Exact for same-size / same-type boards (each board holds
     one size / type, up to its per-board maximum); the bench only runs such a board."""
     types = {t.id: t for t in model.vgpu.types}
+    vfs = model.sriov.total_vfs if model.sriov and model.vgpu.parent == "vf" else 10**9
     if model.vgpu.policy == "same-size":
         by_size: Counter = Counter()
         cap: dict[int, int] = {}
         for tid, n in counts.items():
             t = types[tid]
             by_size[t.framebuffer_mib] += n
-            cap[t.framebuffer_mib] = min(cap.get(t.framebuffer_mib, 10**9), t.max_instances)
+            cap[t.framebuffer_mib] = min(cap.get(t.framebuffer_mib, 10**9), t.max_instances, vfs)
         return sum(-(-n // cap[sz]) for sz, n in by_size.items() if n)
     assert model.vgpu.policy == "same-type", model.vgpu.policy
-    return sum(-(-n // types[tid].max_instances) for tid, n in counts.items() if n)
+    return sum(-(-n // min(types[tid].max_instances, vfs)) for tid, n in counts.items() if n)
 
 
 def vgpu_max_accept(model, counts, n_boards) -> int:
     """Offline bound for B2v inflation: most of the requests that n_boards boards can hold (ILP over boards
     per size: x_s <= cap_s * b_s, x_s <= demand_s, sum b_s <= n_boards)."""
     types = {t.id: t for t in model.vgpu.types}
+    vfs = model.sriov.total_vfs if model.sriov and model.vgpu.parent == "vf" else 10**9
     demand: Counter = Counter()
     cap: dict[int, int] = {}
     for tid, n in counts.items():
         sz = types[tid].framebuffer_mib
         demand[sz] += n
-        cap[sz] = min(cap.get(sz, 10**9), types[tid].max_instances)
+        cap[sz] = min(cap.get(sz, 10**9), types[tid].max_instances, vfs)
     sizes = sorted(demand)
     k = len(sizes)
     c = np.concatenate([-np.ones(k), np.zeros(k)])          # variables x_s then b_s

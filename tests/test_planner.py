@@ -530,3 +530,59 @@ def test_defrag_plan_on_a_simulated_host(cli, make_sim):
     assert r.exit_code == 0 and len(r.json()["moves"]) == len(moves)
     assert all(m["allocated_to"] == "vm1" for m in r.json()["moves"])
     assert cli("--sim", root, "plan", "--defrag", "--for", "9g.20gb").exit_code == 2
+
+
+@pytest.mark.parametrize("model_id", ["a100-40gb", "a30", "h100-80gb", "h200"])
+def test_fillable_equals_a_brute_force_over_creation_orders(model_id):
+    """The slice-mask DP behind stranded() against a plain search through mig.free_starts."""
+    from functools import lru_cache
+
+    from gpuvirt.model.catalog import load_catalog
+    from gpuvirt.model.planner import _tables
+
+    geom = load_catalog().get(model_id).mig
+    t = _tables(geom)
+    all_ids = tuple(sorted(p.id for p in geom.gi_profiles))
+    subsets = [all_ids, all_ids[:2], all_ids[-3:], all_ids[::2]]
+
+    @lru_cache(maxsize=None)
+    def brute(layout, pids):
+        best = 0
+        for pid in pids:
+            prof = geom.profile(pid)
+            for s in mig.free_starts(geom, list(layout), prof):
+                after = tuple(sorted(layout + (Placed(s, prof.memory_slices, pid),)))
+                best = max(best, prof.compute_slices + brute(after, pids))
+        return best
+
+    # every layout reachable by adding instances one at a time (all of them, up to a bound)
+    seen, frontier = {()}, [()]
+    while frontier and len(seen) < 400:
+        layout = frontier.pop()
+        for prof in geom.gi_profiles:
+            for s in mig.free_starts(geom, list(layout), prof):
+                after = tuple(sorted(layout + (Placed(s, prof.memory_slices, prof.id),)))
+                if after not in seen:
+                    seen.add(after)
+                    frontier.append(after)
+    for layout in sorted(seen)[:400]:
+        for pids in subsets:
+            assert t.fillable(layout, pids) == brute(layout, pids), (layout, pids)
+            assert t.stranded(layout, pids) == t.compute_free(layout) - brute(layout, pids)
+
+
+def test_stranding_guard_edge_cases():
+    # a mix that can never fill a GPU: an empty GPU's own unusable slices are not charged to opening it
+    w = {9: 1.0, 20: 1.0}                              # 3g and 1g+me only
+    gpus = [GpuState("u", A100, (placed(A100, 19, 5),)), GpuState("e0", A100, ()), GpuState("e1", A100, ())]
+    d = choose_placement(gpus, 14, weights=w)
+    assert d.gpu_key == "e0" and d.score == 0.5
+    # no profile expected at all: nothing is stranded, so the key falls through to free compute (best-fit)
+    two = [GpuState("u", A100, (placed(A100, 14, 2),)), GpuState("v", A100, (placed(A100, 9, 0),))]
+    d = choose_placement(two, 19, weights={})
+    assert d.gpu_key == "v" and d.score == 0
+    # on a small host the last empty GPU is kept unless two slices would be stranded
+    used = GpuState("u", A100, (placed(A100, 14, 4),))
+    full = [GpuState(f"f{i}", A100, (placed(A100, 0, 0),)) for i in range(6)]
+    d = choose_placement([used] + full + [GpuState("e", A100, ())], 9)
+    assert (d.gpu_key, d.start, d.score) == ("u", 0, 1)

@@ -32,6 +32,7 @@ from gpuvirt.model.mig import (
     can_place,
     compute_used,
     free_starts,
+    mask_of,
     maximal_multisets,
     pack_counts,
 )
@@ -112,9 +113,9 @@ class VgpuBoard:
 # path to the same tables.
 _TABLES: dict[tuple, "_Tables"] = {}
 _MEMO_LIMIT = 200_000
-# While more than this share of the candidate GPUs is empty, opening an empty GPU is cheaper than stranding a
-# compute slice on a used one; below it, empty GPUs are kept for whole-GPU requests and one stranded slice is
-# the lesser evil.  Chosen on benches/placement.py (docs/placement.md, "stranding guard"): 0.05 was the one
+# While more than this share of the candidate GPUs (and more than one) is empty, opening an empty GPU is
+# cheaper than stranding a compute slice on a used one; below it, empty GPUs are kept for whole-GPU requests
+# and one stranded slice is the lesser evil.  Chosen on benches/placement.py (docs/placement.md, "stranding guard"): 0.05 was the one
 # value that beat the best baseline on all four B2 runs (trace/uniform mix, with/without departures).
 EMPTY_GPU_RESERVE = 0.05
 
@@ -133,6 +134,7 @@ class _Tables:
         self._free: dict[tuple, int] = {}
         self._survive: dict[tuple, int] = {}
         self._fill: dict[tuple, int] = {}
+        self._fill_state: dict[tuple, int] = {}
 
     def _trim(self, memo: dict) -> None:
         if len(memo) > _MEMO_LIMIT:
@@ -167,25 +169,60 @@ class _Tables:
         key = (layout, pids)
         got = self._fill.get(key)
         if got is None:
-            free = self.compute_free(layout)
-            got = 0
-            for pid in pids:
-                prof = self.by_id[pid]
-                for s in self.starts(layout, pid):
-                    after = tuple(sorted(layout + (Placed(s, prof.memory_slices, pid),)))
-                    got = max(got, prof.compute_slices + self.fillable(after, pids))
-                    if got == free:
-                        break
-                if got == free:
-                    break
+            capped = tuple(p for p in pids if self.by_id[p].max_instances < len(self.by_id[p].starts))
+            counts = tuple(sum(1 for q in layout if q.profile_id == p) for p in capped)
+            got = self._fill_dp(mask_of(layout), self.geom.compute_slices - self.compute_free(layout),
+                                counts, pids, capped)
             self._trim(self._fill)
             self._fill[key] = got
         return got
 
+    def _fill_dp(self, mask: int, used: int, counts: tuple[int, ...], pids: tuple[int, ...],
+                 capped: tuple[int, ...]) -> int:
+        # The state that decides every later placement under mig.place_problem's rules (legal starts, no
+        # memory overlap, compute budget, per-profile instance cap) is (memory mask, compute used, counts of
+        # the profiles whose cap can bind).  Branching on the lowest memory slice still open - leave it
+        # empty for good, or start an instance there - visits each set of placements once, not once per
+        # creation order.
+        key = (mask, used, counts, pids)
+        got = self._fill_state.get(key)
+        if got is not None:
+            return got
+        total = self.geom.compute_slices
+        m = 0
+        while m < self.geom.memory_slices and mask >> m & 1:
+            m += 1
+        got = 0
+        if m < self.geom.memory_slices and used < total:
+            got = self._fill_dp(mask | 1 << m, used, counts, pids, capped)
+            for pid in pids:
+                prof = self.by_id[pid]
+                if m not in prof.starts or used + prof.compute_slices > total:
+                    continue
+                bits = ((1 << prof.memory_slices) - 1) << m
+                if bits & mask:
+                    continue
+                nxt = counts
+                if pid in capped:
+                    j = capped.index(pid)
+                    if counts[j] >= prof.max_instances:
+                        continue
+                    nxt = counts[:j] + (counts[j] + 1,) + counts[j + 1:]
+                got = max(got, prof.compute_slices + self._fill_dp(mask | bits, used + prof.compute_slices, nxt,
+                                                                   pids, capped))
+                if used + got == total:
+                    break
+        self._trim(self._fill_state)
+        self._fill_state[key] = got
+        return got
+
     def stranded(self, layout: tuple[Placed, ...], pids: tuple[int, ...]) -> int:
-        """Free compute slices no combination of further instances can use while ``layout`` stays
-        (3g@0 + 2g@4 on an A100 strands one: only a 1g fits in slices 6-7)."""
-        return self.compute_free(layout) - self.fillable(layout, pids) if layout else 0
+        """Free compute slices no combination of further instances of ``pids`` can use while ``layout``
+        stays (3g@0 + 2g@4 on an A100 strands one: only a 1g fits in slices 6-7).  With no profiles
+        expected nothing counts as stranded."""
+        if not pids:
+            return 0
+        return self.compute_free(layout) - self.fillable(layout, pids)
 
     def can_add(self, counts_key: tuple[tuple[int, int], ...], pid: int) -> bool:
         key = (counts_key, pid)
@@ -307,8 +344,9 @@ def choose_placement(gpus: Sequence[GpuState], profile_id: int, policy: str = DE
     ΔS is the growth of the GPU's *stranded* compute slices (free slices that no combination of further
     instances of the mix's profiles can use while the present ones stay, e.g. 3g@0 + 2g@4 on an A100), and
     ``e`` the price of opening an empty GPU: 0.5 while more than :data:`EMPTY_GPU_RESERVE` of the candidate
-    GPUs are empty (a fresh GPU beats a stranded slice), 1.5 below it (keep the last empty GPUs for whole-GPU
-    requests unless two or more slices would be stranded).  ΔF is the growth of :func:`fragmentation` on the
+    GPUs (those whose model has the profile), and more than one, are empty (a fresh GPU beats a stranded
+    slice), 1.5 otherwise (keep the last empty GPUs for whole-GPU requests unless two or more slices would
+    be stranded).  ΔF is the growth of :func:`fragmentation` on the
     chosen GPU, with ``weights`` ({profile id: p}) the expected request mix (default: uniform over the
     model's profiles).  "Placements still possible" counts, over all profiles of the model, the legal free
     starts left after the placement, so that among equally good GPUs the start that keeps large aligned
@@ -323,7 +361,7 @@ def choose_placement(gpus: Sequence[GpuState], profile_id: int, policy: str = DE
     if policy == "frag-aware":
         able = [g for g in gpus if profile_id in _tables(g.geometry).by_id]
         empty = sum(1 for g in able if not g.layout)
-        open_price = 0.5 if empty > EMPTY_GPU_RESERVE * len(able) else 1.5
+        open_price = 0.5 if empty > max(1.0, EMPTY_GPU_RESERVE * len(able)) else 1.5
     for i, gpu in enumerate(gpus):
         t = _tables(gpu.geometry)
         prof = t.by_id.get(profile_id)
@@ -349,7 +387,7 @@ def choose_placement(gpus: Sequence[GpuState], profile_id: int, policy: str = DE
                     wkey = wkeys[id(t)] = _weights_key(gpu.geometry, weights)
             f_before = t.frag(layout, wkey) if wkey else 0.0
             pids = tuple(p for p, _ in wkey)
-            s_before = t.stranded(layout, pids) if wkey else 0
+            s_before = t.stranded(layout, pids)
             cand = None
             for s in starts:
                 after = tuple(sorted(layout + (Placed(s, prof.memory_slices, profile_id),)))
