@@ -410,3 +410,55 @@ def test_32_attach_processes_race_for_16_vgpus(cli, make_sim):
     assert len(allocs) == 16
     assert len({a["instance"] for a in allocs}) == 16 and len({a["vm"] for a in allocs}) == 16
     assert mdevs(sim) == board  # nothing created beside the full board, nothing lost
+
+
+# --- regressions found by an operator walkthrough -----------------------------------------------------------------
+def test_mig_attach_uses_free_gpu_instances_on_every_gpu(cli, make_sim):
+    # balanced layout on two GPUs: one 2g.10gb each; the second VM must get GPU 1's, not a refusal because
+    # GPU 0 (listed first) has no room for a new one
+    sim = make_sim(["a100-40gb:2"], mig_enabled=True)
+    root = sim.root
+    ok(cli("--sim", root, "apply", "a100-40gb-balanced", "--gpu", "all", "--yes"))
+    layout_before = sorted(gpu_instances(sim))
+    a = attach_json(cli, root, "z4", "--mig", "2g.10gb")
+    b = attach_json(cli, root, "z5", "--mig", "2g.10gb")
+    assert sorted(gpu_instances(sim)) == layout_before          # the profile's instances, none created
+    parents = {mdevs(sim)[a["uuid"]][0][:10], mdevs(sim)[b["uuid"]][0][:10]}
+    assert parents == {"0000:41:00", "0000:42:00"}
+    res = cli("--sim", root, "attach", "z6", "--mig", "2g.10gb")
+    assert res.exit_code == 4 and "no capacity" in res.stderr
+
+
+@pytest.mark.parametrize("selector", ["1", "GPU-"])
+def test_mig_attach_gpu_selector_takes_nvml_index_and_uuid(cli, make_sim, selector):
+    sim = make_sim(["a100-40gb:2"], mig_enabled=True)
+    root = sim.root
+    if selector == "GPU-":
+        selector = next(d["uuid"] for d in sim.load()["devices"] if d["address"] == "0000:42:00.0")
+    doc = attach_json(cli, root, "vm1", "--mig", "1g.5gb", "--gpu", selector)
+    assert mdevs(sim)[doc["uuid"]][0].startswith("0000:42:")
+
+
+def test_mig_attach_counts_once_for_the_tenant(cli, make_sim):
+    sim = make_sim(["a100-40gb"], mig_enabled=True)
+    root = sim.root
+    set_quota(root, "beta", max_instances=1)
+    attach_json(cli, root, "vm5", "--mig", "1g.5gb", "--tenant", "beta")
+    allocs = allocations(cli, root)
+    assert len(allocs) == 2 and {a["tenant"] for a in allocs} == {"beta"}   # the vGPU and its GPU instance
+    doc = ok(cli("--sim", root, "report", "--format", "json")).json()
+    [beta] = [t for t in doc["tenants"] if t["tenant"] == "beta"]
+    assert (beta["instances"], beta["compute_slices"], beta["usage"]["instances"]) == (1, 1, 1)
+    assert not any(t["tenant"] is None and t["instances"] for t in doc["tenants"])
+    # the quota of one instance is used up by that one VM device, not by two rows
+    res = cli("--sim", root, "attach", "vm6", "--mig", "1g.5gb", "--tenant", "beta")
+    assert res.exit_code == 4 and "quota" in res.stderr
+
+
+@pytest.mark.parametrize("flag", ["--display", "--ramfb"])
+def test_display_refused_for_a_pci_handoff_and_nothing_kept(cli, make_sim, flag):
+    sim = make_sim(["l40s"])
+    root = sim.root
+    res = cli("--sim", root, "attach", "vm-l2", "--vgpu", "L40S-4Q", flag)
+    assert res.exit_code == 2 and "PCI" in res.stderr
+    assert allocations(cli, root) == [] and not any(vf_types(sim).values())

@@ -12,9 +12,9 @@ import getpass
 import os
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import and_, delete, func, or_, select
+from sqlalchemy import and_, delete, exists, func, or_, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, aliased, selectinload
 
 from gpuvirt.errors import ConflictError, NotFoundError
 from gpuvirt.inventory.models import (
@@ -274,7 +274,8 @@ class Unit:
         row = self.session.execute(
             select(func.count(Allocation.id), func.coalesce(func.sum(Instance.memory_mib), 0),
                    func.coalesce(func.sum(Instance.compute_slices), 0))
-            .join(Instance, Instance.id == Allocation.instance_id).where(Allocation.tenant == tenant)).one()
+            .join(Instance, Instance.id == Allocation.instance_id).where(Allocation.tenant == tenant)
+            .where(_not_a_backing())).one()
         return {"instances": int(row[0]), "memory_mib": int(row[1]), "compute_slices": int(row[2])}
 
     # --- events ------------------------------------------------------------------------------------------------------
@@ -369,7 +370,8 @@ class Unit:
         rows = self.session.execute(
             select(Allocation.tenant, func.count(Allocation.id), func.coalesce(func.sum(Instance.memory_mib), 0),
                    func.coalesce(func.sum(Instance.compute_slices), 0))
-            .join(Instance, Instance.id == Allocation.instance_id).group_by(Allocation.tenant))
+            .join(Instance, Instance.id == Allocation.instance_id).where(_not_a_backing())
+            .group_by(Allocation.tenant))
         return {t: {"instances": int(n), "memory_mib": int(m), "compute_slices": int(c)} for t, n, m, c in rows}
 
     def tenant_allocations(self, tenant: str) -> list[Any]:
@@ -382,6 +384,14 @@ class Unit:
              .where(Allocation.tenant == tenant)
              .order_by(Allocation.host_id, Gpu.address, Instance.id))
         return list(self.session.execute(q))
+
+
+def _not_a_backing() -> Any:
+    """The GPU instance under a MIG-backed vGPU is allocated to the same VM (so that apply and reconcile
+    treat it as held), but the VM holds one device: the vGPU row already carries the instance's compute
+    slices, so quota and tenant figures count the vGPU only."""
+    backing = aliased(Instance)
+    return ~exists().where(backing.backing_instance_id == Instance.id)
 
 
 __all__ = ["Unit", "default_actor", "and_", "or_"]

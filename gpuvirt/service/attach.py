@@ -165,8 +165,9 @@ def handoff_for(inst: Any, alloc: Any, gpu_row: Any, *, display: bool = False, r
         return Handoff(vm=alloc.vm_name, vm_uuid=alloc.vm_uuid, tenant=alloc.tenant, instance=inst.id, kind="mdev",
                        uuid=inst.mdev_uuid, nvidia=nvidia, display=display, ramfb=ramfb)
     if inst.kind in (VFIO_VGPU, VF):
+        # display/ramfb are passed on so that the hand-off refuses them (mdev-only in libvirt)
         return Handoff(vm=alloc.vm_name, vm_uuid=alloc.vm_uuid, tenant=alloc.tenant, instance=inst.id, kind="pci",
-                       pci_address=inst.parent, nvidia=nvidia)
+                       pci_address=inst.parent, nvidia=nvidia, display=display, ramfb=ramfb)
     raise UsageError(f"instance {inst.id} is a MIG instance ({inst.label}): {MIG_NOT_VFIO}")
 
 
@@ -281,7 +282,8 @@ def _attach_one(ctx: Context, vm: str, req: Request, *, tenant: str | None, pers
 
 def _mig_backed_type_for(ctx: Context, profile: str, gpu_selector: str | None) -> str:
     """The MIG-backed vGPU type that gives a VM one GPU instance of ``profile`` on this host."""
-    view = hostview.snapshot(ctx, nvml=False)
+    # a selector may name an NVML index or GPU UUID, which only NVML knows
+    view = hostview.snapshot(ctx, nvml=gpu_selector is not None)
     gpus = view.select(gpu_selector) if gpu_selector else view.gpus
     found: list[str] = []
     for g in gpus:
@@ -444,22 +446,26 @@ def _create_vgpu_for(ctx: Context, vm: str, ref: str, gpus: list[GpuView], polic
             locks.enter_context(gpu_lock(ctx, a))
         fresh = hostview.snapshot(ctx)
         boards = []
+        new_gi_boards = []
         parents: dict[str, tuple[GpuView, Any, str | None]] = {}
         for g, t in typed:
             fg = fresh.by_address(g.address)
             if fg is None:
                 continue
             if t.mig_backed and not _has_free_gi(ctx, fg, t):
-                # a MIG-backed vGPU needs a GPU instance of its profile first
-                if fg.mig_capable and fg.mig_current and fg.model and fg.model.mig:
-                    boards.append(VgpuBoard(fg.address, (), 1))
+                # a MIG-backed vGPU needs a GPU instance of its profile first: only where one can be created
+                room = _gi_room(fg, t)
+                if room:
+                    new_gi_boards.append(VgpuBoard(fg.address, (), room))
                     parents[fg.address] = (fg, t, None)
                 continue
             room, parent = _vgpu_board_room(fg, t.id, fg.interface)
             existing = tuple((int(d["type"][7:]), 0) for d in fg.mdev_devices if d["type"].startswith("nvidia-"))
             boards.append(VgpuBoard(fg.address, existing, room))
             parents[fg.address] = (fg, t, parent)
-        key = choose_vgpu_gpu(boards, typed[0][1].id, policy)
+        # GPU instances already there are used before new ones are carved out of free slices
+        key = choose_vgpu_gpu(boards, typed[0][1].id, policy) or choose_vgpu_gpu(new_gi_boards, typed[0][1].id,
+                                                                                 policy)
         if key is None:
             raise CapacityError(f"no capacity: no GPU on this host can take another {ref} vGPU now")
         g, t, parent = parents[key]
@@ -490,7 +496,7 @@ def _create_vgpu_for(ctx: Context, vm: str, ref: str, gpus: list[GpuView], polic
             if backing_id is not None:
                 gi_row = uow.instance(backing_id)
                 if gi_row.allocation is None:
-                    uow.allocate(gi_row, vm_name=vm, vm_uuid=vm_uuid, tenant=None, persistent=persistent)
+                    uow.allocate(gi_row, vm_name=vm, vm_uuid=vm_uuid, tenant=tenant, persistent=persistent)
 
         journal = Journal(ctx)
         if g.interface == "vendor-vfio":
@@ -514,6 +520,16 @@ def _create_vgpu_for(ctx: Context, vm: str, ref: str, gpus: list[GpuView], polic
 def _add_slices(fields: dict[str, Any], g: GpuView, t: Any) -> None:
     if t.mig_backed and g.model and g.model.mig:
         fields["compute_slices"] = g.model.mig.profile(t.gpu_instance_profile_id).compute_slices
+
+
+def _gi_room(g: GpuView, t: Any) -> int:
+    """How many GPU instances of the MIG-backed type's profile could still be created on ``g``."""
+    from gpuvirt.model.mig import remaining_capacity
+
+    if not (g.mig_capable and g.mig_current and g.model and g.model.mig):
+        return 0
+    geom = g.model.mig
+    return remaining_capacity(geom, list(g.layout()), geom.profile(t.gpu_instance_profile_id))
 
 
 def _has_free_gi(ctx: Context, g: GpuView, t: Any) -> bool:

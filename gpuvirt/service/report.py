@@ -650,8 +650,10 @@ def build_document(hosts: list[HostFacts], tenants: dict[str, Any], usage: dict[
                 models[f.model.id] = f.model
             if not stale:
                 live_items.append((h, e, f))
+            backing = {r[I_BACK] for r in f.insts if r[I_BACK] is not None}
             for r in f.insts:
-                if r[I_VM] is not None:
+                # the GPU instance under a MIG-backed vGPU: counted through its vGPU (repo._not_a_backing)
+                if r[I_VM] is not None and r[I_ID] not in backing:
                     t = held.get(r[I_TENANT])
                     if t is None:
                         t = held[r[I_TENANT]] = [0, 0, 0, set()]
