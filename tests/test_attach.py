@@ -205,14 +205,16 @@ def test_whole_sriov_vf(cli, make_sim):
     assert full.exit_code == 4 and "no capacity" in full.stderr
 
 
-@pytest.mark.parametrize("model,mdev_type", [("mtty", "mtty-2"), ("gvt-g", "i915-GVTg_V5_4")])
-def test_generic_mdev_types(cli, make_sim, model, mdev_type):
+@pytest.mark.parametrize("model,mdev_type,type_dir", [("mtty", "mtty-2", "mtty-2"),
+                                                      ("gvt-g", "i915-GVTg_V5_4", "i915-GVTg_V5_4"),
+                                                      ("gvt-g", "GVTg_V5_4", "i915-GVTg_V5_4")])   # as profiles
+def test_generic_mdev_types(cli, make_sim, model, mdev_type, type_dir):
     sim = make_sim([model])
     root = sim.root
     res = ok(cli("--sim", root, "attach", "vm1", "--mdev", mdev_type, "--format", "cloud-hypervisor"))
     assert res.stderr == ""  # not an NVIDIA vGPU: nothing to warn about
     [(uuid, (_parent, type_id))] = mdevs(sim).items()
-    assert type_id == mdev_type
+    assert type_id == type_dir
     assert shlex.split(res.stdout) == ["--device", f"path=/sys/bus/mdev/devices/{uuid}/"]
     q = ok(cli("--sim", root, "attach", "vm2", "--mdev", mdev_type, "--format", "qemu"))
     assert "-uuid" not in q.stdout and "sysfsdev=/sys/bus/mdev/devices/" in q.stdout

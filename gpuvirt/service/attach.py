@@ -91,7 +91,7 @@ def _matches(req: Request, inst: Any, model: Any) -> bool:
     if req.kind == "vf":
         return inst.kind == VF
     if req.kind == "mdev":
-        return inst.kind == MDEV and inst.type_id == req.ref
+        return inst.kind == MDEV and inst.type_id == _mdev_type_dir(model, req.ref)
     if model is None:
         return False
     if req.kind == "mig":
@@ -547,10 +547,22 @@ def _free_gi_row(ctx: Context, g: GpuView, t: Any) -> int | None:
     return None
 
 
-def _create_generic_mdev_for(ctx: Context, vm: str, type_dir: str, gpus: list[GpuView], tenant: str | None,
+def _mdev_type_dir(model: Any, ref: str) -> str:
+    """The sysfs type directory a generic mdev reference names on ``model`` (profiles accept the short name,
+    e.g. GVTg_V5_4 for i915-GVTg_V5_4, so attach does too); the reference itself where the catalog does not
+    know the driver."""
+    from gpuvirt.model.profile import find_mdev_type
+
+    spec = model.mdev if model is not None else None
+    t = find_mdev_type(spec, ref) if spec is not None else None
+    return spec.type_dir(t) if t is not None else ref
+
+
+def _create_generic_mdev_for(ctx: Context, vm: str, ref: str, gpus: list[GpuView], tenant: str | None,
                              persistent: bool, vm_uuid: str | None) -> int:
     ids = _gpu_ids(ctx, gpus)
     for g in gpus:
+        type_dir = _mdev_type_dir(g.model, ref)
         for p in g.mdev_parents:
             info = g.parent_types.get(p, {}).get(type_dir)
             if info and info["available_instances"] > 0:
@@ -564,7 +576,7 @@ def _create_generic_mdev_for(ctx: Context, vm: str, type_dir: str, gpus: list[Gp
                                                f"mdev {type_dir} {uuid} on {p} for {vm}",
                                                on_active=_allocator(vm, vm_uuid, tenant, persistent),
                                                cleanup=lambda: ctx.host.remove_mdev(uuid))
-    raise CapacityError(f"no capacity: no mdev parent on this host can create {type_dir} now")
+    raise CapacityError(f"no capacity: no mdev parent on this host can create {ref} now")
 
 
 # --- detach ------------------------------------------------------------------------------------------------------------
