@@ -125,7 +125,29 @@ def test_failure_at_each_step_rolls_back(cli, make_sim, op, skip):
     assert r.exit_code != 0, r
     assert "rolled back to the previous layout" in r.stderr, r
     assert host_layout(sim) == before
-    assert_in_sync(cli, root)
+    st = assert_in_sync(cli, root)
+    # the GPU keeps the profile it is on, not the one that failed
+    assert (st["gpus"][0]["desired_profile"], st["gpus"][0]["profile_state"]) == ("seven", "applied")
+
+
+def test_incomplete_rollback_is_reported_until_fixed(cli, make_sim):
+    from gpuvirt.sim.control import add_fault, clear_faults
+
+    sim = make_sim(["a100-40gb"])
+    root = sim.root
+    cli("--sim", root, "create-profile", "seven", "--mig", "1g.5gb=7", "--model", "a100-40gb")
+    cli("--sim", root, "create-profile", "halves", "--mig", "3g.20gb=2", "--model", "a100-40gb")
+    assert cli("--sim", root, "apply", "seven", "--gpu", "0", "--yes").exit_code == 0
+    add_fault(sim, "nvml.CreateGpuInstance", skip=1, times=50)     # the second 3g fails, and so does rollback
+    r = cli("--sim", root, "apply", "halves", "--gpu", "0", "--yes")
+    assert r.exit_code != 0 and "ROLLBACK INCOMPLETE" in r.stderr, r
+    st = cli("--sim", root, "status", "--json").json()
+    assert not st["in_sync"]
+    assert (st["gpus"][0]["desired_profile"], st["gpus"][0]["profile_state"]) == ("halves", "failed")
+    assert any(d["kind"] == "apply-failed" for d in st["gpus"][0]["drift"])
+    clear_faults(sim)
+    assert cli("--sim", root, "apply", "halves", "--gpu", "0", "--yes").exit_code == 0
+    assert assert_in_sync(cli, root)["gpus"][0]["profile_state"] == "applied"
 
 
 @pytest.mark.parametrize("op,skip", [("mdev.create", 0), ("mdev.create", 3), ("mdev.remove", 0), ("mdev.remove", 5)])
@@ -421,3 +443,9 @@ def test_partial_layout_leaves_room_for_large_profiles(cli, make_sim):
 
     with NvmlSession(FakeNvmlLib(sim)) as s:
         s.create_gpu_instance(0, 5, 0)  # the 4g still fits: the simulator accepts it
+
+
+def test_mig_profile_without_nvml_names_the_missing_driver(cli, make_sim):
+    sim = make_sim(["a100-40gb"], driver_loaded=False)
+    r = cli("--sim", sim.root, "apply", "a100-40gb-2x3g", "--gpu", "a100-40gb", "--yes")
+    assert r.exit_code == 5 and "NVML reports no MIG state" in r.stderr and "does not support MIG" not in r.stderr

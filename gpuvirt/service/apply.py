@@ -159,7 +159,12 @@ def plan_gpu(g: GpuView, gpu_row: Any, profile_name: str, layout: Any, rows: lis
         _plan_mig(plan, g, layout.mig_counts if mig_enabled else {}, mig_enabled, by_key, force,
                   mig_destroy, mig_mode, mig_create, policy)
     elif mig_enabled and not g.mig_capable:
-        plan.blocked.append(f"{g.label} does not support MIG")
+        if model and model.mig:
+            # the catalog knows the board as MIG-capable: NVML, not the board, is missing
+            plan.blocked.append(f"{g.label}: NVML reports no MIG state for it (is the NVIDIA driver loaded? "
+                                "see 'gpuvirt discover')")
+        else:
+            plan.blocked.append(f"{g.label} does not support MIG")
 
     # --- SR-IOV (whole VFs, and VFs as vGPU parents) ------------------------------------------------------------
     vf_ops: list[Op] = []
@@ -389,7 +394,7 @@ def _resolve_for(spec: Any, g: GpuView) -> Any:
     if entry is None:
         raise ProfileError(f"profile '{spec.name}' has no entry for {g.label}")
     if spec.model and spec.model != g.model.id:
-        raise ProfileError(f"profile '{spec.name}' is meant for {spec.model}, but {g.label} is a {g.model.id}")
+        raise ProfileError(f"profile '{spec.name}' is meant for {spec.model}, not for {g.label}")
     return resolve(entry, g.model)
 
 
@@ -457,11 +462,17 @@ def apply(ctx: Context, profile_name: str, selector: str, *, force: bool = False
                 result.unchanged.append(p.gpu.address)
                 _mark(ctx, p, "applied")
                 continue
+            before = _marked(ctx, p)
             try:
                 pending = _execute(ctx, p, journal, allow_reset)
             except GpuvirtError as exc:
                 failures = journal.rollback()
-                _mark(ctx, p, "failed", str(exc))
+                if failures:
+                    _mark(ctx, p, "failed", str(exc))
+                else:
+                    # back on the previous layout: the GPU keeps the profile it had, so that reconcile (which
+                    # derives MIG mode from the desired profile) does not act on a profile that never took
+                    _mark(ctx, p, before[1], profile=before[0])
                 with ctx.inventory.unit(write=True) as uow:
                     uow.event("apply", target=spec.name, result="failed",
                               detail={"gpu": p.gpu.address, "error": str(exc), "rollback_failures": failures})
@@ -497,11 +508,18 @@ class ApplyFailedError(GpuvirtError):
     """An apply step failed; the exit status is the failed step's."""
 
 
-def _mark(ctx: Context, p: GpuPlan, state: str, error: str | None = None) -> None:
+def _mark(ctx: Context, p: GpuPlan, state: str | None, error: str | None = None, *,
+          profile: str | None | type = ...) -> None:
     with ctx.inventory.unit(write=True) as uow:
         row = uow.gpu(p.gpu_row_id)
-        row.desired_profile = p.profile
+        row.desired_profile = p.profile if profile is ... else profile
         row.profile_state = state
+
+
+def _marked(ctx: Context, p: GpuPlan) -> tuple[str | None, str | None]:
+    with ctx.inventory.unit() as uow:
+        row = uow.gpu(p.gpu_row_id)
+        return row.desired_profile, row.profile_state
 
 
 # --- execution --------------------------------------------------------------------------------------------------

@@ -107,6 +107,11 @@ def analyze(ctx: Context, view: HostView, uow: Any, adopt: bool = False) -> tupl
         gpu_row = rows_by_gpu[g.address]
         rows = uow.instances(host_id, gpu_id=gpu_row.id)
         keys = _host_keys(g)
+        if gpu_row.profile_state == "failed":
+            # set only when an apply failed and its rollback did not finish: the host may hold a mix of both
+            # layouts, which reconcile alone cannot decide about
+            rep.add(g.address, "apply-failed", f"profile {gpu_row.desired_profile} (its rollback did not finish)",
+                    action=f"run 'gpuvirt apply {gpu_row.desired_profile}' again or apply another profile")
         # MIG mode first: nothing MIG can be restored without it (Hopper forgets it on reboot)
         want_mig = _desired_mig(ctx, g, gpu_row, rows)
         if want_mig is not None and g.mig_capable and bool(g.mig_current) != want_mig:
