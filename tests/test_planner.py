@@ -586,3 +586,24 @@ def test_stranding_guard_edge_cases():
     full = [GpuState(f"f{i}", A100, (placed(A100, 0, 0),)) for i in range(6)]
     d = choose_placement([used] + full + [GpuState("e", A100, ())], 9)
     assert (d.gpu_key, d.start, d.score) == ("u", 0, 1)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["balanced", "--pack", "3g.20gb=1", "--model", "a100-40gb"], "without a profile"),
+    (["--pack", "3g.20gb=1", "--model", "a100-40gb", "--defrag", "--for", "4g.20gb"], "separate plans"),
+    (["--pack", "3g.20gb=1", "--model", "a100-40gb", "--for", "4g.20gb"], "--for"),
+    (["a100-40gb-balanced", "--model", "a100-40gb"], "--model"),
+    (["--defrag", "--for", "4g.20gb", "--force"], "--force"),
+    ([], "give a PROFILE"),
+])
+def test_plan_refuses_options_of_another_mode(cli, args, needle):
+    r = cli("plan", *args)
+    assert r.exit_code == 2 and needle in r.stderr and r.stderr.count("\n") == 1, r
+
+
+def test_report_cluster_and_host_exclude_each_other(cli, make_sim):
+    sim = make_sim(["a2"])
+    r = cli("--sim", sim.root, "report", "--cluster", "--host", "h1")
+    assert r.exit_code == 2 and "exclude each other" in r.stderr
+    r = cli("--sim", sim.root, "report", "--cluster", "--host", "h1", "--format", "json")   # the fast path too
+    assert r.exit_code == 2 and "exclude each other" in r.stderr

@@ -38,6 +38,23 @@ def plan(ctx: typer.Context,
          policy: Optional[str] = typer.Option(None, "--policy", help="Placement policy for --defrag/--pack."),
          json_out: bool = typer.Option(False, "--json")) -> None:
     """Show what apply would do (ordered operations, explicit placements, what is kept)."""
+    # three modes with their own options: an option of another mode is a typo, not something to ignore
+    mode = "--pack" if pack is not None else "--defrag" if defrag else "PROFILE"
+    if pack is not None and defrag:
+        raise UsageError("--pack and --defrag are separate plans; give one of them")
+    if profile is not None and mode != "PROFILE":
+        raise UsageError(f"{mode} plans without a profile; drop '{profile}' or drop {mode}")
+    if profile is None and mode == "PROFILE":
+        raise UsageError("give a PROFILE to plan for, or --pack SPEC / --defrag --for PROFILE")
+    stray = [name for name, given, modes in (
+        ("--model", model is not None, ("--pack",)),
+        ("--for", for_profile is not None, ("--defrag",)),
+        ("--include-allocated", include_allocated, ("--defrag",)),
+        ("--force", force, ("PROFILE",)),
+        ("--gpu", gpu != "all", ("PROFILE", "--defrag")),
+    ) if given and mode not in modes]
+    if stray:
+        raise UsageError(f"{', '.join(stray)} do(es) not apply to {'plan PROFILE' if mode == 'PROFILE' else mode}")
     if pack is not None:
         from gpuvirt.service.placement import pack_plan
 

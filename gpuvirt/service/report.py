@@ -92,6 +92,8 @@ def report(ctx: Context, *, by: str = "gpu", cluster: bool = False, host: str | 
     """The capacity report document (docs/capacity-report.md)."""
     if by not in BY_CHOICES:
         raise UsageError(f"unknown --by '{by}'; choose one of {', '.join(BY_CHOICES)}")
+    if cluster and host is not None:
+        raise UsageError("--cluster (every host) and --host (one host) exclude each other")
     requests = parse_fit(fit)
     for name, _ in requests:
         _classify(name)                 # refuse unknown names before touching the host or the database
