@@ -425,6 +425,87 @@ def test_document_errors_name_file_and_position():
         from_vgpu_dm({"vgpu-configs": {"x": [{"devices": "all", "vgpu-devices": {"T4-1Q": 1}}]}})
 
 
+VD_HEAD = "version: v1\nvgpu-configs:\n  x:\n    - devices: all\n"
+
+
+def test_vgpu_dm_empty_and_all_zero_counts_get_the_same_advice():
+    # the all-zero error used to advise "use {} for none", which the parser then refused
+    msgs = []
+    for body in ("      vgpu-devices: {}\n", "      vgpu-devices: {T4-1Q: 0, T4-2Q: 0}\n"):
+        with pytest.raises(ProfileError) as exc:
+            parse_profiles(VD_HEAD + body, "t.yaml")
+        msg = str(exc.value)
+        assert msg.startswith("t.yaml:5: vgpu-configs 'x' entry 1: "), msg
+        assert "use {}" not in msg and "at least one vGPU type with a count above 0" in msg, msg
+        assert one_sentence(msg), msg
+        msgs.append(msg)
+    assert "vgpu-devices lists no vGPU type" in msgs[0] and "every count in vgpu-devices is 0" in msgs[1]
+    with pytest.raises(ProfileError, match=r"^t\.yaml:6: vgpu-configs 'x' entry 1: vgpu-devices: the count of "):
+        parse_profiles(VD_HEAD + "      vgpu-devices:\n        T4-1Q: -1\n", "t.yaml")
+    # zeros next to a real count are dropped, as documented
+    _, [spec] = parse_profiles(VD_HEAD + "      vgpu-devices: {T4-1Q: 16, T4-2Q: 0}\n", "t.yaml")
+    assert spec.entries[0].vgpu == {"T4-1Q": 16}
+
+
+def test_mig_parted_all_zero_advice_is_accepted():
+    with pytest.raises(ProfileError, match=r"^cfg\.yaml:6: mig-configs 'c' entry 1: every count in mig-devices "
+                                           r"is 0; use \{\}"):
+        parse_profiles(MP_HEAD + "    - devices: all\n      mig-enabled: true\n      mig-devices: {1g.5gb: 0}\n",
+                       "cfg.yaml")
+    _, [spec] = parse_profiles(MP_HEAD + "    - devices: all\n      mig-enabled: true\n      mig-devices: {}\n",
+                               "cfg.yaml")
+    assert spec.entries[0] == ProfileEntry(mig_enabled=True)
+
+
+HERE = "  # here"
+
+
+@pytest.mark.parametrize("lines, words", [
+    # gpuvirt format, short form
+    (["name: x", "mig: {1g.5gb: 2}", "bogus: 1" + HERE], "unknown field(s) bogus"),
+    (["name: x", "mig:", "  1g.5gb: 1", "  2g.10gb: 0" + HERE], "must be at least 1"),
+    (["name: x", "mig:", "  '1g.5gb': 1", "  ' 1g.5gb': 1" + HERE], "listed twice"),
+    (["name: x", "sriov_vfs: 1", "devices: 3" + HERE], "not a bare number"),
+    (["name: x", "device_filter:", "  - '0x20B010DE'", "  - '0x20B0'" + HERE, "mig_enabled: true"], "0xDDDDVVVV"),
+    (["name: x", "mig: {1g.5gb: 1}", "mig_enabled: false" + HERE], "mig_enabled is false"),
+    (["name: x", "description: d", "model: [a2]" + HERE], "model must be a string"),
+    (["name: x", "mig: {1g.5gb: 1}", "entries:" + HERE, "  - sriov_vfs: 1"], "not both"),
+    # gpuvirt format, entries
+    (["name: x", "entries:", "  - devices: [0]", "    mig: {1g.5gb: 2}", "  - devices: [1]", "    mig_enabled: false",
+      "    extra: 3" + HERE], "entry 2: unknown field(s) extra"),
+    (["name: x", "entries:", "  - devices: all", "    vgpu:", "      A2-1Q: 2", "      A2-2Q: two" + HERE],
+     "whole number, not 'two'"),
+    (["name: x", "entries:", "  - devices:", "      - 0", "      - -1" + HERE, "    sriov_vfs: 2"],
+     "-1 is not a GPU index"),
+    (["name: x", "entries:", "  - devices: [0]", "    sriov_vfs: 1", "  - devices: [1]",
+      "    mig_enabled: 'yes'" + HERE], "mig_enabled must be true or false"),
+    (["name: x", "entries:", "  - devices: [0]", "    mdev: {mtty-1: 1}", "    sriov_vfs: -1" + HERE],
+     "sriov_vfs must be a whole number >= 0"),
+    (["name: x", "entries:", "  - devices: [0]", "    mig:", "      1g.5gb: 1", "  - mdev: [mtty-1]" + HERE],
+     "mdev must be a mapping"),
+    # several profiles
+    (["version: 1", "profiles:", "  - name: a", "    sriov_vfs: 1", "  - name: b", "    vgpu:",
+      "      745: 1.5" + HERE], "profile 'b': vgpu: the count of '745'"),
+    (["version: 1", "profiles:", "  - name: a", "    sriov_vfs: 1", "extra: 2" + HERE], "next to profiles"),
+    # the tools' formats: the same rule
+    (["version: v1", "mig-configs:", "  c:", "    - devices: all", "      mig-enabled: true",
+      "      mig-devices: {}", "      extra: 1" + HERE], "unknown field(s) extra"),
+    (["version: v1", "mig-configs:", "  c:", "    - device-filter:", "        - '0x20B010DE'",
+      "        - 'nope'" + HERE, "      devices: all", "      mig-enabled: false"], "0xDDDDVVVV"),
+    (["version: v1", "mig-configs:", "  c:", "    - devices: all", "      mig-enabled: 'on'" + HERE],
+     "mig-enabled is required"),
+    (["version: v1", "vgpu-configs:", "  t:", "    - vgpu-devices: {T4-1Q: 1}", "      devices:",
+      "        - 0", "        - x" + HERE], "'x' is not a GPU index"),
+])
+def test_field_errors_point_at_the_offending_key(lines, words):
+    where = next(i for i, line in enumerate(lines) if line.endswith(HERE)) + 1
+    with pytest.raises(ProfileError) as exc:
+        parse_profiles("\n".join(lines) + "\n", "f.yaml")
+    msg = str(exc.value)
+    assert msg.startswith(f"f.yaml:{where}: ") and words in msg, msg
+    assert one_sentence(msg), msg
+
+
 def test_gpuvirt_format_short_and_long_forms():
     text = ("version: 1\nprofiles:\n"
             "  - name: short\n    model: a2\n    vgpu: {745: 4}\n"

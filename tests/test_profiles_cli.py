@@ -327,3 +327,57 @@ def test_console_script(fresh):
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("gpuvirt: error: profile 'too-big': 3x 3g.20gb exceeds the A100-SXM4-40GB's limit")
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+# --- file errors as an operator sees them -------------------------------------------------------------------------
+def test_file_field_errors_name_the_offending_line(host, tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("name: x\nmig: {1g.5gb: 2}\nbogus: 1\n")
+    assert fails(host, 2, "create-profile", "x", "--from-file", str(f)).startswith(f"{f}:3: profile 'x': unknown "
+                                                                                  "field(s) bogus")
+    f.write_text("version: 1\nprofiles:\n  - name: a\n    entries:\n      - devices: [0]\n        vgpu:\n"
+                 "          A2-2Q: two\n")
+    assert fails(host, 2, "profile", "import", str(f)).startswith(f"{f}:7: profile 'a' entry 1: vgpu: the count")
+    # vgpu-device-manager: no advice the parser then refuses, and the config and entry are named
+    for counts in ("{}", "{A2-2Q: 0}"):
+        f.write_text(f"version: v1\nvgpu-configs:\n  a:\n    - devices: all\n      vgpu-devices: {counts}\n")
+        msg = fails(host, 2, "profile", "import", str(f))
+        assert msg.startswith(f"{f}:5: vgpu-configs 'a' entry 1: ") and "use {}" not in msg, msg
+
+
+# --- gpuvirt demo --dir -------------------------------------------------------------------------------------------
+def test_demo_runs_again_in_the_same_directory(cli, tmp_path):
+    d = tmp_path / "demo"
+    for _ in range(2):
+        r = cli("demo", "--dir", d)
+        assert r.exit_code == 0, r
+        assert "demo finished" in r.stdout
+        (d / "notes.txt").write_text("mine\n")      # not the demo's: kept across re-runs
+    # the second run started from a fresh inventory: the profiles' instances once, all active, one allocation
+    status = cli("--sim", d, "status", "--json")
+    assert status.exit_code == 0, status
+    doc = status.json()
+    assert doc["in_sync"] is True
+    assert sorted(len(g["instances"]) for g in doc["gpus"]) == [4, 8]
+    assert {i["state"] for g in doc["gpus"] for i in g["instances"]} == {"active"}
+    assert [a["vm"] for a in cli("--sim", d, "allocations", "--json").json()] == ["demo-vm"]
+    assert (d / "notes.txt").read_text() == "mine\n"
+
+
+def test_demo_refuses_a_directory_it_did_not_create(cli, tmp_path):
+    mine = tmp_path / "mine"
+    (mine / "etc").mkdir(parents=True)
+    (mine / "keep.txt").write_text("keep\n")
+    (mine / "etc" / "app.conf").write_text("x = 1\n")
+    plain = make_host(tmp_path / "plain")           # a simulated host, but not a demo's
+    afile = tmp_path / "afile"
+    afile.write_text("data\n")
+    for target in (mine, plain, afile):
+        before = sorted((str(p.relative_to(tmp_path)), p.is_file() and p.read_bytes())
+                        for p in [target, *target.rglob("*")])
+        r = cli("demo", "--dir", target)
+        assert r.exit_code == 2, r
+        assert r.stderr.startswith(f"gpuvirt: error: demo: {target} ") and r.stderr.count("\n") == 1, r
+        assert "Traceback" not in r.stderr + r.stdout
+        assert sorted((str(p.relative_to(tmp_path)), p.is_file() and p.read_bytes())
+                      for p in [target, *target.rglob("*")]) == before

@@ -63,7 +63,8 @@ def _render(step: str, data: Any) -> None:
 
 @app.command()
 def demo(directory: Optional[str] = typer.Option(None, "--dir", help="Keep the simulated host in DIR "
-                                                 "(default: a temporary directory, removed afterwards)."),
+                                                 "(default: a temporary directory, removed afterwards). DIR must "
+                                                 "be new, empty or a previous demo's, which is started afresh."),
          keep: bool = typer.Option(False, "--keep", help="Keep the temporary directory.")) -> None:
     """Run the main job end to end on a built-in simulated host (no GPU needed)."""
     from gpuvirt.service.demo import run

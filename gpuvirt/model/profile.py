@@ -78,19 +78,27 @@ def normalise_filter(value: Any) -> str:
     return out
 
 
+# Errors about one field of an entry carry ``field`` (and ``key``: the name in a count mapping, the index in
+# a list) in their context, so that a document parser can point at the offending key's line.
 def _filters(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, (str, int)) and not isinstance(value, bool):
-        return (normalise_filter(value),)
+        try:
+            return (normalise_filter(value),)
+        except ProfileError as exc:
+            raise ProfileError(exc.message, field="device_filter") from None
     if isinstance(value, (list, tuple)):
         out: list[str] = []
-        for v in value:
-            f = normalise_filter(v)
+        for i, v in enumerate(value):
+            try:
+                f = normalise_filter(v)
+            except ProfileError as exc:
+                raise ProfileError(exc.message, field="device_filter", key=i) from None
             if f not in out:
                 out.append(f)
         return tuple(out)
-    raise ProfileError(f"device filter must be a string or a list of strings, not {value!r}")
+    raise ProfileError(f"device filter must be a string or a list of strings, not {value!r}", field="device_filter")
 
 
 def _devices(value: Any) -> str | tuple[int, ...]:
@@ -98,36 +106,38 @@ def _devices(value: Any) -> str | tuple[int, ...]:
         return "all"
     if isinstance(value, (list, tuple)):
         if not value:
-            raise ProfileError("devices is an empty list; write 'all' or list GPU indices")
+            raise ProfileError("devices is an empty list; write 'all' or list GPU indices", field="devices")
         out: list[int] = []
-        for v in value:
+        for i, v in enumerate(value):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ProfileError(f"devices: {v!r} is not a GPU index (a whole number >= 0)")
+                raise ProfileError(f"devices: {v!r} is not a GPU index (a whole number >= 0)", field="devices",
+                                   key=i)
             if v not in out:
                 out.append(v)
         return tuple(out)
     if isinstance(value, int) and not isinstance(value, bool):
         # mig-parted refuses a bare index too (its issue #44): a list makes the intent unambiguous
-        raise ProfileError(f"devices must be 'all' or a list of GPU indices, not a bare number (write [{value}])")
-    raise ProfileError(f"devices must be 'all' or a list of GPU indices, not {value!r}")
+        raise ProfileError(f"devices must be 'all' or a list of GPU indices, not a bare number (write [{value}])",
+                           field="devices")
+    raise ProfileError(f"devices must be 'all' or a list of GPU indices, not {value!r}", field="devices")
 
 
 def _counts(what: str, value: Any) -> dict[str, int]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise ProfileError(f"{what} must be a mapping of NAME: COUNT, not {value!r}")
+        raise ProfileError(f"{what} must be a mapping of NAME: COUNT, not {value!r}", field=what)
     out: dict[str, int] = {}
     for k, n in value.items():
         if isinstance(k, bool) or not isinstance(k, (str, int)) or not str(k).strip():
-            raise ProfileError(f"{what}: {k!r} is not a name")
+            raise ProfileError(f"{what}: {k!r} is not a name", field=what, key=k)
         key = str(k).strip()
         if isinstance(n, bool) or not isinstance(n, int):
-            raise ProfileError(f"{what}: the count of '{key}' must be a whole number, not {n!r}")
+            raise ProfileError(f"{what}: the count of '{key}' must be a whole number, not {n!r}", field=what, key=k)
         if n <= 0:
-            raise ProfileError(f"{what}: the count of '{key}' must be at least 1 (got {n})")
+            raise ProfileError(f"{what}: the count of '{key}' must be at least 1 (got {n})", field=what, key=k)
         if key in out:
-            raise ProfileError(f"{what}: '{key}' is listed twice")
+            raise ProfileError(f"{what}: '{key}' is listed twice", field=what, key=k)
         out[key] = n
     return out
 
@@ -154,15 +164,16 @@ class ProfileEntry:
         put(self, "device_filter", _filters(self.device_filter))
         put(self, "devices", _devices(self.devices))
         if self.mig_enabled is not None and not isinstance(self.mig_enabled, bool):
-            raise ProfileError(f"mig_enabled must be true or false, not {self.mig_enabled!r}")
+            raise ProfileError(f"mig_enabled must be true or false, not {self.mig_enabled!r}", field="mig_enabled")
         put(self, "mig", _counts("mig", self.mig))
         put(self, "vgpu", _counts("vgpu", self.vgpu))
         put(self, "mdev", _counts("mdev", self.mdev))
         if self.sriov_vfs is not None and (isinstance(self.sriov_vfs, bool) or not isinstance(self.sriov_vfs, int)
                                            or self.sriov_vfs < 0):
-            raise ProfileError(f"sriov_vfs must be a whole number >= 0, not {self.sriov_vfs!r}")
+            raise ProfileError(f"sriov_vfs must be a whole number >= 0, not {self.sriov_vfs!r}", field="sriov_vfs")
         if self.mig_enabled is False and self.mig:
-            raise ProfileError("MIG instances are listed while mig_enabled is false; drop them or enable MIG")
+            raise ProfileError("MIG instances are listed while mig_enabled is false; drop them or enable MIG",
+                               field="mig_enabled")
         if self.mig and self.mig_enabled is None:
             put(self, "mig_enabled", True)      # instances imply MIG mode; one spelling per meaning
         if not self.kinds:
@@ -843,6 +854,14 @@ def load_yaml(text: str, filename: str) -> Any:
         raise ProfileError(f"{filename}: not valid YAML: {exc}", file=filename) from None
 
 
+def _unknown(path: Sequence[Any], label: str, found: Iterable[Any], known: Sequence[str],
+             where: str = "") -> _Bad:
+    """Unknown fields, pointing at the first of them (as listed)."""
+    names = sorted(map(str, found))
+    return _Bad(list(path) + [names[0]], f"{label}unknown field(s) {', '.join(names)}{where} "
+                f"(known: {', '.join(known)})")
+
+
 def _run(fn: Callable[[], list[ProfileSpec]], source: str, locate: Locate | None) -> list[ProfileSpec]:
     try:
         return fn()
@@ -856,8 +875,7 @@ def _top(doc: Any, key: str, allowed: set[str], version_required: bool) -> Mappi
         raise _Bad((), "expected a mapping at the top of the document")
     unknown = set(doc) - allowed
     if unknown:
-        raise _Bad((sorted(map(str, unknown))[0],), f"unknown field(s) {', '.join(sorted(map(str, unknown)))} "
-                   f"(known: {', '.join(sorted(allowed))})")
+        raise _unknown((), "", unknown, sorted(allowed))
     if version_required and "version" not in doc:
         raise _Bad((), "missing 'version: v1'")
     if "version" in doc and doc["version"] != "v1":
@@ -878,21 +896,40 @@ def _config_entries(configs: Mapping[str, Any], key: str, name: Any) -> list[Any
     return entries
 
 
-def _tool_counts(path: Sequence[Any], what: str, value: Any) -> dict[str, int]:
-    """mig-devices / vgpu-devices: counts >= 0 are allowed and zeros mean 'none of these' (dropped)."""
+def _tool_counts(path: Sequence[Any], label: str, what: str, value: Any) -> dict[str, int]:
+    """mig-devices / vgpu-devices: counts >= 0 are allowed and zeros mean 'none of these' (dropped).
+
+    What an empty result means differs (MIG on without instances; a vGPU entry with nothing to store), so
+    the callers judge it.
+    """
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise _Bad(path, f"{what} must be a mapping of NAME: COUNT")
+        raise _Bad(path, f"{label}: {what} must be a mapping of NAME: COUNT")
     out: dict[str, int] = {}
     for k, n in value.items():
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise _Bad(list(path) + [k], f"{what}: the count of '{k}' must be a whole number >= 0, not {n!r}")
+            raise _Bad(list(path) + [k], f"{label}: {what}: the count of '{k}' must be a whole number >= 0, "
+                       f"not {n!r}")
         if n:
             out[str(k)] = n
-    if value and not out:
-        raise _Bad(path, f"every count in {what} is 0; use {{}} for none")
     return out
+
+
+def _entry_path(path: Sequence[Any], exc: ProfileError, keys: Mapping[str, str] | None = None) -> list[Any]:
+    """Where a ProfileEntry error points: the field it names (spelled as in the document: ``keys`` maps
+    gpuvirt's field names to the tool's) and the name or index inside it, else the entry itself."""
+    field_name = exc.context.get("field")
+    if field_name is None:
+        return list(path)
+    out = list(path) + [(keys or {}).get(field_name, field_name)]
+    if "key" in exc.context:
+        out.append(exc.context["key"])
+    return out
+
+
+_MP_KEYS = {"device_filter": "device-filter", "mig_enabled": "mig-enabled", "mig": "mig-devices"}
+_VDM_KEYS = {"device_filter": "device-filter", "vgpu": "vgpu-devices"}
 
 
 def from_mig_parted(doc: Any, source: str = "mig-parted", *, locate: Locate | None = None) -> list[ProfileSpec]:
@@ -910,12 +947,13 @@ def from_mig_parted(doc: Any, source: str = "mig-parted", *, locate: Locate | No
                     raise _Bad(path, f"{label} must be a mapping")
                 unknown = set(e) - {"device-filter", "devices", "mig-enabled", "mig-devices"}
                 if unknown:
-                    raise _Bad(path, f"{label}: unknown field(s) {', '.join(sorted(map(str, unknown)))} "
-                               "(known: device-filter, devices, mig-enabled, mig-devices)")
+                    raise _unknown(path, f"{label}: ", unknown, ("device-filter", "devices", "mig-enabled",
+                                                                 "mig-devices"))
                 if "devices" not in e:
                     raise _Bad(path, f"{label}: devices is required ('all' or a list of GPU indices)")
                 if not isinstance(e.get("mig-enabled"), bool):
-                    raise _Bad(path, f"{label}: mig-enabled is required (true or false)")
+                    raise _Bad(path + (("mig-enabled",) if "mig-enabled" in e else ()),
+                               f"{label}: mig-enabled is required (true or false)")
                 enabled = e["mig-enabled"]
                 if enabled and "mig-devices" not in e:
                     raise _Bad(path, f"{label}: mig-devices is required when mig-enabled is true (use {{}} for "
@@ -923,12 +961,15 @@ def from_mig_parted(doc: Any, source: str = "mig-parted", *, locate: Locate | No
                 if not enabled and e.get("mig-devices"):
                     raise _Bad(path + ("mig-devices",), f"{label}: mig-devices must be empty when mig-enabled is "
                                "false")
-                counts = _tool_counts(path + ("mig-devices",), "mig-devices", e.get("mig-devices"))
+                counts = _tool_counts(path + ("mig-devices",), label, "mig-devices", e.get("mig-devices"))
+                if e.get("mig-devices") and not counts:
+                    raise _Bad(path + ("mig-devices",), f"{label}: every count in mig-devices is 0; use {{}} for "
+                               "MIG mode on without instances")
                 try:
                     entries.append(ProfileEntry(device_filter=e.get("device-filter"), devices=e["devices"],
                                                 mig_enabled=enabled, mig=counts))
                 except ProfileError as exc:
-                    raise _Bad(path, f"{label}: {exc.message}") from None
+                    raise _Bad(_entry_path(path, exc, _MP_KEYS), f"{label}: {exc.message}") from None
             specs.append(ProfileSpec(name=str(name), entries=tuple(entries), source=source))
         return specs
     return _run(run, source, locate)
@@ -948,22 +989,25 @@ def from_vgpu_dm(doc: Any, source: str = "vgpu-device-manager", *, locate: Locat
                     raise _Bad(path, f"{label} must be a mapping with devices and vgpu-devices")
                 unknown = set(e) - {"device-filter", "devices", "vgpu-devices"}
                 if unknown:
-                    raise _Bad(path, f"{label}: unknown field(s) {', '.join(sorted(map(str, unknown)))} "
-                               "(known: device-filter, devices, vgpu-devices)")
+                    raise _unknown(path, f"{label}: ", unknown, ("device-filter", "devices", "vgpu-devices"))
                 if "devices" not in e:
                     raise _Bad(path, f"{label}: devices is required ('all' or a list of GPU indices)")
                 if "vgpu-devices" not in e:
                     raise _Bad(path, f"{label}: vgpu-devices is required (a mapping of vGPU type: count)")
-                counts = _tool_counts(path + ("vgpu-devices",), "vgpu-devices", e["vgpu-devices"])
+                counts = _tool_counts(path + ("vgpu-devices",), label, "vgpu-devices", e["vgpu-devices"])
                 if not counts:
-                    # an empty entry would carry no intent gpuvirt can store; removing vGPUs is done by
-                    # giving the GPU another profile
-                    raise _Bad(path + ("vgpu-devices",), f"{label}: vgpu-devices lists no vGPU type")
+                    # vgpu-device-manager reads {} as "remove the vGPUs"; a gpuvirt entry states what a GPU
+                    # carries and one with nothing has no intent to store, so both spellings are refused
+                    # with the same advice
+                    what = "every count in vgpu-devices is 0" if e["vgpu-devices"] else \
+                        "vgpu-devices lists no vGPU type"
+                    raise _Bad(path + ("vgpu-devices",), f"{label}: {what}; an entry needs at least one vGPU type "
+                               "with a count above 0 (to remove vGPUs, give the GPUs another profile)")
                 try:
                     entries.append(ProfileEntry(device_filter=e.get("device-filter"), devices=e["devices"],
                                                 vgpu=counts))
                 except ProfileError as exc:
-                    raise _Bad(path, f"{label}: {exc.message}") from None
+                    raise _Bad(_entry_path(path, exc, _VDM_KEYS), f"{label}: {exc.message}") from None
             specs.append(ProfileSpec(name=str(name), entries=tuple(entries), source=source))
         return specs
     return _run(run, source, locate)
@@ -982,15 +1026,14 @@ def _gv_counts(value: Any) -> Any:
 def _gv_entry(path: Sequence[Any], label: str, d: Mapping[str, Any]) -> ProfileEntry:
     unknown = set(d) - set(_ENTRY_KEYS)
     if unknown:
-        raise _Bad(path, f"{label}: unknown field(s) {', '.join(sorted(map(str, unknown)))} "
-                   f"(known: {', '.join(_ENTRY_KEYS)})")
+        raise _unknown(path, f"{label}: ", unknown, _ENTRY_KEYS)
     try:
         return ProfileEntry(device_filter=d.get("device_filter"), devices=d.get("devices", "all"),
                             mig_enabled=d.get("mig_enabled"), mig=_gv_counts(d.get("mig")),
                             vgpu=_gv_counts(d.get("vgpu")), mdev=_gv_counts(d.get("mdev")),
                             sriov_vfs=d.get("sriov_vfs"))
     except ProfileError as exc:
-        raise _Bad(path, f"{label}: {exc.message}") from None
+        raise _Bad(_entry_path(path, exc), f"{label}: {exc.message}") from None
 
 
 def _gv_profile(path: Sequence[Any], d: Any, source: str, default_name: str | None) -> ProfileSpec:
@@ -1000,8 +1043,7 @@ def _gv_profile(path: Sequence[Any], d: Any, source: str, default_name: str | No
     label = f"profile '{name}'" if name else "profile"
     unknown = set(d) - set(_PROFILE_KEYS) - set(_ENTRY_KEYS)
     if unknown:
-        raise _Bad(path, f"{label}: unknown field(s) {', '.join(sorted(map(str, unknown)))} "
-                   f"(known: {', '.join(_PROFILE_KEYS + _ENTRY_KEYS)})")
+        raise _unknown(path, f"{label}: ", unknown, _PROFILE_KEYS + _ENTRY_KEYS)
     if name is None:
         raise _Bad(path, "profile without a name")
     try:
@@ -1014,8 +1056,8 @@ def _gv_profile(path: Sequence[Any], d: Any, source: str, default_name: str | No
     short = {k: d[k] for k in _ENTRY_KEYS if k in d}
     if "entries" in d:
         if short:
-            raise _Bad(path, f"{label}: give either entries or the short form ({', '.join(sorted(short))}), "
-                       "not both")
+            raise _Bad(list(path) + ["entries"], f"{label}: give either entries or the short form "
+                       f"({', '.join(sorted(short))}), not both")
         raw = d["entries"]
         if not isinstance(raw, list) or not raw:
             raise _Bad(list(path) + ["entries"], f"{label}: entries must be a non-empty list")
@@ -1039,8 +1081,7 @@ def from_gpuvirt(doc: Any, source: str = "file", *, default_name: str | None = N
         if "profiles" in doc:
             unknown = set(doc) - {"version", "profiles"}
             if unknown:
-                raise _Bad((), f"unknown field(s) {', '.join(sorted(map(str, unknown)))} next to profiles "
-                           "(known: version, profiles)")
+                raise _unknown((), "", unknown, ("version", "profiles"), " next to profiles")
             if "version" in doc and doc["version"] != 1:
                 raise _Bad(("version",), f"unknown version {doc['version']!r} (expected 1)")
             raw = doc["profiles"]
