@@ -17,7 +17,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from gpuvirt.errors import ConfigError, UsageError
+from gpuvirt.errors import ConfigError, ConfigNotFoundError, UsageError
 
 CONFIG_REL = "etc/gpuvirt/gpuvirt.toml"
 DB_REL = "var/lib/gpuvirt/inventory.db"
@@ -73,10 +73,13 @@ def redact_url(url: str) -> str:
     return url
 
 
-def read_config(path: Path) -> dict[str, Any]:
+def read_config(path: Path, *, required: bool = False) -> dict[str, Any]:
+    """The config document; ``required`` when the operator named the file (a missing default is normal)."""
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
+        if required:
+            raise ConfigNotFoundError(f"config file {path} does not exist", path=str(path)) from exc
         return {}
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
@@ -96,7 +99,29 @@ def read_config(path: Path) -> dict[str, Any]:
     bad = set(pol) - set(DEFAULT_POLICIES)
     if bad:
         raise ConfigError(f"config file {path}: unknown policy key(s) {', '.join(sorted(bad))}")
+    for key, value in pol.items():
+        _check_policy(path, key, value)
     return doc
+
+
+def _check_policy(path: Path, key: str, value: Any) -> None:
+    # checked when the file is read, so every command refuses the same bad value instead of only those
+    # that happen to place something (a report --fit must not answer under a policy that does not exist)
+    if key in ("mig_placement", "vgpu_placement"):
+        from gpuvirt.model.planner import POLICIES, VGPU_POLICIES  # only when the file names a policy
+
+        choices = POLICIES if key == "mig_placement" else VGPU_POLICIES
+        if not isinstance(value, str) or value not in choices:
+            raise ConfigError(f"config file {path}: policies.{key} = {value!r} is not a valid policy; "
+                              f"choose one of {', '.join(choices)}", path=str(path))
+    elif key == "stale_after_seconds":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"config file {path}: policies.{key} = {value!r} is not valid; expected a "
+                              "non-negative number of seconds", path=str(path))
+    elif key == "reset_gpu":
+        if not isinstance(value, bool):
+            raise ConfigError(f"config file {path}: policies.{key} = {value!r} is not valid; expected true or "
+                              "false", path=str(path))
 
 
 def resolve_settings(*, root: str | None = None, sim: str | None = None, db: str | None = None,
@@ -110,8 +135,9 @@ def resolve_settings(*, root: str | None = None, sim: str | None = None, db: str
     root_path = Path(sim or root_opt or "/").absolute()
     if root_opt and not sim and not root_path.is_dir():
         raise UsageError(f"--root {root_opt}: no such directory")
-    config_path = Path(config or env.get("GPUVIRT_CONFIG") or (root_path / CONFIG_REL))
-    doc = read_config(config_path)
+    named = config or env.get("GPUVIRT_CONFIG") or None
+    config_path = Path(named or (root_path / CONFIG_REL))
+    doc = read_config(config_path, required=named is not None)
     if not sim and doc.get("sim_dir") and not root_opt:
         sim = str(doc["sim_dir"])
         root_path = Path(sim).absolute()
@@ -143,6 +169,13 @@ class Context:
 
         return open_sim(self.settings.sim_dir)
 
+    def check_sim(self) -> None:
+        """Fail when ``--sim`` names no simulated host (exit 3) or a corrupt one; for commands that write
+        under the root without touching the host first, so that nothing is created in a directory that is not
+        one."""
+        if self.settings.sim_dir is not None:
+            self.sim  # noqa: B018
+
     @cached_property
     def host(self):
         from gpuvirt.host.machine import Host
@@ -162,8 +195,8 @@ class Context:
     def inventory(self):
         from gpuvirt.inventory.store import Inventory
 
-        if self.settings.sim_dir is not None and not self.settings.db_url:
-            self.sim  # noqa: B018 - a missing simulated host must fail before a database is created inside it
+        if not self.settings.db_url:
+            self.check_sim()  # a missing simulated host must fail before a database is created inside it
 
         inv = Inventory.open(self.settings)
         self._closers.append(inv.close)

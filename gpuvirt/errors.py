@@ -61,6 +61,12 @@ class NotFoundError(GpuvirtError):
     exit_code = 3
 
 
+class ConfigNotFoundError(ConfigError, NotFoundError):
+    """A config file named explicitly (``--config``, ``GPUVIRT_CONFIG``) does not exist."""
+
+    exit_code = 3
+
+
 # --- capacity / conflicts ------------------------------------------------------------------------------
 class CapacityError(GpuvirtError):
     """Not enough room: no free instance, no legal placement, quota exceeded."""
@@ -167,6 +173,12 @@ class DatabaseLockedError(InventoryError, ConflictError):
 
 class SimulatorError(GpuvirtError):
     """The simulated host is missing or its state is corrupt."""
+
+
+class SimulatorNotFoundError(SimulatorError, NotFoundError):
+    """``--sim DIR`` names no simulated host (no directory, or no state in it); a corrupt state stays exit 1."""
+
+    exit_code = 3
 
 
 def errno_name(code: int | None) -> str:

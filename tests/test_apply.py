@@ -430,6 +430,62 @@ def test_config_file_supplies_db_and_host_id(cli, make_sim, tmp_path):
     _ = json
 
 
+def _one_line(res, code):
+    assert res.exit_code == code, res
+    assert res.stderr.startswith("gpuvirt: error: ") and res.stderr.count("\n") == 1, res
+    assert "Traceback" not in res.stderr + res.stdout and res.stdout == "", res
+
+
+def test_a_named_config_file_must_exist(cli, gpuvirt_proc, make_sim, tmp_path, monkeypatch):
+    sim = make_sim(["a100-40gb"])
+    missing = tmp_path / "nonexist.toml"
+    for args in (["status"], ["discover", "--json"], ["report", "-f", "json"],
+                 ["plan", "--pack", "3g.20gb=1", "--model", "a100-40gb"], ["hook", "install"]):
+        for run in (cli, gpuvirt_proc):
+            res = run("--sim", sim.root, "--config", missing, *args)
+            _one_line(res, 3)
+            assert f"config file {missing} does not exist" in res.stderr, (args, res)
+    monkeypatch.setenv("GPUVIRT_CONFIG", str(missing))
+    _one_line(cli("--sim", sim.root, "status"), 3)
+    _one_line(gpuvirt_proc("--sim", sim.root, "discover", "--json"), 3)
+    assert not (sim.root / "etc/libvirt").exists()          # hook install wrote nothing
+    # help does not depend on valid settings
+    monkeypatch.delenv("GPUVIRT_CONFIG")
+    assert cli("--config", missing, "report", "--help").exit_code == 0
+    # the default path (not named) stays optional
+    assert cli("--sim", sim.root, "status").exit_code == 0
+
+
+@pytest.mark.parametrize("line, key, bad, choices", [
+    ('mig_placement = "worst-fit"', "mig_placement", "'worst-fit'", "first-fit, best-fit, spread, pack, frag-aware"),
+    ('vgpu_placement = "pack"', "vgpu_placement", "'pack'", "consolidate, spread"),
+    ("stale_after_seconds = -5", "stale_after_seconds", "-5", "non-negative number"),
+    ('reset_gpu = "yes"', "reset_gpu", "'yes'", "true or false"),
+])
+def test_bad_policy_values_are_refused_when_the_config_is_read(cli, gpuvirt_proc, make_sim, tmp_path, line, key,
+                                                               bad, choices):
+    sim = make_sim(["a100-40gb", "a2"])
+    cfg = tmp_path / "gpuvirt.toml"
+    cfg.write_text(f"[policies]\n{line}\n")
+    # every command refuses it the same way, not only the ones that place something (apply)
+    for args in (["status"], ["plan", "--pack", "3g.20gb=1", "--model", "a100-40gb"], ["report", "--fit", "1g.5gb=1"],
+                 ["report", "-f", "json", "--fit", "1g.5gb=1"], ["apply", "a100-40gb-2x3g", "--gpu", "0", "--yes"]):
+        for run in (cli, gpuvirt_proc):
+            res = run("--sim", sim.root, "--config", cfg, *args)
+            _one_line(res, 2)
+            assert f"config file {cfg}: policies.{key} = {bad}" in res.stderr and choices in res.stderr, (args, res)
+
+
+def test_valid_policy_values_reach_the_commands(cli, make_sim, tmp_path):
+    sim = make_sim(["a100-40gb", "a2"])
+    cfg = tmp_path / "gpuvirt.toml"
+    cfg.write_text('[policies]\nmig_placement = "pack"\nvgpu_placement = "spread"\nstale_after_seconds = 1.5\n'
+                   "reset_gpu = true\n")
+    r = cli("--sim", sim.root, "--config", cfg, "report", "-f", "json", "--fit", "1g.5gb=1")
+    assert r.exit_code == 4 and r.stderr == "", r                # MIG is off: does not fit, but is answered
+    assert r.json()["fit"]["policies"] == {"mig": "pack", "vgpu": "spread"}
+
+
 def test_partial_layout_leaves_room_for_large_profiles(cli, make_sim):
     # two 1g instances on an empty A100: the placement policy keeps the only 4g start (0:4) free
     sim = make_sim(["a100-40gb"])

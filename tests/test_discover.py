@@ -531,14 +531,46 @@ def test_wrong_root(tmp_path: Path, cli, gpuvirt_proc) -> None:
     assert "does-not-exist" in res.stderr and res.stdout == ""
     (tmp_path / "file").write_text("x")
     assert_one_line_error(cli("--root", tmp_path / "file", "discover", "--json"), 2)
-    assert_one_line_error(cli("--sim", tmp_path / "does-not-exist", "discover", "--json"), 1)
+    # a simulated host that is not there is "not found" (3), through typer and through the fast path alike
+    assert_one_line_error(cli("--sim", tmp_path / "does-not-exist", "discover", "--json"), 3)
+    for args in (["discover", "--json"], ["discover"], ["report", "-f", "json"], ["status"], ["db", "current"]):
+        res = gpuvirt_proc("--sim", tmp_path / "does-not-exist", *args)
+        assert_one_line_error(res, 3)
+        assert "does not exist" in res.stderr and res.stdout == "", (args, res)
+    assert not (tmp_path / "does-not-exist").exists()       # nothing was created there (no inventory either)
     res = cli("--sim", tmp_path, "discover", "--json")                          # a directory, not a sim
-    assert_one_line_error(res, 1)
+    assert_one_line_error(res, 3)
     assert "gpuvirt sim init" in res.stderr
+    assert_one_line_error(gpuvirt_proc("--sim", tmp_path, "discover", "--json"), 3)
     # an empty tree is a host without GPUs, not an error
     (tmp_path / "empty").mkdir()
     doc = discover_json(cli, "--root", str(tmp_path / "empty"))
     assert doc["mdev_parents"] == doc["vfio_vfs"] == doc["pci_gpus"] == doc["sriov_pfs"] == []
+
+
+def test_debug_after_the_command_and_usage_errors_never_print_a_traceback(make_sim, cli, gpuvirt_proc,
+                                                                          tmp_path) -> None:
+    sim = make_sim(["a2"])
+    # --debug is global, but is accepted after the command word too: through the fast paths (console script)
+    # and through typer (table forms)
+    for args in (["discover", "--json", "--debug"], ["report", "-f", "json", "--debug"], ["discover", "--debug"],
+                 ["report", "--debug"], ["status", "--debug"]):
+        for run in (cli, gpuvirt_proc):
+            res = run("--sim", sim.root, *args)
+            assert res.exit_code == 0 and res.stderr == "" and res.stdout, (args, res)
+    # ... and still means "traceback on error" there
+    res = gpuvirt_proc("--sim", tmp_path / "nothing", "discover", "--json", "--debug")
+    assert res.exit_code == 3 and "Traceback" in res.stderr, res
+    assert res.stderr.rstrip("\n").splitlines()[-1].startswith("gpuvirt: error: simulated host")
+    # an unknown option is one line and exit 2, even when a traceback was asked for
+    for args in (["--debug", "report", "-f", "json", "--nosuch"], ["report", "-f", "json", "--nosuch", "--debug"],
+                 ["--debug", "discover", "--json", "--nosuch"], ["discover", "--nosuch"], ["--debug", "status", "-x"]):
+        for run in (cli, gpuvirt_proc):
+            res = run("--sim", sim.root, *args)
+            assert_one_line_error(res, 2)
+            assert "No such option" in res.stderr and res.stdout == "", (args, res)
+    env = {**os.environ, "GPUVIRT_DEBUG": "1"}
+    assert_one_line_error(gpuvirt_proc("--sim", sim.root, "discover", "--json", "--bogus", env=env), 2)
 
 
 def test_host_without_nvml(tmp_path: Path, cli, gpuvirt_proc) -> None:

@@ -421,6 +421,20 @@ def test_hook_install_is_idempotent_and_refuses_a_foreign_script(cli, make_sim):
     assert not path.exists()
 
 
+def test_hook_install_refuses_a_missing_simulated_host(cli, gpuvirt_proc, tmp_path):
+    # a hook pointing at a simulator that is not there would refuse every VM start: refuse it now, write nothing
+    for sim in (tmp_path / "nothing", tmp_path / "empty"):
+        if sim.name == "empty":
+            sim.mkdir()                                     # a directory, but not a simulated host
+        for run in (cli, gpuvirt_proc):
+            res = run("--sim", sim, "hook", "install")
+            assert res.exit_code == 3, res
+            assert res.stderr.startswith("gpuvirt: error: ") and res.stderr.count("\n") == 1, res
+            assert "gpuvirt sim init" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "nothing").exists()
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
 def test_installed_hook_carries_settings_the_empty_environment_lacks(cli, make_sim, monkeypatch):
     sim = make_sim(["a2"])
     root = sim.root

@@ -480,6 +480,22 @@ def test_pack_plan_names_and_errors():
         pack_plan("1g.5gb=1", "no-such-gpu")
 
 
+def test_placement_services_refuse_an_unknown_policy(make_sim):
+    from gpuvirt.context import Context, resolve_settings
+    from gpuvirt.service.placement import defrag_plan
+
+    # the pack is optimal whatever the policy, but a mistyped one must not look accepted
+    with pytest.raises(UsageError) as e:
+        pack_plan("3g.20gb=1", "a100-40gb", policy="nosuch")
+    assert "'nosuch'" in str(e.value) and "frag-aware" in str(e.value) and "\n" not in str(e.value)
+    for p in POLICIES:
+        assert pack_plan("3g.20gb=1", "a100-40gb", policy=p) == pack_plan("3g.20gb=1", "a100-40gb")
+    sim = make_sim(["a100-40gb"])
+    with Context(resolve_settings(sim=str(sim.root), env={})) as ctx:
+        with pytest.raises(UsageError, match="unknown placement policy 'nosuch'"):
+            defrag_plan(ctx, "1g.5gb", policy="nosuch")  # before it reads the host: MIG is off here
+
+
 def test_defrag_plan_on_a_simulated_host(cli, make_sim):
     sim = make_sim(["a100-40gb"])
     root = sim.root

@@ -35,6 +35,7 @@ from gpuvirt.errors import (
     HostPermissionError,
     InvalidArgumentError,
     NoCapacityError,
+    NotFoundError,
     SimulatorError,
     SysfsError,
     UsageError,
@@ -906,9 +907,12 @@ def test_missing_simulator_is_reported(tmp_path: Path) -> None:
     with pytest.raises(SimulatorError) as info:
         open_sim(tmp_path / "nothing")
     assert "gpuvirt sim init" in str(info.value)
+    # "not found" in the CLI's exit table (3), unlike a corrupt state (1)
+    assert isinstance(info.value, NotFoundError) and info.value.exit_code == 3
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SimulatorError):
+    with pytest.raises(SimulatorError) as info:
         open_sim(tmp_path / "empty")
+    assert "is missing" in str(info.value) and info.value.exit_code == 3
 
 
 def test_repair_rewrites_a_damaged_tree(make_sim, cli) -> None:

@@ -535,6 +535,24 @@ def test_mdevctl_corrupt_and_unexpected_entries_become_warnings(tmp_path):
     assert not any("scripts.d" in str(p) or "stray-file" in str(p) for p in by_path)
 
 
+def test_mdevctl_commands_print_warnings_like_every_other_command(cli, make_sim):
+    sim = make_sim(["a2", "mtty"])
+    root = sim.root
+    base = root / "etc" / "mdevctl.d" / PARENT
+    base.mkdir(parents=True)
+    (base / U2).write_text("{not json")
+    res = cli("--sim", root, "mdevctl", "import")
+    assert res.exit_code == 0, res
+    [line] = res.stderr.splitlines()
+    assert line.startswith(f"gpuvirt: warning: {base / U2}: ") and "invalid JSON" in line, res
+    # export skips a virtual parent (mtty) with a warning, in the same form
+    assert cli("--sim", root, "attach", "serial-vm", "--mdev", "mtty-2").exit_code == 0
+    res = cli("--sim", root, "mdevctl", "export")
+    assert res.exit_code == 0, res
+    [line] = res.stderr.splitlines()
+    assert line.startswith("gpuvirt: warning: mtty/") and "skipped: parent is not a PCI device" in line, res
+
+
 # --- against the real mdevctl 1.2.0 ---------------------------------------------------------------------------------
 def _mdevctl_tree(root: Path) -> Path:
     for d in ("sys/bus/mdev/devices", "sys/class/mdev_bus", "etc/mdevctl.d/scripts.d/callouts",

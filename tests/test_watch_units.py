@@ -70,6 +70,18 @@ def test_install_units_orders_boot_restore_without_sleeps(cli, make_sim):
     assert "someone else" in rec.read_text()
 
 
+def test_install_units_refuses_a_missing_simulated_host(cli, gpuvirt_proc, tmp_path):
+    # units for a simulator that is not there would fail at every boot: refuse, and create nothing under it
+    (tmp_path / "empty").mkdir()
+    for sim in (tmp_path / "nothing", tmp_path / "empty"):
+        for run in (cli, gpuvirt_proc):
+            res = run("--sim", sim, "install-units")
+            assert res.exit_code == 3 and "gpuvirt sim init" in res.stderr, res
+            assert res.stdout == "" and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res
+    assert not (tmp_path / "nothing").exists()
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
 def test_units_pass_systemd_analyze_verify(cli, make_sim):
     tool = shutil.which("systemd-analyze")
     if tool is None:

@@ -14,6 +14,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     fast = _hook_fast_path(args)
     if fast is None:
+        args = hoist_debug(args)
         fast = _discover_fast_path(args)
     if fast is None:
         fast = _report_fast_path(args)
@@ -45,6 +46,22 @@ def _global_options(args: list[str]) -> tuple[dict[str, str], int]:
         else:
             break
     return opts, i
+
+
+def hoist_debug(args: list[str]) -> list[str]:
+    """``--debug`` written after the command word (``report -f json --debug``) moved in front of it.
+
+    It is a global option, so only the root group knows it; a subcommand would refuse it as unknown.  The
+    hook's argv belongs to libvirt and is left as it is, as is everything after ``--``.
+    """
+    _opts, i = _global_options(args)
+    rest = args[i:]
+    if rest[:2] == ["hook", "libvirt-qemu"]:
+        return args
+    end = rest.index("--") if "--" in rest else len(rest)
+    if "--debug" not in rest[:end]:
+        return args
+    return ["--debug", *args[:i], *(a for a in rest[:end] if a != "--debug"), *rest[end:]]
 
 
 def _settings(opts: dict[str, str]):

@@ -22,7 +22,9 @@ class GpuvirtGroup(TyperGroup):
 
     def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None,  # type: ignore[override]
              standalone_mode: bool = True, **extra: Any) -> Any:
-        arglist = list(args) if args is not None else sys.argv[1:]
+        from gpuvirt.cli import hoist_debug
+
+        arglist = hoist_debug(list(args) if args is not None else sys.argv[1:])
         debug = _debug_requested(arglist)
         try:
             rv = super().main(args=arglist, prog_name=prog_name or "gpuvirt", complete_var=complete_var,
@@ -39,6 +41,13 @@ class GpuvirtGroup(TyperGroup):
         if standalone_mode:
             sys.exit(code)
         return code
+
+    def make_context(self, info_name: Any, args: Any, parent: Any = None, **extra: Any) -> Any:
+        asked_help = any(a in ("-h", "--help") for a in args)
+        ctx = super().make_context(info_name, list(args), parent=parent, **extra)
+        # the callback runs before the subcommand parses its --help; help must not depend on valid settings
+        ctx.meta["gpuvirt.help"] = asked_help
+        return ctx
 
 
 app = typer.Typer(cls=GpuvirtGroup, add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -65,6 +74,11 @@ def _global(
 
     ctx.obj = CliState(root=root, sim=sim, db=db, host_id=host_id, config=config, debug=debug)
     ctx.call_on_close(ctx.obj.close)
+    # Settings (and the config file) are checked for every command, also for those that never use them
+    # (plan --pack, sim models): a missing --config or a bad policy must not pass unnoticed just because the
+    # command at hand ignores it.  The hook group resolves them itself, under its own error contract.
+    if ctx.invoked_subcommand != "hook" and not ctx.meta.get("gpuvirt.help"):
+        ctx.obj.settings()
 
 
 def run(args: list[str]) -> int:

@@ -13,13 +13,16 @@ def debug_requested(args: list[str] | None) -> bool:
 def report_error(exc: BaseException, debug: bool) -> int:
     from gpuvirt.errors import GpuvirtError
 
-    if debug:
+    # a click/typer error (unknown option, bad value) is about the command line, not about gpuvirt's code:
+    # its traceback tells nobody anything, so it stays one line even with --debug
+    click_error = not isinstance(exc, GpuvirtError) and hasattr(exc, "format_message") and hasattr(exc, "exit_code")
+    if debug and not click_error:
         import traceback  # only on request: it costs more to import than a fast command takes to run
 
         traceback.print_exception(exc, file=sys.stderr)
     if isinstance(exc, GpuvirtError):
         msg, code = str(exc), exc.exit_code
-    elif hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # click/typer usage errors
+    elif click_error:
         msg, code = exc.format_message(), getattr(exc, "exit_code", 2)
     elif isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "Abort":
         msg, code = "aborted", 130 if isinstance(exc, KeyboardInterrupt) else 1

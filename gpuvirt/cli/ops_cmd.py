@@ -52,6 +52,7 @@ def plan(ctx: typer.Context,
         ("--include-allocated", include_allocated, ("--defrag",)),
         ("--force", force, ("PROFILE",)),
         ("--gpu", gpu != "all", ("PROFILE", "--defrag")),
+        ("--policy", policy is not None, ("--pack", "--defrag")),
     ) if given and mode not in modes]
     if stray:
         raise UsageError(f"{', '.join(stray)} do(es) not apply to {'plan PROFILE' if mode == 'PROFILE' else mode}")
@@ -60,7 +61,7 @@ def plan(ctx: typer.Context,
 
         if not model:
             raise UsageError("--pack needs --model (e.g. --model a100-40gb)")
-        doc = pack_plan(pack, model)
+        doc = pack_plan(pack, model, policy=policy)
         if json_out:
             emit_json(doc)
             return
@@ -74,7 +75,8 @@ def plan(ctx: typer.Context,
 
         if not for_profile:
             raise UsageError("--defrag needs --for PROFILE (the MIG profile to make room for)")
-        doc = defrag_plan(state(ctx).context(), for_profile, gpu_selector=gpu, include_allocated=include_allocated)
+        doc = defrag_plan(state(ctx).context(), for_profile, gpu_selector=gpu, include_allocated=include_allocated,
+                          policy=policy)
         if json_out:
             emit_json(doc)
             return
@@ -265,7 +267,7 @@ def db_current(ctx: typer.Context, json_out: bool = typer.Option(False, "--json"
         return
     print(f"{doc['url']}: revision {doc['revision'] or '(empty)'} (newest {doc['head']})")
     for w in doc["warnings"]:
-        print(f"warning: {w}", file=sys.stderr)
+        print(f"gpuvirt: warning: {w}", file=sys.stderr)
 
 
 @db_app.command("check")

@@ -137,7 +137,7 @@ def mdevctl_export(ctx: typer.Context, json_out: bool = typer.Option(False, "--j
     print(f"{len(r['written'])} definition(s) written, {len(r['unchanged'])} unchanged, "
           f"{len(r['removed'])} stale removed, in {r['directory']}")
     for sk in r["skipped"]:
-        print(f"warning: {sk['parent']}/{sk['uuid']}: skipped: {sk['reason']}", file=sys.stderr)
+        print(f"gpuvirt: warning: {sk['parent']}/{sk['uuid']}: skipped: {sk['reason']}", file=sys.stderr)
 
 
 @mdevctl_app.command("import")
@@ -151,7 +151,7 @@ def mdevctl_import(ctx: typer.Context, json_out: bool = typer.Option(False, "--j
         return
     print(f"adopted {len(r['adopted'])} definition(s), {len(r['already_known'])} already known")
     for w in r["warnings"]:
-        print(f"warning: {w['path']}: {w['message']}", file=sys.stderr)
+        print(f"gpuvirt: warning: {w['path']}: {w['message']}", file=sys.stderr)
 
 
 @app.command("install-units")

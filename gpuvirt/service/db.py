@@ -11,6 +11,8 @@ from gpuvirt.context import Context, redact_url
 def _inventory(ctx: Context, upgrade: bool):
     from gpuvirt.inventory.store import Inventory
 
+    if not ctx.settings.db_url:
+        ctx.check_sim()  # as Context.inventory: never create a database inside what is not a simulated host
     inv = Inventory.open(ctx.settings, upgrade=upgrade)
     ctx._closers.append(inv.close)  # noqa: SLF001 - the context owns what it opened
     return inv

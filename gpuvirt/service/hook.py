@@ -210,6 +210,9 @@ def _ours(path: Path) -> bool:
 def install(ctx: Context, *, force: bool = False) -> dict[str, Any]:
     from gpuvirt.context import redact_url
 
+    # a hook pointing at a simulator that is not there would refuse every VM start; refuse it here instead,
+    # before anything is written under that directory
+    ctx.check_sim()
     path = Path(ctx.settings.root) / HOOK_REL
     text = hook_script(ctx)
     if path.exists() and not force:

@@ -36,6 +36,7 @@ def export(ctx: Context) -> dict[str, Any]:
     from gpuvirt.vmm.libvirt import atomic_write
     from gpuvirt.vmm.mdevctl import read_definitions, remove_definition, write_definition
 
+    ctx.check_sim()  # with --db elsewhere nothing else would notice that the simulated host is missing
     root = ctx.settings.root
     existing, _warnings = read_definitions(root)
     have = {(d.parent, d.uuid): d for d in existing}

@@ -22,7 +22,7 @@ from typing import Any
 from gpuvirt.errors import ProfileError, UsageError
 from gpuvirt.model.catalog import load_catalog, resolve_gi_profile
 from gpuvirt.model.mig import Placed
-from gpuvirt.model.planner import compute_lower_bound, pack
+from gpuvirt.model.planner import POLICIES, compute_lower_bound, pack
 
 _ITEM_RE = re.compile(r"^\s*(?P<name>[^=\s]+)\s*=\s*(?P<count>[^=]*?)\s*$")
 
@@ -50,8 +50,19 @@ def parse_pack_spec(spec: str, model_id: str) -> dict[int, int]:
     return counts
 
 
-def pack_plan(spec: str, model_id: str) -> dict[str, Any]:
-    """The fewest GPUs of ``model_id`` holding the instances in ``spec``, with explicit placements."""
+def check_policy(policy: str | None) -> None:
+    """Refuse an unknown ``--policy`` up front, before any work (None: the configured one is used)."""
+    if policy is not None and policy not in POLICIES:
+        raise UsageError(f"unknown placement policy '{policy}'; choose one of {', '.join(POLICIES)}")
+
+
+def pack_plan(spec: str, model_id: str, policy: str | None = None) -> dict[str, Any]:
+    """The fewest GPUs of ``model_id`` holding the instances in ``spec``, with explicit placements.
+
+    The pack is optimal whatever the policy (it is an offline search, not one decision at a time), so
+    ``policy`` changes nothing; it is still checked, because a mistyped one must not look accepted.
+    """
+    check_policy(policy)
     model = load_catalog().get(model_id)
     counts = parse_pack_spec(spec, model_id)
     assert model.mig is not None    # parse_pack_spec refuses non-MIG models
@@ -70,7 +81,7 @@ def pack_plan(spec: str, model_id: str) -> dict[str, Any]:
 
 
 def defrag_plan(ctx: Any, profile_name: str, *, gpu_selector: str = "all",
-                include_allocated: bool = False) -> dict[str, Any]:
+                include_allocated: bool = False, policy: str | None = None) -> dict[str, Any]:
     """``gpuvirt plan --defrag --for PROFILE``: the fewest instance moves on this host that make room for
     one more GPU instance of ``profile_name`` on the selected GPUs.  Reads the host, changes nothing.
 
@@ -88,6 +99,7 @@ def defrag_plan(ctx: Any, profile_name: str, *, gpu_selector: str = "all",
     from gpuvirt.model.planner import GpuState, apply_moves, choose_placement, defrag_detailed
     from gpuvirt.service import hostview
 
+    check_policy(policy)
     view = hostview.snapshot(ctx)
     selected = [g for g in view.select(gpu_selector)
                 if g.mig_capable and g.mig_current and g.model is not None and g.model.mig is not None]
@@ -130,7 +142,7 @@ def defrag_plan(ctx: Any, profile_name: str, *, gpu_selector: str = "all",
                 if row is None or row.state != ACTIVE or (in_use and not include_allocated):
                     pinned[g.address].add(p)
 
-    policy = ctx.settings.policies.get("mig_placement", "frag-aware")
+    policy = policy or ctx.settings.policies.get("mig_placement", "frag-aware")
     labels = {g.address: g.label for g in selected}
     best: tuple[list[Any], list[GpuState], int] | None = None
     complete = True

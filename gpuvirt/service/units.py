@@ -78,6 +78,7 @@ WantedBy=multi-user.target
 
 
 def install(ctx: Context, *, force: bool = False) -> dict[str, Any]:
+    ctx.check_sim()  # units for a simulator that is not there would fail at every boot; write nothing
     d = Path(ctx.settings.root) / UNIT_DIR
     out = []
     for name, text in (("gpuvirt-reconcile.service", reconcile_unit(ctx)), ("gpuvirt-watch.service", watch_unit(ctx))):

@@ -49,7 +49,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator
 
-from gpuvirt.errors import SimulatorError
+from gpuvirt.errors import SimulatorError, SimulatorNotFoundError
 
 STATE_DIR = ".gpuvirt-sim"
 STATE_FILE = "state.json"
@@ -81,10 +81,10 @@ class SimHost:
 
     def check(self) -> None:
         if not self.root.is_dir():
-            raise SimulatorError(f"simulated host {self.root} does not exist (create it with 'gpuvirt sim init')",
+            raise SimulatorNotFoundError(f"simulated host {self.root} does not exist (create it with 'gpuvirt sim init')",
                                  path=str(self.root))
         if not self.state_path.is_file():
-            raise SimulatorError(f"{self.root} is not a simulated host: {self.state_path} is missing "
+            raise SimulatorNotFoundError(f"{self.root} is not a simulated host: {self.state_path} is missing "
                                  "(create one with 'gpuvirt sim init')", path=str(self.state_path))
 
     def load(self) -> dict[str, Any]:
