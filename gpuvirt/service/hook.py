@@ -94,7 +94,11 @@ def prepare(ctx: Context, domain: str, dom: Any) -> list[str]:
             # hookmain prefixes "refusing to start <domain>:"; this is the reason only
             raise ConflictError("; ".join(r for r in reasons if r) or
                                 f"instance(s) {', '.join(map(str, still))} could not be restored")
-        notes.append(f"restored {len(missing)} device(s)")
+        # the restore is GPU-wide (the VFs and the rest of the GPUs' layouts come back too): say so, or an
+        # operator reading "1 device" would think the other instances are still missing
+        others = rep.get("changed", 0) - len(missing)
+        notes.append(f"restored {len(missing)} device(s) of this VM" +
+                     (f", and {others} other step(s) on its GPU(s)" if others > 0 else ""))
     with ctx.inventory.unit(write=True) as uow:
         for inst_id in ids:
             inst = uow.instance(inst_id)
