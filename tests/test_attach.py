@@ -452,6 +452,10 @@ def test_mig_attach_counts_once_for_the_tenant(cli, make_sim):
     [beta] = [t for t in doc["tenants"] if t["tenant"] == "beta"]
     assert (beta["instances"], beta["compute_slices"], beta["usage"]["instances"]) == (1, 1, 1)
     assert not any(t["tenant"] is None and t["instances"] for t in doc["tenants"])
+    cluster = ok(cli("--sim", root, "report", "--cluster", "--format", "json")).json()   # sums rows itself
+    [beta] = [t for t in cluster["tenants"] if t["tenant"] == "beta"]
+    assert (beta["instances"], beta["usage"]) == (1, {"instances": 1, "memory_mib": beta["memory_mib"],
+                                                      "compute_slices": 1})
     # the quota of one instance is used up by that one VM device, not by two rows
     res = cli("--sim", root, "attach", "vm6", "--mig", "1g.5gb", "--tenant", "beta")
     assert res.exit_code == 4 and "quota" in res.stderr

@@ -63,11 +63,31 @@ def test_install_units_orders_boot_restore_without_sleeps(cli, make_sim):
     # a failed boot restore (late driver) is exactly when the watcher must still run
     assert "Requires" not in w and "gpuvirt-reconcile.service" in w["Wants"]
     again = ok(cli("--sim", root, "install-units"))  # idempotent
-    assert again.exit_code == 0 and unit_lines(rec) == r
+    assert again.exit_code == 0 and unit_lines(rec) == r and "already installed" in again.stdout
     rec.write_text("[Unit]\nDescription=someone else's unit\n")
     refused = cli("--sim", root, "install-units")
     assert refused.exit_code == 2 and "not written by gpuvirt" in refused.stderr
     assert "someone else" in rec.read_text()
+
+
+def test_units_use_the_same_inventory_as_the_hook(cli, make_sim, tmp_path):
+    # the boot restore must read the database and host id attach and the hook use, also when those came
+    # from options rather than the config file
+    sim = make_sim(["a2"])
+    root = sim.root
+    db = f"sqlite:///{tmp_path / 'shared.db'}"
+    ok(cli("--sim", root, "--db", db, "--host-id", "hostA", "install-units"))
+    ok(cli("--sim", root, "--db", db, "--host-id", "hostA", "hook", "install"))
+    hook_line = next(ln for ln in (root / "etc/libvirt/hooks/qemu.d/50-gpuvirt").read_text().splitlines()
+                     if ln.startswith("exec "))
+    for unit in ("gpuvirt-reconcile.service", "gpuvirt-watch.service"):
+        [exec_start] = unit_lines(root / "etc/systemd/system" / unit)["ExecStart"]
+        assert f"--db {db}" in exec_start and "--host-id hostA" in exec_start
+        assert exec_start.split(" --host-id hostA ")[0] == hook_line[5:].split(" --host-id hostA ")[0]
+    # a password on that line: the units become root-only, like the hook
+    pw = "postgresql+psycopg://gv:s3cret@127.0.0.1:5432/test"
+    ok(cli("--sim", root, "--db", pw, "install-units", "--force"))
+    assert (root / "etc/systemd/system/gpuvirt-reconcile.service").stat().st_mode & 0o777 == 0o600
 
 
 def test_install_units_refuses_a_missing_simulated_host(cli, gpuvirt_proc, tmp_path):

@@ -160,6 +160,9 @@ def install_units(ctx: typer.Context, force: bool = typer.Option(False, "--force
     from gpuvirt.service.units import install
 
     r = install(state(ctx).context(), force=force)
+    if not r["changed"]:
+        print("units already installed and up to date: " + ", ".join(r["units"]))
+        return
     for u in r["units"]:
         print(f"wrote {u}")
     print(f"next: {r['next']}")

@@ -175,7 +175,9 @@ def release(ctx: Context, domain: str, dom: Any | None) -> list[str]:
 MARKER = "installed by 'gpuvirt hook install'"
 
 
-def _hook_args(ctx: Context) -> list[str]:
+def exec_args(ctx: Context) -> list[str]:
+    """The command line that runs gpuvirt with this context's settings from a process that has no
+    environment (libvirtd's hook, systemd units)."""
     from gpuvirt.context import read_config
 
     s = ctx.settings
@@ -197,8 +199,16 @@ def _hook_args(ctx: Context) -> list[str]:
     return args
 
 
+def secret_on_line(ctx: Context) -> bool:
+    """Does :func:`exec_args` carry a database password?"""
+    from gpuvirt.context import redact_url
+
+    db = ctx.settings.db_url or ""
+    return "--db" in exec_args(ctx) and redact_url(db) != db
+
+
 def hook_script(ctx: Context) -> str:
-    cmd = " ".join(shlex.quote(a) for a in _hook_args(ctx))
+    cmd = " ".join(shlex.quote(a) for a in exec_args(ctx))
     return ("#!/bin/sh\n"
             f"# libvirt qemu hook {MARKER} - do not edit, reinstall instead.\n"
             "# libvirtd runs it with argv <domain> <operation> <sub-operation> <extra> and the domain XML on\n"
@@ -212,8 +222,6 @@ def _ours(path: Path) -> bool:
 
 
 def install(ctx: Context, *, force: bool = False) -> dict[str, Any]:
-    from gpuvirt.context import redact_url
-
     # a hook pointing at a simulator that is not there would refuse every VM start; refuse it here instead,
     # before anything is written under that directory
     ctx.check_sim()
@@ -225,10 +233,9 @@ def install(ctx: Context, *, force: bool = False) -> dict[str, Any]:
             return {"path": str(path), "changed": False}
         if not _ours(path):
             raise UsageError(f"{path} exists and was not written by gpuvirt (use --force to replace it)")
-    db = ctx.settings.db_url or ""
     # a database password on the exec line must not be readable by every local user; libvirtd runs hooks
     # as root, so owner-only is enough
-    mode = stat.S_IRWXU if ("--db" in _hook_args(ctx) and redact_url(db) != db) else \
+    mode = stat.S_IRWXU if secret_on_line(ctx) else \
         stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -176,8 +176,10 @@ def _from_inventory(ctx: Context, host_ids: list[str] | None):
         # every allocation of every host is in the rows just read: sum them here instead of a second pass
         # over the database (the figures attach checks quotas against, GPUs no longer present included)
         usage = {}
+        backing = {r[I_BACK] for r in inst_rows if r[I_BACK] is not None}
         for r in inst_rows:
-            if r[I_VM] is not None:
+            # as repo._not_a_backing: a MIG-backed vGPU's GPU instance is counted through its vGPU
+            if r[I_VM] is not None and r[I_ID] not in backing:
                 u = usage.get(r[I_TENANT])
                 if u is None:
                     u = usage[r[I_TENANT]] = {"instances": 0, "memory_mib": 0, "compute_slices": 0}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +21,11 @@ UNIT_DIR = "etc/systemd/system"
 
 
 def _cmd(ctx: Context, *args: str) -> str:
-    s = ctx.settings
-    base = [sys.executable, "-I", "-m", "gpuvirt"]
-    if s.sim_dir is not None:
-        base += ["--sim", str(s.sim_dir)]
-    elif str(s.root) != "/":
-        base += ["--root", str(s.root)]
-    if s.config_found:
-        base += ["--config", str(s.config_path)]
-    return " ".join(shlex.quote(a) for a in base + list(args))
+    # the same settings the hook embeds (root/sim, config, and --db/--host-id where they differ from the
+    # config file): the boot restore must read the inventory the hook and attach write
+    from gpuvirt.service.hook import exec_args
+
+    return " ".join(shlex.quote(a) for a in exec_args(ctx) + list(args))
 
 
 def reconcile_unit(ctx: Context) -> str:
@@ -79,20 +74,31 @@ WantedBy=multi-user.target
 
 def install(ctx: Context, *, force: bool = False) -> dict[str, Any]:
     ctx.check_sim()  # units for a simulator that is not there would fail at every boot; write nothing
+    from gpuvirt.service.hook import secret_on_line
+
     d = Path(ctx.settings.root) / UNIT_DIR
+    # a database password on the ExecStart line: root-only, like the hook
+    mode = 0o600 if secret_on_line(ctx) else 0o644
     out = []
+    changed = False
     for name, text in (("gpuvirt-reconcile.service", reconcile_unit(ctx)), ("gpuvirt-watch.service", watch_unit(ctx))):
         path = d / name
-        if path.exists() and not force and "gpuvirt" not in path.read_text(errors="replace"):
+        current = path.read_text(errors="replace") if path.exists() else None
+        if current is not None and not force and "gpuvirt" not in current:
             raise UsageError(f"{path} exists and was not written by gpuvirt (use --force)")
+        out.append(str(path))
+        if current == text and (path.stat().st_mode & 0o777) == mode:
+            continue
         try:
             d.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{name}.tmp")
-            tmp.write_text(text)
-            os.chmod(tmp, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+            os.chmod(tmp, mode)
             os.replace(tmp, path)
         except OSError as exc:
             raise UsageError(f"cannot write {path}: {exc.strerror}") from exc
-        out.append(str(path))
-    return {"units": out, "next": "systemctl daemon-reload && systemctl enable gpuvirt-reconcile.service "
-                                  "gpuvirt-watch.service"}
+        changed = True
+    return {"units": out, "changed": changed,
+            "next": "systemctl daemon-reload && systemctl enable gpuvirt-reconcile.service gpuvirt-watch.service"}
