@@ -145,8 +145,13 @@ def test_incomplete_rollback_is_reported_until_fixed(cli, make_sim):
     assert not st["in_sync"]
     assert (st["gpus"][0]["desired_profile"], st["gpus"][0]["profile_state"]) == ("halves", "failed")
     assert any(d["kind"] == "apply-failed" for d in st["gpus"][0]["drift"])
+    # while the fault lasts reconcile fails too, and says so
+    r = cli("--sim", root, "reconcile", "--yes", "--json")
+    assert r.exit_code != 0 and not status(cli, root)["in_sync"]
     clear_faults(sim)
-    assert cli("--sim", root, "apply", "halves", "--gpu", "0", "--yes").exit_code == 0
+    r = cli("--sim", root, "reconcile", "--yes", "--json")         # "run 'gpuvirt reconcile'" - and it does
+    assert r.exit_code == 0, r
+    assert [p for p, _, _ in host_layout(sim)["0000:41:00.0"]] == [9, 9]
     assert assert_in_sync(cli, root)["gpus"][0]["profile_state"] == "applied"
 
 
@@ -505,3 +510,23 @@ def test_mig_profile_without_nvml_names_the_missing_driver(cli, make_sim):
     sim = make_sim(["a100-40gb"], driver_loaded=False)
     r = cli("--sim", sim.root, "apply", "a100-40gb-2x3g", "--gpu", "a100-40gb", "--yes")
     assert r.exit_code == 5 and "NVML reports no MIG state" in r.stderr and "does not support MIG" not in r.stderr
+
+
+def test_reboot_and_reconcile_finish_a_pending_reset_apply(cli, make_sim):
+    # apply's own advice for a MIG mode change held up by a GPU user: "reboot and run 'gpuvirt reconcile'"
+    from gpuvirt.sim.control import reboot, set_client
+
+    sim = make_sim(["a100-40gb"])
+    root = sim.root
+    set_client(sim, "0000:41:00.0", "nvidia-persistenced", True)
+    r = cli("--sim", root, "apply", "a100-40gb-balanced", "--gpu", "0", "--yes")
+    assert r.exit_code == 6 and "reboot and run 'gpuvirt reconcile'" in r.stderr, r
+    st = status(cli, root)
+    assert not st["in_sync"] and any(d["kind"] == "pending-reset" for d in st["gpus"][0]["drift"])
+    set_client(sim, "0000:41:00.0", "nvidia-persistenced", False)
+    reboot(sim)                                      # Ampere applies the pending MIG mode at boot
+    r = cli("--sim", root, "reconcile", "--yes", "--json")
+    assert r.exit_code == 0, r
+    assert [p for p, _, _ in host_layout(sim)["0000:41:00.0"]] and len(host_layout(sim)["0000:41:00.0"]) == 4
+    st = assert_in_sync(cli, root)
+    assert st["gpus"][0]["profile_state"] == "applied"

@@ -468,3 +468,12 @@ def test_display_refused_for_a_pci_handoff_and_nothing_kept(cli, make_sim, flag)
     res = cli("--sim", root, "attach", "vm-l2", "--vgpu", "L40S-4Q", flag)
     assert res.exit_code == 2 and "PCI" in res.stderr
     assert allocations(cli, root) == [] and not any(vf_types(sim).values())
+
+
+def test_vgpu_attach_enables_the_vfs_it_needs(cli, make_sim):
+    sim = make_sim(["a2"], enable_vfs=False)
+    root = sim.root
+    doc = attach_json(cli, root, "x", "--vgpu", "A2-2Q")
+    parent, type_id = mdevs(sim)[doc["uuid"]]
+    assert type_id.startswith("nvidia-") and parent != "0000:41:00.0"      # on a VF
+    assert sim.load()["devices"][0]["sriov"]["numvfs"] == 16

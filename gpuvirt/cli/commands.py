@@ -149,7 +149,9 @@ def sim_show(directory: str = typer.Argument(..., metavar="DIR"), json_out: bool
                           ["model", "address", "NVML", "VFs", "MIG cur/pend", "GIs", "clients"],
                           [[d["model"], d["address"], d["nvml_index"], d["vfs"], d["mig"], d["gpu_instances"],
                             ",".join(d["clients"])] for d in doc["devices"]]))
-    print(f"mdevs: {doc['mdevs']}  pending faults: {len(doc['faults'])}")
+    # a fault with no firings left stays in the state (it documents the run) but is no longer pending
+    pending = sum(1 for f in doc["faults"] if f.get("times", 1) > 0)
+    print(f"mdevs: {doc['mdevs']}  pending faults: {pending}")
 
 
 @sim_app.command("reboot")

@@ -36,7 +36,7 @@ def translate_db_error(exc: BaseException, url: str, action: str = "inventory") 
     where = _describe(url)
     if "database is locked" in low or "database table is locked" in low or "lock timeout" in low:
         return DatabaseLockedError(f"{action}: the inventory {where} is locked by another gpuvirt process "
-                                   f"(waited {BUSY_TIMEOUT_MS // 1000}s); retry when it has finished")
+                                   f"(waited {BUSY_TIMEOUT_MS / 1000:g}s); retry when it has finished")
     if "readonly database" in low or "read-only" in low or "permission denied" in low:
         return InventoryError(f"{action}: the inventory {where} is read-only for this user ({msg})")
     if "file is not a database" in low or "malformed" in low or "file is encrypted" in low:

@@ -477,7 +477,8 @@ def apply(ctx: Context, profile_name: str, selector: str, *, force: bool = False
                     uow.event("apply", target=spec.name, result="failed",
                               detail={"gpu": p.gpu.address, "error": str(exc), "rollback_failures": failures})
                 state = ("rolled back to the previous layout" if not failures else
-                         "ROLLBACK INCOMPLETE: " + "; ".join(failures) + " - run 'gpuvirt reconcile'")
+                         "ROLLBACK INCOMPLETE: " + "; ".join(failures) + " - run 'gpuvirt reconcile' (it finishes "
+                         f"applying {spec.name}) or apply another profile")
                 err = ApplyFailedError(f"apply {spec.name} failed on {p.gpu.label}: {exc}; {state}",
                                        gpu=p.gpu.address, rollback_failures=failures or None)
                 err.exit_code = exc.exit_code

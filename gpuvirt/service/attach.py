@@ -445,6 +445,16 @@ def _create_vgpu_for(ctx: Context, vm: str, ref: str, gpus: list[GpuView], polic
         for a in addresses:
             locks.enter_context(gpu_lock(ctx, a))
         fresh = hostview.snapshot(ctx)
+        # VF-parent boards carry vGPUs on SR-IOV VFs.  With none enabled (after a boot where nothing recorded
+        # needed them, or on a host set up by hand) enable them, as apply would: with 0 VFs nothing is lost
+        enabled = False
+        for g, _t in typed:
+            fg = fresh.by_address(g.address)
+            if fg is not None and g.model.vgpu.parent == "vf" and fg.sriov_total and not fg.sriov_num:
+                ctx.host.enable_vfs(fg.address)
+                enabled = True
+        if enabled:
+            fresh = hostview.snapshot(ctx)
         boards = []
         new_gi_boards = []
         parents: dict[str, tuple[GpuView, Any, str | None]] = {}

@@ -107,11 +107,26 @@ def analyze(ctx: Context, view: HostView, uow: Any, adopt: bool = False) -> tupl
         gpu_row = rows_by_gpu[g.address]
         rows = uow.instances(host_id, gpu_id=gpu_row.id)
         keys = _host_keys(g)
+        if gpu_row.profile_state == "pending-reset" and gpu_row.desired_profile:
+            if g.mig_capable and bool(g.mig_current) == bool(g.mig_pending):
+                # the reset came (a reboot, or the holders went away and the driver applied the mode): what
+                # apply could not create then can be created now
+                f = rep.add(g.address, "unfinished-apply", f"profile {gpu_row.desired_profile}",
+                            action=f"finish applying {gpu_row.desired_profile}")
+                work.append((f, ("finish-apply", g, gpu_row.desired_profile)))
+            else:
+                rep.add(g.address, "pending-reset", f"profile {gpu_row.desired_profile}",
+                        action="waits for a GPU reset: stop the GPU's users and run 'gpuvirt apply "
+                               f"{gpu_row.desired_profile} --reset-gpu', or reboot and run 'gpuvirt reconcile'")
         if gpu_row.profile_state == "failed":
             # set only when an apply failed and its rollback did not finish: the host may hold a mix of both
             # layouts, which reconcile alone cannot decide about
-            rep.add(g.address, "apply-failed", f"profile {gpu_row.desired_profile} (its rollback did not finish)",
-                    action=f"run 'gpuvirt apply {gpu_row.desired_profile}' again or apply another profile")
+            # the operator asked for this profile and the host is now between two layouts: finishing the apply
+            # is the way forward (rolling back further is not possible: what the rollback could not recreate
+            # is gone); allocated instances still block it, as they would block apply
+            f = rep.add(g.address, "apply-failed", f"profile {gpu_row.desired_profile} (its rollback did not finish)",
+                        action=f"finish applying {gpu_row.desired_profile}")
+            work.append((f, ("finish-apply", g, gpu_row.desired_profile)))
         # MIG mode first: nothing MIG can be restored without it (Hopper forgets it on reboot)
         want_mig = _desired_mig(ctx, g, gpu_row, rows)
         if want_mig is not None and g.mig_capable and bool(g.mig_current) != want_mig:
@@ -221,7 +236,8 @@ def reconcile(ctx: Context, *, dry_run: bool = False, adopt: bool = False, only_
         with ctx.inventory.unit(write=True, action="reconcile") as uow:
             rep, work = analyze(ctx, view, uow, adopt=adopt)
         if only_parents is not None:
-            work = [(f, w) for f, w in work if _touches(w, only_parents)]
+            # the hook's restore brings back what its VM had; changing a GPU's layout is not its business
+            work = [(f, w) for f, w in work if _touches(w, only_parents) and w[0] != "finish-apply"]
         if dry_run:
             return {"dry_run": True, **rep.to_dict()}
         # phase order: MIG mode, VFs, then instances (MIG before vGPUs, as the list is sorted)
@@ -230,11 +246,15 @@ def reconcile(ctx: Context, *, dry_run: bool = False, adopt: bool = False, only_
                 if w[0] in phase:
                     _run(ctx, f, w, actor)
         for f, w in work:
-            if w[0] not in ("mig-mode", "enable-vfs"):
+            if w[0] not in ("mig-mode", "enable-vfs", "finish-apply"):
                 if any(x.result == "pending-reset" and x.gpu == f.gpu for x in rep.findings) and \
                         _is_mig_work(ctx, w):
                     f.result = "skipped"
                     continue
+                _run(ctx, f, w, actor)
+        # last: an unfinished apply plans from the host as the steps above left it
+        for f, w in work:
+            if w[0] == "finish-apply":
                 _run(ctx, f, w, actor)
         with ctx.inventory.unit(write=True) as uow:
             out = rep.to_dict()
@@ -293,6 +313,16 @@ def _run(ctx: Context, f: Finding, w: tuple, actor: str | None) -> None:
 def _do(ctx: Context, w: tuple) -> str | None:
     op = w[0]
     host = ctx.host
+    if op == "finish-apply":
+        from gpuvirt.service import apply as apply_svc
+        from gpuvirt.errors import ResetRequiredError
+
+        g, profile = w[1], w[2]
+        try:
+            apply_svc.apply(ctx, profile, g.address)     # the GPU locks this process holds are re-entrant
+        except ResetRequiredError:
+            return "pending-reset"
+        return None
     if op == "mig-mode":
         g, want = w[1], w[2]
         current, pending, status = host.nvml().set_mig_mode(g.nvml_index, want)
