@@ -477,3 +477,9 @@ def test_vgpu_attach_enables_the_vfs_it_needs(cli, make_sim):
     parent, type_id = mdevs(sim)[doc["uuid"]]
     assert type_id.startswith("nvidia-") and parent != "0000:41:00.0"      # on a VF
     assert sim.load()["devices"][0]["sriov"]["numvfs"] == 16
+
+
+def test_unknown_mdev_type_is_a_usage_error(cli, make_sim):
+    sim = make_sim(["gvt-g", "mtty"])
+    res = cli("--sim", sim.root, "attach", "c", "--mdev", "nosuchtype")
+    assert res.exit_code == 2 and "offers type 'nosuchtype'" in res.stderr and "mtty-1" in res.stderr

@@ -337,6 +337,10 @@ def test_insert_into_domain_without_devices_and_empty_devices():
         out = insert_hostdev(base, pci_hostdev(PARENT))
         assert parse_domain(out).hostdevs == [libvirt.Hostdev("pci", address=PARENT)]
         assert "\n  <devices>\n    <hostdev " in out and "\n  </devices>\n</domain>\n" in out
+    # the <devices> attach had to add goes with the last hostdev: the original bytes come back
+    # (a one-line domain keeps the line break insert put before </domain>: it cannot be told apart)
+    for base in ("<domain>\n  <name>x</name>\n</domain>\n", "<domain>\r\n\t<name>x</name>\r\n</domain>\r\n"):
+        assert remove_hostdev(insert_hostdev(base, pci_hostdev(PARENT)), address=PARENT) == base
 
 
 def test_remove_needs_exactly_one_target():
@@ -647,3 +651,25 @@ def test_corrupt_definition_breaks_mdevctl_but_not_gpuvirt(mdevctl_root):
     defs, warns = mdevctl.read_definitions(mdevctl_root)
     assert [d.uuid for d in defs] == [U1]
     assert [p for p, _ in warns] == [bad]
+
+
+def test_mdevctl_import_skips_a_definition_the_board_cannot_hold(cli, make_sim):
+    # eight A2-2Q fill an A2; a ninth defined with mdevctl (start auto, not running) would make every later
+    # reconcile fail on it, so it is reported and not adopted
+    import json as _json
+
+    sim = make_sim(["a2"])
+    root = sim.root
+    for i in range(8):
+        assert cli("--sim", root, "attach", f"v{i}", "--vgpu", "A2-2Q").exit_code == 0
+    parent = "0000:41:01.4"
+    d = root / "etc" / "mdevctl.d" / parent
+    d.mkdir(parents=True, exist_ok=True)
+    ninth = "11111111-2222-3333-4444-555555555555"
+    (d / ninth).write_text(_json.dumps({"mdev_type": "nvidia-745", "start": "auto", "attrs": []}))
+    res = cli("--sim", root, "mdevctl", "import", "--json")
+    assert res.exit_code == 0, res
+    doc = res.json()
+    assert doc["adopted"] == [] and any("cannot hold another" in w["message"] for w in doc["warnings"])
+    st = cli("--sim", root, "status", "--json").json()
+    assert st["in_sync"], st

@@ -16,7 +16,9 @@ def emit_json(doc: Any, compact: bool = False) -> None:
 def console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+    # soft wrap: lines of text are not broken at the terminal width (or at 80 columns when piped, which split
+    # sysfs paths in two); tables still fit themselves to the width
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
 
 
 def table(title: str | None, columns: Iterable[str], rows: Iterable[Iterable[Any]]):

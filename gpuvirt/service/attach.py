@@ -586,6 +586,11 @@ def _create_generic_mdev_for(ctx: Context, vm: str, ref: str, gpus: list[GpuView
                                                f"mdev {type_dir} {uuid} on {p} for {vm}",
                                                on_active=_allocator(vm, vm_uuid, tenant, persistent),
                                                cleanup=lambda: ctx.host.remove_mdev(uuid))
+    offered = sorted({t for g in gpus for p in g.mdev_parents for t in g.parent_types.get(p, {})})
+    if not any(_mdev_type_dir(g.model, ref) in g.parent_types.get(p, {}) for g in gpus for p in g.mdev_parents):
+        # a name no parent registers is a typo, not a full host
+        shown = ", ".join(offered[:12]) + (" ..." if len(offered) > 12 else "")
+        raise UsageError(f"no mdev parent on this host offers type '{ref}' (types: {shown or 'none'})")
     raise CapacityError(f"no capacity: no mdev parent on this host can create {ref} now")
 
 

@@ -81,6 +81,39 @@ def export(ctx: Context) -> dict[str, Any]:
             "directory": str(root / "etc/mdevctl.d")}
 
 
+def _no_room(g: Any, d: Any, recorded: list[Any]) -> str | None:
+    """Why the board cannot hold definition ``d`` on top of the ``recorded`` mdevs (None when it can)."""
+    from gpuvirt.model import vgpu as rules
+    from gpuvirt.model.profile import find_mdev_type
+
+    model = g.model
+    if model is None:
+        return None                     # unknown board: its rules are unknown, the kernel will decide
+    if d.type_id.startswith("nvidia-") and model.vgpu is not None:
+        tid = rules.parse_type_id(d.type_id)
+        try:
+            vtype = model.vgpu.type_by_id(tid) if tid is not None else None
+        except Exception:
+            vtype = None
+        if vtype is None:
+            return f"{model.display_name} has no vGPU type {d.type_id}"
+        existing = [t for t in (rules.parse_type_id(r.type_id) for r in recorded) if t is not None]
+        room = rules.board_room(model, vtype, existing, mig_enabled=bool(g.mig_current),
+                                gpu_instances=[gi["profile_id"] for gi in g.gpu_instances])
+        if room <= 0:
+            return (f"the {model.display_name} cannot hold another {vtype.name} next to the "
+                    f"{len(existing)} vGPU(s) gpuvirt already records on it")
+        return None
+    if model.mdev is not None:
+        t = find_mdev_type(model.mdev, d.type_id)
+        if t is None:
+            return f"{model.display_name} has no mdev type {d.type_id}"
+        used = rules.pool_used(model.mdev, [r.type_id for r in recorded if r.parent == d.parent])
+        if rules.pool_available(model.mdev, t, used) <= 0:
+            return f"parent {d.parent} has no room for another {d.type_id} next to what gpuvirt records on it"
+    return None
+
+
 def import_(ctx: Context) -> dict[str, Any]:
     from gpuvirt.vmm.mdevctl import read_definitions
 
@@ -105,6 +138,14 @@ def import_(ctx: Context) -> dict[str, Any]:
             if g is None:
                 warn.append({"path": str(d.path), "message": f"parent {d.parent} is not a device on this host"})
                 continue
+            if d.uuid not in active:
+                # it would be created by the next reconcile: only where the board's rules leave room next to
+                # everything already recorded (else every reconcile would fail on it)
+                why = _no_room(g, d, uow.instances(ctx.settings.host_id, gpu_id=rows[g.address].id,
+                                                   kinds=[MDEV]))
+                if why:
+                    warn.append({"path": str(d.path), "message": f"not adopted: {why}"})
+                    continue
             fields = instance_fields_for_vgpu(g.model, MDEV, d.type_id, None, d.parent, d.uuid, "adopted",
                                               persistent=d.start == "auto")
             uow.add_instance(host_id=ctx.settings.host_id, gpu_id=rows[g.address].id, state=ACTIVE, **fields)

@@ -593,6 +593,21 @@ def remove_hostdev(domain_xml: str | bytes, uuid: str | None = None, address: st
     out = data
     for s, e in reversed(spans):
         out = out[:s] + out[e:]
+    # attach adds a <devices> to a domain that had none; the last hostdev going takes it along again, so
+    # that insert then remove gives back the original bytes (an empty <devices> means the same to libvirt)
+    dev = _parse(out, "domain XML").child("devices")
+    if dev is not None and not dev.children and dev.end != dev.tag_end:
+        close = out.rindex(b"</", dev.tag_end, dev.end)
+        if out[dev.tag_end:close].strip() == b"":
+            s, e = dev.start, dev.end
+            indent = _line_indent(out, s)
+            nxt = out.find(b"\n", e)
+            if indent is not None and out[e:nxt if nxt >= 0 else len(out)].strip() == b"":
+                s = out.rfind(b"\n", 0, s)
+                if s > 0 and out[s - 1:s] == b"\r":
+                    s -= 1
+                s = max(s, 0)
+            out = out[:s] + out[e:]
     return out.decode("utf-8")
 
 
