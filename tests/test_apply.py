@@ -143,8 +143,8 @@ def test_incomplete_rollback_is_reported_until_fixed(cli, make_sim):
     assert r.exit_code != 0 and "ROLLBACK INCOMPLETE" in r.stderr, r
     st = cli("--sim", root, "status", "--json").json()
     assert not st["in_sync"]
-    assert (st["gpus"][0]["desired_profile"], st["gpus"][0]["profile_state"]) == ("halves", "failed")
-    assert any(d["kind"] == "apply-failed" for d in st["gpus"][0]["drift"])
+    assert (st["gpus"][0]["desired_profile"], st["gpus"][0]["profile_state"]) == ("halves", "rollback-incomplete")
+    assert any(d["kind"] == "unfinished-apply" for d in st["gpus"][0]["drift"])
     # while the fault lasts reconcile fails too, and says so
     r = cli("--sim", root, "reconcile", "--yes", "--json")
     assert r.exit_code != 0 and not status(cli, root)["in_sync"]
@@ -522,7 +522,7 @@ def test_reboot_and_reconcile_finish_a_pending_reset_apply(cli, make_sim):
     r = cli("--sim", root, "apply", "a100-40gb-balanced", "--gpu", "0", "--yes")
     assert r.exit_code == 6 and "reboot and run 'gpuvirt reconcile'" in r.stderr, r
     st = status(cli, root)
-    assert not st["in_sync"] and any(d["kind"] == "pending-reset" for d in st["gpus"][0]["drift"])
+    assert not st["in_sync"] and any(d["kind"] == "unfinished-apply" for d in st["gpus"][0]["drift"])
     set_client(sim, "0000:41:00.0", "nvidia-persistenced", False)
     reboot(sim)                                      # Ampere applies the pending MIG mode at boot
     r = cli("--sim", root, "reconcile", "--yes", "--json")
@@ -530,3 +530,57 @@ def test_reboot_and_reconcile_finish_a_pending_reset_apply(cli, make_sim):
     assert [p for p, _, _ in host_layout(sim)["0000:41:00.0"]] and len(host_layout(sim)["0000:41:00.0"]) == 4
     st = assert_in_sync(cli, root)
     assert st["gpus"][0]["profile_state"] == "applied"
+
+
+def test_reconcile_finishes_pending_apply_when_the_users_left_without_reboot(cli, make_sim):
+    from gpuvirt.sim.control import set_client
+
+    sim = make_sim(["a100-40gb"])
+    root = sim.root
+    set_client(sim, "0000:41:00.0", "nvidia-persistenced", True)
+    assert cli("--sim", root, "apply", "a100-40gb-balanced", "--gpu", "0", "--yes").exit_code == 6
+    set_client(sim, "0000:41:00.0", "nvidia-persistenced", False)
+    assert cli("--sim", root, "reconcile", "--yes").exit_code == 0          # one run is enough
+    assert len(host_layout(sim)["0000:41:00.0"]) == 4
+    assert_in_sync(cli, root)
+
+
+def test_multi_gpu_apply_failure_restores_every_gpu_profile(cli, make_sim):
+    from gpuvirt.sim.control import add_fault
+
+    sim = make_sim(["a100-40gb:2"])
+    root = sim.root
+    cli("--sim", root, "create-profile", "halves", "--mig", "3g.20gb=2", "--model", "a100-40gb")
+    add_fault(sim, "nvml.CreateGpuInstance", skip=2)             # the first GPU succeeds, the second fails
+    r = cli("--sim", root, "apply", "halves", "--gpu", "a100-40gb", "--yes")
+    assert r.exit_code != 0 and "rolled back" in r.stderr, r
+    st = assert_in_sync(cli, root)
+    assert [(g["desired_profile"], g["profile_state"]) for g in st["gpus"]] == [(None, None), (None, None)]
+    assert all(not v for v in host_layout(sim).values())
+
+
+def test_reconcile_does_not_finish_an_apply_over_foreign_instances(cli, make_sim):
+    from gpuvirt.sim.control import add_fault, clear_faults
+    from gpuvirt.sim.control import open_sim
+
+    sim = make_sim(["a100-40gb"])
+    root = sim.root
+    cli("--sim", root, "create-profile", "seven", "--mig", "1g.5gb=7", "--model", "a100-40gb")
+    cli("--sim", root, "create-profile", "halves", "--mig", "3g.20gb=2", "--model", "a100-40gb")
+    assert cli("--sim", root, "apply", "seven", "--gpu", "0", "--yes").exit_code == 0
+    add_fault(sim, "nvml.CreateGpuInstance", skip=1, times=50)
+    assert "ROLLBACK INCOMPLETE" in cli("--sim", root, "apply", "halves", "--gpu", "0", "--yes").stderr
+    clear_faults(sim)
+    # another tool creates a GPU instance in a free slot
+    from gpuvirt.host.nvml import NvmlSession
+    from gpuvirt.sim.nvml import FakeNvmlLib
+
+    layout_before = host_layout(sim)["0000:41:00.0"]
+    free = next(s for s in range(7) if all(not (st <= s < st + sz) for _, st, sz in layout_before))
+    with NvmlSession(FakeNvmlLib(open_sim(root))) as s:
+        s.create_gpu_instance(0, 19, start=free)
+    r = cli("--sim", root, "reconcile", "--adopt", "--yes", "--json")
+    assert (19, free, 1) in host_layout(sim)["0000:41:00.0"]        # adopted, and not destroyed
+    assert "not while instances gpuvirt did not create" in r.stdout
+    cli("--sim", root, "reconcile", "--yes")                        # adopted now: still not destroyed
+    assert (19, free, 1) in host_layout(sim)["0000:41:00.0"]

@@ -483,3 +483,34 @@ def test_unknown_mdev_type_is_a_usage_error(cli, make_sim):
     sim = make_sim(["gvt-g", "mtty"])
     res = cli("--sim", sim.root, "attach", "c", "--mdev", "nosuchtype")
     assert res.exit_code == 2 and "offers type 'nosuchtype'" in res.stderr and "mtty-1" in res.stderr
+
+
+def test_attach_enables_vfs_on_one_board_only_and_undoes_it_on_failure(cli, make_sim):
+    from gpuvirt.sim.control import add_fault
+
+    sim = make_sim(["a100-40gb:2"], enable_vfs=False, mig_enabled=True)
+    root = sim.root
+    attach_json(cli, root, "vm1", "--mig", "1g.5gb")
+    assert [d["sriov"]["numvfs"] > 0 for d in sim.load()["devices"]] == [True, False]
+    # a failure after the VFs were enabled leaves the board as it was
+    sim2 = make_sim(["a100-40gb"], name="h2", enable_vfs=False, mig_enabled=True)
+    add_fault(sim2, "mdev.create", errno="EIO")
+    res = cli("--sim", sim2.root, "attach", "vm1", "--mig", "1g.5gb")
+    assert res.exit_code != 0
+    assert sim2.load()["devices"][0]["sriov"]["numvfs"] == 0 and gpu_instances(sim2) == []
+
+
+def test_mig_backed_vgpu_and_its_gpu_instance_are_detached_and_reused_together(cli, make_sim):
+    sim = make_sim(["a100-40gb"], mig_enabled=True)
+    root = sim.root
+    attach_json(cli, root, "vm1", "--mig", "1g.5gb", "--tenant", "t1")
+    assert {a["vm"] for a in allocations(cli, root)} == {"vm1"} and len(allocations(cli, root)) == 2
+    ok(cli("--sim", root, "detach", "vm1"))                  # persistent: the vGPU stays, free
+    assert allocations(cli, root) == []
+    gis_before = gpu_instances(sim)
+    attach_json(cli, root, "vm2", "--mig", "1g.5gb", "--tenant", "t2")
+    assert gpu_instances(sim) == gis_before                  # the free vGPU and its GPU instance, reused
+    allocs = allocations(cli, root)
+    assert len(allocs) == 2 and {(a["vm"], a["tenant"]) for a in allocs} == {("vm2", "t2")}
+    doc = ok(cli("--sim", root, "report", "--cluster", "--format", "json")).json()
+    assert [(t["tenant"], t["usage"]["instances"]) for t in doc["tenants"] if t["instances"]] == [("t2", 1)]

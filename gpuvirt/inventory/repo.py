@@ -12,7 +12,7 @@ import getpass
 import os
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import and_, delete, exists, func, or_, select
+from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, selectinload
 
@@ -387,11 +387,14 @@ class Unit:
 
 
 def _not_a_backing() -> Any:
-    """The GPU instance under a MIG-backed vGPU is allocated to the same VM (so that apply and reconcile
-    treat it as held), but the VM holds one device: the vGPU row already carries the instance's compute
-    slices, so quota and tenant figures count the vGPU only."""
-    backing = aliased(Instance)
-    return ~exists().where(backing.backing_instance_id == Instance.id)
+    """The GPU instance under an allocated MIG-backed vGPU is allocated to the same VM (so that apply and
+    reconcile treat it as held), but the VM holds one device: the vGPU row already carries the instance's
+    compute slices, so quota and tenant figures count the vGPU only.  An uncorrelated IN list: SQLite
+    would run a correlated EXISTS once per row, without an index on backing_instance_id."""
+    vgpu = aliased(Instance)
+    return Instance.id.not_in(
+        select(vgpu.backing_instance_id).join(Allocation, Allocation.instance_id == vgpu.id)
+        .where(vgpu.backing_instance_id.is_not(None)))
 
 
 __all__ = ["Unit", "default_actor", "and_", "or_"]

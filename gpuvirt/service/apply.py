@@ -453,6 +453,7 @@ def apply(ctx: Context, profile_name: str, selector: str, *, force: bool = False
         if dry_run:
             return {"profile": spec.name, "dry_run": True, "gpus": [p.to_dict() for p in plans]}
         journal = Journal(ctx)
+        befores = {p.gpu_row_id: _marked(ctx, p) for p in plans}
         result = ApplyResult(profile=spec.name, applied=[], pending_reset=[], unchanged=[])
         total = len(plans)
         for i, p in enumerate(plans):
@@ -462,17 +463,18 @@ def apply(ctx: Context, profile_name: str, selector: str, *, force: bool = False
                 result.unchanged.append(p.gpu.address)
                 _mark(ctx, p, "applied")
                 continue
-            before = _marked(ctx, p)
             try:
                 pending = _execute(ctx, p, journal, allow_reset)
             except GpuvirtError as exc:
                 failures = journal.rollback()
-                if failures:
-                    _mark(ctx, p, "failed", str(exc))
-                else:
-                    # back on the previous layout: the GPU keeps the profile it had, so that reconcile (which
-                    # derives MIG mode from the desired profile) does not act on a profile that never took
-                    _mark(ctx, p, before[1], profile=before[0])
+                # the journal spans every GPU of this apply: the rollback undid the GPUs done before this one too
+                for done in plans[:i + 1]:
+                    if failures:
+                        _mark(ctx, done, "rollback-incomplete", str(exc))
+                    else:
+                        # back on the previous layout: the GPU keeps the profile it had, so that reconcile
+                        # (which derives MIG mode from the desired profile) does not act on one that never took
+                        _mark(ctx, done, befores[done.gpu_row_id][1], profile=befores[done.gpu_row_id][0])
                 with ctx.inventory.unit(write=True) as uow:
                     uow.event("apply", target=spec.name, result="failed",
                               detail={"gpu": p.gpu.address, "error": str(exc), "rollback_failures": failures})

@@ -268,6 +268,11 @@ def _attach_one(ctx: Context, vm: str, req: Request, *, tenant: str | None, pers
                 continue  # another attach is taking this one right now: try the next candidate
             _quota_check(uow, tenant, [inst])
             alloc = uow.allocate(inst, vm_name=vm, vm_uuid=vm_uuid, tenant=tenant, persistent=persistent)
+            if inst.backing_instance_id is not None:
+                # a free MIG-backed vGPU: its GPU instance is held with it, as when attach creates both
+                gi = uow.instance(inst.backing_instance_id)
+                if gi.allocation is None:
+                    uow.allocate(gi, vm_name=vm, vm_uuid=vm_uuid, tenant=tenant, persistent=persistent)
             uow.event("attach", target=vm, detail={"instance": inst.id, "label": inst.label, "tenant": tenant})
             return inst.id, False
         if req.kind == "instance":
@@ -444,87 +449,114 @@ def _create_vgpu_for(ctx: Context, vm: str, ref: str, gpus: list[GpuView], polic
     with contextlib.ExitStack() as locks:
         for a in addresses:
             locks.enter_context(gpu_lock(ctx, a))
+        def choose(fresh: Any) -> tuple[str | None, dict[str, tuple[GpuView, Any, str | None]]]:
+            boards = []
+            new_gi_boards = []
+            parents: dict[str, tuple[GpuView, Any, str | None]] = {}
+            for g, t in typed:
+                fg = fresh.by_address(g.address)
+                if fg is None or (g.model.vgpu.parent == "vf" and not fg.sriov_num):
+                    continue                    # a VF-parent board without VFs has nowhere to put a vGPU
+                if t.mig_backed and not _has_free_gi(ctx, fg, t):
+                    # a MIG-backed vGPU needs a GPU instance of its profile first: only where one can be made
+                    room = _gi_room(fg, t)
+                    if room:
+                        new_gi_boards.append(VgpuBoard(fg.address, (), room))
+                        parents[fg.address] = (fg, t, None)
+                    continue
+                room, parent = _vgpu_board_room(fg, t.id, fg.interface)
+                existing = tuple((int(d["type"][7:]), 0) for d in fg.mdev_devices
+                                 if d["type"].startswith("nvidia-"))
+                boards.append(VgpuBoard(fg.address, existing, room))
+                parents[fg.address] = (fg, t, parent)
+            # GPU instances already there are used before new ones are carved out of free slices
+            key = choose_vgpu_gpu(boards, typed[0][1].id, policy) or \
+                choose_vgpu_gpu(new_gi_boards, typed[0][1].id, policy)
+            return key, parents
+
         fresh = hostview.snapshot(ctx)
-        # VF-parent boards carry vGPUs on SR-IOV VFs.  With none enabled (after a boot where nothing recorded
-        # needed them, or on a host set up by hand) enable them, as apply would: with 0 VFs nothing is lost
-        enabled = False
-        for g, _t in typed:
-            fg = fresh.by_address(g.address)
-            if fg is not None and g.model.vgpu.parent == "vf" and fg.sriov_total and not fg.sriov_num:
+        key, parents = choose(fresh)
+        enabled_here = None
+        if key is None:
+            # VF-parent boards carry vGPUs on SR-IOV VFs.  With none enabled (after a boot where nothing recorded
+            # needed them, or on a host set up by hand) enable them on one board, as apply would (with 0 VFs
+            # nothing is lost), and only when no board has room as it is
+            for g, _t in typed:
+                fg = fresh.by_address(g.address)
+                if fg is None or g.model.vgpu.parent != "vf" or not fg.sriov_total or fg.sriov_num:
+                    continue
                 ctx.host.enable_vfs(fg.address)
-                enabled = True
-        if enabled:
-            fresh = hostview.snapshot(ctx)
-        boards = []
-        new_gi_boards = []
-        parents: dict[str, tuple[GpuView, Any, str | None]] = {}
-        for g, t in typed:
-            fg = fresh.by_address(g.address)
-            if fg is None:
-                continue
-            if t.mig_backed and not _has_free_gi(ctx, fg, t):
-                # a MIG-backed vGPU needs a GPU instance of its profile first: only where one can be created
-                room = _gi_room(fg, t)
-                if room:
-                    new_gi_boards.append(VgpuBoard(fg.address, (), room))
-                    parents[fg.address] = (fg, t, None)
-                continue
-            room, parent = _vgpu_board_room(fg, t.id, fg.interface)
-            existing = tuple((int(d["type"][7:]), 0) for d in fg.mdev_devices if d["type"].startswith("nvidia-"))
-            boards.append(VgpuBoard(fg.address, existing, room))
-            parents[fg.address] = (fg, t, parent)
-        # GPU instances already there are used before new ones are carved out of free slices
-        key = choose_vgpu_gpu(boards, typed[0][1].id, policy) or choose_vgpu_gpu(new_gi_boards, typed[0][1].id,
-                                                                                 policy)
+                fresh = hostview.snapshot(ctx)
+                key, parents = choose(fresh)
+                if key is not None:
+                    enabled_here = fg.address
+                    break
+                with contextlib.suppress(GpuvirtError):
+                    ctx.host.disable_vfs(fg.address)
+                fresh = hostview.snapshot(ctx)
         if key is None:
             raise CapacityError(f"no capacity: no GPU on this host can take another {ref} vGPU now")
-        g, t, parent = parents[key]
-        charged = instance_fields_for_vgpu(g.model, MDEV, f"nvidia-{t.id}", t.name, "", None, "attach", persistent)
-        _add_slices(charged, g, t)
-        _quota_precheck(ctx, tenant, charged)  # before the backing GPU instance, too
-        backing_id = None
-        if t.mig_backed:
-            gi_name = g.model.mig.profile(t.gpu_instance_profile_id).name  # type: ignore[union-attr]
-            free_gi = _free_gi_row(ctx, g, t)
-            if free_gi is None:
-                backing_id = _create_mig_for(ctx, vm, gi_name, [g], mig_policy, tenant, persistent, vm_uuid,
-                                             allocate=False, locked=True)
-            else:
-                backing_id = free_gi
-            fresh = hostview.snapshot(ctx)
-            g = fresh.by_address(g.address) or g
-            room, parent = _vgpu_board_room(g, t.id, g.interface)
+        created_backing = None
+        try:
+            g, t, parent = parents[key]
+            charged = instance_fields_for_vgpu(g.model, MDEV, f"nvidia-{t.id}", t.name, "", None, "attach",
+                                               persistent)
+            _add_slices(charged, g, t)
+            _quota_precheck(ctx, tenant, charged)  # before the backing GPU instance, too
+            backing_id = None
+            if t.mig_backed:
+                gi_name = g.model.mig.profile(t.gpu_instance_profile_id).name  # type: ignore[union-attr]
+                free_gi = _free_gi_row(ctx, g, t)
+                if free_gi is None:
+                    backing_id = created_backing = _create_mig_for(ctx, vm, gi_name, [g], mig_policy, tenant,
+                                                                   persistent, vm_uuid, allocate=False,
+                                                                   locked=True)
+                else:
+                    backing_id = free_gi
+                fresh = hostview.snapshot(ctx)
+                g = fresh.by_address(g.address) or g
+                room, parent = _vgpu_board_room(g, t.id, g.interface)
+                if parent is None:
+                    raise CapacityError(f"no capacity: no free VF on {g.label} for {ref}")
             if parent is None:
-                raise CapacityError(f"no capacity: no free VF on {g.label} for {ref}")
-        if parent is None:
-            raise CapacityError(f"no capacity: no free parent on {g.label} for {ref}")
-        on_active = _allocator(vm, vm_uuid, tenant, persistent)
+                raise CapacityError(f"no capacity: no free parent on {g.label} for {ref}")
+            on_active = _allocator(vm, vm_uuid, tenant, persistent)
 
-        def on_active_with_backing(uow: Any, row: Any) -> None:
-            row.backing_instance_id = backing_id
-            on_active(uow, row)
-            if backing_id is not None:
-                gi_row = uow.instance(backing_id)
-                if gi_row.allocation is None:
-                    uow.allocate(gi_row, vm_name=vm, vm_uuid=vm_uuid, tenant=tenant, persistent=persistent)
+            def on_active_with_backing(uow: Any, row: Any) -> None:
+                row.backing_instance_id = backing_id
+                on_active(uow, row)
+                if backing_id is not None:
+                    gi_row = uow.instance(backing_id)
+                    if gi_row.allocation is None:
+                        uow.allocate(gi_row, vm_name=vm, vm_uuid=vm_uuid, tenant=tenant, persistent=persistent)
 
-        journal = Journal(ctx)
-        if g.interface == "vendor-vfio":
-            fields = instance_fields_for_vgpu(g.model, VFIO_VGPU, str(t.id), t.name, parent, None, "attach",
+            journal = Journal(ctx)
+            if g.interface == "vendor-vfio":
+                fields = instance_fields_for_vgpu(g.model, VFIO_VGPU, str(t.id), t.name, parent, None, "attach",
+                                                  persistent)
+                _add_slices(fields, g, t)
+                return journal.create(ids[g.address], fields,
+                                      lambda: (ctx.host.set_vgpu_type(parent, t.id, t.name), {})[1],
+                                      f"vGPU {t.name} on VF {parent} for {vm}", on_active=on_active_with_backing,
+                                      cleanup=lambda: ctx.host.clear_vgpu_type(parent))
+            uuid = new_uuid()
+            fields = instance_fields_for_vgpu(g.model, MDEV, f"nvidia-{t.id}", t.name, parent, uuid, "attach",
                                               persistent)
             _add_slices(fields, g, t)
             return journal.create(ids[g.address], fields,
-                                  lambda: (ctx.host.set_vgpu_type(parent, t.id, t.name), {})[1],
-                                  f"vGPU {t.name} on VF {parent} for {vm}", on_active=on_active_with_backing,
-                                  cleanup=lambda: ctx.host.clear_vgpu_type(parent))
-        uuid = new_uuid()
-        fields = instance_fields_for_vgpu(g.model, MDEV, f"nvidia-{t.id}", t.name, parent, uuid, "attach",
-                                          persistent)
-        _add_slices(fields, g, t)
-        return journal.create(ids[g.address], fields,
-                              lambda: (ctx.host.create_mdev(parent, f"nvidia-{t.id}", uuid), {})[1],
-                              f"vGPU {t.name} {uuid} on {parent} for {vm}", on_active=on_active_with_backing,
-                              cleanup=lambda: ctx.host.remove_mdev(uuid))
+                                  lambda: (ctx.host.create_mdev(parent, f"nvidia-{t.id}", uuid), {})[1],
+                                  f"vGPU {t.name} {uuid} on {parent} for {vm}", on_active=on_active_with_backing,
+                                  cleanup=lambda: ctx.host.remove_mdev(uuid))
+        except GpuvirtError:
+            if created_backing is not None:
+                # the GPU instance made for this vGPU only: it goes with the failed attach
+                with contextlib.suppress(GpuvirtError):
+                    _detach_instance(ctx, created_backing, force=True, destroy=True)
+            if enabled_here is not None:
+                # the VFs this attach enabled go again (refused by the kernel while a vGPU sits on one)
+                with contextlib.suppress(GpuvirtError):
+                    ctx.host.disable_vfs(enabled_here)
+            raise
 
 
 def _add_slices(fields: dict[str, Any], g: GpuView, t: Any) -> None:
@@ -652,6 +684,11 @@ def _detach_instance(ctx: Context, inst_id: int, *, force: bool, destroy: bool =
                 "index": gpu_row.nvml_index}
         if alloc is not None:
             uow.release(alloc)
+            if inst.backing_instance_id is not None and not transient:
+                # the vGPU stays (persistent): its GPU instance is free again with it
+                gi = uow.instance(inst.backing_instance_id)
+                if gi.allocation is not None and gi.allocation.vm_name == vm:
+                    uow.release(gi.allocation)
         uow.event("detach", target=vm, detail={"instance": inst_id, "label": label, "destroyed": transient})
     result = {"instance": inst_id, "label": label, "vm": vm, "destroyed": False}
     if transient and inst.origin == "attach":

@@ -278,6 +278,7 @@ def delete_profile(ctx: Any, name: str, force: bool = False) -> dict[str, Any]:
         for g in gpus:
             # explicit rather than relying on ON DELETE SET NULL, which needs foreign keys enabled
             g.desired_profile = None
+            g.profile_state = None     # a state without its profile means nothing (and nothing to finish)
         uow.delete_profile(name)
         uow.event("profile.delete", target=name, detail={"force": force, "cleared_gpus": cleared})
     return {"name": name, "deleted": True, "cleared_gpus": cleared,

@@ -76,6 +76,9 @@ def _row_key(r: Any) -> tuple:
     return ("vf", r.parent)
 
 
+ROLLBACK_INCOMPLETE = "rollback-incomplete"    # written by apply.py
+
+
 def _desired_mig(ctx: Context, g: GpuView, gpu_row: Any, rows: list[Any]) -> bool | None:
     """Should MIG mode be on?  From the GPU's profile, else implied by recorded MIG instances."""
     if gpu_row.desired_profile:
@@ -107,25 +110,16 @@ def analyze(ctx: Context, view: HostView, uow: Any, adopt: bool = False) -> tupl
         gpu_row = rows_by_gpu[g.address]
         rows = uow.instances(host_id, gpu_id=gpu_row.id)
         keys = _host_keys(g)
-        if gpu_row.profile_state == "pending-reset" and gpu_row.desired_profile:
-            if g.mig_capable and bool(g.mig_current) == bool(g.mig_pending):
-                # the reset came (a reboot, or the holders went away and the driver applied the mode): what
-                # apply could not create then can be created now
-                f = rep.add(g.address, "unfinished-apply", f"profile {gpu_row.desired_profile}",
-                            action=f"finish applying {gpu_row.desired_profile}")
-                work.append((f, ("finish-apply", g, gpu_row.desired_profile)))
-            else:
-                rep.add(g.address, "pending-reset", f"profile {gpu_row.desired_profile}",
-                        action="waits for a GPU reset: stop the GPU's users and run 'gpuvirt apply "
-                               f"{gpu_row.desired_profile} --reset-gpu', or reboot and run 'gpuvirt reconcile'")
-        if gpu_row.profile_state == "failed":
-            # set only when an apply failed and its rollback did not finish: the host may hold a mix of both
-            # layouts, which reconcile alone cannot decide about
-            # the operator asked for this profile and the host is now between two layouts: finishing the apply
-            # is the way forward (rolling back further is not possible: what the rollback could not recreate
-            # is gone); allocated instances still block it, as they would block apply
-            f = rep.add(g.address, "apply-failed", f"profile {gpu_row.desired_profile} (its rollback did not finish)",
-                        action=f"finish applying {gpu_row.desired_profile}")
+        # an apply left unfinished: waiting for a GPU reset, or failed with a rollback that did not finish
+        # ("failed", written by versions that did not tell the two rollbacks apart, is left alone: those
+        # GPUs were mostly rolled back cleanly)
+        unfinished = None
+        if gpu_row.desired_profile and gpu_row.profile_state == "pending-reset":
+            unfinished = f"finish applying {gpu_row.desired_profile} (once the GPU reset has happened)"
+        elif gpu_row.desired_profile and gpu_row.profile_state == ROLLBACK_INCOMPLETE:
+            unfinished = f"finish applying {gpu_row.desired_profile} (its rollback did not finish)"
+        if unfinished:
+            f = rep.add(g.address, "unfinished-apply", f"profile {gpu_row.desired_profile}", action=unfinished)
             work.append((f, ("finish-apply", g, gpu_row.desired_profile)))
         # MIG mode first: nothing MIG can be restored without it (Hopper forgets it on reboot)
         want_mig = _desired_mig(ctx, g, gpu_row, rows)
@@ -169,13 +163,22 @@ def analyze(ctx: Context, view: HostView, uow: Any, adopt: bool = False) -> tupl
                         r.state == FAILED:
                     f = rep.add(g.address, "ids", r.label, r.id, action="refresh GPU/compute instance ids")
                     work.append((f, ("refresh", g, r.id)))
+        foreign = False
         for key, obj in keys.items():
             if key in known:
                 continue
+            foreign = True
             label = _foreign_label(key, obj)
             f = rep.add(g.address, "foreign", label, action="adopt" if adopt else None)
             if adopt:
                 work.append((f, ("adopt", g, key, obj, gpu_row.id)))
+        if foreign or any(r.origin == "adopted" for r in rows):
+            # applying a profile would destroy what another tool made (adopted or not): the operator decides
+            for f, w in work:
+                if w[0] == "finish-apply" and w[1] is g:
+                    f.action = f"{f.action}: not while instances gpuvirt did not create are on the GPU " \
+                               f"(run 'gpuvirt apply {gpu_row.desired_profile} --gpu {g.address}')"
+            work[:] = [(f, w) for f, w in work if not (w[0] == "finish-apply" and w[1] is g)]
     return rep, work
 
 
@@ -319,7 +322,8 @@ def _do(ctx: Context, w: tuple) -> str | None:
 
         g, profile = w[1], w[2]
         try:
-            apply_svc.apply(ctx, profile, g.address)     # the GPU locks this process holds are re-entrant
+            # the GPU locks this process holds are re-entrant; never a GPU reset from an unattended run
+            apply_svc.apply(ctx, profile, g.address, reset_gpu=False)
         except ResetRequiredError:
             return "pending-reset"
         return None

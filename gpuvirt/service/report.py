@@ -176,7 +176,7 @@ def _from_inventory(ctx: Context, host_ids: list[str] | None):
         # every allocation of every host is in the rows just read: sum them here instead of a second pass
         # over the database (the figures attach checks quotas against, GPUs no longer present included)
         usage = {}
-        backing = {r[I_BACK] for r in inst_rows if r[I_BACK] is not None}
+        backing = {r[I_BACK] for r in inst_rows if r[I_BACK] is not None and r[I_VM] is not None}
         for r in inst_rows:
             # as repo._not_a_backing: a MIG-backed vGPU's GPU instance is counted through its vGPU
             if r[I_VM] is not None and r[I_ID] not in backing:
@@ -654,9 +654,9 @@ def build_document(hosts: list[HostFacts], tenants: dict[str, Any], usage: dict[
                 models[f.model.id] = f.model
             if not stale:
                 live_items.append((h, e, f))
-            backing = {r[I_BACK] for r in f.insts if r[I_BACK] is not None}
+            backing = {r[I_BACK] for r in f.insts if r[I_BACK] is not None and r[I_VM] is not None}
             for r in f.insts:
-                # the GPU instance under a MIG-backed vGPU: counted through its vGPU (repo._not_a_backing)
+                # the GPU instance under an allocated MIG-backed vGPU: counted through it (repo._not_a_backing)
                 if r[I_VM] is not None and r[I_ID] not in backing:
                     t = held.get(r[I_TENANT])
                     if t is None:
