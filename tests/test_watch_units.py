@@ -84,10 +84,19 @@ def test_units_use_the_same_inventory_as_the_hook(cli, make_sim, tmp_path):
         [exec_start] = unit_lines(root / "etc/systemd/system" / unit)["ExecStart"]
         assert f"--db {db}" in exec_start and "--host-id hostA" in exec_start
         assert exec_start.split(" --host-id hostA ")[0] == hook_line[5:].split(" --host-id hostA ")[0]
-    # a password on that line: the units become root-only, like the hook
-    pw = "postgresql+psycopg://gv:s3cret@127.0.0.1:5432/test"
+    # a password never goes on a command line (ps shows the long-running watcher's to every user): it goes
+    # to a root-only EnvironmentFile; a '%' is doubled for systemd's specifier expansion
+    pw = "postgresql+psycopg://gv:s3cret%40x@127.0.0.1:5432/test"
     ok(cli("--sim", root, "--db", pw, "install-units", "--force"))
-    assert (root / "etc/systemd/system/gpuvirt-reconcile.service").stat().st_mode & 0o777 == 0o600
+    env = root / "etc/gpuvirt/units.env"
+    assert env.stat().st_mode & 0o777 == 0o600 and f'GPUVIRT_DB="{pw}"' in env.read_text()
+    for unit in ("gpuvirt-reconcile.service", "gpuvirt-watch.service"):
+        text = (root / "etc/systemd/system" / unit).read_text()
+        assert "s3cret" not in text and f"EnvironmentFile={env}" in text
+    rec = unit_lines(root / "etc/systemd/system/gpuvirt-reconcile.service")
+    assert "--db" not in rec["ExecStart"][0]
+    ok(cli("--sim", root, "--db", "sqlite:////tmp/odd%name.db", "install-units", "--force"))
+    assert "odd%%name.db" in unit_lines(root / "etc/systemd/system/gpuvirt-watch.service")["ExecStart"][0]
 
 
 def test_install_units_refuses_a_missing_simulated_host(cli, gpuvirt_proc, tmp_path):

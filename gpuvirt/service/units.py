@@ -20,12 +20,33 @@ from gpuvirt.errors import UsageError
 UNIT_DIR = "etc/systemd/system"
 
 
+ENV_REL = "etc/gpuvirt/units.env"
+
+
 def _cmd(ctx: Context, *args: str) -> str:
     # the same settings the hook embeds (root/sim, config, and --db/--host-id where they differ from the
-    # config file): the boot restore must read the inventory the hook and attach write
-    from gpuvirt.service.hook import exec_args
+    # config file): the boot restore must read the inventory the hook and attach write.  A database URL with
+    # a password does not go on the line (the watcher runs for the host's lifetime: every local user would
+    # see it in ps); it comes from a root-only EnvironmentFile instead
+    from gpuvirt.service.hook import exec_args, secret_on_line
 
-    return " ".join(shlex.quote(a) for a in exec_args(ctx) + list(args))
+    argv = exec_args(ctx)
+    if secret_on_line(ctx):
+        i = argv.index("--db")
+        del argv[i:i + 2]
+    # systemd expands %-specifiers in ExecStart, also inside quotes: a literal % is written %%
+    return " ".join(shlex.quote(a) for a in argv + list(args)).replace("%", "%%")
+
+
+def _env_line(ctx: Context) -> str:
+    from gpuvirt.service.hook import secret_on_line
+
+    return f"EnvironmentFile={Path(ctx.settings.root) / ENV_REL}\n" if secret_on_line(ctx) else ""
+
+
+def _env_file(ctx: Context) -> str:
+    url = (ctx.settings.db_url or "").replace("\\", "\\\\").replace('"', '\\"')
+    return f'# written by gpuvirt install-units: the inventory URL the units use (root-only)\nGPUVIRT_DB="{url}"\n'
 
 
 def reconcile_unit(ctx: Context) -> str:
@@ -45,7 +66,7 @@ Before=libvirtd.service virtqemud.service nova-compute.service pve-guests.servic
 Type=oneshot
 RemainAfterExit=yes
 # --wait polls (bounded) for the NVIDIA driver instead of pausing a fixed time
-ExecStart={_cmd(ctx, "reconcile", "--yes", "--wait", "120")}
+{_env_line(ctx)}ExecStart={_cmd(ctx, "reconcile", "--yes", "--wait", "120")}
 TimeoutStartSec=600
 
 [Install]
@@ -63,7 +84,7 @@ Wants=gpuvirt-reconcile.service
 
 [Service]
 Type=simple
-ExecStart={_cmd(ctx, "watch")}
+{_env_line(ctx)}ExecStart={_cmd(ctx, "watch")}
 Restart=on-failure
 RestartSec=5
 
@@ -76,13 +97,16 @@ def install(ctx: Context, *, force: bool = False) -> dict[str, Any]:
     ctx.check_sim()  # units for a simulator that is not there would fail at every boot; write nothing
     from gpuvirt.service.hook import secret_on_line
 
-    d = Path(ctx.settings.root) / UNIT_DIR
-    # a database password on the ExecStart line: root-only, like the hook
-    mode = 0o600 if secret_on_line(ctx) else 0o644
+    root = Path(ctx.settings.root)
+    d = root / UNIT_DIR
     out = []
     changed = False
-    for name, text in (("gpuvirt-reconcile.service", reconcile_unit(ctx)), ("gpuvirt-watch.service", watch_unit(ctx))):
-        path = d / name
+    files = [(d / "gpuvirt-reconcile.service", reconcile_unit(ctx), 0o644),
+             (d / "gpuvirt-watch.service", watch_unit(ctx), 0o644)]
+    if secret_on_line(ctx):
+        files.append((root / ENV_REL, _env_file(ctx), 0o600))
+    for path, text, mode in files:
+        name = path.name
         current = path.read_text(errors="replace") if path.exists() else None
         if current is not None and not force and "gpuvirt" not in current:
             raise UsageError(f"{path} exists and was not written by gpuvirt (use --force)")
@@ -90,7 +114,7 @@ def install(ctx: Context, *, force: bool = False) -> dict[str, Any]:
         if current == text and (path.stat().st_mode & 0o777) == mode:
             continue
         try:
-            d.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{name}.tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as fh:
