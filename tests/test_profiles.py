@@ -574,3 +574,11 @@ def test_builtin_profiles_are_valid_on_their_model(catalog):
     assert kinds == {"mig", "vgpu", "mdev", "sriov", "mixed"}
     balanced = resolve(builtins["a100-40gb-balanced"].entries[0], catalog.get("a100-40gb"))
     assert balanced.describe() == "MIG on: 3g.20gb + 2g.10gb + 2x 1g.5gb"
+
+
+def test_a_file_of_another_kind_is_named_as_such():
+    from gpuvirt.model.profile import parse_profiles
+
+    with pytest.raises(ProfileError) as e:
+        parse_profiles("version: v1\nhooks:\n  pre-apply-mode: []\n", "hooks.yaml")
+    assert "not a profile file (top-level keys: hooks, version)" in str(e.value) and "\n" not in str(e.value)

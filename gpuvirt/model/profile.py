@@ -1095,6 +1095,12 @@ def from_gpuvirt(doc: Any, source: str = "file", *, default_name: str | None = N
                 seen.add(s.name)
             return specs
         body = {k: v for k, v in doc.items() if k != "version"}
+        if not set(body) & (set(_PROFILE_KEYS) | set(_ENTRY_KEYS)):
+            # e.g. a mig-parted hooks file: say what the file is not, rather than quibble over its version
+            keys = ", ".join(sorted(str(k) for k in doc)) or "none"
+            raise _Bad((), f"not a profile file (top-level keys: {keys}); expected a gpuvirt profile (name: with "
+                           "mig:/vgpu:/mdev:/sriov_vfs:), profiles: (gpuvirt), mig-configs: (mig-parted) or "
+                           "vgpu-configs: (vgpu-device-manager)")
         if "version" in doc and doc["version"] != 1:
             raise _Bad(("version",), f"unknown version {doc['version']!r} (expected 1)")
         return [_gv_profile((), body, source, default_name)]

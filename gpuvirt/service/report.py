@@ -1364,7 +1364,7 @@ def _missing_reason(gpus: list[_FitGpu], name: str, kind: str, offered: bool, mi
                 "or have no free VF")
     if kind == "mdev":
         return f"{missing} more {name} do not fit: the parents' resource pools are used up"
-    return f"{missing} more whole VFs are needed than are free"
+    return f"{missing} whole VF{'s' if missing != 1 else ''} more than are free would be needed"
 
 
 __all__ = ["report", "build_document", "gpu_entry", "mig_figures", "detail_rows", "group_rows", "to_csv",
