@@ -584,3 +584,20 @@ def test_reconcile_does_not_finish_an_apply_over_foreign_instances(cli, make_sim
     assert "not while instances gpuvirt did not create" in r.stdout
     cli("--sim", root, "reconcile", "--yes")                        # adopted now: still not destroyed
     assert (19, free, 1) in host_layout(sim)["0000:41:00.0"]
+
+
+def test_rollback_withdraws_a_pending_mig_mode_change(cli, make_sim):
+    from gpuvirt.sim.control import add_fault, reboot, set_client
+
+    sim = make_sim(["a100-40gb:2"])
+    root = sim.root
+    set_client(sim, "0000:41:00.0", "myproc", True)         # GPU 0's mode change waits for a reset
+    add_fault(sim, "nvml.CreateGpuInstance", skip=2)          # and GPU 1 fails part-way
+    r = cli("--sim", root, "apply", "a100-40gb-balanced", "--gpu", "all", "--yes")
+    assert r.exit_code != 0 and "rolled back to the previous layout" in r.stderr, r
+    mig = [d["mig"] for d in sim.load()["devices"]]
+    assert [(m["current"], m["pending"]) for m in mig] == [(0, 0), (0, 0)]
+    set_client(sim, "0000:41:00.0", "myproc", False)
+    reboot(sim)
+    assert [d["mig"]["current"] for d in sim.load()["devices"]] == [0, 0]
+    assert_in_sync(cli, root)

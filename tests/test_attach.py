@@ -505,7 +505,8 @@ def test_mig_backed_vgpu_and_its_gpu_instance_are_detached_and_reused_together(c
     root = sim.root
     attach_json(cli, root, "vm1", "--mig", "1g.5gb", "--tenant", "t1")
     assert {a["vm"] for a in allocations(cli, root)} == {"vm1"} and len(allocations(cli, root)) == 2
-    ok(cli("--sim", root, "detach", "vm1"))                  # persistent: the vGPU stays, free
+    det = ok(cli("--sim", root, "detach", "vm1", "--json")).json()   # persistent: the vGPU stays, free
+    assert len(det) == 2 and {d["vm"] for d in det} == {"vm1"} and not any(d["destroyed"] for d in det)
     assert allocations(cli, root) == []
     gis_before = gpu_instances(sim)
     attach_json(cli, root, "vm2", "--mig", "1g.5gb", "--tenant", "t2")
@@ -514,3 +515,24 @@ def test_mig_backed_vgpu_and_its_gpu_instance_are_detached_and_reused_together(c
     assert len(allocs) == 2 and {(a["vm"], a["tenant"]) for a in allocs} == {("vm2", "t2")}
     doc = ok(cli("--sim", root, "report", "--cluster", "--format", "json")).json()
     assert [(t["tenant"], t["usage"]["instances"]) for t in doc["tenants"] if t["instances"]] == [("t2", 1)]
+
+
+def test_vfs_enabled_by_a_failed_count_attach_are_disabled_again(cli, make_sim):
+    sim = make_sim(["l40s:2"], enable_vfs=False)
+    root = sim.root
+    set_quota(root, "tq", max_instances=1)
+    res = cli("--sim", root, "attach", "vm1", "--vgpu", "L40S-4Q", "--tenant", "tq", "--count", "2")
+    assert res.exit_code == 4 and "quota" in res.stderr
+    assert [d["sriov"]["numvfs"] for d in sim.load()["devices"]] == [0, 0]
+    assert allocations(cli, root) == []
+
+
+def test_a_board_that_refuses_vfs_does_not_stop_the_attach(cli, make_sim):
+    from gpuvirt.sim.control import add_fault
+
+    sim = make_sim(["a100-40gb:3"], enable_vfs=False, mig_enabled=True)
+    root = sim.root
+    add_fault(sim, "sriov.enable", match="41:00.0", errno="EIO")
+    doc = attach_json(cli, root, "vm1", "--mig", "1g.5gb")
+    assert mdevs(sim)[doc["uuid"]][0].startswith("0000:42:")
+    assert [d["sriov"]["numvfs"] > 0 for d in sim.load()["devices"]] == [False, True, False]

@@ -97,6 +97,7 @@ def test_units_use_the_same_inventory_as_the_hook(cli, make_sim, tmp_path):
     assert "--db" not in rec["ExecStart"][0]
     ok(cli("--sim", root, "--db", "sqlite:////tmp/odd%name.db", "install-units", "--force"))
     assert "odd%%name.db" in unit_lines(root / "etc/systemd/system/gpuvirt-watch.service")["ExecStart"][0]
+    assert not env.exists()                     # no password any more: the file that held one is gone
 
 
 def test_install_units_refuses_a_missing_simulated_host(cli, gpuvirt_proc, tmp_path):

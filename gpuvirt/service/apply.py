@@ -468,6 +468,9 @@ def apply(ctx: Context, profile_name: str, selector: str, *, force: bool = False
             except GpuvirtError as exc:
                 failures = journal.rollback()
                 # the journal spans every GPU of this apply: the rollback undid the GPUs done before this one too
+                # undo steps do not say reliably which GPU they belong to (a vGPU's names its VF): after an
+                # incomplete rollback every GPU of this apply counts as unfinished, and reconcile completes the
+                # profile the operator asked for on each of them
                 for done in plans[:i + 1]:
                     if failures:
                         _mark(ctx, done, "rollback-incomplete", str(exc))
@@ -645,13 +648,20 @@ def _mig_mode(ctx: Context, journal: Journal, g: GpuView, enable: bool, allow_re
         with ctx.inventory.unit(write=True) as uow:
             uow.event("mig-mode", target=g.address, detail={"enabled": enable})
         return False
+    undo = _undo(f"{'disable' if enable else 'enable'} MIG mode on {g.label}",
+                 lambda: _restore_mode(ctx, index, g.address, before_current))
     if allow_reset:
         ctx.host.reset_gpu(g.address)
         current, pending = _mig_state(ctx, index)
         if current == enable:
+            journal.done.append(undo)
             with ctx.inventory.unit(write=True) as uow:
                 uow.event("mig-mode", target=g.address, detail={"enabled": enable, "reset": True})
             return False
+    # the change waits for a reset: a rollback must withdraw it too, or the next reboot switches the mode of
+    # a GPU whose apply was reported rolled back (setting the current mode again clears the pending one)
+    if before_current != enable:
+        journal.done.append(undo)
     with ctx.inventory.unit(write=True) as uow:
         uow.event("mig-mode", target=g.address, result="pending",
                   detail={"enabled": enable, "activation_status": status})

@@ -201,9 +201,10 @@ def attach(ctx: Context, vm: str, *, vgpu: str | None = None, mig: str | None = 
             raise UsageError(f"--domain-xml {domain_xml} defines domain {dom.name!r}, not {vm!r}")
         vm_uuid = vm_uuid or dom.uuid
     done: list[tuple[int, bool]] = []  # (instance id, created by this call)
+    vf_log: list[str] = []             # boards whose SR-IOV VFs this call enabled
     try:
         for _ in range(count):
-            done.append(_attach_one(ctx, vm, req, tenant=tenant, persistent=persistent, vm_uuid=vm_uuid,
+            done.append(_attach_one(ctx, vm, req, tenant=tenant, persistent=persistent, vm_uuid=vm_uuid, vf_log=vf_log,
                                     gpu_selector=gpu))
         handoffs = []
         with ctx.inventory.unit() as uow:
@@ -231,11 +232,13 @@ def attach(ctx: Context, vm: str, *, vgpu: str | None = None, mig: str | None = 
         for inst_id, created in reversed(done):
             with contextlib.suppress(GpuvirtError):
                 _detach_instance(ctx, inst_id, force=True, destroy=created)
+        _disable_unused_vfs(ctx, vf_log)
         raise
     return handoffs
 
 
 def _attach_one(ctx: Context, vm: str, req: Request, *, tenant: str | None, persistent: bool, vm_uuid: str | None,
+                vf_log: list[str] | None = None,
                 gpu_selector: str | None) -> tuple[int, bool]:
     host_id = ctx.settings.host_id
     view = hostview.snapshot(ctx)
@@ -282,7 +285,8 @@ def _attach_one(ctx: Context, vm: str, req: Request, *, tenant: str | None, pers
             raise CapacityError("no capacity: no free SR-IOV VF on this host (VFs come from a profile with "
                                 "--sriov-vfs N)")
     # 2. create one where the layout has room
-    return _create_for(ctx, vm, req, view, allowed, tenant=tenant, persistent=persistent, vm_uuid=vm_uuid), True
+    return _create_for(ctx, vm, req, view, allowed, tenant=tenant, persistent=persistent, vm_uuid=vm_uuid,
+                       vf_log=vf_log), True
 
 
 def _mig_backed_type_for(ctx: Context, profile: str, gpu_selector: str | None) -> str:
@@ -339,14 +343,15 @@ def _allocator(vm: str, vm_uuid: str | None, tenant: str | None, persistent: boo
 
 
 def _create_for(ctx: Context, vm: str, req: Request, view: Any, allowed: set[str], *, tenant: str | None,
-                persistent: bool, vm_uuid: str | None) -> int:
+                persistent: bool, vm_uuid: str | None, vf_log: list[str] | None = None) -> int:
     policy_mig = ctx.settings.policies.get("mig_placement", "frag-aware")
     policy_vgpu = ctx.settings.policies.get("vgpu_placement", "consolidate")
     gpus = [g for g in view.gpus if g.address in allowed]
     if req.kind == "mig":
         inst_id = _create_mig_for(ctx, vm, req.ref, gpus, policy_mig, tenant, persistent, vm_uuid)
     elif req.kind == "vgpu":
-        inst_id = _create_vgpu_for(ctx, vm, req.ref, gpus, policy_vgpu, policy_mig, tenant, persistent, vm_uuid)
+        inst_id = _create_vgpu_for(ctx, vm, req.ref, gpus, policy_vgpu, policy_mig, tenant, persistent, vm_uuid,
+                                   vf_log=vf_log)
     else:
         inst_id = _create_generic_mdev_for(ctx, vm, req.ref, gpus, tenant, persistent, vm_uuid)
     return inst_id
@@ -431,7 +436,8 @@ def _vgpu_board_room(g: GpuView, type_id: int, interface: str | None) -> tuple[i
 
 
 def _create_vgpu_for(ctx: Context, vm: str, ref: str, gpus: list[GpuView], policy: str, mig_policy: str,
-                     tenant: str | None, persistent: bool, vm_uuid: str | None) -> int:
+                     tenant: str | None, persistent: bool, vm_uuid: str | None,
+                     vf_log: list[str] | None = None) -> int:
     from gpuvirt.model.planner import VgpuBoard, choose_vgpu_gpu
 
     typed = []
@@ -481,22 +487,30 @@ def _create_vgpu_for(ctx: Context, vm: str, ref: str, gpus: list[GpuView], polic
             # VF-parent boards carry vGPUs on SR-IOV VFs.  With none enabled (after a boot where nothing recorded
             # needed them, or on a host set up by hand) enable them on one board, as apply would (with 0 VFs
             # nothing is lost), and only when no board has room as it is
+            failure: GpuvirtError | None = None
             for g, _t in typed:
                 fg = fresh.by_address(g.address)
                 if fg is None or g.model.vgpu.parent != "vf" or not fg.sriov_total or fg.sriov_num:
                     continue
-                ctx.host.enable_vfs(fg.address)
-                fresh = hostview.snapshot(ctx)
-                key, parents = choose(fresh)
+                try:
+                    ctx.host.enable_vfs(fg.address)
+                    fresh = hostview.snapshot(ctx)
+                    key, parents = choose(fresh)
+                except GpuvirtError as exc:
+                    failure, key = exc, None    # this board would not take VFs: try the next one
                 if key is not None:
                     enabled_here = fg.address
                     break
                 with contextlib.suppress(GpuvirtError):
                     ctx.host.disable_vfs(fg.address)
                 fresh = hostview.snapshot(ctx)
+            if key is None and failure is not None:
+                raise failure
         if key is None:
             raise CapacityError(f"no capacity: no GPU on this host can take another {ref} vGPU now")
         created_backing = None
+        if enabled_here is not None and vf_log is not None:
+            vf_log.append(enabled_here)     # a later step of the same attach may fail: attach() undoes it then
         try:
             g, t, parent = parents[key]
             charged = instance_fields_for_vgpu(g.model, MDEV, f"nvidia-{t.id}", t.name, "", None, "attach",
@@ -557,6 +571,19 @@ def _create_vgpu_for(ctx: Context, vm: str, ref: str, gpus: list[GpuView], polic
                 with contextlib.suppress(GpuvirtError):
                     ctx.host.disable_vfs(enabled_here)
             raise
+
+
+def _disable_unused_vfs(ctx: Context, addresses: list[str]) -> None:
+    """Disable the VFs an attach enabled, where no vGPU is on them any more (a failed attach's leftovers)."""
+    if not addresses:
+        return
+    with contextlib.suppress(GpuvirtError):
+        view = hostview.snapshot(ctx)
+        for a in addresses:
+            g = view.by_address(a)
+            if g is not None and not g.mdev_devices and not any(v["current_type"] for v in g.vfio_vfs):
+                with contextlib.suppress(GpuvirtError):
+                    ctx.host.disable_vfs(a)
 
 
 def _add_slices(fields: dict[str, Any], g: GpuView, t: Any) -> None:
@@ -669,6 +696,7 @@ def detach(ctx: Context, vm: str, *, instance: int | None = None, force: bool = 
 def _detach_instance(ctx: Context, inst_id: int, *, force: bool, destroy: bool = False) -> dict[str, Any]:
     """Free the allocation; destroy the instance when a transient attach created it (or ``destroy``: an
     attach rolling back what it created itself)."""
+    released_backing = None
     with ctx.inventory.unit(write=True, action="detach") as uow:
         inst = uow.instance(inst_id)
         alloc = inst.allocation
@@ -689,8 +717,11 @@ def _detach_instance(ctx: Context, inst_id: int, *, force: bool, destroy: bool =
                 gi = uow.instance(inst.backing_instance_id)
                 if gi.allocation is not None and gi.allocation.vm_name == vm:
                     uow.release(gi.allocation)
+                    released_backing = {"instance": gi.id, "label": gi.label, "vm": vm, "destroyed": False}
         uow.event("detach", target=vm, detail={"instance": inst_id, "label": label, "destroyed": transient})
     result = {"instance": inst_id, "label": label, "vm": vm, "destroyed": False}
+    if released_backing is not None:
+        result["backing_result"] = released_backing     # callers skip that id: it is released already
     if transient and inst.origin == "attach":
         _destroy_instance(ctx, inst_id, snap)
         result["destroyed"] = True

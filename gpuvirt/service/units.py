@@ -41,7 +41,8 @@ def _cmd(ctx: Context, *args: str) -> str:
 def _env_line(ctx: Context) -> str:
     from gpuvirt.service.hook import secret_on_line
 
-    return f"EnvironmentFile={Path(ctx.settings.root) / ENV_REL}\n" if secret_on_line(ctx) else ""
+    path = str(Path(ctx.settings.root) / ENV_REL).replace("%", "%%")
+    return f"EnvironmentFile={path}\n" if secret_on_line(ctx) else ""
 
 
 def _env_file(ctx: Context) -> str:
@@ -105,6 +106,15 @@ def install(ctx: Context, *, force: bool = False) -> dict[str, Any]:
              (d / "gpuvirt-watch.service", watch_unit(ctx), 0o644)]
     if secret_on_line(ctx):
         files.append((root / ENV_REL, _env_file(ctx), 0o600))
+    else:
+        # units written before with a password: the file holding it goes, now that nothing loads it
+        stale = root / ENV_REL
+        if stale.exists() and "written by gpuvirt install-units" in stale.read_text(errors="replace"):
+            try:
+                stale.unlink()
+            except OSError as exc:
+                raise UsageError(f"cannot remove {stale}: {exc.strerror}") from exc
+            changed = True
     for path, text, mode in files:
         name = path.name
         current = path.read_text(errors="replace") if path.exists() else None
