@@ -221,6 +221,17 @@ def _ours(path: Path) -> bool:
     return MARKER in path.read_text(errors="replace")
 
 
+def write_file(path: Path, text: str, mode: int) -> None:
+    """Write a file libvirtd or systemd will run or read: atomically, with ``mode`` (not the umask's)."""
+    from gpuvirt.vmm.libvirt import atomic_write
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, text.encode(), mode=mode)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from exc
+
+
 def install(ctx: Context, *, force: bool = False) -> dict[str, Any]:
     # a hook pointing at a simulator that is not there would refuse every VM start; refuse it here instead,
     # before anything is written under that directory
@@ -237,16 +248,7 @@ def install(ctx: Context, *, force: bool = False) -> dict[str, Any]:
     # as root, so owner-only is enough
     mode = stat.S_IRWXU if secret_on_line(ctx) else \
         stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror}") from exc
+    write_file(path, text, mode)
     return {"path": str(path), "changed": True,
             "note": "libvirtd reads hook scripts when it starts: restart libvirtd (or virtqemud) once"}
 

@@ -9,7 +9,6 @@ restores a parent's devices when the driver registers it late (``MDEV_STATE=regi
 
 from __future__ import annotations
 
-import os
 import shlex
 from pathlib import Path
 from typing import Any
@@ -96,7 +95,7 @@ WantedBy=multi-user.target
 
 def install(ctx: Context, *, force: bool = False) -> dict[str, Any]:
     ctx.check_sim()  # units for a simulator that is not there would fail at every boot; write nothing
-    from gpuvirt.service.hook import secret_on_line
+    from gpuvirt.service.hook import secret_on_line, write_file
 
     root = Path(ctx.settings.root)
     d = root / UNIT_DIR
@@ -116,23 +115,13 @@ def install(ctx: Context, *, force: bool = False) -> dict[str, Any]:
                 raise UsageError(f"cannot remove {stale}: {exc.strerror}") from exc
             changed = True
     for path, text, mode in files:
-        name = path.name
         current = path.read_text(errors="replace") if path.exists() else None
         if current is not None and not force and "gpuvirt" not in current:
             raise UsageError(f"{path} exists and was not written by gpuvirt (use --force)")
         out.append(str(path))
         if current == text and (path.stat().st_mode & 0o777) == mode:
             continue
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{name}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(text)
-            os.chmod(tmp, mode)
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise UsageError(f"cannot write {path}: {exc.strerror}") from exc
+        write_file(path, text, mode)
         changed = True
     return {"units": out, "changed": changed,
             "next": "systemctl daemon-reload && systemctl enable gpuvirt-reconcile.service gpuvirt-watch.service"}
