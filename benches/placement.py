@@ -441,17 +441,23 @@ def part_b2a(geom, wl):
     return states
 
 
+def inflation_stream(rng, draw, size, capacity, factor=1.3):
+    """Requests drawn i.i.d. until ``factor`` x ``capacity`` has been asked for (FGD's load inflation)."""
+    items, asked = [], 0
+    while asked < factor * capacity:
+        item = draw(rng)
+        items.append(item)
+        asked += size(item)
+    return items
+
+
 def _b2a_runs(geom, draw, states):
     capacity = N_GPUS * geom.compute_slices
     results = {p: Counter() for p in ONLINE_POLICIES}
     upper = Counter()
     for seed in range(10):
         rng = random.Random(seed)
-        items, asked = [], 0
-        while asked < 1.3 * capacity:
-            pid = draw(rng)
-            items.append(pid)
-            asked += geom.profile(pid).compute_slices
+        items = inflation_stream(rng, draw, lambda pid: geom.profile(pid).compute_slices, capacity)
         upper["accepted"] += ilp_max_accept(geom, Counter(items), N_GPUS)
         upper["n"] += len(items)
         for policy in ONLINE_POLICIES:
@@ -827,11 +833,7 @@ def part_b2v(wl, seeds_churn=(0, 1, 2, 3, 4, 5)):
     upper = Counter()
     for seed in range(10):
         rng = random.Random(seed)
-        items, asked = [], 0
-        while asked < 1.3 * capacity:
-            vt = rng.choice(reqs)[0]
-            items.append(vt)
-            asked += vt.framebuffer_mib
+        items = inflation_stream(rng, lambda r: r.choice(reqs)[0], lambda vt: vt.framebuffer_mib, capacity)
         upper["acc"] += vgpu_max_accept(model, Counter(t.id for t in items), N_GPUS)
         upper["n"] += len(items)
         for policy in VGPU_POLICIES_BENCH:

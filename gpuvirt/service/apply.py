@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable
 from gpuvirt.context import Context
 from gpuvirt.errors import ConflictError, GpuvirtError, ProfileError, ResetRequiredError, UsageError
 from gpuvirt.inventory.models import MDEV, MIG, VF, VFIO_VGPU
-from gpuvirt.model.mig import Placed, describe_counts, pack_counts
+from gpuvirt.model.mig import Placed, pack_counts
 from gpuvirt.model.profile import resolve
 from gpuvirt.service import hostview
 from gpuvirt.service.hostview import GpuView, HostView

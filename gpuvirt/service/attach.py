@@ -270,7 +270,7 @@ def _attach_one(ctx: Context, vm: str, req: Request, *, tenant: str | None, pers
             if not uow.try_lock_instance(inst):
                 continue  # another attach is taking this one right now: try the next candidate
             _quota_check(uow, tenant, [inst])
-            alloc = uow.allocate(inst, vm_name=vm, vm_uuid=vm_uuid, tenant=tenant, persistent=persistent)
+            uow.allocate(inst, vm_name=vm, vm_uuid=vm_uuid, tenant=tenant, persistent=persistent)
             if inst.backing_instance_id is not None:
                 # a free MIG-backed vGPU: its GPU instance is held with it, as when attach creates both
                 gi = uow.instance(inst.backing_instance_id)

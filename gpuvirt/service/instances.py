@@ -256,13 +256,12 @@ def instance_fields_for_vgpu(model: GpuModel | None, kind: str, type_id: str, ty
                              mdev_uuid: str | None, origin: str, persistent: bool = True) -> dict[str, Any]:
     mem = None
     if model and model.vgpu and kind in (MDEV, VFIO_VGPU):
-        num = type_id.split("-", 1)[1] if type_id.startswith("nvidia-") else type_id
-        if num.isdigit():
-            try:
-                t = model.vgpu.type_by_id(int(num))
-                mem, type_name = t.framebuffer_mib, type_name or t.name
-            except GpuvirtError:
-                pass
+        from gpuvirt.model.vgpu import parse_type_id
+
+        tid = parse_type_id(type_id)
+        t = next((t for t in model.vgpu.types if t.id == tid), None)
+        if t is not None:
+            mem, type_name = t.framebuffer_mib, type_name or t.name
     return {"kind": kind, "origin": origin, "persistent": persistent, "type_id": type_id, "type_name": type_name,
             "parent": parent, "mdev_uuid": mdev_uuid, "memory_mib": mem}
 

@@ -91,10 +91,7 @@ def _no_room(g: Any, d: Any, recorded: list[Any]) -> str | None:
         return None                     # unknown board: its rules are unknown, the kernel will decide
     if d.type_id.startswith("nvidia-") and model.vgpu is not None:
         tid = rules.parse_type_id(d.type_id)
-        try:
-            vtype = model.vgpu.type_by_id(tid) if tid is not None else None
-        except Exception:
-            vtype = None
+        vtype = next((t for t in model.vgpu.types if t.id == tid), None)
         if vtype is None:
             return f"{model.display_name} has no vGPU type {d.type_id}"
         existing = [t for t in (rules.parse_type_id(r.type_id) for r in recorded) if t is not None]
