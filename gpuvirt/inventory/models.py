@@ -52,7 +52,7 @@ def utcnow() -> dt.datetime:
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map = {dict[str, Any]: JSON}
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
 class Host(Base):
@@ -187,6 +187,35 @@ class Tenant(Base):
     max_memory_mib: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
     max_compute_slices: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Intent(Base):
+    """A multi-step change to a host, recorded before its first host operation (the intent journal).
+
+    ``steps`` is the ordered list of host operations, each ``{"op", "gpu", "params", "state"}`` with state
+    ``pending`` / ``done`` / ``undone`` / ``skipped``; a step is marked in the same transaction that records
+    its effect on the inventory.  The row is deleted in the transaction that completes or rolls back the
+    change, so a row that exists is a change still in progress or left unfinished by a crash
+    (``gpuvirt.service.intent`` resolves those).  Added in revision 0003.
+    """
+
+    __tablename__ = "intents"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    host_id: Mapped[str] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))                  # apply | attach | detach | reconcile | ...
+    state: Mapped[str] = mapped_column(String(24), default="running")
+    recovery: Mapped[str] = mapped_column(String(8), default="forward")   # direction tried first after a crash
+    gpus: Mapped[list[Any]] = mapped_column(JSON, default=list)    # addresses of the GPUs it changes
+    target: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    before: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    steps: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    pid: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    # "<boot id>:<pid>:<process start time>": tells a live owner from a dead one whose pid was reused
+    owner: Mapped[Optional[str]] = mapped_column(String(128), nullable=True)
+    actor: Mapped[Optional[str]] = mapped_column(String(255), nullable=True)
+    error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 
 
 class Event(Base):

@@ -24,6 +24,7 @@ from gpuvirt.inventory.models import (
     Gpu,
     Host,
     Instance,
+    Intent,
     Profile,
     Tenant,
     utcnow,
@@ -277,6 +278,23 @@ class Unit:
             .join(Instance, Instance.id == Allocation.instance_id).where(Allocation.tenant == tenant)
             .where(_not_a_backing())).one()
         return {"instances": int(row[0]), "memory_mib": int(row[1]), "compute_slices": int(row[2])}
+
+    # --- intents (the journal of multi-step host changes) --------------------------------------------------------
+    def add_intent(self, **fields: Any) -> Intent:
+        it = Intent(**fields)
+        self.session.add(it)
+        self.session.flush()
+        return it
+
+    def intent(self, intent_id: int) -> Intent | None:
+        return self.session.get(Intent, intent_id)
+
+    def intents(self, host_id: str) -> list[Intent]:
+        """Open intents of a host, oldest first (a host has a handful at most: they are deleted when done)."""
+        return list(self.session.scalars(select(Intent).where(Intent.host_id == host_id).order_by(Intent.id)))
+
+    def delete_intent(self, intent_id: int) -> None:
+        self.session.execute(delete(Intent).where(Intent.id == intent_id))
 
     # --- events ------------------------------------------------------------------------------------------------------
     def event(self, action: str, *, target: str | None = None, result: str = "ok",

@@ -29,15 +29,14 @@ from gpuvirt.model.mig import Placed, pack_counts
 from gpuvirt.model.profile import resolve
 from gpuvirt.service import hostview
 from gpuvirt.service.hostview import GpuView, HostView
+from gpuvirt.service import intent
 from gpuvirt.service.instances import (
-    Journal,
-    create_mig,
-    destroy_mig,
     gpu_lock,
     instance_fields_for_mig,
     instance_fields_for_vgpu,
     new_uuid,
-    vf_fields,
+    row_allocation,
+    row_fields,
 )
 
 Progress = Callable[[str, int, int], None]
@@ -445,6 +444,9 @@ def apply(ctx: Context, profile_name: str, selector: str, *, force: bool = False
     with contextlib.ExitStack() as locks:
         for a in addresses:
             locks.enter_context(gpu_lock(ctx, a))
+        if not dry_run:
+            # a change a crash left unfinished on these GPUs is settled before a new one is planned over it
+            intent.recover(ctx, set(addresses))
         view = hostview.snapshot(ctx)  # the picture apply works from: nobody else can change these GPUs now
         spec, plans = make_plans(ctx, profile_name, selector, force=force, view=view)
         blocked = [b for p in plans for b in p.blocked]
@@ -452,56 +454,64 @@ def apply(ctx: Context, profile_name: str, selector: str, *, force: bool = False
             raise ConflictError(f"apply {spec.name} refused: " + "; ".join(blocked))
         if dry_run:
             return {"profile": spec.name, "dry_run": True, "gpus": [p.to_dict() for p in plans]}
-        journal = Journal(ctx)
-        befores = {p.gpu_row_id: _marked(ctx, p) for p in plans}
-        result = ApplyResult(profile=spec.name, applied=[], pending_reset=[], unchanged=[])
-        total = len(plans)
-        for i, p in enumerate(plans):
-            if progress:
-                progress(p.gpu.label, i, total)
-            if not p.ops:
-                result.unchanged.append(p.gpu.address)
-                _mark(ctx, p, "applied")
-                continue
-            try:
-                pending = _execute(ctx, p, journal, allow_reset)
-            except GpuvirtError as exc:
-                failures = journal.rollback()
-                # the journal spans every GPU of this apply: the rollback undid the GPUs done before this one too
-                # undo steps do not say reliably which GPU they belong to (a vGPU's names its VF): after an
-                # incomplete rollback every GPU of this apply counts as unfinished, and reconcile completes the
-                # profile the operator asked for on each of them
-                for done in plans[:i + 1]:
-                    if failures:
-                        _mark(ctx, done, "rollback-incomplete", str(exc))
-                    else:
-                        # back on the previous layout: the GPU keeps the profile it had, so that reconcile
-                        # (which derives MIG mode from the desired profile) does not act on one that never took
-                        _mark(ctx, done, befores[done.gpu_row_id][1], profile=befores[done.gpu_row_id][0])
-                with ctx.inventory.unit(write=True) as uow:
-                    uow.event("apply", target=spec.name, result="failed",
-                              detail={"gpu": p.gpu.address, "error": str(exc), "rollback_failures": failures})
-                state = ("rolled back to the previous layout" if not failures else
-                         "ROLLBACK INCOMPLETE: " + "; ".join(failures) + " - run 'gpuvirt reconcile' (it finishes "
-                         f"applying {spec.name}) or apply another profile")
-                err = ApplyFailedError(f"apply {spec.name} failed on {p.gpu.label}: {exc}; {state}",
-                                       gpu=p.gpu.address, rollback_failures=failures or None)
-                err.exit_code = exc.exit_code
-                raise err from exc
-            if pending:
-                result.pending_reset.append(p.gpu.address)
-                _mark(ctx, p, "pending-reset")
-            else:
-                _mark(ctx, p, "applied")
+        result = ApplyResult(profile=spec.name, applied=[], pending_reset=[],
+                             unchanged=[p.gpu.address for p in plans if not p.ops])
+        changing = [p for p in plans if p.ops]
+        gpu_ids = {p.gpu.address: p.gpu_row_id for p in plans}
+        if not changing:
+            with ctx.inventory.unit(write=True) as uow:
+                _close_marks(uow, spec.name, gpu_ids, set())
+                uow.event("apply", target=spec.name, detail={"gpus": [p.gpu.address for p in plans], "changed": 0,
+                                                              "pending_reset": []})
+            return result
+        with ctx.inventory.unit(write=True, action="record the apply plan") as uow:
+            before = {p.gpu.address: _marks(uow, p.gpu_row_id) for p in plans}
+            steps = [s for p in changing for s in _steps_for(ctx, p, uow, allow_reset)]
+            run = intent.Run.begin(ctx, "apply", gpus=[p.gpu.address for p in changing], steps=steps,
+                                   target={"profile": spec.name, "gpus": gpu_ids}, before=before, uow=uow)
+        labels = {p.gpu.address: p.gpu.label for p in plans}
+        order = [p.gpu.address for p in changing]
+        if progress:
+            def step_progress(step: dict[str, Any], i: int, n: int) -> None:
+                progress(labels[step["gpu"]], order.index(step["gpu"]), len(order))
+            run.progress = step_progress
+        try:
+            pending = run.run_all()
+        except GpuvirtError as exc:
+            failed_gpu = next((s["gpu"] for s in run.steps if s["state"] == intent.PENDING), order[-1])
+
+            def incomplete(uow: Any) -> None:
+                # every GPU of this apply counts as unfinished until reconcile settles the intent
+                for p in changing:
+                    row = uow.gpu(p.gpu_row_id)
+                    row.desired_profile, row.profile_state = spec.name, ROLLBACK_INCOMPLETE
+
+            failures = run.abort(exc, on_clean=lambda uow: _restore_marks(uow, before), on_incomplete=incomplete)
+            with ctx.inventory.unit(write=True) as uow:
+                uow.event("apply", target=spec.name, result="failed",
+                          detail={"gpu": failed_gpu, "error": str(exc), "rollback_failures": failures})
+            state = ("rolled back to the previous layout" if not failures else
+                     f"ROLLBACK INCOMPLETE ({len(failures)} step(s) could not be undone; first: {failures[0]}) - "
+                     f"run 'gpuvirt reconcile' (it finishes applying {spec.name}, or rolls it back if that "
+                     "cannot be done)")
+            err = ApplyFailedError(f"apply {spec.name} failed on {labels.get(failed_gpu, failed_gpu)}: {exc}; "
+                                   f"{state}", gpu=failed_gpu, rollback_failures=failures or None)
+            err.exit_code = exc.exit_code
+            raise err from exc
+
+        def close(uow: Any) -> None:
+            _close_marks(uow, spec.name, gpu_ids, pending)
+            uow.event("apply", target=spec.name, detail={"gpus": [p.gpu.address for p in plans],
+                                                          "changed": len(changing), "pending_reset": sorted(pending)})
+
+        run.finish(on_close=close)
+        if progress:
+            progress("done", len(order), len(order))
+        result.pending_reset = [a for a in order if a in pending]
+        for p in changing:
             result.applied.append({"gpu": p.gpu.address, "index": p.gpu.nvml_index,
                                    "operations": [o.to_dict() for o in p.ops],
-                                   "state": "pending-reset" if pending else "applied"})
-        if progress:
-            progress("done", total, total)
-        with ctx.inventory.unit(write=True) as uow:
-            uow.event("apply", target=spec.name, detail={"gpus": [p.gpu.address for p in plans],
-                                                          "changed": len(result.applied),
-                                                          "pending_reset": result.pending_reset})
+                                   "state": "pending-reset" if p.gpu.address in pending else "applied"})
     if result.pending_reset:
         raise ResetRequiredError(
             f"MIG mode change on {', '.join(result.pending_reset)} is pending a GPU reset (processes or VMs hold the "
@@ -514,256 +524,137 @@ class ApplyFailedError(GpuvirtError):
     """An apply step failed; the exit status is the failed step's."""
 
 
-def _mark(ctx: Context, p: GpuPlan, state: str | None, error: str | None = None, *,
-          profile: str | None | type = ...) -> None:
-    with ctx.inventory.unit(write=True) as uow:
-        row = uow.gpu(p.gpu_row_id)
-        row.desired_profile = p.profile if profile is ... else profile
-        row.profile_state = state
+ROLLBACK_INCOMPLETE = "rollback-incomplete"
 
 
-def _marked(ctx: Context, p: GpuPlan) -> tuple[str | None, str | None]:
-    with ctx.inventory.unit() as uow:
-        row = uow.gpu(p.gpu_row_id)
-        return row.desired_profile, row.profile_state
+def _marks(uow: Any, gpu_id: int) -> dict[str, Any]:
+    row = uow.gpu(gpu_id)
+    return {"gpu_id": gpu_id, "desired_profile": row.desired_profile, "profile_state": row.profile_state}
 
 
-# --- execution --------------------------------------------------------------------------------------------------
-def _execute(ctx: Context, p: GpuPlan, journal: Journal, allow_reset: bool) -> bool:
-    g = p.gpu
-    pending = False
-    host = ctx.host
+def _restore_marks(uow: Any, before: dict[str, Any]) -> None:
+    """Back on the previous layout: each GPU keeps the profile it had, so that reconcile (which derives MIG mode
+    from the desired profile) does not act on one that never took."""
+    for m in before.values():
+        row = uow.gpu(m["gpu_id"])
+        row.desired_profile, row.profile_state = m["desired_profile"], m["profile_state"]
+
+
+def _close_marks(uow: Any, profile: str, gpu_ids: dict[str, int], pending: set[str]) -> None:
+    for addr, gpu_id in gpu_ids.items():
+        row = uow.gpu(gpu_id)
+        row.desired_profile = profile
+        row.profile_state = "pending-reset" if addr in pending else "applied"
+
+
+def _recovered_forward(uow: Any, row: Any, pending: set[str]) -> None:
+    t = row.target
+    _close_marks(uow, t["profile"], {a: int(i) for a, i in t["gpus"].items()}, pending)
+    uow.event("apply", target=t["profile"], detail={"finished_by": "reconcile", "pending_reset": sorted(pending)})
+
+
+def _recovered_back(uow: Any, row: Any, pending: set[str]) -> None:
+    _restore_marks(uow, row.before)
+    uow.event("apply", target=row.target.get("profile"), result="rolled-back", detail={"rolled_back_by": "reconcile"})
+
+
+intent.register_kind("apply", forward=_recovered_forward, back=_recovered_back)
+
+
+# --- the plan as journal steps -------------------------------------------------------------------------------------
+def _steps_for(ctx: Context, p: GpuPlan, uow: Any, allow_reset: bool) -> list[dict[str, Any]]:
+    """The plan's operations as intent steps, every choice made now (mdev UUIDs) except the VF a new vGPU goes
+    on, which is chosen (and recorded) right before it is created."""
+    g, gid, idx = p.gpu, p.gpu_row_id, p.gpu.nvml_index
+    addr = g.address
+    mode_change = any(o.action == "mig-mode" for o in p.ops)
+    steps: list[dict[str, Any]] = []
+
+    def row_of(q: dict[str, Any]) -> Any:
+        return uow.instance(q["instance_id"]) if q.get("instance_id") else None
+
     for op in p.ops:
         a, q = op.action, op.params
-        if pending and a in ("create-mig",):
-            continue  # the GPU must be reset before instances can be created
         if a == "destroy-mig":
-            _destroy_mig(ctx, journal, g, p.gpu_row_id, q)
+            row = row_of(q)
+            steps.append(intent.mig_step(addr, gid, idx, q["profile_id"], q["start"], q["size"], present=False,
+                                         fields=row_fields(row) if row else None,
+                                         alloc=row_allocation(row) if row else None,
+                                         label=q.get("profile_name")))
         elif a == "create-mig":
-            _create_mig(ctx, journal, g, p.gpu_row_id, q["profile_id"], q["start"])
+            fields = instance_fields_for_mig(g.model, q["profile_id"], q["start"], "profile")
+            steps.append(intent.mig_step(addr, gid, idx, q["profile_id"], q["start"], q["size"], present=True,
+                                         fields=fields, needs_mig=True))
         elif a == "mig-mode":
-            pending = _mig_mode(ctx, journal, g, q["enable"], allow_reset)
+            steps.append(intent.mig_mode_step(addr, idx, q["enable"], was_current=bool(g.mig_current),
+                                              was_pending=bool(g.mig_pending), allow_reset=allow_reset))
         elif a == "remove-mdev":
-            _remove_mdev(ctx, journal, g, p.gpu_row_id, q)
+            row = row_of(q)
+            steps.append(intent.mdev_step(addr, gid, q["parent"], q["type_id"], q["uuid"], present=False,
+                                          fields=row_fields(row) if row else None,
+                                          alloc=row_allocation(row) if row else None,
+                                          backing=_backing_key(uow, row)))
         elif a == "create-mdev":
-            parent = q["parent"] or _next_free_vf(ctx, g, "mdev")
-            _create_mdev(ctx, journal, g, p.gpu_row_id, parent, q["type_id"], q.get("uuid") or new_uuid(),
-                         origin="profile")
+            uuid = new_uuid()
+            fields = instance_fields_for_vgpu(g.model, MDEV, q["type_id"], q.get("type_name"), q["parent"] or "",
+                                              uuid, "profile")
+            _mig_backed_slices(g, q["type_id"], fields)
+            steps.append(intent.mdev_step(addr, gid, q["parent"], q["type_id"], uuid, present=True, fields=fields,
+                                          needs_mig=mode_change or bool(fields.get("compute_slices"))))
         elif a == "clear-vgpu":
-            _clear_vgpu(ctx, journal, g, p.gpu_row_id, q)
+            row = row_of(q)
+            steps.append(intent.vgpu_step(addr, gid, q["vf"], int(q["type_id"]), present=False,
+                                          fields=row_fields(row) if row else None,
+                                          alloc=row_allocation(row) if row else None,
+                                          backing=_backing_key(uow, row)))
         elif a == "set-vgpu":
-            vf = q["vf"] or _next_free_vf(ctx, g, "vendor-vfio")
-            _set_vgpu(ctx, journal, g, p.gpu_row_id, vf, int(q["type_id"]), origin="profile")
+            fields = instance_fields_for_vgpu(g.model, VFIO_VGPU, str(q["type_id"]), q.get("type_name"),
+                                              q["vf"] or "", None, "profile")
+            _mig_backed_slices(g, q["type_id"], fields)
+            steps.append(intent.vgpu_step(addr, gid, q["vf"], int(q["type_id"]), present=True, fields=fields,
+                                          needs_mig=mode_change or bool(fields.get("compute_slices"))))
         elif a == "enable-vfs":
-            before = host.sriov_state(g.address)[1]
-            host.enable_vfs(g.address, q["count"])
-            if before == 0:
-                journal.done.append(_undo("disable VFs", lambda: host.disable_vfs(g.address)))
+            steps.append(intent.vfs_step(addr, gid, q["count"], present=True))
         elif a == "disable-vfs":
-            _disable_whole_vfs(ctx, journal, g, p.gpu_row_id, q["count"])
+            rows = uow.instances(ctx.settings.host_id, gpu_id=gid, kinds=[VF])
+            snaps = [{"parent": r.parent, "origin": r.origin, "allocation": row_allocation(r)} for r in rows]
+            steps.append(intent.vfs_step(addr, gid, q["count"], present=False, whole=True, snaps=snaps,
+                                         memory_mib=_vf_memory(g, q["count"])))
         elif a == "record-vfs":
-            _record_vfs(ctx, g, p.gpu_row_id)
+            existing = [r.parent for r in uow.instances(ctx.settings.host_id, gpu_id=gid, kinds=[VF])]
+            steps.append(intent.record_vfs_step(addr, gid, _vf_memory(g, q["count"]), existing))
         else:  # pragma: no cover - plan and execution are written together
             raise UsageError(f"unknown operation {a}")
-    return pending
+    return steps
 
 
-def _undo(desc: str, fn: Callable[[], None]):
-    from gpuvirt.service.instances import Undo
+def _backing_key(uow: Any, row: Any) -> tuple[int, int] | None:
+    if row is None or row.backing_instance_id is None:
+        return None
+    from gpuvirt.errors import NotFoundError
 
-    return Undo(desc, fn)
-
-
-def _next_free_vf(ctx: Context, g: GpuView, interface: str) -> str:
-    view = hostview.snapshot(ctx)
-    fresh = view.by_address(g.address)
-    if fresh is None:
-        raise ConflictError(f"{g.label} disappeared during apply")
-    if interface == "vendor-vfio":
-        for vf in fresh.vfio_vfs:
-            if not vf["current_type"]:
-                return vf["address"]
-    else:
-        busy = {d["parent"] for d in fresh.mdev_devices}
-        for vf in fresh.vfs:
-            if vf not in busy and vf in fresh.mdev_parents:
-                return vf
-    raise ConflictError(f"no free VF left on {g.label}")
+    try:
+        gi = uow.instance(row.backing_instance_id)
+    except NotFoundError:
+        return None
+    return (gi.profile_id, gi.placement_start)
 
 
-def _create_mig(ctx: Context, journal: Journal, g: GpuView, gpu_id: int, profile_id: int, start: int,
-                origin: str = "profile", persistent: bool = True) -> int:
-    fields = instance_fields_for_mig(g.model, profile_id, start, origin, persistent)
-    index = g.nvml_index
-    assert index is not None
-
-    def undo(inst_id: int) -> None:
-        with ctx.inventory.unit() as uow:
-            row = uow.instance(inst_id)
-            gi_id = row.gi_id
-        journal_inner = Journal(ctx, journal.actor)
-        journal_inner.destroy(inst_id, lambda: destroy_mig(ctx, index, gi_id),
-                              f"GPU instance {fields['profile_name']} at {start} on {g.label}")
-
-    return journal.create(gpu_id, fields, lambda: create_mig(ctx, index, profile_id, start),
-                          f"GPU instance {fields['profile_name']} at {start} on {g.label}", undo)
-
-
-def _destroy_mig(ctx: Context, journal: Journal, g: GpuView, gpu_id: int, q: dict[str, Any]) -> None:
-    index = g.nvml_index
-    assert index is not None
-
-    def undo(snap: dict[str, Any]) -> None:
-        inner = Journal(ctx, journal.actor)
-        fields = instance_fields_for_mig(g.model, q["profile_id"], q["start"], snap.get("origin", "adopted"),
-                                         snap.get("persistent", True))
-        inst_id = inner.create(gpu_id, fields, lambda: create_mig(ctx, index, q["profile_id"], q["start"]),
-                               f"GPU instance {q['profile_name']} at {q['start']} on {g.label}")
-        _restore_allocation(ctx, inst_id, snap)
-
-    journal.destroy(q.get("instance_id"), lambda: destroy_mig(ctx, index, q["gi_id"]),
-                    f"GPU instance {q['profile_name']} at {q['start']} on {g.label}", undo)
-
-
-def _restore_allocation(ctx: Context, inst_id: int, snap: dict[str, Any]) -> None:
-    alloc = snap.get("allocation")
-    if not alloc:
+def _mig_backed_slices(g: GpuView, type_id: Any, fields: dict[str, Any]) -> None:
+    tid = str(type_id)
+    tid = tid[7:] if tid.startswith("nvidia-") else tid
+    if not (tid.isdigit() and g.model and g.model.vgpu and g.model.mig):
         return
-    with ctx.inventory.unit(write=True) as uow:
-        uow.allocate(uow.instance(inst_id), vm_name=alloc["vm_name"], vm_uuid=alloc["vm_uuid"],
-                     tenant=alloc["tenant"], persistent=alloc["persistent"])
+    with contextlib.suppress(GpuvirtError):
+        vt = g.model.vgpu.type_by_id(int(tid))
+        if vt.mig_backed:
+            fields["compute_slices"] = g.model.mig.profile(vt.gpu_instance_profile_id).compute_slices  # type: ignore[arg-type]
 
 
-def _mig_mode(ctx: Context, journal: Journal, g: GpuView, enable: bool, allow_reset: bool) -> bool:
-    """Set MIG mode; returns True when the change is left pending a reset."""
-    index = g.nvml_index
-    assert index is not None
-    nvml = ctx.host.nvml()
-    before_current = g.mig_current
-    current, pending, status = nvml.set_mig_mode(index, enable)
-    if current == enable:
-        if before_current != enable:
-            journal.done.append(_undo(f"{'disable' if enable else 'enable'} MIG mode on {g.label}",
-                                      lambda: _restore_mode(ctx, index, g.address, before_current)))
-        with ctx.inventory.unit(write=True) as uow:
-            uow.event("mig-mode", target=g.address, detail={"enabled": enable})
-        return False
-    undo = _undo(f"{'disable' if enable else 'enable'} MIG mode on {g.label}",
-                 lambda: _restore_mode(ctx, index, g.address, before_current))
-    if allow_reset:
-        ctx.host.reset_gpu(g.address)
-        current, pending = _mig_state(ctx, index)
-        if current == enable:
-            journal.done.append(undo)
-            with ctx.inventory.unit(write=True) as uow:
-                uow.event("mig-mode", target=g.address, detail={"enabled": enable, "reset": True})
-            return False
-    # the change waits for a reset: a rollback must withdraw it too, or the next reboot switches the mode of
-    # a GPU whose apply was reported rolled back (setting the current mode again clears the pending one)
-    if before_current != enable:
-        journal.done.append(undo)
-    with ctx.inventory.unit(write=True) as uow:
-        uow.event("mig-mode", target=g.address, result="pending",
-                  detail={"enabled": enable, "activation_status": status})
-    return True
-
-
-def _mig_state(ctx: Context, index: int) -> tuple[bool, bool]:
-    for gpu in ctx.host.nvml().gpus():
-        if gpu.index == index:
-            return bool(gpu.mig_current), bool(gpu.mig_pending)
-    return False, False
-
-
-def _restore_mode(ctx: Context, index: int, address: str, enabled: bool) -> None:
-    current, pending, _ = ctx.host.nvml().set_mig_mode(index, enabled)
-    if current != enabled:
-        raise ResetRequiredError(f"restoring MIG mode on {address} is pending a GPU reset")
-
-
-def _create_mdev(ctx: Context, journal: Journal, g: GpuView, gpu_id: int, parent: str, type_id: str, uuid: str,
-                 *, origin: str, persistent: bool = True) -> int:
-    fields = instance_fields_for_vgpu(g.model, MDEV, type_id, None, parent, uuid, origin, persistent)
-    if type_id.startswith("nvidia-") and g.model and g.model.vgpu:
-        with contextlib.suppress(GpuvirtError):
-            vt = g.model.vgpu.type_by_id(int(type_id[7:]))
-            if vt.mig_backed and g.model.mig:
-                fields["compute_slices"] = g.model.mig.profile(vt.gpu_instance_profile_id).compute_slices  # type: ignore[arg-type]
-    label = f"mdev {fields.get('type_name') or type_id} {uuid} on {parent}"
-
-    def undo(inst_id: int) -> None:
-        Journal(ctx, journal.actor).destroy(inst_id, lambda: ctx.host.remove_mdev(uuid), label)
-
-    return journal.create(gpu_id, fields, lambda: (ctx.host.create_mdev(parent, type_id, uuid), {})[1], label, undo)
-
-
-def _remove_mdev(ctx: Context, journal: Journal, g: GpuView, gpu_id: int, q: dict[str, Any]) -> None:
-    uuid, parent, type_id = q["uuid"], q["parent"], q["type_id"]
-
-    def undo(snap: dict[str, Any]) -> None:
-        inst_id = Journal(ctx, journal.actor).create(
-            gpu_id, instance_fields_for_vgpu(g.model, MDEV, type_id, q.get("type_name"), parent, uuid,
-                                             snap.get("origin", "adopted"), snap.get("persistent", True)),
-            lambda: (ctx.host.create_mdev(parent, type_id, uuid), {})[1], f"mdev {uuid} on {parent}")
-        _restore_allocation(ctx, inst_id, snap)
-
-    journal.destroy(q.get("instance_id"), lambda: ctx.host.remove_mdev(uuid),
-                    f"mdev {q.get('type_name') or type_id} {uuid} on {parent}", undo)
-
-
-def _set_vgpu(ctx: Context, journal: Journal, g: GpuView, gpu_id: int, vf: str, type_id: int, *, origin: str,
-              persistent: bool = True) -> int:
-    name = _type_name(g.model, type_id) if g.model and g.model.vgpu else None
-    fields = instance_fields_for_vgpu(g.model, VFIO_VGPU, str(type_id), name, vf, None, origin, persistent)
-    label = f"vGPU {name or type_id} on VF {vf}"
-
-    def undo(inst_id: int) -> None:
-        Journal(ctx, journal.actor).destroy(inst_id, lambda: ctx.host.clear_vgpu_type(vf), label)
-
-    return journal.create(gpu_id, fields, lambda: (ctx.host.set_vgpu_type(vf, type_id, name), {})[1], label, undo)
-
-
-def _clear_vgpu(ctx: Context, journal: Journal, g: GpuView, gpu_id: int, q: dict[str, Any]) -> None:
-    vf, type_id = q["vf"], int(q["type_id"])
-
-    def undo(snap: dict[str, Any]) -> None:
-        inst_id = Journal(ctx, journal.actor).create(
-            gpu_id, instance_fields_for_vgpu(g.model, VFIO_VGPU, str(type_id), q.get("type_name"), vf, None,
-                                             snap.get("origin", "adopted"), snap.get("persistent", True)),
-            lambda: (ctx.host.set_vgpu_type(vf, type_id), {})[1], f"vGPU {type_id} on VF {vf}")
-        _restore_allocation(ctx, inst_id, snap)
-
-    journal.destroy(q.get("instance_id"), lambda: ctx.host.clear_vgpu_type(vf),
-                    f"vGPU {q.get('type_name') or type_id} on VF {vf}", undo)
-
-
-def _disable_whole_vfs(ctx: Context, journal: Journal, g: GpuView, gpu_id: int, count: int) -> None:
-    with ctx.inventory.unit(write=True) as uow:
-        for row in uow.instances(ctx.settings.host_id, gpu_id=gpu_id, kinds=[VF]):
-            uow.delete_instance(row)
-    ctx.host.disable_vfs(g.address)
-
-    def undo() -> None:
-        ctx.host.enable_vfs(g.address, count)
-        _record_vfs(ctx, g, gpu_id)
-
-    journal.done.append(_undo(f"re-enable {count} VFs on {g.label}", undo))
-
-
-def _record_vfs(ctx: Context, g: GpuView, gpu_id: int) -> None:
-    view = hostview.snapshot(ctx)
-    fresh = view.by_address(g.address)
-    vfs = fresh.vfs if fresh else []
-    mem = None
-    if g.model and g.model.sriov and g.model.memory_mib and g.model.sriov.total_vfs:
-        mem = g.model.memory_mib // max(len(vfs), 1)
-    with ctx.inventory.unit(write=True) as uow:
-        existing = {r.parent for r in uow.instances(ctx.settings.host_id, gpu_id=gpu_id, kinds=[VF])}
-        for vf in vfs:
-            if vf not in existing:
-                uow.add_instance(host_id=ctx.settings.host_id, gpu_id=gpu_id, state="active",
-                                 **vf_fields(vf, "profile", mem))
-        uow.event("record-vfs", target=g.address, detail={"count": len(vfs)})
+def _vf_memory(g: GpuView, count: int) -> int | None:
+    if g.model and g.model.sriov and g.model.memory_mib and count:
+        return g.model.memory_mib // max(count, 1)
+    return None
 
 
 __all__ = ["plan", "apply", "make_plans", "plan_gpu", "Op", "GpuPlan", "ApplyResult"]

@@ -23,14 +23,14 @@ from gpuvirt.model.catalog import resolve_gi_profile, resolve_vgpu_type
 from gpuvirt.model.mig import Placed
 from gpuvirt.service import hostview
 from gpuvirt.service.hostview import GpuView
+from gpuvirt.service import intent
 from gpuvirt.service.instances import (
-    Journal,
-    create_mig,
-    destroy_mig,
     gpu_lock,
     instance_fields_for_mig,
     instance_fields_for_vgpu,
     new_uuid,
+    row_allocation,
+    row_fields,
 )
 
 _VM_NAME_BAD = re.compile(r"[\x00-\x1f\x7f/]")
@@ -142,7 +142,7 @@ MIG_NOT_VFIO = ("MIG instances are not VFIO devices and cannot be handed to a VM
 def _quota_precheck(ctx: Context, tenant: str | None, fields: dict[str, Any]) -> None:
     """Refuse an over-quota attach before anything is created on the host.
 
-    The check in the activating transaction (``_allocator``) stays, because it is the one that holds against
+    The check in the transaction that records the new instance (the step's allocation) stays, because it is the one that holds against
     concurrent attaches; but a refusal there comes after the host object exists, and the journal then leaves
     it to reconcile.  Checked first, the common case leaves nothing behind.
     """
@@ -172,6 +172,30 @@ def handoff_for(inst: Any, alloc: Any, gpu_row: Any, *, display: bool = False, r
 
 
 # --- attach ---------------------------------------------------------------------------------------------------------
+@dataclass
+class _Call:
+    """One attach call: its request, its intent, and the GPU locks it holds until it ends."""
+
+    ctx: Context
+    vm: str
+    tenant: str | None
+    persistent: bool
+    vm_uuid: str | None
+    run: Any
+    locks: contextlib.ExitStack
+
+    def alloc(self, *, quota: bool = True) -> dict[str, Any]:
+        return {"vm_name": self.vm, "vm_uuid": self.vm_uuid, "tenant": self.tenant, "persistent": self.persistent,
+                "check_quota": quota}
+
+    def lock(self, addresses: list[str]) -> None:
+        """Hold these GPUs until the attach ends (a rollback must not race another writer).  Always the same
+        sorted candidate set for one request, so the order matches every other writer's."""
+        for a in sorted(addresses):
+            self.locks.enter_context(gpu_lock(self.ctx, a))
+        intent.recover(self.ctx, set(addresses))
+
+
 def attach(ctx: Context, vm: str, *, vgpu: str | None = None, mig: str | None = None, vf: bool = False,
            instance: int | None = None, mdev: str | None = None, tenant: str | None = None, count: int = 1,
            persistent: bool = True, vm_uuid: str | None = None, gpu: str | None = None, display: bool = False,
@@ -200,46 +224,49 @@ def attach(ctx: Context, vm: str, *, vgpu: str | None = None, mig: str | None = 
         if dom.name != vm:
             raise UsageError(f"--domain-xml {domain_xml} defines domain {dom.name!r}, not {vm!r}")
         vm_uuid = vm_uuid or dom.uuid
-    done: list[tuple[int, bool]] = []  # (instance id, created by this call)
-    vf_log: list[str] = []             # boards whose SR-IOV VFs this call enabled
-    try:
-        for _ in range(count):
-            done.append(_attach_one(ctx, vm, req, tenant=tenant, persistent=persistent, vm_uuid=vm_uuid, vf_log=vf_log,
-                                    gpu_selector=gpu))
-        handoffs = []
-        with ctx.inventory.unit() as uow:
-            for inst_id, _ in done:
-                inst = uow.instance(inst_id)
-                handoffs.append(handoff_for(inst, inst.allocation, inst.gpu, display=display, ramfb=ramfb))
-        if fmt is not None:
-            from gpuvirt.vmm.handoff import render
+    with contextlib.ExitStack() as locks:
+        # all or nothing, and journalled: every change of this call is a step of one intent, rolled back as a
+        # whole if a later step fails (the Nth of --count, the hand-off, the domain file) or the process dies
+        run = intent.Run.begin(ctx, "attach", gpus=(), recovery="back",
+                               target={"vm": vm, "request": req.describe(), "count": count, "tenant": tenant})
+        call = _Call(ctx, vm, tenant, persistent, vm_uuid, run, locks)
+        try:
+            ids = [_attach_one(call, req, gpu_selector=gpu) for _ in range(count)]
+            handoffs = []
+            with ctx.inventory.unit() as uow:
+                for inst_id in ids:
+                    inst = uow.instance(inst_id)
+                    handoffs.append(handoff_for(inst, inst.allocation, inst.gpu, display=display, ramfb=ramfb))
+            if fmt is not None:
+                from gpuvirt.vmm.handoff import render
 
-            # rendered here, inside the all-or-nothing block: output the VMM cannot use (QEMU without the
-            # VM UUID for an NVIDIA vGPU) is a failed attach and must not leave the allocation behind
-            render(handoffs, fmt)
-        if domain_xml is not None:
-            from gpuvirt.vmm.libvirt import insert_hostdev, rewrite_file_in_place
-
-            def _insert(text: str) -> str:
-                for h in handoffs:
-                    text = insert_hostdev(text, h.libvirt_xml())
-                return text
-
-            rewrite_file_in_place(domain_xml, _insert)
-    except GpuvirtError:
-        # all or nothing: a later step failing (the Nth of --count, the hand-off, the domain file) must not
-        # leave earlier allocations behind, nor instances this call created only to hand them out
-        for inst_id, created in reversed(done):
-            with contextlib.suppress(GpuvirtError):
-                _detach_instance(ctx, inst_id, force=True, destroy=created)
-        _disable_unused_vfs(ctx, vf_log)
-        raise
+                # rendered here, inside the all-or-nothing block: output the VMM cannot use (QEMU without the
+                # VM UUID for an NVIDIA vGPU) is a failed attach and must not leave the allocation behind
+                render(handoffs, fmt)
+            if domain_xml is not None:
+                for h, inst_id in zip(handoffs, ids):
+                    i = run.add(intent.domain_xml_step(_gpu_of(ctx, inst_id), domain_xml, h.libvirt_xml(),
+                                                       uuid=h.uuid if h.kind == "mdev" else None,
+                                                       address=h.pci_address if h.kind == "pci" else None,
+                                                       present=True))
+                    run.run(i)
+            run.finish()
+        except GpuvirtError as exc:
+            failures = run.abort(exc)
+            if failures:
+                raise type(exc)(f"{exc}; undoing this attach did not finish ({failures[0]}): run 'gpuvirt "
+                                "reconcile'") from exc
+            raise
     return handoffs
 
 
-def _attach_one(ctx: Context, vm: str, req: Request, *, tenant: str | None, persistent: bool, vm_uuid: str | None,
-                vf_log: list[str] | None = None,
-                gpu_selector: str | None) -> tuple[int, bool]:
+def _gpu_of(ctx: Context, inst_id: int) -> str:
+    with ctx.inventory.unit() as uow:
+        return uow.instance(inst_id).gpu.address
+
+
+def _attach_one(call: _Call, req: Request, *, gpu_selector: str | None) -> int:
+    ctx, vm = call.ctx, call.vm
     host_id = ctx.settings.host_id
     view = hostview.snapshot(ctx)
     allowed = {g.address for g in (view.select(gpu_selector) if gpu_selector else view.gpus)}
@@ -269,15 +296,20 @@ def _attach_one(ctx: Context, vm: str, req: Request, *, tenant: str | None, pers
                 continue  # missing after a reboot: reconcile/prepare will restore it; do not hand it out now
             if not uow.try_lock_instance(inst):
                 continue  # another attach is taking this one right now: try the next candidate
-            _quota_check(uow, tenant, [inst])
-            uow.allocate(inst, vm_name=vm, vm_uuid=vm_uuid, tenant=tenant, persistent=persistent)
+            _quota_check(uow, call.tenant, [inst])
+            addr = addr_of[inst.gpu_id]
+            # allocated and journalled in one transaction: a rollback of this call gives it back
+            uow.allocate(inst, vm_name=vm, vm_uuid=call.vm_uuid, tenant=call.tenant, persistent=call.persistent)
+            call.run.add_done(uow, intent.allocate_step(addr, inst.id, call.alloc(quota=False)))
             if inst.backing_instance_id is not None:
                 # a free MIG-backed vGPU: its GPU instance is held with it, as when attach creates both
                 gi = uow.instance(inst.backing_instance_id)
                 if gi.allocation is None:
-                    uow.allocate(gi, vm_name=vm, vm_uuid=vm_uuid, tenant=tenant, persistent=persistent)
-            uow.event("attach", target=vm, detail={"instance": inst.id, "label": inst.label, "tenant": tenant})
-            return inst.id, False
+                    uow.allocate(gi, vm_name=vm, vm_uuid=call.vm_uuid, tenant=call.tenant,
+                                 persistent=call.persistent)
+                    call.run.add_done(uow, intent.allocate_step(addr, gi.id, call.alloc(quota=False)))
+            uow.event("attach", target=vm, detail={"instance": inst.id, "label": inst.label, "tenant": call.tenant})
+            return inst.id
         if req.kind == "instance":
             raise CapacityError(f"no capacity: instance {req.instance_id} is not present on the host now "
                                 "(run 'gpuvirt reconcile' to restore it)")
@@ -285,8 +317,7 @@ def _attach_one(ctx: Context, vm: str, req: Request, *, tenant: str | None, pers
             raise CapacityError("no capacity: no free SR-IOV VF on this host (VFs come from a profile with "
                                 "--sriov-vfs N)")
     # 2. create one where the layout has room
-    return _create_for(ctx, vm, req, view, allowed, tenant=tenant, persistent=persistent, vm_uuid=vm_uuid,
-                       vf_log=vf_log), True
+    return _create_for(call, req, view, allowed)
 
 
 def _mig_backed_type_for(ctx: Context, profile: str, gpu_selector: str | None) -> str:
@@ -333,28 +364,16 @@ def _on_host(view: Any, address: str | None, inst: Any) -> bool:
     return inst.parent in g.vfs
 
 
-def _allocator(vm: str, vm_uuid: str | None, tenant: str | None, persistent: bool):
-    def on_active(uow: Any, row: Any) -> None:
-        _quota_check(uow, tenant, [row])
-        uow.allocate(row, vm_name=vm, vm_uuid=vm_uuid, tenant=tenant, persistent=persistent)
-        uow.event("attach", target=vm, detail={"instance": row.id, "label": row.label, "tenant": tenant,
-                                               "created": True})
-    return on_active
-
-
-def _create_for(ctx: Context, vm: str, req: Request, view: Any, allowed: set[str], *, tenant: str | None,
-                persistent: bool, vm_uuid: str | None, vf_log: list[str] | None = None) -> int:
+def _create_for(call: _Call, req: Request, view: Any, allowed: set[str]) -> int:
+    ctx = call.ctx
     policy_mig = ctx.settings.policies.get("mig_placement", "frag-aware")
     policy_vgpu = ctx.settings.policies.get("vgpu_placement", "consolidate")
     gpus = [g for g in view.gpus if g.address in allowed]
     if req.kind == "mig":
-        inst_id = _create_mig_for(ctx, vm, req.ref, gpus, policy_mig, tenant, persistent, vm_uuid)
-    elif req.kind == "vgpu":
-        inst_id = _create_vgpu_for(ctx, vm, req.ref, gpus, policy_vgpu, policy_mig, tenant, persistent, vm_uuid,
-                                   vf_log=vf_log)
-    else:
-        inst_id = _create_generic_mdev_for(ctx, vm, req.ref, gpus, tenant, persistent, vm_uuid)
-    return inst_id
+        return _create_mig_for(call, req.ref, gpus, policy_mig)
+    if req.kind == "vgpu":
+        return _create_vgpu_for(call, req.ref, gpus, policy_vgpu, policy_mig)
+    return _create_generic_mdev_for(call, req.ref, gpus)
 
 
 def _gpu_ids(ctx: Context, view_gpus: list[GpuView]) -> dict[str, int]:
@@ -362,10 +381,19 @@ def _gpu_ids(ctx: Context, view_gpus: list[GpuView]) -> dict[str, int]:
         return {g.address: g.id for g in uow.gpus(ctx.settings.host_id)}
 
 
-def _create_mig_for(ctx: Context, vm: str, profile: str, gpus: list[GpuView], policy: str, tenant: str | None,
-                    persistent: bool, vm_uuid: str | None, allocate: bool = True, locked: bool = False) -> int:
+def _run_create(call: _Call, step: dict[str, Any]) -> int:
+    """Journal a create step, carry it out (the record allocates it in the same transaction), and return the
+    inventory id of the instance it made."""
+    call.run.run(call.run.add(step))
+    return intent.row_id(call.ctx, step)
+
+
+def _create_mig_for(call: _Call, profile: str, gpus: list[GpuView], policy: str, *, backing: bool = False) -> int:
+    """A new GPU instance of ``profile`` for the call's VM (``backing``: under a MIG-backed vGPU, which carries
+    the quota)."""
     from gpuvirt.model.planner import GpuState, choose_placement
 
+    ctx = call.ctx
     cands = []
     for g in gpus:
         if not (g.mig_capable and g.mig_current and g.model and g.model.mig):
@@ -379,48 +407,36 @@ def _create_mig_for(ctx: Context, vm: str, profile: str, gpus: list[GpuView], po
         raise CapacityError(f"no capacity: no MIG-enabled GPU on this host offers {profile}")
     ids = _gpu_ids(ctx, gpus)
     # planner decides GPU and start; profile ids may differ per model, so plan per profile id group
-    addresses = sorted(g.address for g, _ in cands)
-    with contextlib.ExitStack() as locks:
-        if not locked:
-            # a MIG-backed vGPU attach already holds this GPU's lock (locked=True); flock is not re-entrant
-            # across open file descriptions, so taking it a second time would block this process forever
-            for a in addresses:
-                locks.enter_context(gpu_lock(ctx, a))
-        fresh = hostview.snapshot(ctx)
-        best = None
-        for pid in sorted({pid for _, pid in cands}):
-            states = []
-            for g, p in cands:
-                if p != pid:
-                    continue
-                fg = fresh.by_address(g.address)
-                if fg is None:
-                    continue
-                states.append(GpuState(g.address, g.model.mig, tuple(fg.layout())))
-            d = choose_placement(states, pid, policy)
-            if d is not None and (best is None or d.score < best[0].score):
-                best = (d, pid)
-        if best is None:
-            raise CapacityError(f"no capacity: no legal placement for {profile} on any MIG GPU "
-                                f"(free slices may be fragmented: see 'gpuvirt plan --defrag --for {profile}')")
-        d, pid = best
-        g = next(g for g, _ in cands if g.address == d.gpu_key)
-        fields = instance_fields_for_mig(g.model, pid, d.start, "attach", persistent)
-        if allocate:
-            _quota_precheck(ctx, tenant, fields)
-        index = g.nvml_index
-
-        def cleanup() -> None:
-            from gpuvirt.service.instances import find_gi
-
-            gi = find_gi(ctx, index, pid, d.start)
-            if gi is not None:
-                destroy_mig(ctx, index, gi.id)
-
-        return Journal(ctx).create(ids[g.address], fields, lambda: create_mig(ctx, index, pid, d.start),
-                                   f"GPU instance {fields['profile_name']} at {d.start} on {g.label} for {vm}",
-                                   on_active=_allocator(vm, vm_uuid, tenant, persistent) if allocate else None,
-                                   cleanup=cleanup)
+    call.lock([g.address for g, _ in cands])
+    fresh = hostview.snapshot(ctx)
+    best = None
+    for pid in sorted({pid for _, pid in cands}):
+        states = []
+        for g, p in cands:
+            if p != pid:
+                continue
+            fg = fresh.by_address(g.address)
+            if fg is None:
+                continue
+            states.append(GpuState(g.address, g.model.mig, tuple(fg.layout())))
+        d = choose_placement(states, pid, policy)
+        if d is not None and (best is None or d.score < best[0].score):
+            best = (d, pid)
+    if best is None:
+        raise CapacityError(f"no capacity: no legal placement for {profile} on any MIG GPU "
+                            f"(free slices may be fragmented: see 'gpuvirt plan --defrag --for {profile}')")
+    d, pid = best
+    g = next(g for g, _ in cands if g.address == d.gpu_key)
+    fields = instance_fields_for_mig(g.model, pid, d.start, "attach", call.persistent)
+    if not backing:
+        _quota_precheck(ctx, call.tenant, fields)
+    alloc = call.alloc(quota=not backing)
+    if backing:
+        alloc["tenant"] = None      # named when the vGPU on it is recorded (see intent._VgpuLike._link_backing)
+    step = intent.mig_step(g.address, ids[g.address], g.nvml_index, pid, d.start, fields["placement_size"],
+                           present=True, fields=fields, alloc=alloc,
+                           label=f"GPU instance {fields['profile_name']} at {d.start} on {g.label} for {call.vm}")
+    return _run_create(call, step)
 
 
 def _vgpu_board_room(g: GpuView, type_id: int, interface: str | None) -> tuple[int, str | None]:
@@ -435,11 +451,10 @@ def _vgpu_board_room(g: GpuView, type_id: int, interface: str | None) -> tuple[i
     return room, (parents[0] if parents else None)
 
 
-def _create_vgpu_for(ctx: Context, vm: str, ref: str, gpus: list[GpuView], policy: str, mig_policy: str,
-                     tenant: str | None, persistent: bool, vm_uuid: str | None,
-                     vf_log: list[str] | None = None) -> int:
+def _create_vgpu_for(call: _Call, ref: str, gpus: list[GpuView], policy: str, mig_policy: str) -> int:
     from gpuvirt.model.planner import VgpuBoard, choose_vgpu_gpu
 
+    ctx, vm = call.ctx, call.vm
     typed = []
     for g in gpus:
         if g.model is None or g.model.vgpu is None:
@@ -451,139 +466,103 @@ def _create_vgpu_for(ctx: Context, vm: str, ref: str, gpus: list[GpuView], polic
     if not typed:
         raise ProfileError(f"no GPU on this host offers vGPU type '{ref}'")
     ids = _gpu_ids(ctx, gpus)
-    addresses = sorted(g.address for g, _ in typed)
-    with contextlib.ExitStack() as locks:
-        for a in addresses:
-            locks.enter_context(gpu_lock(ctx, a))
-        def choose(fresh: Any) -> tuple[str | None, dict[str, tuple[GpuView, Any, str | None]]]:
-            boards = []
-            new_gi_boards = []
-            parents: dict[str, tuple[GpuView, Any, str | None]] = {}
-            for g, t in typed:
-                fg = fresh.by_address(g.address)
-                if fg is None or (g.model.vgpu.parent == "vf" and not fg.sriov_num):
-                    continue                    # a VF-parent board without VFs has nowhere to put a vGPU
-                if t.mig_backed and not _has_free_gi(ctx, fg, t):
-                    # a MIG-backed vGPU needs a GPU instance of its profile first: only where one can be made
-                    room = _gi_room(fg, t)
-                    if room:
-                        new_gi_boards.append(VgpuBoard(fg.address, (), room))
-                        parents[fg.address] = (fg, t, None)
-                    continue
-                room, parent = _vgpu_board_room(fg, t.id, fg.interface)
-                existing = tuple((int(d["type"][7:]), 0) for d in fg.mdev_devices
-                                 if d["type"].startswith("nvidia-"))
-                boards.append(VgpuBoard(fg.address, existing, room))
-                parents[fg.address] = (fg, t, parent)
-            # GPU instances already there are used before new ones are carved out of free slices
-            key = choose_vgpu_gpu(boards, typed[0][1].id, policy) or \
-                choose_vgpu_gpu(new_gi_boards, typed[0][1].id, policy)
-            return key, parents
+    call.lock([g.address for g, _ in typed])
 
+    def choose(fresh: Any) -> tuple[str | None, dict[str, tuple[GpuView, Any, str | None]]]:
+        boards = []
+        new_gi_boards = []
+        parents: dict[str, tuple[GpuView, Any, str | None]] = {}
+        for g, t in typed:
+            fg = fresh.by_address(g.address)
+            if fg is None or (g.model.vgpu.parent == "vf" and not fg.sriov_num):
+                continue                    # a VF-parent board without VFs has nowhere to put a vGPU
+            if t.mig_backed and not _has_free_gi(ctx, fg, t):
+                # a MIG-backed vGPU needs a GPU instance of its profile first: only where one can be made
+                room = _gi_room(fg, t)
+                if room:
+                    new_gi_boards.append(VgpuBoard(fg.address, (), room))
+                    parents[fg.address] = (fg, t, None)
+                continue
+            room, parent = _vgpu_board_room(fg, t.id, fg.interface)
+            existing = tuple((int(d["type"][7:]), 0) for d in fg.mdev_devices
+                             if d["type"].startswith("nvidia-"))
+            boards.append(VgpuBoard(fg.address, existing, room))
+            parents[fg.address] = (fg, t, parent)
+        # GPU instances already there are used before new ones are carved out of free slices
+        key = choose_vgpu_gpu(boards, typed[0][1].id, policy) or \
+            choose_vgpu_gpu(new_gi_boards, typed[0][1].id, policy)
+        return key, parents
+
+    fresh = hostview.snapshot(ctx)
+    key, parents = choose(fresh)
+    if key is None:
+        # VF-parent boards carry vGPUs on SR-IOV VFs.  With none enabled (after a boot where nothing recorded
+        # needed them, or on a host set up by hand) enable them on one board, as apply would (with 0 VFs
+        # nothing is lost), and only when no board has room as it is.  A step of this call: undone with it.
+        failure: GpuvirtError | None = None
+        for g, _t in typed:
+            fg = fresh.by_address(g.address)
+            if fg is None or g.model.vgpu.parent != "vf" or not fg.sriov_total or fg.sriov_num:
+                continue
+            i = call.run.add(intent.vfs_step(fg.address, ids[fg.address], fg.sriov_total, present=True))
+            try:
+                call.run.run(i)
+                fresh = hostview.snapshot(ctx)
+                key, parents = choose(fresh)
+            except GpuvirtError as exc:
+                failure, key = exc, None    # this board would not take VFs: try the next one
+            if key is not None:
+                break
+            with contextlib.suppress(GpuvirtError):
+                intent.op_of(ctx, call.run.steps[i]).backward()
+            fresh = hostview.snapshot(ctx)
+        if key is None and failure is not None:
+            raise failure
+    if key is None:
+        raise CapacityError(f"no capacity: no GPU on this host can take another {ref} vGPU now")
+    g, t, parent = parents[key]
+    charged = instance_fields_for_vgpu(g.model, MDEV, f"nvidia-{t.id}", t.name, "", None, "attach", call.persistent)
+    _add_slices(charged, g, t)
+    _quota_precheck(ctx, call.tenant, charged)  # before the backing GPU instance, too
+    backing = None
+    if t.mig_backed:
+        gi_name = g.model.mig.profile(t.gpu_instance_profile_id).name  # type: ignore[union-attr]
+        free_gi = _free_gi_row(ctx, g, t)
+        if free_gi is None:
+            gi_id = _create_mig_for(call, gi_name, [g], mig_policy, backing=True)
+        else:
+            gi_id = free_gi
+            with ctx.inventory.unit(write=True, action=f"attach {ref} to {vm}") as uow:
+                gi = uow.instance(gi_id)
+                if gi.allocation is None:
+                    uow.allocate(gi, vm_name=vm, vm_uuid=call.vm_uuid, tenant=None, persistent=call.persistent)
+                    call.run.add_done(uow, intent.allocate_step(g.address, gi_id,
+                                                                dict(call.alloc(quota=False), tenant=None)))
+        with ctx.inventory.unit() as uow:
+            gi = uow.instance(gi_id)
+            backing = (gi.profile_id, gi.placement_start)
         fresh = hostview.snapshot(ctx)
-        key, parents = choose(fresh)
-        enabled_here = None
-        if key is None:
-            # VF-parent boards carry vGPUs on SR-IOV VFs.  With none enabled (after a boot where nothing recorded
-            # needed them, or on a host set up by hand) enable them on one board, as apply would (with 0 VFs
-            # nothing is lost), and only when no board has room as it is
-            failure: GpuvirtError | None = None
-            for g, _t in typed:
-                fg = fresh.by_address(g.address)
-                if fg is None or g.model.vgpu.parent != "vf" or not fg.sriov_total or fg.sriov_num:
-                    continue
-                try:
-                    ctx.host.enable_vfs(fg.address)
-                    fresh = hostview.snapshot(ctx)
-                    key, parents = choose(fresh)
-                except GpuvirtError as exc:
-                    failure, key = exc, None    # this board would not take VFs: try the next one
-                if key is not None:
-                    enabled_here = fg.address
-                    break
-                with contextlib.suppress(GpuvirtError):
-                    ctx.host.disable_vfs(fg.address)
-                fresh = hostview.snapshot(ctx)
-            if key is None and failure is not None:
-                raise failure
-        if key is None:
-            raise CapacityError(f"no capacity: no GPU on this host can take another {ref} vGPU now")
-        created_backing = None
-        if enabled_here is not None and vf_log is not None:
-            vf_log.append(enabled_here)     # a later step of the same attach may fail: attach() undoes it then
-        try:
-            g, t, parent = parents[key]
-            charged = instance_fields_for_vgpu(g.model, MDEV, f"nvidia-{t.id}", t.name, "", None, "attach",
-                                               persistent)
-            _add_slices(charged, g, t)
-            _quota_precheck(ctx, tenant, charged)  # before the backing GPU instance, too
-            backing_id = None
-            if t.mig_backed:
-                gi_name = g.model.mig.profile(t.gpu_instance_profile_id).name  # type: ignore[union-attr]
-                free_gi = _free_gi_row(ctx, g, t)
-                if free_gi is None:
-                    backing_id = created_backing = _create_mig_for(ctx, vm, gi_name, [g], mig_policy, tenant,
-                                                                   persistent, vm_uuid, allocate=False,
-                                                                   locked=True)
-                else:
-                    backing_id = free_gi
-                fresh = hostview.snapshot(ctx)
-                g = fresh.by_address(g.address) or g
-                room, parent = _vgpu_board_room(g, t.id, g.interface)
-                if parent is None:
-                    raise CapacityError(f"no capacity: no free VF on {g.label} for {ref}")
-            if parent is None:
-                raise CapacityError(f"no capacity: no free parent on {g.label} for {ref}")
-            on_active = _allocator(vm, vm_uuid, tenant, persistent)
-
-            def on_active_with_backing(uow: Any, row: Any) -> None:
-                row.backing_instance_id = backing_id
-                on_active(uow, row)
-                if backing_id is not None:
-                    gi_row = uow.instance(backing_id)
-                    if gi_row.allocation is None:
-                        uow.allocate(gi_row, vm_name=vm, vm_uuid=vm_uuid, tenant=tenant, persistent=persistent)
-
-            journal = Journal(ctx)
-            if g.interface == "vendor-vfio":
-                fields = instance_fields_for_vgpu(g.model, VFIO_VGPU, str(t.id), t.name, parent, None, "attach",
-                                                  persistent)
-                _add_slices(fields, g, t)
-                return journal.create(ids[g.address], fields,
-                                      lambda: (ctx.host.set_vgpu_type(parent, t.id, t.name), {})[1],
-                                      f"vGPU {t.name} on VF {parent} for {vm}", on_active=on_active_with_backing,
-                                      cleanup=lambda: ctx.host.clear_vgpu_type(parent))
-            uuid = new_uuid()
-            fields = instance_fields_for_vgpu(g.model, MDEV, f"nvidia-{t.id}", t.name, parent, uuid, "attach",
-                                              persistent)
-            _add_slices(fields, g, t)
-            return journal.create(ids[g.address], fields,
-                                  lambda: (ctx.host.create_mdev(parent, f"nvidia-{t.id}", uuid), {})[1],
-                                  f"vGPU {t.name} {uuid} on {parent} for {vm}", on_active=on_active_with_backing,
-                                  cleanup=lambda: ctx.host.remove_mdev(uuid))
-        except GpuvirtError:
-            if created_backing is not None:
-                # the GPU instance made for this vGPU only: it goes with the failed attach
-                with contextlib.suppress(GpuvirtError):
-                    _detach_instance(ctx, created_backing, force=True, destroy=True)
-            if enabled_here is not None:
-                # the VFs this attach enabled go again (refused by the kernel while a vGPU sits on one)
-                with contextlib.suppress(GpuvirtError):
-                    ctx.host.disable_vfs(enabled_here)
-            raise
-
-
-def _disable_unused_vfs(ctx: Context, addresses: list[str]) -> None:
-    """Disable the VFs an attach enabled, where no vGPU is on them any more (a failed attach's leftovers)."""
-    if not addresses:
-        return
-    with contextlib.suppress(GpuvirtError):
-        view = hostview.snapshot(ctx)
-        for a in addresses:
-            g = view.by_address(a)
-            if g is not None and not g.mdev_devices and not any(v["current_type"] for v in g.vfio_vfs):
-                with contextlib.suppress(GpuvirtError):
-                    ctx.host.disable_vfs(a)
+        g = fresh.by_address(g.address) or g
+        room, parent = _vgpu_board_room(g, t.id, g.interface)
+        if parent is None:
+            raise CapacityError(f"no capacity: no free VF on {g.label} for {ref}")
+    if parent is None:
+        raise CapacityError(f"no capacity: no free parent on {g.label} for {ref}")
+    if g.interface == "vendor-vfio":
+        fields = instance_fields_for_vgpu(g.model, VFIO_VGPU, str(t.id), t.name, parent, None, "attach",
+                                          call.persistent)
+        _add_slices(fields, g, t)
+        step = intent.vgpu_step(g.address, ids[g.address], parent, t.id, present=True, fields=fields,
+                                alloc=call.alloc(), backing=backing, label=f"vGPU {t.name} on VF {parent} for {vm}")
+    else:
+        uuid = new_uuid()
+        fields = instance_fields_for_vgpu(g.model, MDEV, f"nvidia-{t.id}", t.name, parent, uuid, "attach",
+                                          call.persistent)
+        _add_slices(fields, g, t)
+        step = intent.mdev_step(g.address, ids[g.address], parent, f"nvidia-{t.id}", uuid, present=True,
+                                fields=fields, alloc=call.alloc(), backing=backing,
+                                label=f"vGPU {t.name} {uuid} on {parent} for {vm}")
+    return _run_create(call, step)
 
 
 def _add_slices(fields: dict[str, Any], g: GpuView, t: Any) -> None:
@@ -627,8 +606,8 @@ def _mdev_type_dir(model: Any, ref: str) -> str:
     return spec.type_dir(t) if t is not None else ref
 
 
-def _create_generic_mdev_for(ctx: Context, vm: str, ref: str, gpus: list[GpuView], tenant: str | None,
-                             persistent: bool, vm_uuid: str | None) -> int:
+def _create_generic_mdev_for(call: _Call, ref: str, gpus: list[GpuView]) -> int:
+    ctx = call.ctx
     ids = _gpu_ids(ctx, gpus)
     for g in gpus:
         type_dir = _mdev_type_dir(g.model, ref)
@@ -637,14 +616,12 @@ def _create_generic_mdev_for(ctx: Context, vm: str, ref: str, gpus: list[GpuView
             if info and info["available_instances"] > 0:
                 uuid = new_uuid()
                 fields = instance_fields_for_vgpu(g.model, MDEV, type_dir, info.get("name"), p, uuid, "attach",
-                                                  persistent)
-                _quota_precheck(ctx, tenant, fields)
-                with gpu_lock(ctx, g.address):
-                    return Journal(ctx).create(ids[g.address], fields,
-                                               lambda: (ctx.host.create_mdev(p, type_dir, uuid), {})[1],
-                                               f"mdev {type_dir} {uuid} on {p} for {vm}",
-                                               on_active=_allocator(vm, vm_uuid, tenant, persistent),
-                                               cleanup=lambda: ctx.host.remove_mdev(uuid))
+                                                  call.persistent)
+                _quota_precheck(ctx, call.tenant, fields)
+                call.lock([g.address])
+                return _run_create(call, intent.mdev_step(g.address, ids[g.address], p, type_dir, uuid,
+                                                          present=True, fields=fields, alloc=call.alloc(),
+                                                          label=f"mdev {type_dir} {uuid} on {p} for {call.vm}"))
     offered = sorted({t for g in gpus for p in g.mdev_parents for t in g.parent_types.get(p, {})})
     if not any(_mdev_type_dir(g.model, ref) in g.parent_types.get(p, {}) for g in gpus for p in g.mdev_parents):
         # a name no parent registers is a typo, not a full host
@@ -668,90 +645,95 @@ def detach(ctx: Context, vm: str, *, instance: int | None = None, force: bool = 
         if running and not force:
             raise ConflictError(f"VM {vm} is running (recorded by the libvirt hook); stop it first, or use --force")
         ids = [a.instance_id for a in allocs]
-        handoffs = [handoff_for(a.instance, a, a.instance.gpu) for a in allocs if a.instance.kind != MIG]
-    out: list[dict[str, Any]] = []
-    done: set[int] = set()
-    for inst_id in ids:
-        if inst_id in done:
-            continue  # the backing GPU instance of a transient MIG-backed vGPU, destroyed together with it
-        r = _detach_instance(ctx, inst_id, force=force)
-        backing = r.pop("backing_result", None)
-        out.append(r)
-        if backing is not None:
-            out.append(backing)
-            done.add(backing["instance"])
-    if domain_xml is not None and handoffs:
-        from gpuvirt.vmm.libvirt import remove_hostdev, rewrite_file_in_place
+        handoffs = [(a.instance.gpu.address, handoff_for(a.instance, a, a.instance.gpu)) for a in allocs
+                    if a.instance.kind != MIG]
+    xml_steps = []
+    if domain_xml is not None:
+        xml_steps = [intent.domain_xml_step(addr, domain_xml, h.libvirt_xml(), present=False,
+                                            uuid=h.uuid if h.kind == "mdev" else None,
+                                            address=h.pci_address if h.kind == "pci" else None)
+                     for addr, h in handoffs]
+    return release_instances(ctx, vm, ids, extra_steps=xml_steps)
 
-        def _remove(text: str) -> str:
-            for h in handoffs:
-                text = remove_hostdev(text, uuid=h.uuid if h.kind == "mdev" else None,
-                                      address=h.pci_address if h.kind == "pci" else None)
-            return text
 
-        rewrite_file_in_place(domain_xml, _remove)
+def release_instances(ctx: Context, vm: str, ids: list[int], *, destroy: bool = False, actor: str | None = None,
+                      extra_steps: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Release the VM's allocations of ``ids``; destroy what a transient attach created for it (or everything,
+    with ``destroy``).  One journalled intent, finished forward if the process dies; rolled back (the VM keeps
+    its devices) when a step fails now."""
+    plan, out = _release_plan(ctx, vm, ids, destroy)
+    steps = [s for s in plan if s is not None] + list(extra_steps or [])
+    if not steps:
+        return out
+    gpus = sorted({s["gpu"] for s in steps})
+    with contextlib.ExitStack() as locks:
+        if any(s["op"] not in ("release", "domain-xml") for s in steps):
+            for a in gpus:
+                locks.enter_context(gpu_lock(ctx, a))
+        run = intent.Run.begin(ctx, "detach", gpus=gpus, steps=steps, target={"vm": vm, "instances": ids},
+                               recovery="forward", actor=actor)
+        try:
+            run.run_all()
+        except GpuvirtError as exc:
+            failures = run.abort(exc)
+            if failures:
+                raise type(exc)(f"{exc}; restoring VM {vm}'s allocations did not finish ({failures[0]}): run "
+                                "'gpuvirt reconcile'") from exc
+            raise
+        run.finish()
     return out
 
 
-def _detach_instance(ctx: Context, inst_id: int, *, force: bool, destroy: bool = False) -> dict[str, Any]:
-    """Free the allocation; destroy the instance when a transient attach created it (or ``destroy``: an
-    attach rolling back what it created itself)."""
-    released_backing = None
-    with ctx.inventory.unit(write=True, action="detach") as uow:
-        inst = uow.instance(inst_id)
-        alloc = inst.allocation
-        vm = alloc.vm_name if alloc else None
-        # A transient attach creates its instance non-persistent; that is what goes away with it.  A transient
-        # attach that took a free persistent instance (from a profile, or left by an earlier persistent
-        # attach) only gives it back: destroying it would silently shrink the layout the operator keeps.
-        transient = destroy or (not inst.persistent and inst.origin == "attach")
-        label = inst.label
-        kind, gpu_row = inst.kind, inst.gpu
-        snap = {"kind": kind, "mdev_uuid": inst.mdev_uuid, "parent": inst.parent, "profile_id": inst.profile_id,
-                "placement_start": inst.placement_start, "gi_id": inst.gi_id, "backing": inst.backing_instance_id,
-                "index": gpu_row.nvml_index}
-        if alloc is not None:
-            uow.release(alloc)
-            if inst.backing_instance_id is not None and not transient:
-                # the vGPU stays (persistent): its GPU instance is free again with it
-                gi = uow.instance(inst.backing_instance_id)
-                if gi.allocation is not None and gi.allocation.vm_name == vm:
-                    uow.release(gi.allocation)
-                    released_backing = {"instance": gi.id, "label": gi.label, "vm": vm, "destroyed": False}
-        uow.event("detach", target=vm, detail={"instance": inst_id, "label": label, "destroyed": transient})
-    result = {"instance": inst_id, "label": label, "vm": vm, "destroyed": False}
-    if released_backing is not None:
-        result["backing_result"] = released_backing     # callers skip that id: it is released already
-    if transient and inst.origin == "attach":
-        _destroy_instance(ctx, inst_id, snap)
-        result["destroyed"] = True
-        if snap["backing"]:
-            with contextlib.suppress(GpuvirtError):
-                # callers skip this id when it is also in their own list (it is gone after this)
-                result["backing_result"] = _detach_instance(ctx, snap["backing"], force=force, destroy=destroy)
-    return result
+def _release_plan(ctx: Context, vm: str, ids: list[int], destroy: bool) -> tuple[list[dict[str, Any]], list]:
+    steps: list[dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    with ctx.inventory.unit() as uow:
+        rows = [uow.instance(i) for i in dict.fromkeys(ids)]
+        # a vGPU before the GPU instance under it: that one is released (and destroyed) together with it
+        rows.sort(key=lambda r: r.kind == MIG)
+        for inst in rows:
+            if inst.id in seen:
+                continue
+            alloc = inst.allocation
+            # A transient attach creates its instance non-persistent; that is what goes away with it.  A transient
+            # attach that took a free persistent instance (from a profile, or left by an earlier persistent
+            # attach) only gives it back: destroying it would silently shrink the layout the operator keeps.
+            gone = destroy or (not inst.persistent and inst.origin == "attach")
+            rec = {"instance": inst.id, "label": inst.label, "vm": vm, "destroyed": gone}
+            out.append(rec)
+            addr = inst.gpu.address
+            if alloc is not None and alloc.vm_name == vm:
+                steps.append(intent.release_step(addr, inst.id, row_allocation(inst)))
+            backing = uow.instance(inst.backing_instance_id) if inst.backing_instance_id is not None else None
+            if backing is not None and backing.allocation is not None and backing.allocation.vm_name == vm:
+                steps.append(intent.release_step(addr, backing.id, row_allocation(backing)))
+                out.append({"instance": backing.id, "label": backing.label, "vm": vm, "destroyed": gone})
+                seen.add(backing.id)
+            if gone:
+                steps.append(_destroy_step(inst, backing))
+                if backing is not None and (destroy or (not backing.persistent and backing.origin == "attach")):
+                    steps.append(_destroy_step(backing, None))
+                elif backing is not None:
+                    out[-1]["destroyed"] = False
+    return steps, out
 
 
-def _destroy_instance(ctx: Context, inst_id: int, snap: dict[str, Any]) -> None:
-    host = ctx.host
-    if snap["kind"] == MDEV:
-        def do() -> None:
-            if host.mdev_exists(snap["mdev_uuid"]):
-                host.remove_mdev(snap["mdev_uuid"])
-    elif snap["kind"] == VFIO_VGPU:
-        def do() -> None:
-            if host.current_vgpu_type(snap["parent"]):
-                host.clear_vgpu_type(snap["parent"])
-    elif snap["kind"] == MIG:
-        def do() -> None:
-            from gpuvirt.service.instances import find_gi
-
-            gi = find_gi(ctx, snap["index"], snap["profile_id"], snap["placement_start"])
-            if gi is not None:
-                destroy_mig(ctx, snap["index"], gi.id)
-    else:
-        return
-    Journal(ctx).destroy(inst_id, do, f"instance {inst_id}")
+def _destroy_step(inst: Any, backing: Any) -> dict[str, Any] | None:
+    """The step that removes ``inst`` from the host (and its row); None for kinds that are never destroyed."""
+    addr = inst.gpu.address
+    fields, alloc = row_fields(inst), None
+    bkey = (backing.profile_id, backing.placement_start) if backing is not None else None
+    if inst.kind == MDEV:
+        return intent.mdev_step(addr, inst.gpu_id, inst.parent, inst.type_id, inst.mdev_uuid, present=False,
+                                fields=fields, alloc=alloc, backing=bkey)
+    if inst.kind == VFIO_VGPU:
+        return intent.vgpu_step(addr, inst.gpu_id, inst.parent, int(inst.type_id), present=False, fields=fields,
+                                alloc=alloc, backing=bkey)
+    if inst.kind == MIG:
+        return intent.mig_step(addr, inst.gpu_id, inst.gpu.nvml_index, inst.profile_id, inst.placement_start,
+                               inst.placement_size, present=False, fields=fields, alloc=alloc)
+    return None
 
 
 def allocations(ctx: Context, vm: str | None = None, tenant: str | None = None) -> list[dict[str, Any]]:

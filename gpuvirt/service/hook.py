@@ -140,7 +140,7 @@ def _present(ctx: Context, view: Any, inst_id: int) -> bool:
 
 def release(ctx: Context, domain: str, dom: Any | None) -> list[str]:
     """Free transient allocations of the domain (idempotent; safe after a failed or missing prepare)."""
-    from gpuvirt.service.attach import _detach_instance
+    from gpuvirt.service.attach import release_instances
 
     host_id = ctx.settings.host_id
     notes = []
@@ -148,23 +148,19 @@ def release(ctx: Context, domain: str, dom: Any | None) -> list[str]:
         allocs = uow.allocations(host_id=host_id, vm_name=domain)
         if dom is not None and dom.uuid:
             allocs += [a for a in uow.allocations(host_id=host_id) if a.vm_uuid == dom.uuid and a not in allocs]
-        transient = [a.instance_id for a in allocs if not a.persistent]
+        transient = [(a.instance_id, a.vm_name) for a in allocs if not a.persistent]
         for a in allocs:
             if a.persistent:
                 a.vm_state = "stopped"
                 a.vm_state_at = _now()
-    done: set[int] = set()
-    for inst_id in transient:
-        if inst_id in done:
-            continue  # a MIG-backed vGPU's GPU instance, already freed together with the vGPU
+    for vm in sorted({v for _, v in transient}):
+        ids = [i for i, v in transient if v == vm]
         try:
-            r = _detach_instance(ctx, inst_id, force=True)
-            notes.append(f"freed {r['label']}" + (" (destroyed)" if r["destroyed"] else ""))
-            backing = r.get("backing_result")
-            if backing is not None:
-                done.add(backing["instance"])
+            # one journalled change: a crash half-way is finished by the next reconcile, never left half done
+            for r in release_instances(ctx, vm, ids, actor="libvirt-hook"):
+                notes.append(f"freed {r['label']}" + (" (destroyed)" if r["destroyed"] else ""))
         except GpuvirtError as exc:
-            notes.append(f"could not free instance {inst_id}: {exc}")
+            notes.append(f"could not free instance(s) {', '.join(map(str, ids))}: {exc}")
     if allocs:
         with ctx.inventory.unit(write=True) as uow:
             uow.event("hook-release", target=domain, detail={"notes": notes}, actor="libvirt-hook")

@@ -1,13 +1,7 @@
-"""Creating and destroying instances on the host, journalled in the inventory.
+"""Host primitives for instances (MIG ensure/remove), the per-GPU locks, and the inventory fields of instances.
 
-Every change follows the same three steps, each its own committed inventory transaction around the host
-operation, so that a crash at any point leaves enough behind for ``reconcile`` to finish the job:
-
-    create:  row(state=creating) -> host create -> row(state=active, host ids)
-    destroy: row(state=destroying) -> host destroy -> row deleted
-
-If the host operation fails, the row is removed again (create) or set back to active (destroy) and the
-failure is recorded as an event; the caller decides whether to roll back what it did before.
+The journal that makes multi-step changes crash-safe is :mod:`gpuvirt.service.intent`; the functions here are
+the idempotent pieces its steps are made of.
 """
 
 from __future__ import annotations
@@ -17,40 +11,37 @@ import fcntl
 import os
 import threading
 import uuid as uuid_mod
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from gpuvirt.context import Context
-from gpuvirt.errors import GpuvirtError
-from gpuvirt.inventory.models import ACTIVE, CREATING, DESTROYING, MDEV, MIG, VF, VFIO_VGPU
+from gpuvirt.inventory.models import MDEV, MIG, VF, VFIO_VGPU
 from gpuvirt.model.catalog import GpuModel
 
 
 # --- host primitives ---------------------------------------------------------------------------------------
-def create_mig(ctx: Context, index: int, profile_id: int, start: int) -> dict[str, Any]:
-    """GPU instance at an explicit placement plus its full-size compute instance (atomic: a failed compute
-    instance removes the GPU instance again)."""
+def ensure_mig(ctx: Context, index: int, profile_id: int, start: int) -> dict[str, Any]:
+    """The GPU instance at (profile, start) with its full-size compute instance, from whatever part exists:
+    a GPU instance left without its compute instance (a crash between the two NVML calls) gets one."""
     nvml = ctx.host.nvml()
-    gi = nvml.create_gpu_instance(index, profile_id, start)
-    try:
+    gi = find_gi(ctx, index, profile_id, start)
+    if gi is None:
+        gi = nvml.create_gpu_instance(index, profile_id, start)
+    ci = gi.compute_instances[0] if gi.compute_instances else None
+    if ci is None:
         ci = nvml.create_compute_instance(index, gi.id)
-    except GpuvirtError:
-        with contextlib.suppress(GpuvirtError):
-            nvml.destroy_gpu_instance(index, gi.id)
-        raise
     return {"gi_id": gi.id, "ci_id": ci.id, "mig_uuid": ci.uuid, "placement_start": gi.start,
             "placement_size": gi.size}
 
 
-def destroy_mig(ctx: Context, index: int, gi_id: int) -> None:
-    nvml = ctx.host.nvml()
-    for gi in nvml.gpu_instances(index):
-        if gi.id == gi_id:
-            for ci in gi.compute_instances:
-                nvml.destroy_compute_instance(index, gi_id, ci.id)
-            nvml.destroy_gpu_instance(index, gi_id)
-            return
+def remove_mig(ctx: Context, index: int, profile_id: int, start: int) -> None:
+    """No GPU instance at (profile, start) any more: its compute instances first, then the instance."""
+    gi = find_gi(ctx, index, profile_id, start)
+    if gi is not None:
+        nvml = ctx.host.nvml()
+        for ci in gi.compute_instances:
+            nvml.destroy_compute_instance(index, gi.id, ci.id)
+        nvml.destroy_gpu_instance(index, gi.id)
 
 
 def find_gi(ctx: Context, index: int, profile_id: int, start: int) -> Any:
@@ -108,124 +99,29 @@ def gpu_lock(ctx: Context, address: str) -> Iterator[None]:
         os.close(fd)
 
 
+def lock_busy(ctx: Context, address: str) -> bool:
+    """Does some process hold this GPU's lock right now (an operation in progress, not a crashed one)?"""
+    if any(k[1] == str(_lock_path(ctx, address)) for k in list(_HELD)):
+        return False                    # this process: not "another"
+    try:
+        fd = os.open(_lock_path(ctx, address), os.O_RDWR | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _lock_path(ctx: Context, address: str) -> Path:
+    return ctx.settings.state_dir / "locks" / f"gpu-{address.replace(':', '_')}.lock"
+
+
 _HELD: dict[tuple[int, str], int] = {}
 _HELD_GUARD = threading.Lock()
-
-
-# --- journal -----------------------------------------------------------------------------------------------------
-@dataclass
-class Undo:
-    description: str
-    run: Callable[[], None]
-
-
-@dataclass
-class Journal:
-    ctx: Context
-    actor: str | None = None
-    done: list[Undo] = field(default_factory=list)
-
-    def _event(self, uow: Any, action: str, target: str, result: str = "ok", **detail: Any) -> None:
-        uow.event(action, target=target, result=result, detail=detail or None, actor=self.actor)
-
-    def create(self, gpu_id: int, fields: dict[str, Any], do: Callable[[], dict[str, Any]],
-               label: str, undo: Callable[[int], None] | None = None,
-               on_active: Callable[[Any, Any], None] | None = None,
-               cleanup: Callable[[], None] | None = None) -> int:
-        """Journal a create; returns the inventory instance id.
-
-        ``on_active(uow, row)`` runs in the same transaction that makes the row active - attach uses it to
-        allocate the new instance before any other process can see it as free.  If that transaction fails
-        (a quota refusal, a lost race), ``cleanup()`` removes the object from the host again and the row is
-        dropped, so nothing is left half-made; without ``cleanup`` the row stays ``creating`` for reconcile.
-        """
-        inv = self.ctx.inventory
-        host_id = self.ctx.settings.host_id
-        with inv.unit(write=True, action=f"record {label}") as uow:
-            inst = uow.add_instance(host_id=host_id, gpu_id=gpu_id, state=CREATING, **fields)
-            inst_id = inst.id
-        try:
-            result = do()
-        except BaseException as exc:
-            with inv.unit(write=True) as uow:
-                row = uow.session.get(type(inst), inst_id)
-                if row is not None:
-                    uow.delete_instance(row)
-                self._event(uow, "create", label, "failed", error=str(exc))
-            raise
-        try:
-            with inv.unit(write=True, action=f"record {label}") as uow:
-                row = uow.instance(inst_id)
-                for k, v in result.items():
-                    setattr(row, k, v)
-                row.state = ACTIVE
-                row.error = None
-                if on_active is not None:
-                    on_active(uow, row)
-                self._event(uow, "create", label, instance=inst_id)
-        except BaseException as exc:
-            if cleanup is not None:
-                try:
-                    cleanup()
-                    with inv.unit(write=True) as uow:
-                        row = uow.session.get(_instance_cls(), inst_id)
-                        if row is not None:
-                            uow.delete_instance(row)
-                        self._event(uow, "create", label, "failed", error=str(exc), undone=True)
-                except GpuvirtError:
-                    pass  # the row stays 'creating': reconcile finishes or removes it
-            raise
-        if undo is not None:
-            self.done.append(Undo(f"destroy {label}", lambda: undo(inst_id)))
-        return inst_id
-
-    def destroy(self, instance_id: int | None, do: Callable[[], None], label: str,
-                undo: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
-        """Journal a destroy; returns a snapshot of the row (and its allocation) for a later restore."""
-        inv = self.ctx.inventory
-        snap = None
-        if instance_id is not None:
-            with inv.unit(write=True, action=f"record {label}") as uow:
-                row = uow.instance(instance_id)
-                snap = snapshot_row(row)
-                row.state = DESTROYING
-        try:
-            do()
-        except BaseException as exc:
-            with inv.unit(write=True) as uow:
-                if instance_id is not None:
-                    row = uow.session.get(_instance_cls(), instance_id)
-                    if row is not None:
-                        row.state = ACTIVE
-                self._event(uow, "destroy", label, "failed", error=str(exc))
-            raise
-        with inv.unit(write=True, action=f"record {label}") as uow:
-            if instance_id is not None:
-                row = uow.session.get(_instance_cls(), instance_id)
-                if row is not None:
-                    uow.delete_instance(row)
-            self._event(uow, "destroy", label, **({"instance": instance_id} if instance_id else {}))
-        if undo is not None:
-            restored = snap
-            self.done.append(Undo(f"recreate {label}", lambda: undo(restored or {})))
-        return snap
-
-    def rollback(self) -> list[str]:
-        """Undo what this journal did, newest first; returns the failures (empty = clean rollback)."""
-        failures = []
-        while self.done:
-            u = self.done.pop()
-            try:
-                u.run()
-            except GpuvirtError as exc:
-                failures.append(f"{u.description}: {exc}")
-        return failures
-
-
-def _instance_cls():
-    from gpuvirt.inventory.models import Instance
-
-    return Instance
 
 
 SNAP_FIELDS = ("kind", "origin", "persistent", "profile_id", "profile_name", "placement_start", "placement_size",
@@ -233,13 +129,17 @@ SNAP_FIELDS = ("kind", "origin", "persistent", "profile_id", "profile_name", "pl
                "memory_mib", "backing_instance_id", "gpu_id")
 
 
-def snapshot_row(row: Any) -> dict[str, Any]:
-    snap = {k: getattr(row, k) for k in SNAP_FIELDS}
-    if row.allocation is not None:
-        a = row.allocation
-        snap["allocation"] = {"vm_name": a.vm_name, "vm_uuid": a.vm_uuid, "tenant": a.tenant,
-                              "persistent": a.persistent}
-    return snap
+def row_fields(row: Any) -> dict[str, Any]:
+    """What re-creating ``row`` needs (its host ids are read again from the host; links by key, not id)."""
+    return {k: getattr(row, k) for k in SNAP_FIELDS
+            if k not in ("gpu_id", "backing_instance_id", "gi_id", "ci_id", "mig_uuid")}
+
+
+def row_allocation(row: Any) -> dict[str, Any] | None:
+    a = row.allocation
+    if a is None:
+        return None
+    return {"vm_name": a.vm_name, "vm_uuid": a.vm_uuid, "tenant": a.tenant, "persistent": a.persistent}
 
 
 def instance_fields_for_mig(model: GpuModel | None, profile_id: int, start: int, origin: str,
@@ -271,5 +171,5 @@ def vf_fields(parent: str, origin: str, memory_mib: int | None = None) -> dict[s
             "type_name": "whole VF", "memory_mib": memory_mib}
 
 
-__all__ = ["create_mig", "destroy_mig", "find_gi", "new_uuid", "gpu_lock", "Journal", "snapshot_row",
-           "instance_fields_for_mig", "instance_fields_for_vgpu", "vf_fields", "Path"]
+__all__ = ["ensure_mig", "remove_mig", "find_gi", "new_uuid", "gpu_lock", "lock_busy", "row_fields",
+           "row_allocation", "instance_fields_for_mig", "instance_fields_for_vgpu", "vf_fields", "Path"]

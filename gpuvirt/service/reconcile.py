@@ -19,8 +19,8 @@ from gpuvirt.errors import GpuvirtError, ProfileError
 from gpuvirt.inventory.models import ACTIVE, CREATING, DESTROYING, FAILED, MDEV, MIG, VF, VFIO_VGPU
 from gpuvirt.service import hostview
 from gpuvirt.service.hostview import GpuView, HostView
-from gpuvirt.service.instances import create_mig, destroy_mig, gpu_lock, instance_fields_for_mig, \
-    instance_fields_for_vgpu
+from gpuvirt.service import intent
+from gpuvirt.service.instances import gpu_lock, instance_fields_for_mig, instance_fields_for_vgpu, lock_busy
 
 
 @dataclass
@@ -54,10 +54,16 @@ class Report:
                 "pending_reset": sorted({f.gpu for f in self.findings if f.result == "pending-reset"})}
 
 
-def _host_keys(g: GpuView) -> dict[tuple, Any]:
+def _host_keys(g: GpuView, *, half: bool = False) -> dict[tuple, Any]:
+    """Host objects by inventory key.  A GPU instance without its compute instance (a crash between the two
+    NVML calls) is never a finished instance: it counts as missing for its row, and as foreign, incomplete,
+    without one; ``half`` lists those GPU instances instead."""
     keys: dict[tuple, Any] = {}
     for gi in g.gpu_instances:
-        keys[("mig", gi["profile_id"], gi["placement"]["start"])] = gi
+        if bool(gi["compute_instances"]) != half:
+            keys[("mig", gi["profile_id"], gi["placement"]["start"])] = gi
+    if half:
+        return keys
     for d in g.mdev_devices:
         keys[("mdev", d["uuid"])] = d
     for vf in g.vfio_vfs:
@@ -106,15 +112,28 @@ def analyze(ctx: Context, view: HostView, uow: Any, adopt: bool = False) -> tupl
     work: list[tuple[Finding, Any]] = []
     host_id = ctx.settings.host_id
     rows_by_gpu = hostview.record(ctx, view, uow)
+    journal_gpus: set[str] = set()
+    for row in uow.intents(host_id):
+        if intent.is_active(row.id):
+            continue
+        journal_gpus.update(row.gpus or [])
+        busy = any(lock_busy(ctx, a) for a in row.gpus or [])
+        for addr in row.gpus or []:
+            rep.add(addr, f"unfinished-{row.kind}", intent.describe_open(row),
+                    action="in progress (another gpuvirt holds the GPU)" if busy else
+                    "finish it or roll it back ('gpuvirt reconcile')")
     for g in view.gpus:
         gpu_row = rows_by_gpu[g.address]
         rows = uow.instances(host_id, gpu_id=gpu_row.id)
         keys = _host_keys(g)
+        halves = _host_keys(g, half=True)
         # an apply left unfinished: waiting for a GPU reset, or failed with a rollback that did not finish
         # ("failed", written by versions that did not tell the two rollbacks apart, is left alone: those
         # GPUs were mostly rolled back cleanly)
         unfinished = None
-        if gpu_row.desired_profile and gpu_row.profile_state == "pending-reset":
+        if g.address in journal_gpus:
+            pass        # the open intent above says what is unfinished, and recover() settles it
+        elif gpu_row.desired_profile and gpu_row.profile_state == "pending-reset":
             unfinished = f"finish applying {gpu_row.desired_profile} (once the GPU reset has happened)"
         elif gpu_row.desired_profile and gpu_row.profile_state == ROLLBACK_INCOMPLETE:
             unfinished = f"finish applying {gpu_row.desired_profile} (its rollback did not finish)"
@@ -150,7 +169,11 @@ def analyze(ctx: Context, view: HostView, uow: Any, adopt: bool = False) -> tupl
                             action="adopt the created object" if on_host else "create")
                 work.append((f, ("finish-create", g, r.id, on_host)))
             elif not on_host:
-                if r.persistent or r.allocation is not None and r.allocation.persistent:
+                if key in halves:
+                    f = rep.add(g.address, "incomplete", r.label, r.id,
+                                action="create its missing compute instance")
+                    work.append((f, ("recreate", g, r.id)))
+                elif r.persistent or r.allocation is not None and r.allocation.persistent:
                     f = rep.add(g.address, "missing", r.label, r.id, action="recreate")
                     work.append((f, ("recreate", g, r.id)))
                 else:
@@ -172,6 +195,13 @@ def analyze(ctx: Context, view: HostView, uow: Any, adopt: bool = False) -> tupl
             f = rep.add(g.address, "foreign", label, action="adopt" if adopt else None)
             if adopt:
                 work.append((f, ("adopt", g, key, obj, gpu_row.id)))
+        for key, obj in halves.items():
+            if key in known:
+                continue
+            foreign = True
+            # never adopted: an instance nobody can use, and not ours to complete or destroy
+            rep.add(g.address, "foreign", _foreign_label(key, obj) + " without a compute instance",
+                    action="left alone (created outside gpuvirt and incomplete)" if adopt else None)
         if foreign or any(r.origin == "adopted" for r in rows):
             # applying a profile would destroy what another tool made (adopted or not): the operator decides
             for f, w in work:
@@ -235,36 +265,132 @@ def reconcile(ctx: Context, *, dry_run: bool = False, adopt: bool = False, only_
     with contextlib.ExitStack() as locks:
         for a in addresses:
             locks.enter_context(gpu_lock(ctx, a))
+        settled: list[dict[str, Any]] = []
+        if not dry_run:
+            # first what a crash left half done: finished or rolled back as a whole, never adopted as it is.  The
+            # hook's restore leaves an interrupted apply to reconcile and the boot unit (not its business)
+            settled = intent.recover(ctx, None, actor=actor,
+                                     kinds=None if only_parents is None else ("attach", "detach", "reconcile"))
         view = hostview.snapshot(ctx)
         with ctx.inventory.unit(write=True, action="reconcile") as uow:
             rep, work = analyze(ctx, view, uow, adopt=adopt)
+        for s in settled:
+            what = {"forward": "finished", "back": "rolled back"}.get(s["result"], "could not settle")
+            for addr in s["gpus"] or ["-"]:
+                rep.add(addr, f"unfinished-{s['kind']}", _settled_label(s),
+                        action=f"{what}" + (f": {s['error']}" if s.get("error") else ""),
+                        result="failed" if s["result"] == "failed" else "done")
         if only_parents is not None:
             # the hook's restore brings back what its VM had; changing a GPU's layout is not its business
             work = [(f, w) for f, w in work if _touches(w, only_parents) and w[0] != "finish-apply"]
         if dry_run:
             return {"dry_run": True, **rep.to_dict()}
-        # phase order: MIG mode, VFs, then instances (MIG before vGPUs, as the list is sorted)
-        for phase in (("mig-mode",), ("enable-vfs",)):
-            for f, w in work:
-                if w[0] in phase:
-                    _run(ctx, f, w, actor)
-        for f, w in work:
-            if w[0] not in ("mig-mode", "enable-vfs", "finish-apply"):
-                if any(x.result == "pending-reset" and x.gpu == f.gpu for x in rep.findings) and \
-                        _is_mig_work(ctx, w):
-                    f.result = "skipped"
-                    continue
-                _run(ctx, f, w, actor)
-        # last: an unfinished apply plans from the host as the steps above left it
-        for f, w in work:
-            if w[0] == "finish-apply":
-                _run(ctx, f, w, actor)
+        _repair(ctx, rep, work, actor)
         with ctx.inventory.unit(write=True) as uow:
             out = rep.to_dict()
             uow.event("reconcile", result="failed" if out["failed"] else "ok", actor=actor,
                       detail={"changed": out["changed"], "failed": len(out["failed"]),
                               "foreign": len(out["foreign"])})
     return rep.to_dict()
+
+
+def _settled_label(s: dict[str, Any]) -> str:
+    t = s.get("target") or {}
+    what = t.get("profile") or t.get("vm") or ""
+    return f"{s['kind']} {what}".strip() + f" (intent {s['intent']})"
+
+
+def _repair(ctx: Context, rep: Report, work: list[tuple], actor: str | None) -> None:
+    """Carry out the work list: host changes as the steps of one journalled intent (resumed forward if this
+    process dies), in dependency order - MIG mode, VFs, instances (MIG before vGPUs) - then inventory-only
+    repairs, and last an unfinished apply, which plans from the host as the steps above left it."""
+    host_work = [(f, w) for f, w in work if _is_host_work(ctx, w)]
+    run = None
+    if host_work:
+        with ctx.inventory.unit(write=True, action="record the reconcile plan") as uow:
+            steps = [(f, w, _step_for(ctx, uow, w)) for f, w in host_work]
+            run = intent.Run.begin(ctx, "reconcile", gpus={w[1].address for _, w, _ in steps},
+                                   steps=[s for _, _, s in steps], recovery="forward-only", actor=actor, uow=uow)
+        order = sorted(range(len(steps)), key=lambda i: PHASES.index(steps[i][1][0]) if steps[i][1][0] in PHASES
+                       else len(PHASES))
+        for i in order:
+            f, w, step = steps[i]
+            if w[0] not in ("mig-mode", "enable-vfs") and step["params"].get("needs_mig") and \
+                    any(x.result == "pending-reset" and x.gpu == f.gpu for x in rep.findings):
+                f.result = "skipped"      # instances wait for the reset that activates MIG mode
+                continue
+            try:
+                facts = run.run(i)
+                f.result = "pending-reset" if facts.get("pending") else "done"
+            except GpuvirtError as exc:
+                _failed(ctx, f, exc, actor)
+        run.finish()
+    for f, w in work:
+        if w[0] == "finish-apply" or _is_host_work(ctx, w):
+            continue
+        try:
+            _do(ctx, w)
+            f.result = "done"
+        except GpuvirtError as exc:
+            _failed(ctx, f, exc, actor)
+    for f, w in work:
+        if w[0] == "finish-apply":
+            try:
+                f.result = _finish_apply(ctx, w) or "done"
+            except GpuvirtError as exc:
+                _failed(ctx, f, exc, actor)
+
+
+HOST_WORK = ("mig-mode", "enable-vfs", "recreate", "finish-create", "finish-destroy")
+
+
+def _is_host_work(ctx: Context, w: tuple) -> bool:
+    if w[0] not in HOST_WORK:
+        return False
+    if w[0] == "finish-destroy":
+        with ctx.inventory.unit() as uow:
+            return uow.instance(w[2]).kind != VF     # a whole VF row is only forgotten
+    return True
+PHASES = ("mig-mode", "enable-vfs")
+
+
+def _step_for(ctx: Context, uow: Any, w: tuple) -> dict[str, Any]:
+    op, g = w[0], w[1]
+    if op == "mig-mode":
+        return intent.mig_mode_step(g.address, g.nvml_index, w[2], was_current=bool(g.mig_current),
+                                    was_pending=bool(g.mig_pending), allow_reset=False)
+    gpu_row = uow.gpu_by_address(ctx.settings.host_id, g.address)
+    if op == "enable-vfs":
+        return intent.vfs_step(g.address, gpu_row.id if gpu_row else None, w[2], present=True)
+    r = uow.instance(w[2])
+    present = op != "finish-destroy"
+    if r.kind == MIG:
+        if g.nvml_index is None:
+            raise ProfileError(f"{g.label} is not visible through NVML")
+        return intent.mig_step(g.address, r.gpu_id, g.nvml_index, r.profile_id, r.placement_start,
+                               r.placement_size, present=present, fields=None, label=r.profile_name)
+    if r.kind == MDEV:
+        return intent.mdev_step(g.address, r.gpu_id, r.parent, r.type_id, r.mdev_uuid, present=present,
+                                fields=None, needs_mig=bool(r.compute_slices))
+    if r.kind == VFIO_VGPU:
+        return intent.vgpu_step(g.address, r.gpu_id, r.parent, int(r.type_id), present=present, fields=None,
+                                needs_mig=bool(r.compute_slices))
+    # a whole VF: the VFs enabled again (its row is kept)
+    return intent.vfs_step(g.address, r.gpu_id, g.sriov_num or g.sriov_total or 0, present=True)
+
+
+def _failed(ctx: Context, f: Finding, exc: GpuvirtError, actor: str | None) -> None:
+    f.result = "failed"
+    f.action = f"{f.action}: {exc}"
+    inst_id = f.instance_id
+    with ctx.inventory.unit(write=True) as uow:
+        if inst_id is not None:
+            with contextlib.suppress(GpuvirtError):
+                row = uow.instance(inst_id)
+                if row.state in (ACTIVE, FAILED):
+                    row.state = FAILED
+                    row.error = str(exc)
+        uow.event("reconcile", target=f.target, result="failed", actor=actor, detail={"error": str(exc)})
 
 
 def wait_for_driver(ctx: Context, timeout: float, interval: float = 2.0) -> bool:
@@ -288,55 +414,22 @@ def _touches(w: tuple, parents: set[str]) -> bool:
     return g.address in parents or any(p in parents for p in g.vfs) or any(p in parents for p in g.mdev_parents)
 
 
-def _is_mig_work(ctx: Context, w: tuple) -> bool:
-    if w[0] in ("recreate", "finish-create", "refresh"):
-        with ctx.inventory.unit() as uow:
-            return uow.instance(w[2]).kind == MIG
-    return False
+def _finish_apply(ctx: Context, w: tuple) -> str | None:
+    from gpuvirt.errors import ResetRequiredError
+    from gpuvirt.service import apply as apply_svc
 
-
-def _run(ctx: Context, f: Finding, w: tuple, actor: str | None) -> None:
+    g, profile = w[1], w[2]
     try:
-        res = _do(ctx, w)
-        f.result = res or "done"
-    except GpuvirtError as exc:
-        f.result = "failed"
-        f.action = f"{f.action}: {exc}"
-        inst_id = f.instance_id
-        with ctx.inventory.unit(write=True) as uow:
-            if inst_id is not None:
-                with contextlib.suppress(GpuvirtError):
-                    row = uow.instance(inst_id)
-                    if row.state in (ACTIVE, FAILED):
-                        row.state = FAILED
-                        row.error = str(exc)
-            uow.event("reconcile", target=f.target, result="failed", actor=actor, detail={"error": str(exc)})
+        # the GPU locks this process holds are re-entrant; never a GPU reset from an unattended run
+        apply_svc.apply(ctx, profile, g.address, reset_gpu=False)
+    except ResetRequiredError:
+        return "pending-reset"
+    return None
 
 
-def _do(ctx: Context, w: tuple) -> str | None:
+def _do(ctx: Context, w: tuple) -> None:
+    """Repairs of the inventory alone (one transaction each)."""
     op = w[0]
-    host = ctx.host
-    if op == "finish-apply":
-        from gpuvirt.service import apply as apply_svc
-        from gpuvirt.errors import ResetRequiredError
-
-        g, profile = w[1], w[2]
-        try:
-            # the GPU locks this process holds are re-entrant; never a GPU reset from an unattended run
-            apply_svc.apply(ctx, profile, g.address, reset_gpu=False)
-        except ResetRequiredError:
-            return "pending-reset"
-        return None
-    if op == "mig-mode":
-        g, want = w[1], w[2]
-        current, pending, status = host.nvml().set_mig_mode(g.nvml_index, want)
-        if current != want:
-            return "pending-reset"
-        return None
-    if op == "enable-vfs":
-        g, count = w[1], w[2]
-        host.enable_vfs(g.address, count)
-        return None
     if op == "adopt":
         g, key, obj, gpu_id = w[1], w[2], w[3], w[4]
         with ctx.inventory.unit(write=True) as uow:
@@ -352,83 +445,18 @@ def _do(ctx: Context, w: tuple) -> str | None:
                                                   obj["address"], None, "adopted")
             uow.add_instance(host_id=ctx.settings.host_id, gpu_id=gpu_id, state=ACTIVE, **fields)
             uow.event("adopt", target=_foreign_label(key, obj))
-        return None
+        return
     g: GpuView = w[1]
     inst_id: int = w[2]
-    with ctx.inventory.unit() as uow:
-        r = uow.instance(inst_id)
-        snap = {k: getattr(r, k) for k in ("kind", "profile_id", "placement_start", "gi_id", "mdev_uuid",
-                                           "parent", "type_id")}
-    if op == "forget":
+    if op in ("forget", "finish-destroy"):
         with ctx.inventory.unit(write=True) as uow:
             uow.delete_instance(uow.instance(inst_id))
             uow.event("forget", target=f"instance {inst_id}", detail={"reason": "transient instance gone"})
-        return None
-    if op == "finish-destroy":
-        if w[3]:
-            _host_destroy(ctx, g, snap)
-        with ctx.inventory.unit(write=True) as uow:
-            uow.delete_instance(uow.instance(inst_id))
-            uow.event("destroy", target=f"instance {inst_id}", detail={"finished_by": "reconcile"})
-        return None
-    if op in ("finish-create", "recreate"):
-        on_host = w[3] if op == "finish-create" else False
-        ids: dict[str, Any] = {}
-        if not on_host:
-            ids = _host_create(ctx, g, snap)
-        with ctx.inventory.unit(write=True) as uow:
-            row = uow.instance(inst_id)
-            for k, v in ids.items():
-                setattr(row, k, v)
-            row.state = ACTIVE
-            row.error = None
-            uow.event("restore" if op == "recreate" else "create", target=row.label,
-                      detail={"finished_by": "reconcile"} if op == "finish-create" else None)
-        if op == "finish-create" and on_host or op == "refresh":
-            _refresh(ctx, g, inst_id)
-        if snap["kind"] == MIG:
-            _refresh(ctx, g, inst_id)
-        return None
+        return
     if op == "refresh":
         _refresh(ctx, g, inst_id)
-        return None
+        return
     raise GpuvirtError(f"unknown reconcile step {op}")
-
-
-def _host_create(ctx: Context, g: GpuView, snap: dict[str, Any]) -> dict[str, Any]:
-    host = ctx.host
-    if snap["kind"] == MIG:
-        if g.nvml_index is None:
-            raise ProfileError(f"{g.label} is not visible through NVML")
-        return create_mig(ctx, g.nvml_index, snap["profile_id"], snap["placement_start"])
-    if snap["kind"] == MDEV:
-        host.create_mdev(snap["parent"], snap["type_id"], snap["mdev_uuid"])
-        return {}
-    if snap["kind"] == VFIO_VGPU:
-        host.set_vgpu_type(snap["parent"], int(snap["type_id"]))
-        return {}
-    if snap["kind"] == VF:
-        total, num = host.sriov_state(g.address)
-        if not num:
-            host.enable_vfs(g.address)
-        return {}
-    raise GpuvirtError(f"cannot create instances of kind {snap['kind']}")
-
-
-def _host_destroy(ctx: Context, g: GpuView, snap: dict[str, Any]) -> None:
-    host = ctx.host
-    if snap["kind"] == MIG:
-        from gpuvirt.service.instances import find_gi
-
-        gi = find_gi(ctx, g.nvml_index, snap["profile_id"], snap["placement_start"])
-        if gi is not None:
-            destroy_mig(ctx, g.nvml_index, gi.id)
-    elif snap["kind"] == MDEV:
-        if host.mdev_exists(snap["mdev_uuid"]):
-            host.remove_mdev(snap["mdev_uuid"])
-    elif snap["kind"] == VFIO_VGPU:
-        if host.current_vgpu_type(snap["parent"]):
-            host.clear_vgpu_type(snap["parent"])
 
 
 def _refresh(ctx: Context, g: GpuView, inst_id: int) -> None:

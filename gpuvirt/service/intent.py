@@ -1,0 +1,981 @@
+"""The intent journal: every multi-step change to a host is written down before it starts.
+
+A change (an apply, an attach, a detach, a hook's release, reconcile's repairs) is a list of *steps*.  Each
+step brings one object on the host to a wanted state - a MIG GPU instance with its compute instance at a
+placement, an mdev with a UUID, a vGPU type on a VF, the SR-IOV VF count, the MIG mode - or changes one
+allocation in the inventory.  The journal row (``inventory.models.Intent``) is committed before the first
+host operation; each step is marked done in the same transaction that records its effect in the inventory;
+the row is deleted in the transaction that completes or rolls back the change.
+
+Every step is an *ensure* in both directions: ``forward`` makes its object reach the wanted state from any
+partial state (a GPU instance left without its compute instance gets one), ``backward`` brings it back to
+the state before (and withdraws a pending MIG mode change).  Both check the host first and do nothing when it
+is there already, so a crash between a host operation and its record is settled by running the step again:
+
+    begin:     intent row (kind, GPUs, steps, state before)          -- committed
+    each step: [resolve deferred choices -- committed] host operation; step done + inventory rows -- committed
+    end:       intent row deleted (+ the change's own closing records, e.g. the GPUs' profile) -- committed
+
+A row that exists while nobody holds the GPUs' locks is a change a crash left unfinished.  :func:`recover`
+(run by reconcile, the boot unit, and every command after it takes the GPU locks) settles it: forward first
+for changes an operator asked for and nobody waits on (apply, detach, release, reconcile), backward first for
+an attach (its caller never received the device); if that direction fails, the other one; if both fail, the
+row stays, ``status`` shows ``unfinished-<kind>`` and the next reconcile tries again.  A partial layout is
+never adopted and never reported in sync.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from gpuvirt.context import Context
+from gpuvirt.errors import ConflictError, GpuvirtError, ResetRequiredError
+from gpuvirt.inventory.models import ACTIVE, MIG, VF, VFIO_VGPU
+
+PENDING, DONE, UNDONE, SKIPPED = "pending", "done", "undone", "skipped"
+RUNNING, ROLLING_BACK, INCOMPLETE = "running", "rolling-back", "rollback-incomplete"
+
+# intents this process is running right now (recover() must not settle its own callers' work)
+_ACTIVE: set[int] = set()
+_ACTIVE_GUARD = threading.Lock()
+
+
+# === steps =======================================================================================================
+def mig_step(gpu: str, gpu_id: int | None, index: int, profile_id: int, start: int, size: int | None, *,
+             present: bool, fields: dict[str, Any] | None, alloc: dict[str, Any] | None = None,
+             label: str | None = None, needs_mig: bool = False) -> dict[str, Any]:
+    """A MIG GPU instance at an explicit placement together with its full-size compute instance."""
+    return _step("mig", gpu, present, gpu_id=gpu_id, index=index, profile_id=profile_id, start=start, size=size,
+                 fields=fields, alloc=alloc, label=label, needs_mig=needs_mig or present)
+
+
+def mdev_step(gpu: str, gpu_id: int | None, parent: str | None, type_id: str, uuid: str, *, present: bool,
+              fields: dict[str, Any] | None, alloc: dict[str, Any] | None = None,
+              backing: tuple[int, int] | None = None, label: str | None = None,
+              needs_mig: bool = False) -> dict[str, Any]:
+    """A mediated device.  ``parent`` None: the next free VF of the GPU, chosen right before it is created."""
+    return _step("mdev", gpu, present, gpu_id=gpu_id, parent=parent, type_id=type_id, uuid=uuid, fields=fields,
+                 alloc=alloc, backing=list(backing) if backing else None, label=label, needs_mig=needs_mig)
+
+
+def vgpu_step(gpu: str, gpu_id: int | None, vf: str | None, type_id: int, *, present: bool,
+              fields: dict[str, Any] | None, alloc: dict[str, Any] | None = None,
+              backing: tuple[int, int] | None = None, label: str | None = None,
+              needs_mig: bool = False) -> dict[str, Any]:
+    """A vGPU type on a VF (vendor-specific VFIO).  ``vf`` None: the next free VF, chosen right before."""
+    return _step("vgpu", gpu, present, gpu_id=gpu_id, vf=vf, type_id=int(type_id), fields=fields, alloc=alloc,
+                 backing=list(backing) if backing else None, label=label, needs_mig=needs_mig)
+
+
+def vfs_step(gpu: str, gpu_id: int | None, count: int, *, present: bool, whole: bool = False,
+             snaps: list[dict[str, Any]] | None = None, memory_mib: int | None = None) -> dict[str, Any]:
+    """``count`` SR-IOV VFs enabled (present) or none (absent).  ``whole``: the VFs themselves are the
+    allocatable instances (one inventory row each; ``snaps`` brings back rows and allocations on undo)."""
+    return _step("vfs", gpu, present, gpu_id=gpu_id, count=count, whole=whole, snaps=snaps or [],
+                 memory_mib=memory_mib)
+
+
+def mig_mode_step(gpu: str, index: int, enable: bool, *, was_current: bool, was_pending: bool,
+                  allow_reset: bool) -> dict[str, Any]:
+    return _step("mig-mode", gpu, True, index=index, enable=enable, was_current=was_current,
+                 was_pending=was_pending, allow_reset=allow_reset)
+
+
+def record_vfs_step(gpu: str, gpu_id: int, memory_mib: int | None, existing: list[str]) -> dict[str, Any]:
+    """Inventory only: every enabled VF of the GPU becomes an allocatable whole-VF instance."""
+    return _step("record-vfs", gpu, True, gpu_id=gpu_id, memory_mib=memory_mib, existing=existing)
+
+
+def allocate_step(gpu: str, instance_id: int, alloc: dict[str, Any]) -> dict[str, Any]:
+    """Inventory only: an existing instance allocated to a VM (undone by releasing it)."""
+    return _step("allocate", gpu, True, instance_id=instance_id, alloc=alloc)
+
+
+def release_step(gpu: str, instance_id: int, alloc: dict[str, Any]) -> dict[str, Any]:
+    """Inventory only: a VM's allocation released (undone by allocating it again)."""
+    return _step("release", gpu, True, instance_id=instance_id, alloc=alloc)
+
+
+def domain_xml_step(gpu: str, path: str, hostdev_xml: str, *, uuid: str | None, address: str | None,
+                    present: bool) -> dict[str, Any]:
+    """A ``<hostdev>`` in a domain XML file (attach --domain-xml / detach --domain-xml)."""
+    return _step("domain-xml", gpu, present, path=path, xml=hostdev_xml, uuid=uuid, address=address)
+
+
+def _step(op: str, gpu: str, present: bool, **params: Any) -> dict[str, Any]:
+    return {"op": op, "gpu": gpu, "present": present, "params": params, "state": PENDING}
+
+
+# --- what each step does ------------------------------------------------------------------------------------------
+class _Op(abc.ABC):
+    """One step kind: host effect in both directions (idempotent), and its inventory records."""
+
+    def __init__(self, ctx: Context, step: dict[str, Any]) -> None:
+        self.ctx = ctx
+        self.step = step
+        self.p = step["params"]
+
+    # deferred choices: fill params right before the forward host operation (persisted by the caller)
+    def resolve(self) -> bool:
+        return False
+
+    @abc.abstractmethod
+    def describe(self, forward: bool = True) -> str:
+        """What the step does in that direction, for messages and events."""
+
+    @abc.abstractmethod
+    def ensure(self, present: bool) -> dict[str, Any]:
+        """Make the object present/absent on the host; returns host facts for the record."""
+
+    @abc.abstractmethod
+    def holds(self, view: Any, present: bool) -> bool:
+        """Is the object present/absent in ``view`` (a HostView)?"""
+
+    def record(self, uow: Any, present: bool, facts: dict[str, Any]) -> None:
+        """Inventory after the object became present/absent."""
+
+    # forward = the wanted state, backward = the state before
+    def forward(self) -> dict[str, Any]:
+        return self.ensure(self.step["present"])
+
+    def backward(self) -> dict[str, Any]:
+        return self.ensure(not self.step["present"])
+
+
+def _gpu_view(view: Any, address: str) -> Any:
+    return view.by_address(address) if view is not None else None
+
+
+def _find_row(uow: Any, host_id: str, *, gpu_id: int | None, kind: str, **key: Any) -> Any:
+    for r in uow.instances(host_id, gpu_id=gpu_id, kinds=[kind]):
+        if all(getattr(r, k) == v for k, v in key.items()):
+            return r
+    return None
+
+
+def _allocate(uow: Any, row: Any, alloc: dict[str, Any] | None) -> None:
+    """Give ``row`` to the VM of ``alloc`` (quota checked when asked), unless it already holds it."""
+    if not alloc:
+        return
+    a = row.allocation
+    if a is not None:
+        if a.vm_name == alloc["vm_name"]:
+            return
+        raise ConflictError(f"{row.label} is allocated to VM {a.vm_name}, not {alloc['vm_name']}")
+    if alloc.get("check_quota") and alloc.get("tenant"):
+        from gpuvirt.service.attach import _quota_check
+
+        _quota_check(uow, alloc["tenant"], [row])
+    uow.allocate(row, vm_name=alloc["vm_name"], vm_uuid=alloc.get("vm_uuid"), tenant=alloc.get("tenant"),
+                 persistent=bool(alloc.get("persistent", True)))
+
+
+def _upsert_row(uow: Any, ctx: Context, existing: Any, gpu_id: int, fields: dict[str, Any],
+                facts: dict[str, Any]) -> Any:
+    row = existing
+    if row is None:
+        row = uow.add_instance(host_id=ctx.settings.host_id, gpu_id=gpu_id, state=ACTIVE,
+                               **{k: v for k, v in fields.items() if k not in ("gpu_id", "allocation")})
+    for k, v in facts.items():
+        setattr(row, k, v)
+    row.state = ACTIVE
+    row.error = None
+    return row
+
+
+class MigOp(_Op):
+    def _label(self) -> str:
+        return self.p.get("label") or f"GPU instance {self._name()} at {self.p['start']}"
+
+    def _name(self) -> str:
+        f = self.p.get("fields") or {}
+        return f.get("profile_name") or str(self.p["profile_id"])
+
+    def describe(self, forward: bool = True) -> str:
+        make = self.step["present"] == forward
+        where = f"{self.p['start']}" + (f":{self.p['size']}" if self.p.get("size") else "")
+        return (f"create GPU instance {self._name()} at {where} (+ full compute instance)" if make else
+                f"destroy GPU instance {self._name()} at {where}")
+
+    def ensure(self, present: bool) -> dict[str, Any]:
+        from gpuvirt.service.instances import ensure_mig, remove_mig
+
+        if present:
+            return ensure_mig(self.ctx, self.p["index"], self.p["profile_id"], self.p["start"])
+        remove_mig(self.ctx, self.p["index"], self.p["profile_id"], self.p["start"])
+        return {}
+
+    def holds(self, view: Any, present: bool) -> bool:
+        g = _gpu_view(view, self.step["gpu"])
+        gi = None
+        if g is not None and g.mig_current:
+            gi = next((x for x in g.gpu_instances if x["profile_id"] == self.p["profile_id"]
+                       and x["placement"]["start"] == self.p["start"]), None)
+        if present:
+            return gi is not None and bool(gi["compute_instances"])
+        return gi is None
+
+    def record(self, uow: Any, present: bool, facts: dict[str, Any]) -> None:
+        gpu_id = self.p.get("gpu_id")
+        if gpu_id is None:
+            return
+        row = _find_row(uow, self.ctx.settings.host_id, gpu_id=gpu_id, kind=MIG, profile_id=self.p["profile_id"],
+                        placement_start=self.p["start"])
+        fields = self.p.get("fields")
+        if present:
+            if fields is None and row is None:
+                return              # a foreign instance brought back: it had no row before either
+            if not facts:
+                facts = _mig_facts(self.ctx, self.p["index"], self.p["profile_id"], self.p["start"])
+            row = _upsert_row(uow, self.ctx, row, gpu_id, fields or {}, facts)
+            _allocate(uow, row, self.p.get("alloc"))
+        elif row is not None:
+            uow.delete_instance(row)
+
+
+def _mig_facts(ctx: Context, index: int, profile_id: int, start: int) -> dict[str, Any]:
+    from gpuvirt.service.instances import find_gi
+
+    gi = find_gi(ctx, index, profile_id, start)
+    if gi is None:
+        return {}
+    ci = gi.compute_instances[0] if gi.compute_instances else None
+    return {"gi_id": gi.id, "ci_id": ci.id if ci else None, "mig_uuid": ci.uuid if ci else None,
+            "placement_size": gi.size}
+
+
+class _VgpuLike(_Op):
+    def _link_backing(self, uow: Any, row: Any) -> None:
+        """Tie a MIG-backed vGPU to its GPU instance.  attach holds that instance for the VM without a tenant
+        until now (the vGPU carries the tenant's charge; quota is checked on it alone), then names the tenant
+        on both, as tenant reports expect."""
+        b = self.p.get("backing")
+        if not b:
+            return
+        gi = _find_row(uow, self.ctx.settings.host_id, gpu_id=row.gpu_id, kind=MIG, profile_id=b[0],
+                       placement_start=b[1])
+        if gi is not None:
+            row.backing_instance_id = gi.id
+            a, mine = gi.allocation, self.p.get("alloc")
+            if a is not None and mine and a.vm_name == mine["vm_name"] and a.tenant != mine.get("tenant"):
+                a.tenant = mine.get("tenant")
+
+
+class MdevOp(_VgpuLike):
+    def describe(self, forward: bool = True) -> str:
+        name = (self.p.get("fields") or {}).get("type_name") or self.p["type_id"]
+        where = self.p.get("parent") or "the next free VF"
+        if self.step["present"] == forward:
+            return f"create mdev {name} {self.p['uuid']} on {where}"
+        return f"remove mdev {name} {self.p['uuid']} on {where}"
+
+    def resolve(self) -> bool:
+        if self.p.get("parent") or not self.step["present"]:
+            return False
+        self.p["parent"] = _next_free_vf(self.ctx, self.step["gpu"], "mdev")
+        if self.p.get("fields") is not None:
+            self.p["fields"]["parent"] = self.p["parent"]
+        return True
+
+    def ensure(self, present: bool) -> dict[str, Any]:
+        host = self.ctx.host
+        exists = host.mdev_exists(self.p["uuid"])
+        if present and not exists:
+            if not self.p.get("parent"):
+                raise ConflictError(f"no parent chosen for mdev {self.p['uuid']}")
+            host.create_mdev(self.p["parent"], self.p["type_id"], self.p["uuid"])
+        elif not present and exists:
+            host.remove_mdev(self.p["uuid"])
+        return {}
+
+    def holds(self, view: Any, present: bool) -> bool:
+        there = any(d["uuid"] == self.p["uuid"] for g in view.gpus for d in g.mdev_devices)
+        return there == present
+
+    def record(self, uow: Any, present: bool, facts: dict[str, Any]) -> None:
+        gpu_id = self.p.get("gpu_id")
+        row = uow.instance_by_mdev(self.ctx.settings.host_id, self.p["uuid"])
+        fields = self.p.get("fields")
+        if present:
+            if gpu_id is None or (fields is None and row is None):
+                return
+            f = dict(fields or {})
+            f.setdefault("mdev_uuid", self.p["uuid"])
+            f["parent"] = self.p.get("parent") or f.get("parent")
+            row = _upsert_row(uow, self.ctx, row, gpu_id, f, {})
+            _allocate(uow, row, self.p.get("alloc"))
+            uow.session.flush()
+            self._link_backing(uow, row)
+        elif row is not None:
+            uow.delete_instance(row)
+
+
+class VgpuOp(_VgpuLike):
+    def describe(self, forward: bool = True) -> str:
+        name = (self.p.get("fields") or {}).get("type_name") or self.p["type_id"]
+        where = self.p.get("vf") or "the next free VF"
+        if self.step["present"] == forward:
+            return f"set vGPU type {name} on {where}"
+        return f"clear vGPU type {name} on VF {where}"
+
+    def resolve(self) -> bool:
+        if self.p.get("vf") or not self.step["present"]:
+            return False
+        self.p["vf"] = _next_free_vf(self.ctx, self.step["gpu"], "vendor-vfio", self.p["type_id"])
+        if self.p.get("fields") is not None:
+            self.p["fields"]["parent"] = self.p["vf"]
+        return True
+
+    def ensure(self, present: bool) -> dict[str, Any]:
+        host, vf, tid = self.ctx.host, self.p.get("vf"), self.p["type_id"]
+        if not vf:
+            if present:
+                raise ConflictError("no VF chosen for the vGPU")
+            return {}
+        from gpuvirt.errors import DeviceGoneError
+
+        try:
+            current = host.current_vgpu_type(vf)
+        except DeviceGoneError:
+            if present:
+                raise
+            return {}               # the VF is gone (VFs disabled): so is its vGPU
+        if present and current != tid:
+            if current:
+                raise ConflictError(f"VF {vf} carries vGPU type {current}, not {tid}")
+            host.set_vgpu_type(vf, tid, (self.p.get("fields") or {}).get("type_name"))
+        elif not present and current == tid:
+            host.clear_vgpu_type(vf)
+        return {}
+
+    def holds(self, view: Any, present: bool) -> bool:
+        vf = self.p.get("vf")
+        there = any(v["address"] == vf and v["current_type"] == self.p["type_id"]
+                    for g in view.gpus for v in g.vfio_vfs)
+        return there == present
+
+    def record(self, uow: Any, present: bool, facts: dict[str, Any]) -> None:
+        gpu_id, vf = self.p.get("gpu_id"), self.p.get("vf")
+        if gpu_id is None or not vf:
+            return
+        row = _find_row(uow, self.ctx.settings.host_id, gpu_id=gpu_id, kind=VFIO_VGPU, parent=vf)
+        fields = self.p.get("fields")
+        if present:
+            if fields is None and row is None:
+                return
+            f = dict(fields or {})
+            f["parent"] = vf
+            row = _upsert_row(uow, self.ctx, row, gpu_id, f, {})
+            _allocate(uow, row, self.p.get("alloc"))
+            uow.session.flush()
+            self._link_backing(uow, row)
+        elif row is not None:
+            uow.delete_instance(row)
+
+
+class VfsOp(_Op):
+    def describe(self, forward: bool = True) -> str:
+        if self.step["present"] == forward:
+            return f"enable {self.p['count']} SR-IOV VFs"
+        return "disable SR-IOV VFs"
+
+    def ensure(self, present: bool) -> dict[str, Any]:
+        host, pf = self.ctx.host, self.step["gpu"]
+        _, num = host.sriov_state(pf)
+        if present:
+            if num != self.p["count"]:
+                if num:
+                    host.disable_vfs(pf)
+                host.enable_vfs(pf, self.p["count"])
+        elif num:
+            host.disable_vfs(pf)
+        return {}
+
+    def holds(self, view: Any, present: bool) -> bool:
+        g = _gpu_view(view, self.step["gpu"])
+        num = (g.sriov_num or 0) if g is not None else 0
+        return num == self.p["count"] if present else num == 0
+
+    def record(self, uow: Any, present: bool, facts: dict[str, Any]) -> None:
+        if not self.p.get("whole") or self.p.get("gpu_id") is None:
+            return
+        host_id, gpu_id = self.ctx.settings.host_id, self.p["gpu_id"]
+        rows = uow.instances(host_id, gpu_id=gpu_id, kinds=[VF])
+        if not present:
+            for r in rows:
+                uow.delete_instance(r)
+            return
+        have = {r.parent for r in rows}
+        snaps = {s["parent"]: s for s in self.p.get("snaps") or []}
+        from gpuvirt.service.instances import vf_fields
+
+        for vf in _vfs_now(self.ctx, self.step["gpu"]):
+            if vf in have:
+                continue
+            s = snaps.get(vf)
+            row = uow.add_instance(host_id=host_id, gpu_id=gpu_id, state=ACTIVE,
+                                   **vf_fields(vf, (s or {}).get("origin", "profile"), self.p.get("memory_mib")))
+            if s and s.get("allocation"):
+                _allocate(uow, row, s["allocation"])
+
+
+def _vfs_now(ctx: Context, pf: str) -> list[str]:
+    from gpuvirt.service import hostview
+
+    g = hostview.snapshot(ctx, nvml=False).by_address(pf)
+    return list(g.vfs) if g is not None else []
+
+
+class RecordVfsOp(_Op):
+    def describe(self, forward: bool = True) -> str:
+        return "record the whole VFs as allocatable instances" if forward else "forget the recorded whole VFs"
+
+    def ensure(self, present: bool) -> dict[str, Any]:
+        return {}
+
+    def holds(self, view: Any, present: bool) -> bool:
+        return True
+
+    def record(self, uow: Any, present: bool, facts: dict[str, Any]) -> None:
+        from gpuvirt.service.instances import vf_fields
+
+        host_id, gpu_id = self.ctx.settings.host_id, self.p["gpu_id"]
+        rows = {r.parent: r for r in uow.instances(host_id, gpu_id=gpu_id, kinds=[VF])}
+        if present:
+            for vf in _vfs_now(self.ctx, self.step["gpu"]):
+                if vf not in rows:
+                    uow.add_instance(host_id=host_id, gpu_id=gpu_id, state=ACTIVE,
+                                     **vf_fields(vf, "profile", self.p.get("memory_mib")))
+        else:
+            keep = set(self.p.get("existing") or [])
+            for vf, r in rows.items():
+                if vf not in keep and r.allocation is None:
+                    uow.delete_instance(r)
+
+
+class MigModeOp(_Op):
+    def describe(self, forward: bool = True) -> str:
+        want = self.p["enable"] if forward else self.p["was_current"]
+        return f"{'enable' if want else 'disable'} MIG mode"
+
+    def _state(self) -> tuple[bool, bool]:
+        for g in self.ctx.host.nvml().gpus():
+            if g.index == self.p["index"]:
+                return bool(g.mig_current), bool(g.mig_pending)
+        return False, False
+
+    def forward(self) -> dict[str, Any]:
+        want = bool(self.p["enable"])
+        current, pending = self._state()
+        if current == want and pending == want:
+            return {}
+        current, pending, status = self.ctx.host.nvml().set_mig_mode(self.p["index"], want)
+        if current != want and self.p.get("allow_reset"):
+            self.ctx.host.reset_gpu(self.step["gpu"])
+            current, pending = self._state()
+        if current != want:
+            return {"pending": True, "activation_status": status}
+        return {}
+
+    def backward(self) -> dict[str, Any]:
+        # setting the mode the GPU runs in again withdraws a pending change (a rollback must do that, or the next
+        # reboot switches the mode of a GPU whose apply was reported rolled back)
+        was = bool(self.p["was_current"])
+        current, pending = self._state()
+        if current == was and pending == was:
+            return {}
+        current, pending, _ = self.ctx.host.nvml().set_mig_mode(self.p["index"], was)
+        if current != was and self.p.get("allow_reset"):
+            self.ctx.host.reset_gpu(self.step["gpu"])
+            current, pending = self._state()
+        if current != was:
+            raise ResetRequiredError(f"restoring MIG mode on {self.step['gpu']} is pending a GPU reset")
+        return {}
+
+    def ensure(self, present: bool) -> dict[str, Any]:   # pragma: no cover - forward/backward above
+        return self.forward() if present else self.backward()
+
+    def holds(self, view: Any, present: bool) -> bool:
+        g = _gpu_view(view, self.step["gpu"])
+        if g is None:
+            return False
+        if present:
+            return bool(g.mig_current) == bool(self.p["enable"]) or bool(g.mig_pending) == bool(self.p["enable"])
+        was = bool(self.p["was_current"])
+        return bool(g.mig_current) == was and bool(g.mig_pending) == was
+
+    def record(self, uow: Any, present: bool, facts: dict[str, Any]) -> None:
+        enabled = self.p["enable"] if present else self.p["was_current"]
+        detail = {"enabled": bool(enabled)}
+        if facts.get("pending"):
+            detail["activation_status"] = facts.get("activation_status")
+        uow.event("mig-mode", target=self.step["gpu"], result="pending" if facts.get("pending") else "ok",
+                  detail=detail)
+
+
+class AllocateOp(_Op):
+    def describe(self, forward: bool = True) -> str:
+        vm = self.p["alloc"]["vm_name"]
+        return f"allocate instance {self.p['instance_id']} to VM {vm}" if forward else \
+            f"release instance {self.p['instance_id']} from VM {vm}"
+
+    def ensure(self, present: bool) -> dict[str, Any]:
+        return {}
+
+    def holds(self, view: Any, present: bool) -> bool:
+        return True
+
+    def record(self, uow: Any, present: bool, facts: dict[str, Any]) -> None:
+        from gpuvirt.errors import NotFoundError
+
+        try:
+            row = uow.instance(self.p["instance_id"])
+        except NotFoundError:
+            return
+        want = present == (self.step["op"] == "allocate")
+        a = row.allocation
+        if want:
+            _allocate(uow, row, self.p["alloc"])
+        elif a is not None and a.vm_name == self.p["alloc"]["vm_name"]:
+            uow.release(a)
+
+
+class DomainXmlOp(_Op):
+    def describe(self, forward: bool = True) -> str:
+        add = self.step["present"] == forward
+        return f"{'add' if add else 'remove'} the <hostdev> in {self.p['path']}"
+
+    def _has(self, text: str) -> bool:
+        from gpuvirt.vmm.libvirt import normalize_pci_address, normalize_uuid, parse_domain
+
+        want = ("mdev", normalize_uuid(self.p["uuid"])) if self.p.get("uuid") else \
+            ("pci", normalize_pci_address(self.p["address"]))
+        return any(h.key == want for h in parse_domain(text).hostdevs)
+
+    def ensure(self, present: bool) -> dict[str, Any]:
+        from gpuvirt.vmm.libvirt import insert_hostdev, remove_hostdev, rewrite_file_in_place
+
+        def edit(text: str) -> str:
+            has = self._has(text)
+            if present and not has:
+                return insert_hostdev(text, self.p["xml"])
+            if not present and has:
+                return remove_hostdev(text, uuid=self.p.get("uuid"), address=self.p.get("address"))
+            return text
+
+        if not present and not os.path.exists(self.p["path"]):
+            return {}               # the file is gone: so is the element
+        rewrite_file_in_place(self.p["path"], edit)
+        return {}
+
+    def holds(self, view: Any, present: bool) -> bool:
+        try:
+            with open(self.p["path"], encoding="utf-8") as fh:
+                return self._has(fh.read()) == present
+        except OSError:
+            return not present
+
+    def record(self, uow: Any, present: bool, facts: dict[str, Any]) -> None:
+        pass
+
+
+OPS: dict[str, type[_Op]] = {"mig": MigOp, "mdev": MdevOp, "vgpu": VgpuOp, "vfs": VfsOp, "mig-mode": MigModeOp,
+                             "record-vfs": RecordVfsOp, "allocate": AllocateOp, "release": AllocateOp,
+                             "domain-xml": DomainXmlOp}
+
+
+def op_of(ctx: Context, step: dict[str, Any]) -> _Op:
+    return OPS[step["op"]](ctx, step)
+
+
+def describe(step: dict[str, Any]) -> str:
+    return OPS[step["op"]](None, step).describe()  # type: ignore[arg-type]
+
+
+def row_id(ctx: Context, step: dict[str, Any]) -> int:
+    """The inventory id of the instance a done create step recorded."""
+    p, host_id = step["params"], ctx.settings.host_id
+    with ctx.inventory.unit() as uow:
+        if step["op"] == "mig":
+            row = _find_row(uow, host_id, gpu_id=p["gpu_id"], kind=MIG, profile_id=p["profile_id"],
+                            placement_start=p["start"])
+        elif step["op"] == "mdev":
+            row = uow.instance_by_mdev(host_id, p["uuid"])
+        elif step["op"] == "vgpu":
+            row = _find_row(uow, host_id, gpu_id=p["gpu_id"], kind=VFIO_VGPU, parent=p["vf"])
+        else:
+            row = None
+        if row is None:
+            raise ConflictError(f"{describe(step)}: no inventory record after the step")
+        return row.id
+
+
+def _next_free_vf(ctx: Context, gpu: str, interface: str, type_id: int | None = None) -> str:
+    from gpuvirt.service import hostview
+
+    fresh = hostview.snapshot(ctx).by_address(gpu)
+    if fresh is None:
+        raise ConflictError(f"GPU {gpu} disappeared")
+    if interface == "vendor-vfio":
+        for vf in fresh.vfio_vfs:
+            if not vf["current_type"] and (type_id is None or not vf["creatable_types"] or
+                                           any(t["id"] == type_id for t in vf["creatable_types"])):
+                return vf["address"]
+    else:
+        busy = {d["parent"] for d in fresh.mdev_devices}
+        for vf in fresh.vfs:
+            if vf not in busy and vf in fresh.mdev_parents:
+                return vf
+    raise ConflictError(f"no free VF left on GPU {gpu}")
+
+
+# === running an intent ================================================================================================
+class IntentFailed(GpuvirtError):
+    """A step failed and the change was rolled back (``clean``) or could not be (``failures``)."""
+
+
+@dataclass
+class Run:
+    """An intent this process is carrying out."""
+
+    ctx: Context
+    id: int
+    kind: str
+    steps: list[dict[str, Any]]
+    actor: str | None = None
+    progress: Callable[[dict[str, Any], int, int], None] | None = None
+
+    # --- opening ---------------------------------------------------------------------------------------------
+    @classmethod
+    def begin(cls, ctx: Context, kind: str, *, gpus: Iterable[str], steps: list[dict[str, Any]] | None = None,
+              target: dict[str, Any] | None = None, before: dict[str, Any] | None = None,
+              recovery: str = "forward", actor: str | None = None, uow: Any = None) -> "Run":
+        fields = dict(host_id=ctx.settings.host_id, kind=kind, state=RUNNING, recovery=recovery,
+                      gpus=sorted(set(gpus) | {s["gpu"] for s in steps or []}), target=target or {},
+                      before=before or {}, steps=list(steps or []), pid=os.getpid(), owner=process_id(),
+                      actor=actor)
+        def add(u: Any) -> Any:
+            if u.host(ctx.settings.host_id) is None:      # a first command on a new inventory
+                u.touch_host(ctx.settings.host_id, root=str(ctx.settings.root),
+                             simulated=ctx.settings.sim_dir is not None)
+            return u.add_intent(**fields)
+
+        if uow is not None:
+            row = add(uow)
+        else:
+            with ctx.inventory.unit(write=True, action=f"record the {kind} plan") as u:
+                row = add(u)
+        run = cls(ctx, row.id, kind, list(fields["steps"]), actor)
+        with _ACTIVE_GUARD:
+            _ACTIVE.add(run.id)
+        return run
+
+    @classmethod
+    def adopt(cls, ctx: Context, row: Any, actor: str | None = None) -> "Run":
+        run = cls(ctx, row.id, row.kind, [dict(s) for s in row.steps], actor)
+        with _ACTIVE_GUARD:
+            _ACTIVE.add(run.id)
+        return run
+
+    def _release(self) -> None:
+        with _ACTIVE_GUARD:
+            _ACTIVE.discard(self.id)
+
+    def _save(self, uow: Any, **fields: Any) -> None:
+        row = uow.intent(self.id)
+        if row is None:
+            raise ConflictError(f"intent {self.id} vanished from the inventory")
+        row.steps = [dict(s, params=dict(s["params"])) for s in self.steps]
+        gpus = sorted(set(row.gpus or []) | {s["gpu"] for s in self.steps})
+        if gpus != list(row.gpus or []):
+            row.gpus = gpus
+        for k, v in fields.items():
+            setattr(row, k, v)
+
+    # --- steps -----------------------------------------------------------------------------------------------
+    def add(self, step: dict[str, Any], *, uow: Any = None) -> int:
+        """Append a step (persisted before it runs); returns its index."""
+        self.steps.append(step)
+        if uow is not None:
+            self._save(uow)
+        else:
+            with self.ctx.inventory.unit(write=True, action=f"record the {self.kind} plan") as u:
+                self._save(u)
+        return len(self.steps) - 1
+
+    def add_done(self, uow: Any, step: dict[str, Any]) -> None:
+        """Append a step the caller carries out inside ``uow`` (inventory-only), marked done there."""
+        step["state"] = DONE
+        self.steps.append(step)
+        self._save(uow)
+
+    def run(self, i: int) -> dict[str, Any]:
+        """Carry out step ``i`` forward and record it; returns the host facts (e.g. ``pending``)."""
+        step = self.steps[i]
+        op = op_of(self.ctx, step)
+        if op.resolve():
+            with self.ctx.inventory.unit(write=True, action=f"record the {self.kind} plan") as uow:
+                self._save(uow)
+        try:
+            facts = op.forward()
+        except GpuvirtError as exc:
+            with contextlib.suppress(GpuvirtError):
+                with self.ctx.inventory.unit(write=True) as uow:
+                    uow.event(_event_name(step), target=op.describe(), result="failed", actor=self.actor,
+                              detail={"error": str(exc), "intent": self.id})
+            raise
+        with self.ctx.inventory.unit(write=True, action=f"record: {op.describe()}") as uow:
+            op.record(uow, step["present"], facts)
+            step["state"] = DONE
+            if facts.get("pending"):
+                step["pending"] = True
+            self._save(uow)
+            if step["op"] not in ("mig-mode",):
+                uow.event(_event_name(step), target=op.describe(), actor=self.actor, detail={"intent": self.id})
+        return facts
+
+    def run_all(self, *, resume: bool = False) -> set[str]:
+        """Carry out every pending step in order; returns the GPUs left waiting for a reset (MIG mode).
+
+        With ``resume`` (a crashed change being finished) steps marked undone are done again too."""
+        pending_gpus: set[str] = set()
+        todo = (PENDING, UNDONE) if resume else (PENDING,)
+        total = len(self.steps)
+        for i, step in enumerate(self.steps):
+            if step["state"] == DONE and step.get("pending") and step["op"] == "mig-mode":
+                pending_gpus.add(step["gpu"])
+            if step["state"] not in todo:
+                continue
+            if step["gpu"] in pending_gpus and step["params"].get("needs_mig"):
+                step["state"] = SKIPPED         # instances wait for the GPU reset that activates MIG mode
+                continue
+            if self.progress:
+                self.progress(step, i, total)
+            facts = self.run(i)
+            if facts.get("pending"):
+                pending_gpus.add(step["gpu"])
+        return pending_gpus
+
+    def rollback(self) -> list[str]:
+        """Bring every step back, newest first (also the one that failed half-way); returns the failures."""
+        failures: list[str] = []
+        with contextlib.suppress(GpuvirtError):
+            with self.ctx.inventory.unit(write=True) as uow:
+                self._save(uow, state=ROLLING_BACK)
+        last = max((i for i, s in enumerate(self.steps) if s["state"] in (DONE, UNDONE)), default=-1)
+        # the step after the last one done may have been started (a failure or a crash half-way through it)
+        upto = min(last + 1, len(self.steps) - 1)
+        for i in range(upto, -1, -1):
+            step = self.steps[i]
+            if step["state"] == SKIPPED:
+                continue
+            op = op_of(self.ctx, step)
+            try:
+                facts = op.backward()
+                with self.ctx.inventory.unit(write=True, action=f"record: {op.describe(False)}") as uow:
+                    op.record(uow, not step["present"], facts)
+                    step["state"] = UNDONE if step["state"] in (DONE, UNDONE) else PENDING
+                    self._save(uow)
+            except GpuvirtError as exc:
+                failures.append(f"{op.describe(False)}: {exc}")
+        return failures
+
+    def verify(self, forward: bool) -> list[str]:
+        """Re-read the host: does every step that ran hold in the direction just taken?"""
+        from gpuvirt.service import hostview
+
+        try:
+            view = hostview.snapshot(self.ctx)
+        except GpuvirtError as exc:
+            return [f"cannot re-read the host: {exc}"]
+        bad = []
+        for step in self.steps:
+            if step["state"] == SKIPPED or (forward and step["state"] != DONE):
+                continue
+            op = op_of(self.ctx, step)
+            want = step["present"] if forward else not step["present"]
+            if step["op"] == "mig-mode" and forward and step.get("pending"):
+                continue
+            try:
+                if not op.holds(view, want):
+                    bad.append(f"{op.describe(forward)} does not show on the host")
+            except GpuvirtError as exc:
+                bad.append(f"{op.describe(forward)}: {exc}")
+        return bad
+
+    # --- closing ----------------------------------------------------------------------------------------------
+    def finish(self, on_close: Callable[[Any], None] | None = None) -> None:
+        """The change is complete: delete the intent (with the caller's closing records, one transaction)."""
+        with self.ctx.inventory.unit(write=True, action=f"complete the {self.kind}") as uow:
+            if on_close is not None:
+                on_close(uow)
+            uow.delete_intent(self.id)
+        self._release()
+
+    def abort(self, error: BaseException | str, on_clean: Callable[[Any], None] | None = None,
+              on_incomplete: Callable[[Any], None] | None = None) -> list[str]:
+        """Roll back, verify, and close the intent (clean) or leave it for reconcile; returns the failures."""
+        failures = self.rollback()
+        if not failures:
+            failures = self.verify(forward=False)
+        with self.ctx.inventory.unit(write=True, action=f"roll back the {self.kind}") as uow:
+            if failures:
+                self._save(uow, state=INCOMPLETE, error=f"{error}; rollback: " + "; ".join(failures))
+                if on_incomplete is not None:
+                    on_incomplete(uow)
+            else:
+                if on_clean is not None:
+                    on_clean(uow)
+                uow.delete_intent(self.id)
+        self._release()
+        return failures
+
+    def leave(self, error: str) -> None:
+        """Keep the intent for reconcile (neither direction could finish)."""
+        with contextlib.suppress(GpuvirtError):
+            with self.ctx.inventory.unit(write=True) as uow:
+                self._save(uow, state=INCOMPLETE, error=error)
+        self._release()
+
+
+def _event_name(step: dict[str, Any]) -> str:
+    if step["op"] in ("allocate", "release", "domain-xml", "record-vfs", "mig-mode"):
+        return step["op"]
+    return "create" if step["present"] else "destroy"
+
+
+# === crash recovery ================================================================================================
+# what closes an intent of a kind, per direction: fn(uow, intent_row, pending_gpus)
+Closer = Callable[[Any, Any, set[str]], None]
+CLOSERS: dict[str, tuple[Closer | None, Closer | None]] = {}
+
+
+def register_kind(kind: str, *, forward: Closer | None = None, back: Closer | None = None) -> None:
+    CLOSERS[kind] = (forward, back)
+
+
+def open_intents(ctx: Context) -> list[Any]:
+    with ctx.inventory.unit() as uow:
+        return uow.intents(ctx.settings.host_id)
+
+
+def is_active(intent_id: int) -> bool:
+    """Is this intent being carried out by this very process (a caller further up the stack)?"""
+    with _ACTIVE_GUARD:
+        return intent_id in _ACTIVE
+
+
+def recover(ctx: Context, locked: set[str] | None, *, actor: str | None = None,
+            kinds: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """Settle intents a dead process left behind on GPUs whose locks this process holds.
+
+    ``locked`` None: every GPU of the host is locked.  Returns one record per intent settled or left."""
+    out = []
+    wanted = set(kinds) if kinds is not None else None
+    for row in open_intents(ctx):
+        if is_active(row.id) or (wanted is not None and row.kind not in wanted) or in_progress(row):
+            continue
+        if locked is not None and not set(row.gpus or []) <= locked:
+            continue
+        out.append(settle(ctx, row, actor=actor))
+    return out
+
+
+def settle(ctx: Context, row: Any, *, actor: str | None = None) -> dict[str, Any]:
+    """Finish or roll back one unfinished intent (see the module docstring for the order)."""
+    _ensure_kinds_registered()
+    order = ["forward", "back"] if row.recovery != "back" else ["back", "forward"]
+    if row.state in (ROLLING_BACK,) and row.recovery != "forward-only":
+        order = ["back", "forward"]
+    if row.recovery == "forward-only":
+        order = ["forward"]
+    run = Run.adopt(ctx, row, actor)
+    fwd_close, back_close = CLOSERS.get(row.kind, (None, None))
+    errors = []
+    for direction in order:
+        try:
+            if direction == "forward":
+                pending = run.run_all(resume=True)
+                bad = run.verify(forward=True)
+                if bad:
+                    raise ConflictError("; ".join(bad))
+                run.finish(on_close=(lambda uow: fwd_close(uow, row, pending)) if fwd_close else None)
+            else:
+                failures = run.rollback() or run.verify(forward=False)
+                if failures:
+                    raise ConflictError("; ".join(failures))
+                run.finish(on_close=(lambda uow: back_close(uow, row, set())) if back_close else None)
+            with ctx.inventory.unit(write=True) as uow:
+                uow.event(f"recover-{row.kind}", target=", ".join(row.gpus or []), actor=actor,
+                          detail={"intent": row.id, "direction": direction})
+            return {"intent": row.id, "kind": row.kind, "gpus": list(row.gpus or []), "result": direction,
+                    "target": row.target}
+        except GpuvirtError as exc:
+            errors.append(f"{'finishing' if direction == 'forward' else 'rolling back'} failed: {exc}")
+    run.leave("; ".join(errors))
+    with contextlib.suppress(GpuvirtError):
+        with ctx.inventory.unit(write=True) as uow:
+            uow.event(f"recover-{row.kind}", target=", ".join(row.gpus or []), result="failed", actor=actor,
+                      detail={"intent": row.id, "errors": errors})
+    return {"intent": row.id, "kind": row.kind, "gpus": list(row.gpus or []), "result": "failed",
+            "error": "; ".join(errors), "target": row.target}
+
+
+_KINDS_LOADED = False
+
+
+def _ensure_kinds_registered() -> None:
+    """The services that define kinds with closing records register them on import."""
+    global _KINDS_LOADED
+    if not _KINDS_LOADED:
+        import gpuvirt.service.apply  # noqa: F401
+
+        _KINDS_LOADED = True
+
+
+def describe_open(row: Any) -> str:
+    done = sum(1 for s in row.steps if s.get("state") == DONE)
+    what = row.target.get("profile") or row.target.get("vm") or row.kind
+    return f"{row.kind} {what}: {done} of {len(row.steps)} steps done" + \
+        (f" (rollback incomplete: {row.error})" if row.state == INCOMPLETE and row.error else "")
+
+
+def process_id(pid: int | None = None) -> str | None:
+    """``<boot id>:<pid>:<start time>`` of a process of this machine (None where /proc cannot tell)."""
+    pid = pid or os.getpid()
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            boot = fh.read().strip()
+        with open(f"/proc/{pid}/stat") as fh:
+            # the command name (field 2) may contain spaces and parentheses: fields are counted after the last ')'
+            start = fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+    return f"{boot}:{pid}:{start}"
+
+
+def in_progress(row: Any) -> bool:
+    """Is another live process still carrying this intent out?  (One left behind after a failed rollback is
+    not, even while the process that left it runs on.)"""
+    return row.state in (RUNNING, ROLLING_BACK) and row.owner != process_id() and owner_alive(row.owner)
+
+
+def owner_alive(owner: str | None) -> bool:
+    """Is the process that opened an intent still running (same boot, same pid, same start time)?"""
+    if not owner:
+        return False
+    try:
+        boot, pid, start = owner.rsplit(":", 2)
+        return process_id(int(pid)) == owner
+    except ValueError:
+        return False
+
+
+__all__ = ["Run", "recover", "settle", "open_intents", "register_kind", "mig_step", "mdev_step", "vgpu_step",
+           "vfs_step", "mig_mode_step", "record_vfs_step", "allocate_step", "release_step", "domain_xml_step",
+           "describe", "describe_open", "IntentFailed", "PENDING", "DONE", "UNDONE", "SKIPPED"]
