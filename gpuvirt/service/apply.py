@@ -446,7 +446,7 @@ def apply(ctx: Context, profile_name: str, selector: str, *, force: bool = False
             locks.enter_context(gpu_lock(ctx, a))
         if not dry_run:
             # a change a crash left unfinished on these GPUs is settled before a new one is planned over it
-            intent.recover(ctx, set(addresses))
+            intent.require_settled(ctx, set(addresses))
         view = hostview.snapshot(ctx)  # the picture apply works from: nobody else can change these GPUs now
         spec, plans = make_plans(ctx, profile_name, selector, force=force, view=view)
         blocked = [b for p in plans for b in p.blocked]

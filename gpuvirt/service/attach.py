@@ -193,7 +193,7 @@ class _Call:
         sorted candidate set for one request, so the order matches every other writer's."""
         for a in sorted(addresses):
             self.locks.enter_context(gpu_lock(self.ctx, a))
-        intent.recover(self.ctx, set(addresses))
+        intent.require_settled(self.ctx, set(addresses))
 
 
 def attach(ctx: Context, vm: str, *, vgpu: str | None = None, mig: str | None = None, vf: bool = False,

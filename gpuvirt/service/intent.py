@@ -584,6 +584,8 @@ class DomainXmlOp(_Op):
         pass
 
 
+INVENTORY_ONLY = ("allocate", "release", "record-vfs")
+
 OPS: dict[str, type[_Op]] = {"mig": MigOp, "mdev": MdevOp, "vgpu": VgpuOp, "vfs": VfsOp, "mig-mode": MigModeOp,
                              "record-vfs": RecordVfsOp, "allocate": AllocateOp, "release": AllocateOp,
                              "domain-xml": DomainXmlOp}
@@ -764,6 +766,8 @@ class Run:
     def rollback(self) -> list[str]:
         """Bring every step back, newest first (also the one that failed half-way); returns the failures."""
         failures: list[str] = []
+        if not self.steps:
+            return failures
         with contextlib.suppress(GpuvirtError):
             with self.ctx.inventory.unit(write=True) as uow:
                 self._save(uow, state=ROLLING_BACK)
@@ -789,6 +793,8 @@ class Run:
         """Re-read the host: does every step that ran hold in the direction just taken?"""
         from gpuvirt.service import hostview
 
+        if not any(s["op"] not in INVENTORY_ONLY and s["state"] != SKIPPED for s in self.steps):
+            return []               # nothing on the host to look at
         try:
             view = hostview.snapshot(self.ctx)
         except GpuvirtError as exc:
@@ -862,6 +868,16 @@ def register_kind(kind: str, *, forward: Closer | None = None, back: Closer | No
 def open_intents(ctx: Context) -> list[Any]:
     with ctx.inventory.unit() as uow:
         return uow.intents(ctx.settings.host_id)
+
+
+def require_settled(ctx: Context, locked: set[str] | None, *, actor: str | None = None) -> None:
+    """Settle what a crash left on these GPUs, and refuse to go on where that did not work: a new change is
+    never planned over a half-made one."""
+    bad = [r for r in recover(ctx, locked, actor=actor) if r["result"] == "failed"]
+    if bad:
+        r = bad[0]
+        raise ConflictError(f"{', '.join(r['gpus'])}: an unfinished {r['kind']} (intent {r['intent']}) could not be "
+                            f"finished or rolled back ({r.get('error')}); fix the cause and run 'gpuvirt reconcile'")
 
 
 def is_active(intent_id: int) -> bool:
@@ -976,6 +992,6 @@ def owner_alive(owner: str | None) -> bool:
         return False
 
 
-__all__ = ["Run", "recover", "settle", "open_intents", "register_kind", "mig_step", "mdev_step", "vgpu_step",
+__all__ = ["Run", "recover", "require_settled", "settle", "open_intents", "register_kind", "mig_step", "mdev_step", "vgpu_step",
            "vfs_step", "mig_mode_step", "record_vfs_step", "allocate_step", "release_step", "domain_xml_step",
            "describe", "describe_open", "IntentFailed", "PENDING", "DONE", "UNDONE", "SKIPPED"]
