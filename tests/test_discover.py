@@ -179,7 +179,7 @@ def test_discover_every_model(make_sim, cli, model_id: str) -> None:
         assert doc["nvml"]["available"] is True
         [g] = doc["gpus"]
         assert (g["index"], g["pci_address"], g["name"], g["memory_mib"], g["model"]) == \
-            (0, PF, model.nvml_name, model.memory_mib, model_id)
+            (0, PF, model.nvml_name or model.display_name, model.memory_mib, model_id)
         mig = g["mig"]
         assert mig["supported"] is (model.mig is not None)
         if model.mig is not None:
@@ -203,6 +203,8 @@ def test_discover_every_model(make_sim, cli, model_id: str) -> None:
         assert (pf["vendor_id"], pf["device_id"], pf["model"]) == \
             (f"0x{model.vendor_id:04x}", f"0x{model.device_id:04x}", model_id)
         assert pf["address"] == ("0000:00:02.0" if model.vendor == "intel" else PF)
+        if model.subsystem_device_id is not None:      # boards sharing a device id differ here (A2 / A16)
+            assert pf["subsystem_id"] == f"0x{model.subsystem_device_id:04x}{model.subsystem_vendor_id:04x}"
         assert int(pf["class"], 16) == (model.pci_class or 0x030000)
     else:
         assert doc["pci_gpus"] == []

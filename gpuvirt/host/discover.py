@@ -60,15 +60,23 @@ def discover(host: Host, *, with_nvml: bool = True) -> dict[str, Any]:
         from gpuvirt.model.catalog import load_catalog
 
         catalog = load_catalog()
+    pf_models: dict[str, Any] = {}
+    if catalog is not None:
+        for d in pci:
+            if not d.physfn:
+                pf_models[d.address] = catalog.by_pci(d.vendor_id, d.device_id, d.subsystem_vendor_id,
+                                                      d.subsystem_device_id)
     for d in pci:
         entry = d.to_dict()
         assert catalog is not None
-        model = catalog.by_pci(d.vendor_id, d.device_id)
-        if d.physfn and model is None:
-            for m in catalog.models.values():
-                if m.sriov and m.vendor_id == d.vendor_id and m.sriov.vf_device_id == d.device_id:
-                    model = m
-                    break
+        if d.physfn:
+            # a VF is a function of its PF's board (an A2 VF reports subsystem 0000, which tells nothing)
+            model = pf_models.get(d.physfn)
+            if model is None:
+                model = next((m for m in catalog.models.values() if m.sriov and m.vendor_id == d.vendor_id
+                              and m.sriov.vf_device_id == d.device_id), None)
+        else:
+            model = pf_models[d.address]
         entry["model"] = model.id if model else None
         entry["name"] = udev.get(d.address) or (model.display_name if model else None)
         entry["role"] = "vf" if d.physfn else "pf"
@@ -121,7 +129,8 @@ def _nvml_gpus(session: Any, warnings: list[ScanWarning]) -> list[dict[str, Any]
     catalog = load_catalog()
     out = []
     for g in session.gpus():
-        model = catalog.by_nvml_name(g.name) or _model_by_device_id(g.pci_device_id)
+        # the PCI identity first: it tells board variants and boards sharing a device id apart (by subsystem)
+        model = _model_by_device_id(g.pci_device_id, g.pci_subsystem_id) or catalog.by_nvml_name(g.name)
         entry: dict[str, Any] = {
             "index": g.index, "uuid": g.uuid, "pci_address": normalize_pci(g.pci_address), "name": g.name,
             "memory_mib": g.memory_mib, "model": model.id if model else None,
@@ -162,9 +171,10 @@ def _nvml_gpus(session: Any, warnings: list[ScanWarning]) -> list[dict[str, Any]
     return out
 
 
-def _model_by_device_id(pci_device_id: int):
+def _model_by_device_id(pci_device_id: int, pci_subsystem_id: int | None = None):
     from gpuvirt.model.catalog import load_catalog
 
     dev = (pci_device_id >> 16) & 0xFFFF
     ven = pci_device_id & 0xFFFF
-    return load_catalog().by_pci(ven, dev)
+    sub = pci_subsystem_id or 0
+    return load_catalog().by_pci(ven, dev, sub & 0xFFFF, (sub >> 16) & 0xFFFF)
