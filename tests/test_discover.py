@@ -517,9 +517,9 @@ def test_broken_entry_becomes_a_warning(make_sim, cli, breaker) -> None:
 
 # --- bad input ----------------------------------------------------------------------------------------------------
 def test_unknown_model_in_sim_init(tmp_path: Path, cli, gpuvirt_proc) -> None:
-    res = cli("sim", "init", tmp_path / "h", "--gpu", "a100-40gb", "--gpu", "b300")
+    res = cli("sim", "init", tmp_path / "h", "--gpu", "a100-40gb", "--gpu", "b900")
     assert_one_line_error(res, 3)
-    assert "unknown GPU model 'b300'" in res.stderr and "a100-40gb" in res.stderr
+    assert "unknown GPU model 'b900'" in res.stderr and "a100-40gb" in res.stderr
     assert not (tmp_path / "h" / ".gpuvirt-sim").exists()
     res = gpuvirt_proc("sim", "init", tmp_path / "p", "--gpu", "nope:2")
     assert_one_line_error(res, 3)

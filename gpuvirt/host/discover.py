@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-
 from typing import Any
 
 from gpuvirt.errors import GpuvirtError, NvmlError
@@ -55,30 +54,33 @@ def discover(host: Host, *, with_nvml: bool = True) -> dict[str, Any]:
 
     udev = _udev_names([d.address for d in pci]) if host.use_udev else {}
     pci_gpus = []
-    catalog = None
+    rows: list = []
     if pci:
-        from gpuvirt.model.catalog import load_catalog
+        # the PCI identities only, not the whole catalog (docs: gpuvirt/model/catalog_cache.py)
+        from gpuvirt.model.catalog_cache import (
+            by_vgpu_types,
+            pci_index,
+            pci_lookup,
+            vf_lookup,
+        )
 
-        catalog = load_catalog()
-    pf_models: dict[str, Any] = {}
-    if catalog is not None:
-        for d in pci:
-            if not d.physfn:
-                pf_models[d.address] = catalog.by_pci(d.vendor_id, d.device_id, d.subsystem_vendor_id,
-                                                      d.subsystem_device_id)
+        rows = pci_index()
+        pf_rows = {d.address: pci_lookup(rows, d.vendor_id, d.device_id, d.subsystem_vendor_id, d.subsystem_device_id)
+                   for d in pci if not d.physfn}
+        offered = {p.address: [t.name for t in p.types if t.name] for p in parents}
     for d in pci:
         entry = d.to_dict()
-        assert catalog is not None
         if d.physfn:
             # a VF is a function of its PF's board (an A2 VF reports subsystem 0000, which tells nothing)
-            model = pf_models.get(d.physfn)
-            if model is None:
-                model = next((m for m in catalog.models.values() if m.sriov and m.vendor_id == d.vendor_id
-                              and m.sriov.vf_device_id == d.device_id), None)
+            row = pf_rows.get(d.physfn) or vf_lookup(rows, d.vendor_id, d.device_id)
         else:
-            model = pf_models[d.address]
-        entry["model"] = model.id if model else None
-        entry["name"] = udev.get(d.address) or (model.display_name if model else None)
+            row = pf_rows[d.address]
+        if row is None and offered.get(d.address):
+            # a device id two boards share, no telling subsystem id (a VF whose PF is out of sight): the
+            # vGPU types the function offers name the board
+            row = by_vgpu_types(rows, d.vendor_id, d.device_id, offered[d.address])
+        entry["model"] = row[0] if row else None
+        entry["name"] = udev.get(d.address) or (row[1] if row else None)
         entry["role"] = "vf" if d.physfn else "pf"
         pci_gpus.append(entry)
 
@@ -94,6 +96,8 @@ def discover(host: Host, *, with_nvml: bool = True) -> dict[str, Any]:
         # no NVIDIA device in sysfs: nothing NVML could add (and under --root the real library would
         # describe a different machine than the tree)
         nvml_info["reason"] = "no NVIDIA GPU in sysfs"
+    elif with_nvml and (missing := host.nvml_library_missing()) is not None:
+        nvml_info["reason"] = missing
     elif with_nvml:
         try:
             session = host.nvml()

@@ -65,7 +65,7 @@ class PciDevice:
         }
 
 
-@dataclass
+@dataclass(slots=True)
 class MdevType:
     id: str
     name: str | None
@@ -143,6 +143,27 @@ def _read_at(dir_fd: int, name: str) -> str:
     return data.decode("utf-8", "replace")
 
 
+def _uevent_ids(path: str) -> tuple[int, int, int | None, int | None, str | None] | None:
+    """(vendor, device, subsystem vendor, subsystem device, driver) from a PCI device's uevent, or None when
+    the file is missing or lacks PCI_ID (then the attribute files are read)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            text = os.read(fd, 4096).decode("ascii", "replace")
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    try:
+        vendor, device = (int(x, 16) for x in fields["PCI_ID"].split(":"))
+        sub = fields.get("PCI_SUBSYS_ID")
+        sv, sd = (int(x, 16) for x in sub.split(":")) if sub else (None, None)
+    except (KeyError, ValueError):
+        return None
+    return vendor, device, sv, sd, fields.get("DRIVER") or None
+
+
 def _link_name(path: str) -> str | None:
     try:
         return os.path.basename(os.readlink(path))
@@ -200,20 +221,27 @@ class Scanner:
                 continue
             if gpus_only and (klass >> 16) != 0x03:
                 continue
-            try:
-                vendor = _int_attr(os.path.join(d, "vendor"), 16)
-                device = _int_attr(os.path.join(d, "device"), 16)
-            except (OSError, ValueError) as exc:
-                self.warn(d, f"unreadable PCI vendor/device id ({_why(exc)})")
-                continue
-            dev = PciDevice(address=name, vendor_id=vendor, device_id=device,
-                            subsystem_vendor_id=_opt_hex(os.path.join(d, "subsystem_vendor")),
-                            subsystem_device_id=_opt_hex(os.path.join(d, "subsystem_device")),
-                            pci_class=klass, driver=_link_name(os.path.join(d, "driver")),
-                            iommu_group=_group(os.path.join(d, "iommu_group")),
-                            physfn=_link_name(os.path.join(d, "physfn")))
+            # the kernel's uevent of a PCI device carries its ids and driver in one read (pci_uevent():
+            # PCI_ID, PCI_SUBSYS_ID, DRIVER); the separate attribute files are the fallback
+            ids = _uevent_ids(os.path.join(d, "uevent"))
+            if ids is not None:
+                vendor, device, sub_vendor, sub_device, driver = ids
+            else:
+                try:
+                    vendor = _int_attr(os.path.join(d, "vendor"), 16)
+                    device = _int_attr(os.path.join(d, "device"), 16)
+                except (OSError, ValueError) as exc:
+                    self.warn(d, f"unreadable PCI vendor/device id ({_why(exc)})")
+                    continue
+                sub_vendor = _opt_hex(os.path.join(d, "subsystem_vendor"))
+                sub_device = _opt_hex(os.path.join(d, "subsystem_device"))
+                driver = _link_name(os.path.join(d, "driver"))
+            physfn = _link_name(os.path.join(d, "physfn"))
+            dev = PciDevice(address=name, vendor_id=vendor, device_id=device, subsystem_vendor_id=sub_vendor,
+                            subsystem_device_id=sub_device, pci_class=klass, driver=driver,
+                            iommu_group=_group(os.path.join(d, "iommu_group")), physfn=physfn)
             total = os.path.join(d, "sriov_totalvfs")
-            if os.path.exists(total):
+            if physfn is None and os.path.exists(total):     # a VF is never a PF itself
                 try:
                     dev.sriov_total_vfs = _int_attr(total, 10)
                     dev.sriov_num_vfs = _int_attr(os.path.join(d, "sriov_numvfs"), 10)
@@ -233,12 +261,20 @@ class Scanner:
     def mdev_parents(self) -> list[MdevParent]:
         base = self.p("sys/class/mdev_bus")
         parents = []
+        static_by_pf: dict[str, tuple[list[str], dict[str, MdevType]]] = {}
         for name in self._listdir(base, "mdev parent list"):
             link = os.path.join(base, name)
             if not os.path.isdir(link):
                 self.warn(link, "mdev parent link is dangling (parent device removed?)")
                 continue
             parent = MdevParent(address=name, path=link, is_pci=bool(PCI_ADDR_RE.match(name)))
+            # Sibling VFs of one PF register the same vGPU types with the same name, description and
+            # device_api (the driver fills them from the board's type table); only available_instances
+            # differs from VF to VF. They are read on the first VF of each PF and reused for its siblings
+            # when the sibling lists the same types - a quarter of the reads on an SR-IOV vGPU host
+            # (assumption, not a documented guarantee: docs/simulator-fidelity.md)
+            pf = _link_name(os.path.join(link, "physfn")) if parent.is_pci else None
+            static = static_by_pf.get(pf) if pf else None
             types_dir = os.path.join(link, "mdev_supported_types")
             try:
                 dfd = os.open(types_dir, os.O_RDONLY | os.O_DIRECTORY)
@@ -253,10 +289,16 @@ class Scanner:
             try:
                 # a 256-parent x 20-type host means 20k attribute reads: open them relative to a directory
                 # fd with raw os.read, several times cheaper than text-mode open() on full paths
-                for tname in sorted(os.listdir(dfd)):
-                    t = self._mdev_type(dfd, types_dir, tname)
-                    if t is not None:
-                        parent.types.append(t)
+                names = sorted(os.listdir(dfd))
+                if static is not None and static[0] == names:
+                    parent.types = self._mdev_types_available(dfd, types_dir, names, static[1])
+                else:
+                    for tname in names:
+                        t = self._mdev_type(dfd, types_dir, tname)
+                        if t is not None:
+                            parent.types.append(t)
+                    if pf and pf not in static_by_pf:
+                        static_by_pf[pf] = (names, {t.id: t for t in parent.types})
             except OSError as exc:
                 self.warn(types_dir, f"cannot list mdev types: {exc.strerror}")
             finally:
@@ -303,6 +345,30 @@ class Scanner:
         except OSError as exc:
             self.warn(os.path.join(tdir, "description"), f"cannot read description: {exc.strerror}")
         return MdevType(id=tname, name=name, description=description, available_instances=avail, device_api=api)
+
+    def _mdev_types_available(self, types_fd: int, types_dir: str, names: list[str],
+                              known: dict[str, "MdevType"]) -> list["MdevType"]:
+        """Types whose static attributes a sibling VF showed: only available_instances is read (the hot
+        loop of a discovery on an SR-IOV vGPU host, hence written out)."""
+        out = []
+        o_rdonly, open_, read, close = os.O_RDONLY, os.open, os.read, os.close
+        for tname in names:
+            k = known.get(tname)
+            try:
+                fd = open_(tname + "/available_instances", o_rdonly, dir_fd=types_fd)
+                try:
+                    avail = int(read(fd, 64))
+                finally:
+                    close(fd)
+            except (OSError, ValueError):
+                k = None
+            if k is None:            # the full read reports whatever is wrong
+                t = self._mdev_type(types_fd, types_dir, tname)
+                if t is not None:
+                    out.append(t)
+                continue
+            out.append(MdevType(tname, k.name, k.description, avail, k.device_api))
+        return out
 
     def mdev_devices(self) -> list[MdevDevice]:
         base = self.p("sys/bus/mdev/devices")

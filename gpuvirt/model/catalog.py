@@ -6,19 +6,27 @@ rule that decides how many of each can exist, and for non-NVIDIA mdev drivers (I
 mtty/mdpy/mbochs samples) the shared resource pool their types draw from.
 
 The simulator builds hosts from it; the planner and profile validation reason with it.  Nothing here does
-I/O except :func:`load_catalog`, which reads the packaged YAML once.
+I/O except :func:`load_catalog`, which reads the packaged YAML once (through a cache of the parsed
+documents, see :func:`load_catalog_files`).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.resources
 import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from gpuvirt.errors import ConfigError, NotFoundError, ProfileError
+from gpuvirt.model.catalog_cache import (
+    cache_dir,
+    digest,
+    models_dir_files,
+    pci_lookup,
+    read_cache,
+    write_cache,
+)
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -603,17 +611,13 @@ class Catalog:
 
     def by_pci(self, vendor_id: int, device_id: int, subsystem_vendor_id: int | None = None,
                subsystem_device_id: int | None = None) -> GpuModel | None:
-        """The board with this PCI identity.
+        """The board with this PCI identity (rules: :func:`gpuvirt.model.catalog_cache.pci_lookup`)."""
+        row = pci_lookup(self._pci_rows, vendor_id, device_id, subsystem_vendor_id, subsystem_device_id)
+        return self.models[row[0]] if row else None
 
-        Boards sharing a device id (A2 and A16 both report 10de:25b6) are told apart by their subsystem id;
-        when the device id alone is unambiguous the subsystem is not looked at (OEM boards carry their own
-        subsystem ids).  Shared id, no matching subsystem: None, rather than a guess."""
-        found = [m for m in self.models.values() if m.vendor_id == vendor_id and m.device_id == device_id]
-        if len(found) <= 1:
-            return found[0] if found else None
-        exact = [m for m in found if m.subsystem_device_id is not None and m.subsystem_device_id == subsystem_device_id
-                 and (m.subsystem_vendor_id is None or m.subsystem_vendor_id == subsystem_vendor_id)]
-        return exact[0] if len(exact) == 1 else None
+    @functools.cached_property
+    def _pci_rows(self) -> list[list[Any]]:
+        return pci_rows(self.models.values())
 
     def by_nvml_name(self, name: str) -> GpuModel | None:
         for m in self.models.values():
@@ -646,25 +650,9 @@ class Catalog:
                       key=lambda m: m.id)
 
 
-def models_dir_files() -> list[tuple[str, str]]:
-    root = importlib.resources.files("gpuvirt._profiles").joinpath("models")
-    out = []
-    for entry in sorted(root.iterdir(), key=lambda e: e.name):
-        if entry.name.endswith(".yaml"):
-            out.append((entry.name, entry.read_text(encoding="utf-8")))
-    return out
-
-
-def parse_catalog(files: Iterable[tuple[str, str]]) -> Catalog:
-    import yaml  # only here: discovery of hosts without PCI GPUs never needs the catalog
-
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+def _build(docs: Iterable[tuple[str, Any]]) -> Catalog:
     models: dict[str, GpuModel] = {}
-    for name, text in files:
-        try:
-            doc = yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader, C-accelerated when present
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"catalog {name}: not valid YAML ({exc})") from exc
+    for name, doc in docs:
         if not isinstance(doc, dict) or "id" not in doc:
             raise ConfigError(f"catalog {name}: expected a mapping with an 'id'")
         model = _model_from_dict(doc, name)
@@ -675,6 +663,46 @@ def parse_catalog(files: Iterable[tuple[str, str]]) -> Catalog:
     return Catalog(models)
 
 
+def _parse_yaml(files: Iterable[tuple[str, str]]) -> list[tuple[str, Any]]:
+    import yaml  # only here: a cached catalog and hosts without PCI GPUs never need the YAML parser
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    docs = []
+    for name, text in files:
+        try:
+            docs.append((name, yaml.load(text, Loader=loader)))  # noqa: S506 - a safe loader
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"catalog {name}: not valid YAML ({exc})") from exc
+    return docs
+
+
+def parse_catalog(files: Iterable[tuple[str, str]]) -> Catalog:
+    return _build(_parse_yaml(files))
+
+
+def load_catalog_files(files: Sequence[tuple[str, str]], directory: str | None) -> Catalog:
+    """The catalog from these YAML files, through the parsed-document cache in ``directory`` (None: none)."""
+    if directory is None:
+        return parse_catalog(files)
+    key = digest(files)
+    docs = read_cache(directory, key, "docs")
+    if docs is not None and [n for n, _ in docs] == [n for n, _ in files]:
+        try:
+            return _build(docs)
+        except ConfigError:
+            pass           # a cache from another loader version: parse the YAML below
+    docs = _parse_yaml(files)
+    catalog = _build(docs)
+    write_cache(directory, key, docs, pci_rows(catalog.models.values()))
+    return catalog
+
+
+def pci_rows(models: Iterable[GpuModel]) -> list[list[Any]]:
+    """The PCI identity of every board, as :func:`gpuvirt.model.catalog_cache.pci_lookup` reads it."""
+    return [[m.id, m.display_name, m.vendor_id, m.device_id, m.subsystem_vendor_id, m.subsystem_device_id,
+             m.sriov.vf_device_id if m.sriov else None, m.vgpu_prefix] for m in models if m.vendor_id is not None]
+
+
 @functools.lru_cache(maxsize=1)
 def load_catalog() -> Catalog:
-    return parse_catalog(models_dir_files())
+    return load_catalog_files(models_dir_files(), cache_dir())
