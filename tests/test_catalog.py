@@ -6,6 +6,7 @@ skip when it is not there; nothing from that folder is copied into the repositor
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -102,6 +103,23 @@ def test_variants_share_the_model_and_keep_their_identity(catalog):
     assert {m.id for m in catalog.families()} >= set(ALL_MODELS)
     with pytest.raises(ConfigError, match="duplicate model id"):
         parse_catalog([("x.yaml", "id: x\nvendor: virtual\nvariants: [{id: x, device_id: 1}]\n")])
+
+
+def test_the_worked_example_of_catalog_md():
+    """docs/catalog.md's made-up file loads and means what the page says."""
+    doc = (REPO / "docs" / "catalog.md").read_text()
+    text = doc.split("### Worked example", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    cat = parse_catalog([("example-24gb.yaml", text)])
+    assert sorted(cat.models) == ["example-24gb", "example-24gb-se"]
+    se = cat.get("example-24gb-se")
+    assert se.family == "example-24gb" and se.mig is cat.get("example-24gb").mig
+    assert cat.by_pci(0x10DE, 0xFFF1, 0x10DE, 0x1235) is se and se.pci_device_filter == "0xFFF110DE"
+    assert resolve_gi_profile(se, "1g.11gb").name == "1g.12gb"
+    with pytest.raises(ProfileError, match="1g.12gb"):
+        resolve_gi_profile(se, "1g.13gb")
+    total = se.memory_mib * MIB
+    assert [mig_profile_name(p.compute_slices, p.memory_mib, total) for p in se.mig.gi_profiles] == \
+        ["1g.12gb", "2g.24gb"]
 
 
 def test_all_expected_models_exist(catalog):
@@ -603,3 +621,72 @@ def test_catalog_doc_lists_every_model(catalog):
     doc = (REPO / "docs" / "catalog.md").read_text()
     for mid in catalog.ids():
         assert f"`{mid}`" in doc, f"docs/catalog.md does not mention {mid}"
+
+
+# --- the parsed-catalog cache (gpuvirt/model/catalog_cache.py) ----------------------------------------------------
+def test_the_cache_gives_the_catalog_the_yaml_gives_and_follows_edits(tmp_path):
+    from gpuvirt.model.catalog import load_catalog_files, pci_rows
+    from gpuvirt.model.catalog_cache import digest, read_cache
+
+    files = models_dir_files()
+    cache = tmp_path / "cache"
+    parsed = parse_catalog(files)
+    first = load_catalog_files(files, str(cache))                 # parses, writes the cache
+    [written] = list(cache.iterdir())
+    assert oct(cache.stat().st_mode & 0o777) == "0o700" and oct(written.stat().st_mode & 0o777) == "0o600"
+    cached = load_catalog_files(files, str(cache))                # reads it
+    assert cached.models == first.models == parsed.models
+    assert read_cache(str(cache), digest(files), "pci") == pci_rows(parsed.models.values())
+    # an edited catalog file is another key: parsed again, the edit is seen
+    edited = [(n, t.replace("display_name: NVIDIA A2", "display_name: Edited A2", 1) if n == "a2.yaml" else t)
+              for n, t in files]
+    assert digest(edited) != digest(files)
+    assert load_catalog_files(edited, str(cache)).get("a2").display_name == "Edited A2"
+    assert len(list(cache.iterdir())) == 2
+
+
+def test_a_cache_others_could_write_or_a_broken_one_is_ignored(tmp_path):
+    from gpuvirt.model.catalog import load_catalog_files
+    from gpuvirt.model.catalog_cache import digest, read_cache
+
+    files = models_dir_files()
+    cache = tmp_path / "cache"
+    load_catalog_files(files, str(cache))
+    key = digest(files)
+    [written] = list(cache.iterdir())
+    assert read_cache(str(cache), key, "docs") is not None
+    # a planted cache is not trusted where someone else may have written it
+    doc = json.loads(written.read_text())
+    doc["docs"] = [[n, d] for n, d in doc["docs"] if n != "a2.yaml"]
+    written.write_text(json.dumps(doc))
+    written.chmod(0o666)
+    assert read_cache(str(cache), key, "docs") is None
+    assert "a2" in load_catalog_files(files, str(cache)).models     # parsed from the YAML instead
+    written.chmod(0o600)
+    cache.chmod(0o777)
+    assert read_cache(str(cache), key, "docs") is None
+    cache.chmod(0o700)
+    # garbage, a wrong format number, a symlink: parsed from the YAML as if there were no cache
+    for bad in ("{not json", json.dumps({"format": 1, "key": key, "docs": [], "pci": []}), "[]"):
+        written.write_text(bad)
+        assert read_cache(str(cache), key, "docs") is None
+        assert "a2" in load_catalog_files(files, str(cache)).models
+    written.unlink()
+    (tmp_path / "elsewhere.json").write_text(json.dumps(doc))
+    written.symlink_to(tmp_path / "elsewhere.json")
+    assert read_cache(str(cache), key, "docs") is None
+
+
+def test_discovery_names_boards_from_the_pci_index(tmp_path):
+    from gpuvirt.model.catalog_cache import by_vgpu_types, pci_lookup, vf_lookup
+    from gpuvirt.model.catalog import pci_rows
+
+    rows = pci_rows(load_catalog().models.values())
+    assert pci_lookup(rows, 0x10DE, 0x25B6, 0x10DE, 0x157E)[0] == "a2"
+    assert pci_lookup(rows, 0x10DE, 0x25B6, 0x10DE, 0x14A9)[0] == "a16"
+    assert pci_lookup(rows, 0x10DE, 0x25B6, 0x10DE, 0x0000) is None          # shared id, no telling subsystem
+    assert pci_lookup(rows, 0x10DE, 0x2236, 0x10DE, 0x9999)[0] == "a10"      # unambiguous id: OEM subsystem ok
+    assert vf_lookup(rows, 0x10DE, 0x25B6) is None                           # A2 and A16 VFs look alike
+    assert by_vgpu_types(rows, 0x10DE, 0x25B6, ["NVIDIA A16-4Q", "NVIDIA A16-8Q"])[0] == "a16"
+    assert by_vgpu_types(rows, 0x10DE, 0x25B6, ["NVIDIA A2-4Q"])[0] == "a2"
+    assert by_vgpu_types(rows, 0x10DE, 0x25B6, []) is None

@@ -266,6 +266,39 @@ def test_device_filters_select_gpus_by_their_real_pci_ids(tmp_path):
         "the GPU is 0x20B710DE; entry 1 selects 0x294110DE" in r.stderr
 
 
+def test_the_worked_examples_of_profile_format_md(tmp_path):
+    """docs/profile-format.md section 8: the three files as printed there, on the host described there."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "profile-format.md").read_text()
+    section = text.split("## 8. Worked examples", 1)[1]
+    blocks = [b.split("```", 1)[0] for b in section.split("```yaml\n")[1:]]
+    assert len(blocks) == 3
+    sim = tmp_path / "host"
+    init_sim(sim, ["h100-80gb:2", "a2", "a16", "a100-40gb", "t4"])
+    files = []
+    for name, body in zip(("mig-parted.yaml", "vgpu-dm.yaml", "gpuvirt.yaml"), blocks):
+        files.append(tmp_path / name)
+        files[-1].write_text(body)
+    r = gv(sim, "profile", "import", str(files[0]))
+    assert r.exit_code == 7
+    assert "skipped: config 'training-and-inference' entry 3 (0x999910DE): no GPU model" in r.stdout
+    assert gv(sim, "profile", "import", str(files[0])).exit_code == 7
+    doc = json.loads(gv(sim, "plan", "training-and-inference", "--json").stdout)
+    assert [g["layout"] for g in doc["gpus"]] == ["MIG on: 2x 3g.40gb", "MIG on: 7x 1g.10gb"]
+    assert len(doc["untouched"]) == 4
+    r = gv(sim, "plan", "training-and-inference", "--gpu", "2")
+    assert r.exit_code == 2 and "has no entry for GPU 2 (0000:43:00.0, a2): the GPU is 0x25B610DE" in r.stderr
+    r = gv(sim, "profile", "import", str(files[1]))
+    assert r.exit_code == 0, r.output
+    doc = json.loads(gv(sim, "plan", "default", "--json").stdout)
+    assert {g["gpu"]["model"]: g["layout"] for g in doc["gpus"]} == {
+        "a2": "vGPU 4x A2-4Q (nvidia-746)", "a16": "vGPU 4x A16-4Q (nvidia-713)"}
+    show = gv(sim, "profile", "show", "a100-small")
+    assert "on a100-40gb: MIG on: 7x 1g.5gb; vGPU 7x A100-1-5C (nvidia-474)" in show.stdout
+    assert gv(sim, "profile", "import", str(files[2])).exit_code == 0
+    doc = json.loads(gv(sim, "plan", "mixed-host", "--json").stdout)
+    assert [g["layout"] for g in doc["gpus"]] == ["MIG on: 3g.40gb + 2g.20gb + 2x 1g.10gb", "MIG off"]
+
+
 def test_sim_models_lists_every_board(tmp_path):
     r = runner.invoke(app, ["sim", "models", "--json"])
     assert r.exit_code == 0, r.output

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,29 +18,51 @@ UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]
 VENDOR_NAMES = {0x10DE: "nvidia", 0x1002: "amd", 0x8086: "intel"}
 
 
-@dataclass
-class ScanWarning:
-    path: str
-    message: str
+class _Record:
+    """Value-object plumbing for the scan's records (equality, repr) without the dataclasses module, whose
+    import (inspect, ast, dis) is a sizeable part of a ``discover --json`` run (docs/benchmarks.md)."""
+
+    __slots__ = ()
+    __hash__ = None  # type: ignore[assignment]  # mutable records, as with @dataclass
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
+
+
+class ScanWarning(_Record):
+    __slots__ = ("path", "message")
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        self.message = message
 
     def to_dict(self) -> dict[str, str]:
         return {"path": self.path, "message": self.message}
 
 
-@dataclass
-class PciDevice:
-    address: str
-    vendor_id: int
-    device_id: int
-    subsystem_vendor_id: int | None
-    subsystem_device_id: int | None
-    pci_class: int
-    driver: str | None
-    iommu_group: int | None
-    physfn: str | None = None                   # set on SR-IOV VFs
-    sriov_total_vfs: int | None = None          # set on SR-IOV PFs
-    sriov_num_vfs: int | None = None
-    vfs: list[str] = field(default_factory=list)
+class PciDevice(_Record):
+    __slots__ = ("address", "vendor_id", "device_id", "subsystem_vendor_id", "subsystem_device_id", "pci_class",
+                 "driver", "iommu_group", "physfn", "sriov_total_vfs", "sriov_num_vfs", "vfs")
+
+    def __init__(self, address: str, vendor_id: int, device_id: int, subsystem_vendor_id: int | None,
+                 subsystem_device_id: int | None, pci_class: int, driver: str | None, iommu_group: int | None,
+                 physfn: str | None = None, sriov_total_vfs: int | None = None, sriov_num_vfs: int | None = None,
+                 vfs: list[str] | None = None) -> None:
+        self.address = address
+        self.vendor_id = vendor_id
+        self.device_id = device_id
+        self.subsystem_vendor_id = subsystem_vendor_id
+        self.subsystem_device_id = subsystem_device_id
+        self.pci_class = pci_class
+        self.driver = driver
+        self.iommu_group = iommu_group
+        self.physfn = physfn                        # set on SR-IOV VFs
+        self.sriov_total_vfs = sriov_total_vfs      # set on SR-IOV PFs
+        self.sriov_num_vfs = sriov_num_vfs
+        self.vfs = [] if vfs is None else vfs
 
     @property
     def is_gpu(self) -> bool:
@@ -65,59 +86,72 @@ class PciDevice:
         }
 
 
-@dataclass(slots=True)
-class MdevType:
-    id: str
-    name: str | None
-    description: str | None
-    available_instances: int
-    device_api: str
+class MdevType(_Record):
+    __slots__ = ("id", "name", "description", "available_instances", "device_api")
+
+    def __init__(self, id: str, name: str | None, description: str | None, available_instances: int,  # noqa: A002
+                 device_api: str) -> None:
+        self.id = id
+        self.name = name
+        self.description = description
+        self.available_instances = available_instances
+        self.device_api = device_api
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "description": self.description,
                 "available_instances": self.available_instances, "device_api": self.device_api}
 
 
-@dataclass
-class MdevDevice:
-    uuid: str
-    parent: str
-    type: str
-    iommu_group: int | None
+class MdevDevice(_Record):
+    __slots__ = ("uuid", "parent", "type", "iommu_group")
+
+    def __init__(self, uuid: str, parent: str, type: str, iommu_group: int | None) -> None:  # noqa: A002
+        self.uuid = uuid
+        self.parent = parent
+        self.type = type
+        self.iommu_group = iommu_group
 
     def to_dict(self) -> dict[str, Any]:
         return {"uuid": self.uuid, "parent": self.parent, "type": self.type, "iommu_group": self.iommu_group}
 
 
-@dataclass
-class MdevParent:
-    address: str                 # sysfs name: a PCI address, or e.g. "mtty" for a virtual parent
-    path: str
-    is_pci: bool
-    types: list[MdevType] = field(default_factory=list)
-    devices: list[MdevDevice] = field(default_factory=list)
+class MdevParent(_Record):
+    __slots__ = ("address", "path", "is_pci", "types", "devices")
+
+    def __init__(self, address: str, path: str, is_pci: bool, types: list[MdevType] | None = None,
+                 devices: list[MdevDevice] | None = None) -> None:
+        self.address = address       # sysfs name: a PCI address, or e.g. "mtty" for a virtual parent
+        self.path = path
+        self.is_pci = is_pci
+        self.types = [] if types is None else types
+        self.devices = [] if devices is None else devices
 
     def to_dict(self) -> dict[str, Any]:
         return {"address": self.address, "pci": self.is_pci, "types": [t.to_dict() for t in self.types],
                 "devices": [{"uuid": d.uuid, "type": d.type} for d in self.devices]}
 
 
-@dataclass
-class VfioVgpuType:
-    id: int
-    name: str
+class VfioVgpuType(_Record):
+    __slots__ = ("id", "name")
+
+    def __init__(self, id: int, name: str) -> None:  # noqa: A002
+        self.id = id
+        self.name = name
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name}
 
 
-@dataclass
-class VfioVf:
-    address: str
-    physfn: str | None
-    current_type: int
-    creatable_types: list[VfioVgpuType]
-    iommu_group: int | None
+class VfioVf(_Record):
+    __slots__ = ("address", "physfn", "current_type", "creatable_types", "iommu_group")
+
+    def __init__(self, address: str, physfn: str | None, current_type: int, creatable_types: list[VfioVgpuType],
+                 iommu_group: int | None) -> None:
+        self.address = address
+        self.physfn = physfn
+        self.current_type = current_type
+        self.creatable_types = creatable_types
+        self.iommu_group = iommu_group
 
     def to_dict(self) -> dict[str, Any]:
         return {"address": self.address, "physfn": self.physfn, "current_type": self.current_type,
@@ -272,7 +306,7 @@ class Scanner:
             # device_api (the driver fills them from the board's type table); only available_instances
             # differs from VF to VF. They are read on the first VF of each PF and reused for its siblings
             # when the sibling lists the same types - a quarter of the reads on an SR-IOV vGPU host
-            # (assumption, not a documented guarantee: docs/simulator-fidelity.md)
+            # (assumption, not a documented guarantee: docs/discover-schema.md, "Sibling VFs")
             pf = _link_name(os.path.join(link, "physfn")) if parent.is_pci else None
             static = static_by_pf.get(pf) if pf else None
             types_dir = os.path.join(link, "mdev_supported_types")

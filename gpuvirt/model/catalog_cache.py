@@ -183,5 +183,5 @@ def pci_index() -> list[PciRow]:
     return pci_rows(load_catalog().models.values())
 
 
-__all__ = ["CACHE_ENV", "by_vgpu_types", "cache_dir", "digest", "models_dir", "models_dir_files", "pci_index", "pci_lookup",
-           "read_cache", "vf_lookup", "write_cache"]
+__all__ = ["CACHE_ENV", "by_vgpu_types", "cache_dir", "digest", "models_dir", "models_dir_files", "pci_index",
+           "pci_lookup", "read_cache", "vf_lookup", "write_cache"]

@@ -360,7 +360,8 @@ def import_profiles(ctx: Any, path: str, replace: bool = False, strict: bool = F
         rows = {s.name: uow.profile(s.name) for s in plan.specs}
         same = {n for n, row in rows.items() if row is not None and _row_spec(row) == next(
             s for s in plan.specs if s.name == n)}
-        clashes = [s.name for s in plan.specs if s.name not in same and (rows[s.name] is not None or s.name in builtins)]
+        clashes = [s.name for s in plan.specs
+                   if s.name not in same and (rows[s.name] is not None or s.name in builtins)]
         if clashes and not replace:
             raise ConflictError(f"{path}: nothing imported; profile(s) {', '.join(clashes)} already exist "
                                 "(stored or built in) with another layout; use --replace to overwrite them")
