@@ -1,21 +1,28 @@
 #!/usr/bin/env python3
-"""Benchmark: ``gpuvirt discover --json`` vs ``mdevctl types --dumpjson`` on a 256-parent x 20-type mdev tree.
+"""Benchmark: ``gpuvirt discover`` vs ``mdevctl types`` on a realistic vGPU host tree.
 
-The tree is written directly in the layout that mdevctl 1.2.0 accepts (../shared/reference/running-mdevctl.md
-section 3): 256 PCI parents under ``sys/devices/pci0000:00``, 20 ``nvidia-N`` types each, one active mdev per
-parent (256) with its ``mdev_type`` / ``iommu_group`` links, and 256 defined devices as JSON files under
-``etc/mdevctl.d/<parent>/`` - 26,624 regular files, the size of the reference timing.
+The tree is what a host with eight NVIDIA A10 boards in SR-IOV mode shows (../shared/reference/
+nvidia-vgpu.md section 2.2, running-mdevctl.md section 3): 8 physical functions and 248 virtual functions
+- 256 NVIDIA PCI functions with vendor, device, subsystem, class, driver and IOMMU group, SR-IOV attributes
+and virtfnN / physfn links - plus the host's other PCI functions (bridges, NICs, NVMe, the GPUs' audio
+functions). Every VF is a classic mdev parent with the A10's 23 vGPU types as the catalog describes them
+(name, description, available_instances, device_api); half the VFs hold an active vGPU (its mdev_type and
+iommu_group links) and every VF has a defined device under ``etc/mdevctl.d``. That is the work a real vGPU
+host gives discovery: PCI GPU functions (so the model catalog is loaded) and NVIDIA devices (so NVML is
+probed; here libnvidia-ml is absent, as on a host whose driver is not loaded).
 
-Both commands are timed as whole processes, wall clock, output to /dev/null, after one untimed warm-up run:
+Timed as whole processes, cold (a new process each run), output to /dev/null, in alternating order inside
+one private mount namespace so that both see the same tree under the same load:
 
-* gpuvirt: the installed console script, ``gpuvirt --root TREE discover --json``;
-* mdevctl: 1.2.0 has no root prefix, so the runs happen inside one private mount namespace with the tree
-  bound over ``/sys`` and ``/etc/mdevctl.d`` (root only); a small timer inside the namespace starts mdevctl
-  the same way gpuvirt is started.  Without root, ``unshare`` or ``mdevctl`` that side is reported as skipped.
+* JSON: ``gpuvirt --root TREE discover --json``  vs  ``mdevctl types --dumpjson``
+* table: ``gpuvirt --root TREE discover``        vs  ``mdevctl types``
 
-Median of ``--runs`` (default 5) each, printed side by side with the ratio and whether the target
-(gpuvirt no slower than mdevctl) is met.  ``--profile`` adds where gpuvirt's time goes (``-X importtime`` and
-cProfile of one in-process run).  Run: ``.venv/bin/python benches/discover.py``.
+mdevctl 1.2.0 has no root prefix, so the tree is bound over ``/sys`` and ``/etc/mdevctl.d`` in the
+namespace (root only). Each pair is run ``--runs`` times (default 11), alternating; the medians of CPU time
+(user + system of the child, the latency measure the load of a shared machine disturbs least) and of wall
+time are printed with their ratios and the load average. Targets: JSON <= 1.0x, table <= 1.5x, on CPU time.
+``--profile`` adds where gpuvirt's time goes (``-X importtime``, phases, cProfile).
+Run: ``.venv/bin/python benches/discover.py``.
 """
 
 from __future__ import annotations
@@ -34,24 +41,42 @@ from pathlib import Path
 
 PCI_ROOT = "sys/devices/pci0000:00"
 NS_SCRIPT = 'mount --bind "$ROOT/sys" /sys && mount --bind "$ROOT/etc/mdevctl.d" /etc/mdevctl.d && exec "$@"'
+# run inside the namespace: alternate the commands of each pair, record CPU and wall time per run
 TIMER = r"""
-import json, subprocess, sys, time
-runs = int(sys.argv[1]); cmd = sys.argv[2:]
-subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)          # warm-up
-out = []
-for _ in range(runs):
-    t = time.perf_counter()
+import json, os, resource, subprocess, sys, time
+runs = int(sys.argv[1]); pairs = json.loads(sys.argv[2])
+def once(cmd):
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN); t = time.perf_counter()
     rc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
-    out.append(time.perf_counter() - t)
+    wall = time.perf_counter() - t; r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if rc:
         sys.exit(f"{' '.join(cmd)} exited {rc}")
+    return {"wall": wall, "cpu": (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)}
+out = {name: {"gpuvirt": [], "mdevctl": []} for name in pairs}
+for name, (ours, theirs) in pairs.items():          # one untimed warm-up of each
+    once(ours); once(theirs)
+for i in range(runs):
+    for name, (ours, theirs) in pairs.items():
+        first, second = (("gpuvirt", ours), ("mdevctl", theirs)) if i % 2 == 0 else (("mdevctl", theirs), ("gpuvirt", ours))
+        for who, cmd in (first, second):
+            out[name][who].append(once(cmd))
 print(json.dumps(out))
 """
 
 
 # --- the tree -----------------------------------------------------------------------------------------------------
-def parent_address(i: int) -> str:
-    return f"0000:{0x10 + i // 32:02x}:{i % 32:02x}.0"
+BOARDS = 8
+VFS_PER_BOARD = 31          # of sriov_totalvfs 32 (the A10's)
+VF_OFFSET = 4               # VF n at devfn PF+4+n (NVIDIA: function .4 onwards)
+
+
+def pf_address(b: int) -> str:
+    return f"0000:{0x41 + b:02x}:00.0"
+
+
+def vf_address(b: int, n: int) -> str:
+    devfn = VF_OFFSET + n
+    return f"0000:{0x41 + b:02x}:{devfn // 8:02x}.{devfn % 8}"
 
 
 def _file(path: Path, text: str, mode: int = 0o444) -> None:
@@ -68,58 +93,116 @@ def _link(path: Path, target: Path) -> None:
     os.symlink(os.path.relpath(target, path.parent), path)
 
 
-def build_tree(root: Path, parents: int, types: int) -> dict[str, int]:
-    sysd = root / "sys"
-    for d in ("class/mdev_bus", "bus/mdev/devices", "kernel/iommu_groups", "devices/pci0000:00"):
-        (sysd / d).mkdir(parents=True, exist_ok=True)
+class _Tree:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.sys = root / "sys"
+        self.group = 16
+        self.files = 0
+
+    def pci_function(self, addr: str, vendor: int, device: int, sub_vendor: int, sub_device: int, klass: int,
+                     driver: str | None) -> Path:
+        d = self.root / PCI_ROOT / addr
+        d.mkdir(parents=True)
+        uevent = ((f"DRIVER={driver}\n" if driver else "") + f"PCI_CLASS={klass:X}\nPCI_ID={vendor:04X}:{device:04X}\n"
+                  f"PCI_SUBSYS_ID={sub_vendor:04X}:{sub_device:04X}\nPCI_SLOT_NAME={addr}\n"
+                  f"MODALIAS=pci:v{vendor:08X}d{device:08X}sv{sub_vendor:08X}sd{sub_device:08X}"
+                  f"bc{klass >> 16:02X}sc{(klass >> 8) & 0xFF:02X}i{klass & 0xFF:02X}\n")
+        for name, text in (("uevent", uevent), ("vendor", f"0x{vendor:04x}\n"), ("device", f"0x{device:04x}\n"),
+                           ("subsystem_vendor", f"0x{sub_vendor:04x}\n"), ("subsystem_device", f"0x{sub_device:04x}\n"),
+                           ("class", f"0x{klass:06x}\n"), ("numa_node", "0\n"), ("reset_method", "flr\n")):
+            _file(d / name, text)
+            self.files += 1
+        _link(self.sys / "bus/pci/devices" / addr, d)
+        if driver:
+            drv = self.sys / "bus/pci/drivers" / driver
+            drv.mkdir(parents=True, exist_ok=True)
+            _link(d / "driver", drv)
+            _link(drv / addr, d)
+        g = self.sys / "kernel/iommu_groups" / str(self.group) / "devices"
+        g.mkdir(parents=True)
+        _link(d / "iommu_group", g.parent)
+        _link(g / addr, d)
+        self.group += 1
+        return d
+
+
+def _a10_types() -> list[dict[str, str]]:
+    """The A10's vGPU types as the catalog describes them (what the simulator and gpuvirt's tests use)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from gpuvirt.model.catalog import load_catalog
+
+    m = load_catalog().get("a10")
+    return [{"id": t.sysfs_id, "name": m.vgpu.name_prefix + t.name, "description": t.description(),
+             "fb": t.framebuffer_mib} for t in m.vgpu.types]
+
+
+def build_tree(root: Path, boards: int = BOARDS, vfs: int = VFS_PER_BOARD) -> dict[str, int]:
+    t = _Tree(root)
+    for d in ("class/mdev_bus", "bus/mdev/devices", "bus/pci/devices", "kernel/iommu_groups", "devices/pci0000:00"):
+        (t.sys / d).mkdir(parents=True, exist_ok=True)
     for base in ("etc/mdevctl.d/scripts.d", "usr/lib/mdevctl/scripts.d"):
         for sub in ("callouts", "notifiers"):
             (root / base / sub).mkdir(parents=True, exist_ok=True)
-    sizes = [1024, 2048, 4096, 8192, 16384]
-    files = 0
-    for i in range(parents):
-        addr = parent_address(i)
-        pdir = root / PCI_ROOT / addr
-        (pdir / "mdev_supported_types").mkdir(parents=True)
-        _file(pdir / "vendor", "0x10de\n")
-        _file(pdir / "device", "0x1eb8\n")
-        files += 2
-        active_type = f"nvidia-{300 + i % types}"
-        for j in range(types):
-            tid = f"nvidia-{300 + j}"
-            fb = sizes[j % len(sizes)]
-            tdir = pdir / "mdev_supported_types" / tid
-            (tdir / "devices").mkdir(parents=True)
-            _file(tdir / "name", f"FAKE-T4-{fb // 1024}{'QABC'[j // 5 % 4]}\n")
-            _file(tdir / "description", f"num_heads=4, frl_config=60, framebuffer={fb}M, max_resolution=5120x2880, "
-                                        f"max_instance={16384 // fb}\n")
-            _file(tdir / "available_instances", f"{(16384 // fb - 1) if tid == active_type else 0}\n")
-            _file(tdir / "device_api", "vfio-pci\n")
-            _file(tdir / "create", "", 0o200)
-            files += 5
-        # one active device per parent
-        u = str(uuid.UUID(int=(0xA << 124) | i, version=4))
-        ddir = pdir / u
-        ddir.mkdir()
-        _file(ddir / "remove", "", 0o200)
-        files += 1
-        group = 100 + i
-        gdir = sysd / "kernel/iommu_groups" / str(group) / "devices"
-        gdir.mkdir(parents=True)
-        _link(ddir / "mdev_type", pdir / "mdev_supported_types" / active_type)
-        _link(ddir / "iommu_group", gdir.parent)
-        _link(gdir / u, ddir)
-        _link(pdir / "mdev_supported_types" / active_type / "devices" / u, ddir)
-        _link(sysd / "bus/mdev/devices" / u, ddir)
-        _link(sysd / "class/mdev_bus" / addr, pdir)
-        # one defined (persistent) device per parent, as mdevctl stores it
-        cfg = root / "etc/mdevctl.d" / addr
-        cfg.mkdir()
-        d = str(uuid.UUID(int=(0xD << 124) | i, version=4))
-        _file(cfg / d, json.dumps({"mdev_type": f"nvidia-{300 + (i + 1) % types}", "start": "auto",
-                                   "attrs": []}, indent=2) + "\n", 0o644)
-        files += 1
-    return {"parents": parents, "types": types, "active": parents, "defined": parents, "files": files}
+    # the rest of the host: root ports, NICs, NVMe, SATA, USB, BMC display (not NVIDIA)
+    others = [("0000:00:00.0", 0x1022, 0x14a4, 0x060000, None), ("0000:00:07.1", 0x1022, 0x14a7, 0x060400, "pcieport"),
+              ("0000:01:00.0", 0x15b3, 0x101d, 0x020000, "mlx5_core"), ("0000:01:00.1", 0x15b3, 0x101d, 0x020000,
+                                                                          "mlx5_core"),
+              ("0000:02:00.0", 0x144d, 0xa80a, 0x010802, "nvme"), ("0000:03:00.0", 0x1a03, 0x2000, 0x030000, "ast"),
+              ("0000:04:00.0", 0x1022, 0x7901, 0x010601, "ahci"), ("0000:05:00.3", 0x1022, 0x15b6, 0x0c0330, "xhci_hcd")]
+    for i in range(boards):
+        others.append((f"0000:{0x30 + i:02x}:00.0", 0x1022, 0x14a5, 0x060400, "pcieport"))
+    for addr, ven, dev, klass, drv in others:
+        t.pci_function(addr, ven, dev, ven, 0x0001, klass, drv)
+    types = _a10_types()
+    active = 0
+    for b in range(boards):
+        pf = t.pci_function(pf_address(b), 0x10DE, 0x2236, 0x10DE, 0x1482, 0x030200, "nvidia")
+        _file(pf / "sriov_totalvfs", "32\n")
+        _file(pf / "sriov_numvfs", f"{vfs}\n", 0o644)
+        _file(pf / "sriov_vf_device", "2236\n")
+        t.files += 3
+        for n in range(vfs):
+            addr = vf_address(b, n)
+            vf = t.pci_function(addr, 0x10DE, 0x2236, 0x10DE, 0x0000, 0x030200, "nvidia")
+            _link(vf / "physfn", pf)
+            _link(pf / f"virtfn{n}", vf)
+            _link(t.sys / "class/mdev_bus" / addr, vf)
+            holds = n % 2 == 0                      # every other VF holds a vGPU (A10-4Q)
+            active_type = "nvidia-593" if holds else None
+            for ty in types:
+                tdir = vf / "mdev_supported_types" / ty["id"]
+                (tdir / "devices").mkdir(parents=True)
+                _file(tdir / "name", ty["name"] + "\n")
+                _file(tdir / "description", ty["description"] + "\n")
+                _file(tdir / "available_instances", "0\n" if holds else "1\n")
+                _file(tdir / "device_api", "vfio-pci\n")
+                _file(tdir / "create", "", 0o200)
+                t.files += 5
+            if holds:
+                u = str(uuid.UUID(int=(0xA << 124) | (b << 8) | n, version=4))
+                ddir = vf / u
+                ddir.mkdir()
+                _file(ddir / "remove", "", 0o200)
+                gdir = t.sys / "kernel/iommu_groups" / str(t.group) / "devices"
+                gdir.mkdir(parents=True)
+                t.group += 1
+                _link(ddir / "mdev_type", vf / "mdev_supported_types" / active_type)
+                _link(ddir / "iommu_group", gdir.parent)
+                _link(gdir / u, ddir)
+                _link(vf / "mdev_supported_types" / active_type / "devices" / u, ddir)
+                _link(t.sys / "bus/mdev/devices" / u, ddir)
+                t.files += 1
+                active += 1
+            cfg = root / "etc/mdevctl.d" / addr
+            cfg.mkdir()
+            d = str(uuid.UUID(int=(0xD << 124) | (b << 8) | n, version=4))
+            _file(cfg / d, json.dumps({"mdev_type": "nvidia-593", "start": "auto", "attrs": []}, indent=2) + "\n",
+                  0o644)
+            t.files += 1
+    return {"nvidia_functions": boards * (1 + vfs), "pfs": boards, "vfs": boards * vfs, "other_functions": len(others),
+            "parents": boards * vfs, "types": len(types), "active": active, "defined": boards * vfs,
+            "files": t.files}
 
 
 # --- running --------------------------------------------------------------------------------------------------------
@@ -136,16 +219,6 @@ def gpuvirt_cmd() -> list[str]:
     if not found:
         sys.exit("benches/discover.py: the gpuvirt console script is not installed next to this Python")
     return [found]
-
-
-def time_runs(cmd: list[str], runs: int) -> list[float]:
-    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)   # warm-up
-    out = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def mdevctl_unavailable() -> str | None:
@@ -173,8 +246,12 @@ def check_outputs(root: Path, shape: dict[str, int], with_mdevctl: bool) -> str:
     ours = {pa["address"]: {t["id"]: t["available_instances"] for t in pa["types"]} for pa in doc["mdev_parents"]}
     assert len(ours) == shape["parents"] and all(len(t) == shape["types"] for t in ours.values()), "gpuvirt"
     assert len(doc["mdev_devices"]) == shape["active"] and not doc["warnings"], "gpuvirt devices/warnings"
+    nvidia = [d for d in doc["pci_gpus"] if d["vendor_id"] == "0x10de"]
+    assert len(nvidia) == shape["nvidia_functions"] and {d["model"] for d in nvidia} == {"a10"}, "gpuvirt PCI"
+    assert len(doc["sriov_pfs"]) == shape["pfs"], "gpuvirt SR-IOV"
+    assert doc["nvml"]["available"] is False, "NVML must be probed and absent"
     if not with_mdevctl:
-        return "gpuvirt sees the whole tree"
+        return "gpuvirt sees the whole tree (catalog loaded, NVML probed)"
     p = in_namespace(root, "mdevctl", "types", "--dumpjson")
     if p.returncode:
         sys.exit(f"mdevctl types failed: {p.stderr.strip()}")
@@ -183,7 +260,8 @@ def check_outputs(root: Path, shape: dict[str, int], with_mdevctl: bool) -> str:
         for parent, types in entry.items():
             theirs[parent] = {k: v["available_instances"] for t in types for k, v in t.items()}
     assert theirs == ours, "gpuvirt and mdevctl disagree on the tree"
-    return "gpuvirt and mdevctl list the same parents, types and available_instances"
+    return ("gpuvirt and mdevctl list the same parents, types and available_instances; gpuvirt also reads "
+            f"{shape['nvidia_functions']} NVIDIA PCI functions, SR-IOV and the catalog, and probes NVML")
 
 
 PHASES = r"""
@@ -277,15 +355,26 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def summarize(rows: list[dict[str, float]], key: str) -> float:
+    return median([r[key] for r in rows])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--parents", type=int, default=256)
-    ap.add_argument("--types", type=int, default=20)
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--boards", type=int, default=BOARDS)
+    ap.add_argument("--vfs", type=int, default=VFS_PER_BOARD)
+    ap.add_argument("--runs", type=int, default=11)
     ap.add_argument("--keep", metavar="DIR", help="build the tree in DIR and keep it")
     ap.add_argument("--tmpdir", metavar="DIR",
                     help="where to build the throw-away tree (default: /dev/shm when writable, else $TMPDIR); "
-                         "pass e.g. /var/tmp to time an on-disk tree like the reference (ext4, warm cache)")
+                         "pass e.g. /var/tmp to time an on-disk tree (ext4, warm cache)")
     ap.add_argument("--profile", action="store_true", help="also show where gpuvirt's time goes")
     ap.add_argument("--json", action="store_true", help="print the result as JSON as well")
     ap.add_argument("--gpuvirt", metavar="PATH",
@@ -295,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     global GPUVIRT_EXE
     GPUVIRT_EXE = args.gpuvirt
+    if args.runs < 1 or args.boards < 1 or not 1 <= args.vfs <= 32:
+        sys.exit("--runs and --boards must be at least 1, --vfs 1 to 32")
 
     started = time.perf_counter()
     tmp = None
@@ -307,11 +398,13 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
     try:
         t = time.perf_counter()
-        shape = build_tree(root, args.parents, args.types)
-        print(f"tree: {shape['parents']} parents x {shape['types']} types, {shape['active']} active + "
-              f"{shape['defined']} defined devices, {shape['files']} files in {root} ({filesystem_of(root)}, "
-              f"{time.perf_counter() - t:.1f} s to build)")
+        shape = build_tree(root, args.boards, args.vfs)
+        print(f"tree: {shape['nvidia_functions']} NVIDIA PCI functions ({shape['pfs']} A10 PFs + {shape['vfs']} VFs) "
+              f"and {shape['other_functions']} others; {shape['parents']} mdev parents x {shape['types']} types, "
+              f"{shape['active']} active + {shape['defined']} defined devices; {shape['files']} files in {root} "
+              f"({filesystem_of(root)}, {time.perf_counter() - t:.1f} s to build)")
         skipped = mdevctl_unavailable()
+        version = "?"
         if skipped is None:
             probe = in_namespace(root, "mdevctl", "--version")
             if probe.returncode:
@@ -319,35 +412,48 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 version = probe.stdout.strip()
         print("check: " + check_outputs(root, shape, skipped is None))
-
-        ours = time_runs([*gpuvirt_cmd(), "--root", str(root), "discover", "--json"], args.runs)
-        theirs: list[float] | None = None
-        if skipped is None:
-            p = in_namespace(root, sys.executable, "-c", TIMER, str(args.runs), "mdevctl", "types", "--dumpjson")
-            if p.returncode:
-                sys.exit(f"timing mdevctl failed: {p.stderr.strip()}")
-            theirs = json.loads(p.stdout)
-
-        print(f"\nmedian of {args.runs} runs (wall clock, whole process, output to /dev/null):")
-        print(f"  {'command':<44} {'median':>9} {'min':>9} {'max':>9}")
-        print(f"  {'gpuvirt --root TREE discover --json':<44} {median(ours):8.3f}s {min(ours):8.3f}s "
-              f"{max(ours):8.3f}s")
-        result = {"tree": shape, "runs": args.runs, "gpuvirt_s": ours, "gpuvirt_median_s": median(ours),
-                  "mdevctl_s": theirs, "mdevctl_median_s": None, "ratio": None, "target_met": None,
-                  "mdevctl_skipped": skipped}
-        if theirs is None:
-            print(f"  {'mdevctl types --dumpjson':<44} {'skipped':>9}  ({skipped})")
-            print("\ntarget (gpuvirt no slower than mdevctl): not evaluated, mdevctl was skipped")
+        ours_json = [*gpuvirt_cmd(), "--root", str(root), "discover", "--json"]
+        ours_table = [*gpuvirt_cmd(), "--root", str(root), "discover"]
+        pairs = {"json": (ours_json, ["mdevctl", "types", "--dumpjson"]),
+                 "table": (ours_table, ["mdevctl", "types"])}
+        result: dict = {"tree": shape, "runs": args.runs, "mdevctl_skipped": skipped, "load_before": load_average()}
+        if skipped is not None:
+            print(f"mdevctl: skipped ({skipped}); only gpuvirt is timed")
+            pairs = {k: (v[0], [sys.executable, "-c", "pass"]) for k, v in pairs.items()}
+            p = subprocess.run([sys.executable, "-c", TIMER, str(args.runs), json.dumps(pairs)],
+                               capture_output=True, text=True, timeout=1800)
         else:
-            ratio = median(ours) / median(theirs)
-            met = ratio <= 1.0
-            result.update(mdevctl_median_s=median(theirs), ratio=ratio, target_met=met)
-            print(f"  {'mdevctl types --dumpjson (' + version + ')':<44} {median(theirs):8.3f}s "
-                  f"{min(theirs):8.3f}s {max(theirs):8.3f}s")
-            print(f"\nratio gpuvirt / mdevctl = {ratio:.2f}")
-            print("target (gpuvirt no slower than mdevctl): " + ("MET" if met else "NOT MET") +
-                  f" - gpuvirt is {'faster' if ratio < 1 else 'slower'} by "
-                  f"{abs(median(ours) - median(theirs)) * 1000:.0f} ms")
+            p = in_namespace(root, sys.executable, "-c", TIMER, str(args.runs), json.dumps(pairs))
+        if p.returncode:
+            sys.exit(f"timing failed: {p.stderr.strip()}")
+        timings = json.loads(p.stdout)
+        result["load_after"] = load_average()
+        print(f"\n{args.runs} alternating runs of each pair, cold processes, output to /dev/null; medians "
+              f"(load average before {result['load_before']}, after {result['load_after']}, "
+              f"{os.cpu_count()} CPUs):")
+        targets = {"json": 1.0, "table": 1.5}
+        met_all = True
+        for name, (ours, theirs) in pairs.items():
+            g, m = timings[name]["gpuvirt"], timings[name]["mdevctl"]
+            row = {"gpuvirt_cpu_s": summarize(g, "cpu"), "gpuvirt_wall_s": summarize(g, "wall"),
+                   "mdevctl_cpu_s": summarize(m, "cpu"), "mdevctl_wall_s": summarize(m, "wall"),
+                   "gpuvirt_command": " ".join(ours), "mdevctl_command": " ".join(theirs)}
+            print(f"  {name}:")
+            print(f"    {'$ ' + ' '.join(ours):<70} cpu {row['gpuvirt_cpu_s'] * 1000:6.0f} ms  "
+                  f"wall {row['gpuvirt_wall_s'] * 1000:6.0f} ms")
+            if skipped is None:
+                print(f"    {'$ ' + ' '.join(theirs) + ' (' + version + ')':<70} cpu {row['mdevctl_cpu_s'] * 1000:6.0f} ms  "
+                      f"wall {row['mdevctl_wall_s'] * 1000:6.0f} ms")
+                row["ratio_cpu"] = row["gpuvirt_cpu_s"] / row["mdevctl_cpu_s"]
+                row["ratio_wall"] = row["gpuvirt_wall_s"] / row["mdevctl_wall_s"]
+                row["target"] = targets[name]
+                row["target_met"] = row["ratio_cpu"] <= targets[name]
+                met_all &= row["target_met"]
+                print(f"    ratio gpuvirt / mdevctl: cpu {row['ratio_cpu']:.2f}, wall {row['ratio_wall']:.2f}  "
+                      f"(target <= {targets[name]:.1f} on cpu: {'MET' if row['target_met'] else 'NOT MET'})")
+            result[name] = row
+        if skipped is None:
+            print("\ntargets (JSON <= 1.0x, table <= 1.5x, CPU time): " + ("MET" if met_all else "NOT MET"))
         if args.profile:
             profile_gpuvirt(root)
         if args.json:

@@ -12,7 +12,6 @@ Settings come, in order of precedence, from command-line options, environment va
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -32,16 +31,29 @@ DEFAULT_POLICIES: dict[str, Any] = {
 CONFIG_KEYS = {"db_url", "sim_dir", "host_id", "root", "policies"}
 
 
-@dataclass
 class Settings:
-    root: Path
-    sim_dir: Path | None
-    db_url: str | None
-    host_id: str
-    config_path: Path
-    config_found: bool
-    debug: bool = False
-    policies: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_POLICIES))
+    # a plain class, not a dataclass: every command builds one, and the dataclasses module's import (inspect,
+    # ast, dis) is a sizeable part of a fast ``discover --json`` (docs/benchmarks.md)
+    _FIELDS = ("root", "sim_dir", "db_url", "host_id", "config_path", "config_found", "debug", "policies")
+
+    def __init__(self, root: Path, sim_dir: Path | None, db_url: str | None, host_id: str, config_path: Path,
+                 config_found: bool, debug: bool = False, policies: dict[str, Any] | None = None) -> None:
+        self.root = root
+        self.sim_dir = sim_dir
+        self.db_url = db_url
+        self.host_id = host_id
+        self.config_path = config_path
+        self.config_found = config_found
+        self.debug = debug
+        self.policies: dict[str, Any] = dict(DEFAULT_POLICIES) if policies is None else policies
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and all(getattr(self, k) == getattr(other, k) for k in self._FIELDS)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return "Settings(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self._FIELDS) + ")"
 
     @property
     def state_dir(self) -> Path:

@@ -13,6 +13,8 @@ Exit statuses are part of the CLI contract (documented in docs/operator-guide.md
  4    no capacity / does not fit
  5    conflict (instance allocated, locked database, concurrent change)
  6    reboot or GPU reset required before the change can finish
+ 7    partial import: ``profile import`` stored some entries and skipped others (not an error class:
+      the command lists the skipped entries and exits 7 after storing the rest)
 ====  =========================================================
 """
 

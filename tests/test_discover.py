@@ -179,7 +179,7 @@ def test_discover_every_model(make_sim, cli, model_id: str) -> None:
         assert doc["nvml"]["available"] is True
         [g] = doc["gpus"]
         assert (g["index"], g["pci_address"], g["name"], g["memory_mib"], g["model"]) == \
-            (0, PF, model.nvml_name, model.memory_mib, model_id)
+            (0, PF, model.nvml_name or model.display_name, model.memory_mib, model_id)
         mig = g["mig"]
         assert mig["supported"] is (model.mig is not None)
         if model.mig is not None:
@@ -203,6 +203,8 @@ def test_discover_every_model(make_sim, cli, model_id: str) -> None:
         assert (pf["vendor_id"], pf["device_id"], pf["model"]) == \
             (f"0x{model.vendor_id:04x}", f"0x{model.device_id:04x}", model_id)
         assert pf["address"] == ("0000:00:02.0" if model.vendor == "intel" else PF)
+        if model.subsystem_device_id is not None:      # boards sharing a device id differ here (A2 / A16)
+            assert pf["subsystem_id"] == f"0x{model.subsystem_device_id:04x}{model.subsystem_vendor_id:04x}"
         assert int(pf["class"], 16) == (model.pci_class or 0x030000)
     else:
         assert doc["pci_gpus"] == []
@@ -515,9 +517,9 @@ def test_broken_entry_becomes_a_warning(make_sim, cli, breaker) -> None:
 
 # --- bad input ----------------------------------------------------------------------------------------------------
 def test_unknown_model_in_sim_init(tmp_path: Path, cli, gpuvirt_proc) -> None:
-    res = cli("sim", "init", tmp_path / "h", "--gpu", "a100-40gb", "--gpu", "b300")
+    res = cli("sim", "init", tmp_path / "h", "--gpu", "a100-40gb", "--gpu", "b900")
     assert_one_line_error(res, 3)
-    assert "unknown GPU model 'b300'" in res.stderr and "a100-40gb" in res.stderr
+    assert "unknown GPU model 'b900'" in res.stderr and "a100-40gb" in res.stderr
     assert not (tmp_path / "h" / ".gpuvirt-sim").exists()
     res = gpuvirt_proc("sim", "init", tmp_path / "p", "--gpu", "nope:2")
     assert_one_line_error(res, 3)
@@ -596,3 +598,59 @@ def test_corrupt_sim_state(make_sim, cli, gpuvirt_proc) -> None:
     assert_one_line_error(cli("--sim", sim.root, "discover"))
     sim.state_path.write_text("[]")
     assert_one_line_error(cli("--sim", sim.root, "discover", "--json"))
+
+
+def test_sibling_vfs_and_uevent_ids_read_what_the_files_say(make_sim, cli) -> None:
+    """Discovery reads static type attributes once per PF and PCI ids from uevent (docs/discover-schema.md):
+    the result must equal what every file says, read one by one."""
+    sim = make_sim(["a2"])
+    k = SimKernel(sim)
+    k.write(sim.root / f"sys/class/mdev_bus/{vf(3)}/mdev_supported_types/nvidia-746/create",
+            "6a1f0c2e-0000-4000-8000-0000000000aa")
+    doc = discover_json(cli, "--sim", str(sim.root))
+    bus = sim.root / "sys/class/mdev_bus"
+    for p in doc["mdev_parents"]:
+        tdir = bus / p["address"] / "mdev_supported_types"
+        want = []
+        for t in sorted(os.listdir(tdir)):
+            def attr(name: str, strip: bool = True) -> str | None:
+                f = tdir / t / name
+                if not f.exists():
+                    return None
+                text = f.read_text()
+                return text.strip() if strip else text.rstrip("\n")
+            want.append({"id": t, "name": attr("name"), "description": attr("description", False),
+                         "available_instances": int(attr("available_instances")), "device_api": attr("device_api")})
+        assert p["types"] == want, p["address"]
+    assert {t["available_instances"] for p in doc["mdev_parents"] if p["address"] != vf(3)
+            for t in p["types"] if t["id"] == "nvidia-746"} == {1}
+    # without uevent files the ids and drivers come from the attribute files: the same answer
+    for d in (PF, vf(0), vf(3)):
+        (sim.root / "sys/bus/pci/devices" / d / "uevent").resolve().unlink()
+    assert discover_json(cli, "--sim", str(sim.root))["pci_gpus"] == doc["pci_gpus"]
+
+
+def test_the_table_form_is_the_same_through_typer_and_the_fast_path(make_sim, cli, gpuvirt_proc) -> None:
+    sim = make_sim(["a100-40gb", "a2", "mtty"])
+    k = SimKernel(sim)
+    k.write(sim.root / "sys/class/mdev_bus/mtty/mdev_supported_types/mtty-2/create",
+            "6a1f0c2e-0000-4000-8000-0000000000bb")
+    typer_run = cli("--sim", sim.root, "discover")
+    fast = gpuvirt_proc("--sim", sim.root, "discover")
+    assert typer_run.exit_code == fast.exit_code == 0, fast
+    assert typer_run.stdout == fast.stdout
+    lines = fast.stdout.splitlines()
+    assert lines[0].startswith("Host ") and "mdev parents" in lines and "mdev devices" in lines
+    # plain columns: a header, a dashed rule as wide as each column, no box drawing, no escape sequences
+    i = lines.index("mdev devices")
+    assert lines[i + 1].split() == ["UUID", "parent", "type", "IOMMU"]
+    assert set(lines[i + 2].replace(" ", "")) == {"-"}
+    assert "6a1f0c2e-0000-4000-8000-0000000000bb" in lines[i + 3]
+    assert not any(c in fast.stdout for c in "│┃━─\x1b")
+
+
+def test_table_cells_cannot_break_lines_or_send_escapes() -> None:
+    from gpuvirt.cli.discover_view import plain_table
+
+    lines = plain_table("t", ["a", "b"], [["x\ny", "\x1b[31mred"], [None, 7]])
+    assert lines == ["t", "a    b", "---  --------", "x?y  ?[31mred", "     7", ""]

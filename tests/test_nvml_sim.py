@@ -128,7 +128,8 @@ def test_gi_and_ci_profiles_equal_reference(tmp_path: Path, model_id: str) -> No
     sim = make_sim(tmp_path, model_id)
     with session_for(sim) as s:
         got = {p.id: p for p in s.gi_profiles(0)}
-        assert s.gpus()[0].memory_mib == ref["total_memory_mib"]
+        if ref.get("total_memory_mib") is not None:      # not captured for GH200 144G and B200
+            assert s.gpus()[0].memory_mib == ref["total_memory_mib"]
         assert set(got) == {rp["id"] for rp in ref["gi_profiles"]}
         for rp in ref["gi_profiles"]:
             g = got[rp["id"]]
@@ -471,7 +472,7 @@ def test_compute_instances_and_mig_devices(tmp_path: Path) -> None:
         m = migs[0]
         assert pynvml.nvmlDeviceIsMigDeviceHandle(m).value == 1
         assert pynvml.nvmlDeviceIsMigDeviceHandle(h).value == 0
-        assert pynvml.nvmlDeviceGetName(m) == "NVIDIA A100-SXM4-40GB MIG 1c.3g.20gb"
+        assert pynvml.nvmlDeviceGetName(m) == "NVIDIA A100-PCIE-40GB MIG 1c.3g.20gb"
         uuid = pynvml.nvmlDeviceGetUUID(m)
         assert uuid.startswith("MIG-")
         by_uuid = pynvml.nvmlDeviceGetHandleByUUID(uuid)
@@ -701,11 +702,11 @@ def test_identity_calls(tmp_path: Path) -> None:
         h = pynvml.nvmlDeviceGetHandleByIndex(1)
         pci = pynvml.nvmlDeviceGetPciInfo(h)
         assert pci.busId == "00000000:42:00.0" and pci.busIdLegacy == "0000:42:00.0"
-        assert (pci.domain, pci.bus, pci.device, pci.pciDeviceId) == (0, 0x42, 0, 0x20B010DE)
+        assert (pci.domain, pci.bus, pci.device, pci.pciDeviceId) == (0, 0x42, 0, 0x20F110DE)
         uuid = pynvml.nvmlDeviceGetUUID(h)
         for key in ("0000:42:00.0", "00000000:42:00.0", "42:00.0"):
             assert pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByPciBusId(key)) == uuid
-        assert pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByUUID(uuid)) == "NVIDIA A100-SXM4-40GB"
+        assert pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByUUID(uuid)) == "NVIDIA A100-PCIE-40GB"
         with pytest.raises(pynvml.NVMLError_NotFound):
             pynvml.nvmlDeviceGetHandleByUUID("GPU-00000000-0000-0000-0000-000000000000")
         with pytest.raises(pynvml.NVMLError_InvalidArgument):

@@ -17,22 +17,18 @@ import yaml
 from gpuvirt.errors import ProfileError
 from gpuvirt.model.catalog import load_catalog
 from gpuvirt.model.mig import all_valid_multisets, layout_problems, maximal_multisets
-from gpuvirt.model.profile import (
-    ProfileEntry,
-    ProfileSpec,
+from gpuvirt.model.profile import ProfileEntry, ProfileSpec, nearest_mig_layouts, resolve, validate
+from gpuvirt.model.profile_formats import (
     dump_yaml,
     from_gpuvirt,
     from_mig_parted,
     from_vgpu_dm,
-    load_yaml,
     model_filters,
-    nearest_mig_layouts,
     parse_profiles,
-    resolve,
     to_gpuvirt,
     to_mig_parted,
-    validate,
 )
+from gpuvirt.model.profile_yaml import load_yaml
 from gpuvirt.service.profiles import builtin_profiles
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "data"
@@ -97,11 +93,11 @@ def test_one_instance_beyond_a_maximal_layout_is_rejected(catalog, model_id):
 def test_over_max_me_and_over_budget_reasons(catalog):
     a100 = catalog.get("a100-40gb")
     msg = rejected(ProfileEntry(mig={"1g.5gb+me": 2}), a100)
-    assert msg.startswith("2x 1g.5gb+me exceeds the A100-SXM4-40GB's limit of 1 1g.5gb+me instance; valid: ")
+    assert msg.startswith("2x 1g.5gb+me exceeds the A100-PCIE-40GB's limit of 1 1g.5gb+me instance; valid: ")
     msg = rejected(ProfileEntry(mig={"1g.5gb": 8}), a100)
     assert "limit of 7 1g.5gb instances; valid: 7x 1g.5gb" in msg
     msg = rejected(ProfileEntry(mig={"3g.20gb": 2, "1g.5gb": 1}), a100)
-    assert msg.startswith("2x 3g.20gb + 1g.5gb needs 9 memory slices, the A100-SXM4-40GB has 8; valid: 2x 3g.20gb")
+    assert msg.startswith("2x 3g.20gb + 1g.5gb needs 9 memory slices, the A100-PCIE-40GB has 8; valid: 2x 3g.20gb")
     h100 = catalog.get("h100-80gb")
     msg = rejected(ProfileEntry(mig={"1g.10gb+me": 2}), h100)
     assert "limit of 1 1g.10gb+me instance" in msg
@@ -110,7 +106,7 @@ def test_over_max_me_and_over_budget_reasons(catalog):
 def test_nearest_alternatives_for_an_over_budget_request(catalog):
     a100 = catalog.get("a100-40gb")
     msg = rejected(ProfileEntry(mig={"4g.20gb": 1, "3g.20gb": 1, "1g.5gb": 1}), a100)
-    assert msg.startswith("4g.20gb + 3g.20gb + 1g.5gb needs 8 compute slices, the A100-SXM4-40GB has 7; "
+    assert msg.startswith("4g.20gb + 3g.20gb + 1g.5gb needs 8 compute slices, the A100-PCIE-40GB has 7; "
                           "valid: 4g.20gb + 3g.20gb, 4g.20gb + 2g.10gb + 1g.5gb, ")
     alternatives = msg.split("; valid: ")[1].split(", ")
     assert len(alternatives) == 3
@@ -151,8 +147,11 @@ def test_rounding_aliases_resolve_per_model(catalog):
     msg = rejected(ProfileEntry(mig={"7g.79gb": 1, "7g.80gb": 1}), a100_80)
     assert "both name 7g.80gb" in msg
     h200 = catalog.get("h200")
-    for name in ("3g.70gb", "3g.71gb"):
-        assert resolve(ProfileEntry(mig={name: 1}), h200).mig_counts == {9: 1}
+    assert resolve(ProfileEntry(mig={"3g.71gb": 1}), h200).mig_counts == {9: 1}
+    # a rounding neighbour is not an alias: only the names the model's file lists are accepted
+    assert "unknown MIG profile '3g.70gb' for the H200-SXM5-141GB" in rejected(ProfileEntry(mig={"3g.70gb": 1}), h200)
+    gb200 = catalog.get("gb200")
+    assert resolve(ProfileEntry(mig={"1g.24gb": 2, "3g.95gb": 1}), gb200).mig_counts == {19: 2, 9: 1}
     # the alias picks the model's own profile id: 1g.10gb is the 2-slice profile on A100-40GB
     assert resolve(ProfileEntry(mig={"1g.10gb": 1}), catalog.get("a100-40gb")).mig_counts == {15: 1}
     assert resolve(ProfileEntry(mig={"1g.10gb": 1}), catalog.get("h100-80gb")).mig_counts == {19: 1}
@@ -229,7 +228,7 @@ def test_vgpu_time_sliced_and_mig_backed_on_a100(catalog):
     assert "need MIG mode on" in rejected(ProfileEntry(mig_enabled=False, vgpu={"A100-1-5C": 1}), a100)
     assert "never share a GPU" in rejected(ProfileEntry(mig={"1g.5gb": 1}, vgpu={"A100-1-5C": 1, "A100-4C": 1}),
                                            a100)
-    assert "exceeds the A100-SXM4-40GB's maximum of 10" in rejected(ProfileEntry(vgpu={"A100-4C": 11}), a100)
+    assert "exceeds the A100-PCIE-40GB's maximum of 10" in rejected(ProfileEntry(vgpu={"A100-4C": 11}), a100)
 
 
 def test_vgpu_on_l40s_vfs(catalog):
@@ -277,10 +276,10 @@ def test_device_filters_and_last_entry_wins(catalog):
     h100 = catalog.get("h100-80gb")
     spec = ProfileSpec(name="x", entries=(
         ProfileEntry(mig_enabled=False),
-        ProfileEntry(device_filter="0x20b110de", devices=[1, 2], mig={"1g.5gb": 7}),   # PCIe A100 alias id
+        ProfileEntry(device_filter="0x20f110de", devices=[1, 2], mig={"1g.5gb": 7}),    # the A100 PCIe 40GB
         ProfileEntry(device_filter=["0x233010DE:0x16C110DE"], devices=[2], mig={"1g.10gb": 7}),
     ))
-    assert spec.entries[1].device_filter == ("0x20B110DE",)
+    assert spec.entries[1].device_filter == ("0x20F110DE",)
     assert spec.entry_for(a100, 0) is spec.entries[0]
     assert spec.entry_for(a100, 1) is spec.entries[1]
     assert spec.entry_for(a100, 2) is spec.entries[1]
@@ -301,7 +300,7 @@ def test_validate_uses_the_spec_model_or_the_models_a_name_exists_on(catalog):
     pinned = dataclasses.replace(spec, model="h100-80gb")
     assert validate(pinned).models == ["h100-80gb"]
     too_many = ProfileSpec(name="b", entries=(ProfileEntry(mig={"1g.10gb": 5}),))
-    with pytest.raises(ProfileError, match=r"^profile 'b': 5x 1g.10gb exceeds the A100-SXM4-40GB's limit"):
+    with pytest.raises(ProfileError, match=r"^profile 'b': 5x 1g.10gb exceeds the A100-PCIE-40GB's limit"):
         validate(too_many)
     assert validate(dataclasses.replace(too_many, model="h100-80gb")).models == ["h100-80gb"]
     with pytest.raises(ProfileError, match="no GPU model in the catalog has a MIG profile named '9g.1gb'"):
@@ -309,8 +308,8 @@ def test_validate_uses_the_spec_model_or_the_models_a_name_exists_on(catalog):
     with pytest.raises(ProfileError, match="does not match the H100-SXM5-80GB"):
         validate(ProfileSpec(name="d", model="h100-80gb",
                              entries=(ProfileEntry(device_filter="0x20B010DE", mig_enabled=True),)))
-    unknown = validate(ProfileSpec(name="e", entries=(ProfileEntry(device_filter="0x294110DE", mig_enabled=True),)))
-    assert unknown.checks == [] and unknown.unmatched_filters == [(0, "0x294110DE")]
+    unknown = validate(ProfileSpec(name="e", entries=(ProfileEntry(device_filter="0x2B8510DE", mig_enabled=True),)))
+    assert unknown.checks == [] and unknown.unmatched_filters == [(0, "0x2B8510DE")]
     assert "matches no GPU model" in unknown.warnings()[0]
 
 
@@ -577,7 +576,7 @@ def test_builtin_profiles_are_valid_on_their_model(catalog):
 
 
 def test_a_file_of_another_kind_is_named_as_such():
-    from gpuvirt.model.profile import parse_profiles
+    from gpuvirt.model.profile_formats import parse_profiles
 
     with pytest.raises(ProfileError) as e:
         parse_profiles("version: v1\nhooks:\n  pre-apply-mode: []\n", "hooks.yaml")

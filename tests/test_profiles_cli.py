@@ -110,7 +110,7 @@ def test_create_profile_json_and_kinds(host):
 
 @pytest.mark.parametrize("args, code, words", [
     (["--mig", "4g.20gb=1", "--mig", "3g.20gb=1", "--mig", "1g.5gb=1"], 2,
-     "needs 8 compute slices, the A100-SXM4-40GB has 7; valid: 4g.20gb + 3g.20gb, "),
+     "needs 8 compute slices, the A100-PCIE-40GB has 7; valid: 4g.20gb + 3g.20gb, "),
     (["--mig", "1g.5gb=8", "--model", "a100-40gb"], 2, "limit of 7 1g.5gb instances"),
     (["--mig", "1g.5gb+me=2", "--model", "a100-40gb"], 2, "limit of 1 1g.5gb+me instance"),
     (["--mig", "2g.10gb=99999999999999999999", "--model", "a100-40gb"], 2, "limit of 3"),
@@ -120,7 +120,7 @@ def test_create_profile_json_and_kinds(host):
     (["--mig", "1g.5gb"], 2, "expected NAME=COUNT"),
     (["--mig", "1g.5gb=1", "--mig", "1g.5gb=2"], 2, "given twice"),
     (["--mig", "5g.20gb=1", "--model", "a100-40gb"], 2,
-     "unknown MIG profile '5g.20gb' for the A100-SXM4-40GB; valid: "),
+     "unknown MIG profile '5g.20gb' for the A100-PCIE-40GB; valid: "),
     (["--mig", "9g.1gb=1"], 2, "no GPU model in the catalog has a MIG profile named '9g.1gb'"),
     (["--vgpu", "A2-3Q=1", "--model", "a2"], 2, "unknown vGPU type 'A2-3Q' for the NVIDIA A2; valid: A2-1B"),
     (["--vgpu", "T4-1Q=2", "--vgpu", "T4-2Q=2"], 2, "same-type policy"),
@@ -172,17 +172,23 @@ def test_create_profile_from_file(host, tmp_path):
 # --- import / export ---------------------------------------------------------------------------------------------
 def test_import_both_examples(fresh):
     mp, vd = need(MIG_PARTED_EXAMPLE), need(VGPU_DM_T4_EXAMPLE)
-    rows = json.loads(ok(fresh, "profile", "import", str(mp), "--json").stdout)
+    doc = json.loads(ok(fresh, "profile", "import", str(mp), "--json").stdout)
+    rows = doc["imported"]
     assert [r["name"] for r in rows] == ["all-disabled", "all-enabled", "all-1g.5gb", "all-1g.5gb.me",
                                          "all-1g.10gb", "all-2g.10gb", "all-3g.20gb", "all-balanced", "custom-config"]
-    assert {r["format"] for r in rows} == {"mig-parted"}
+    assert {r["format"] for r in rows} == {"mig-parted"} and doc["skipped"] == []
     r = ok(fresh, "profile", "import", str(vd))
     assert r.stdout.startswith(f"imported 8 profile(s) from {vd} (vgpu-device-manager): T4-1Q, ")
     listed = names(fresh)
     assert listed["custom-config"]["source"] == "mig-parted:mig-parted__examples_config.yaml"
     assert listed["T4-small"]["kind"] == "vgpu"
     assert sum(1 for a, _ in events(fresh) if a == "profile.import") == 17
-    # a second import collides and changes nothing; --replace overwrites
+    # importing the same file again changes nothing and is not a clash
+    again = json.loads(ok(fresh, "profile", "import", str(vd), "--json").stdout)
+    assert again["imported"] == [] and len(again["unchanged"]) == 8
+    assert sum(1 for a, _ in events(fresh) if a == "profile.import") == 17
+    # a stored profile of the same name with another layout is a clash; --replace overwrites
+    ok(fresh, "create-profile", "T4-1Q", "--vgpu", "T4-1Q=8", "--replace")
     assert "already exist" in fails(fresh, 5, "profile", "import", str(vd))
     ok(fresh, "profile", "import", str(vd), "--replace")
     show = json.loads(ok(fresh, "profile", "show", "custom-config", "--json").stdout)
@@ -190,16 +196,21 @@ def test_import_both_examples(fresh):
     assert show["problems"] == [] and "a100-40gb" in show["validation"]["models"]
 
 
-def test_import_is_all_or_nothing(host, tmp_path):
+def test_import_skips_what_it_cannot_and_strict_imports_nothing(host, tmp_path):
     f = tmp_path / "mixed.yaml"
     f.write_text("version: v1\nmig-configs:\n  good-one:\n    - devices: all\n      mig-enabled: true\n"
                  "      mig-devices: {3g.20gb: 2}\n  bad-one:\n    - devices: all\n      mig-enabled: true\n"
                  "      mig-devices: {3g.20gb: 3}\n")
     before = events(host)
-    msg = fails(host, 2, "profile", "import", str(f))
-    assert msg.startswith(f"{f}: nothing imported; profile 'bad-one': 3x 3g.20gb exceeds the A100-SXM4-40GB's limit")
+    msg = fails(host, 2, "profile", "import", str(f), "--strict")
+    assert msg.startswith(f"{f}: nothing imported (--strict): 1 entry cannot be imported; the first: config "
+                          "'bad-one' entry 1 (any device): 3x 3g.20gb exceeds the A100-PCIE-40GB's limit")
     assert "good-one" not in names(host) and "bad-one" not in names(host)
     assert events(host) == before
+    r = gv(host, "profile", "import", str(f))
+    assert r.exit_code == 7, r.output
+    assert "skipped: config 'bad-one' entry 1 (any device): 3x 3g.20gb exceeds the A100-PCIE-40GB's limit" in r.stdout
+    assert "good-one" in names(host) and "bad-one" not in names(host)
 
 
 @pytest.mark.parametrize("text, words", [
@@ -207,8 +218,6 @@ def test_import_is_all_or_nothing(host, tmp_path):
     ("version: v2\nmig-configs: {a: [{devices: all, mig-enabled: false}]}\n", ":1: unknown version 'v2'"),
     ("version: v1\nmig-configs:\n  a:\n    - devices: 0\n      mig-enabled: false\n", ":4: mig-configs 'a' "
      "entry 1: devices must be 'all' or a list of GPU indices, not a bare number"),
-    ("version: v1\nvgpu-configs:\n  t:\n    - devices: all\n      vgpu-devices: {T4-1Q: 17}\n",
-     "nothing imported; profile 't': 17x T4-1Q exceeds the Tesla T4's maximum of 16"),
     ("version: v1\nvgpu-configs:\n  t:\n    - devices: all\n      vgpu-devices: {T4-1Q: 0}\n", "every count"),
     ("- just\n- a list\n", "expected a mapping at the top"),
     ("version: v1\nmig-configs:\n  'bad name':\n    - {devices: all, mig-enabled: false}\n",
@@ -325,7 +334,7 @@ def test_console_script(fresh):
     assert r.returncode == 0 and "contract" in {p["name"] for p in json.loads(r.stdout)}
     r = run_gpuvirt("--sim", sim, "create-profile", "too-big", "--mig", "3g.20gb=3", "--model", "a100-40gb")
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.startswith("gpuvirt: error: profile 'too-big': 3x 3g.20gb exceeds the A100-SXM4-40GB's limit")
+    assert r.stderr.startswith("gpuvirt: error: profile 'too-big': 3x 3g.20gb exceeds the A100-PCIE-40GB's limit")
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 
 

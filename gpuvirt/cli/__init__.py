@@ -84,23 +84,30 @@ def _hook_fast_path(args: list[str]) -> int | None:
 
 
 def _discover_fast_path(args: list[str]) -> int | None:
-    """``[global options] discover --json``, the scripted hot path, without importing typer and rich.
+    """``[global options] discover [--json]``, the scripted hot path, without importing typer and rich.
 
     Same service, same output and the same one-line error boundary as the typer command; on a host with
     hundreds of mdev parents the CLI framework's import time was most of the wall time.
     """
     opts, i = _global_options(args)
-    if args[i:] != ["discover", "--json"]:
+    if args[i:] not in (["discover", "--json"], ["discover"]):
         return None
     from gpuvirt.cli.errors import report_error
 
     try:
-        from gpuvirt.cli.render import emit_json
         from gpuvirt.context import Context
         from gpuvirt.service.discover import discover
 
         with Context(_settings(opts)) as ctx:
-            emit_json(discover(ctx), compact=True)
+            doc = discover(ctx)
+        if args[i + 1:]:
+            from gpuvirt.cli.render import emit_json
+
+            emit_json(doc, compact=True)
+        else:
+            from gpuvirt.cli.discover_view import render_discovery
+
+            render_discovery(doc)
         return 0
     except BaseException as exc:  # noqa: BLE001 - the CLI's error boundary, as in gpuvirt.cli.app
         return report_error(exc, "--debug" in opts)

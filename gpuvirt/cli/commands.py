@@ -7,7 +7,8 @@ from typing import List, Optional
 import typer
 
 from gpuvirt.cli.app import app
-from gpuvirt.cli.render import console, emit_json, slice_picture, table
+from gpuvirt.cli.discover_view import render_discovery
+from gpuvirt.cli.render import console, emit_json, table
 from gpuvirt.cli.state import state
 
 # --- discover ---------------------------------------------------------------------------------------------
@@ -25,71 +26,6 @@ def discover(ctx: typer.Context,
         emit_json(doc, compact=True)
         return
     render_discovery(doc)
-
-
-def render_discovery(doc: dict) -> None:
-    out = console()
-    nv = doc["nvml"]
-    out.print(f"[bold]Host[/bold] {doc['host']['hostname']}  root={doc['host']['root']}  NVML: "
-              + (f"driver {nv['driver_version']}" if nv["available"] else f"unavailable ({nv['reason']})"))
-    if doc["gpus"]:
-        rows = []
-        for g in doc["gpus"]:
-            mig = g["mig"]
-            mode = "n/a" if not mig["supported"] else (
-                ("on" if mig["current"] else "off") + (" (pending " + ("on" if mig["pending"] else "off") + ")"
-                                                       if mig["pending"] != mig["current"] else ""))
-            rows.append([g["index"], g["pci_address"], g["name"], f"{g['memory_mib']} MiB", mode,
-                         len(mig["gpu_instances"]), g["uuid"]])
-        out.print(table("NVIDIA GPUs (NVML)", ["#", "PCI", "name", "memory", "MIG", "GIs", "UUID"], rows))
-        for g in doc["gpus"]:
-            mig = g["mig"]
-            if mig["supported"] and mig["current"]:
-                size = max([p["placements"][0]["start"] + p["placements"][0]["size"]
-                            for p in mig["gpu_instance_profiles"] if p["placements"]] or [8])
-                out.print(f"  GPU {g['index']} memory slices: {slice_picture(size, mig['gpu_instances'])}")
-    if doc["pci_gpus"]:
-        out.print(table("PCI display devices", ["PCI", "vendor", "device", "role", "model", "driver", "IOMMU"],
-                        [[d["address"], d["vendor"], d["device_id"], d["role"], d["model"] or d["name"] or "?",
-                          d["driver"], d["iommu_group"]] for d in doc["pci_gpus"]
-                         if d["role"] == "pf" or len(doc["pci_gpus"]) <= 16]))
-    if doc["sriov_pfs"]:
-        out.print(table("SR-IOV physical functions", ["PF", "vendor", "model", "VFs enabled", "VFs total"],
-                        [[p["address"], p["vendor"], p["model"], p["num_vfs"], p["total_vfs"]]
-                         for p in doc["sriov_pfs"]]))
-    if doc["mdev_parents"]:
-        # VFs of one board are listed as one row: 20 near-identical rows per GPU help nobody
-        physfn = {d["address"]: d["physfn"] for d in doc["pci_gpus"] if d.get("physfn")}
-        groups: dict[str, list] = {}
-        for p in doc["mdev_parents"]:
-            groups.setdefault(physfn.get(p["address"]) or p["address"], []).append(p)
-        rows = []
-        for owner, parents in groups.items():
-            avail: dict[str, int] = {}
-            for p in parents:
-                for t in p["types"]:
-                    if t["available_instances"] > 0:
-                        label = t["name"] or t["id"]
-                        avail[label] = avail.get(label, 0) + t["available_instances"]
-            where = owner if len(parents) == 1 and parents[0]["address"] == owner else f"{owner} ({len(parents)} VFs)"
-            text = ", ".join(f"{k} x{v}" for k, v in list(avail.items())[:8]) + (" …" if len(avail) > 8 else "")
-            rows.append([where, len(parents[0]["types"]), sum(len(p["devices"]) for p in parents), text or "none"])
-        out.print(table("mdev parents", ["parent", "types", "devices", "creatable now (free parents)"], rows))
-    if doc["mdev_devices"]:
-        out.print(table("mdev devices", ["UUID", "parent", "type", "IOMMU"],
-                        [[d["uuid"], d["parent"], d["type"], d["iommu_group"]] for d in doc["mdev_devices"]]))
-    if doc["vfio_vfs"]:
-        groups2: dict[str, list] = {}
-        for v in doc["vfio_vfs"]:
-            groups2.setdefault(v["physfn"] or "?", []).append(v)
-        out.print(table("vendor-specific VFIO VFs", ["PF", "VFs", "with a vGPU", "creatable types (free VF)"],
-                        [[pf, len(vs), sum(1 for v in vs if v["current_type"]),
-                          max((len(v["creatable_types"]) for v in vs if not v["current_type"]), default=0)]
-                         for pf, vs in groups2.items()]))
-    if doc["warnings"]:
-        err = console(stderr=True)
-        for w in doc["warnings"]:
-            err.print(f"[yellow]warning:[/yellow] {w['path']}: {w['message']}")
 
 
 # --- sim ----------------------------------------------------------------------------------------------------

@@ -121,6 +121,8 @@ def render_plan(doc: dict) -> None:
             out.print(escape(f"  note: {n}"))
         for b in g["blocked"]:
             out.print("  [red]blocked:[/red] " + escape(b))
+    for label in doc.get("untouched", []):
+        out.print(escape(f"{label}: no entry of {doc['profile']} selects it; left as it is"))
 
 
 @app.command()

@@ -162,15 +162,35 @@ def profile_export(ctx: typer.Context, names: Optional[List[str]] = typer.Argume
 @profile_app.command("import")
 def profile_import(ctx: typer.Context, file: str = typer.Argument(..., metavar="FILE"),
                    replace: bool = typer.Option(False, "--replace", help="Overwrite profiles that already exist."),
+                   strict: bool = typer.Option(False, "--strict", help="Import nothing if any entry cannot be "
+                                               "imported (default: import the rest, exit 7)."),
                    json_out: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """Import every config of a mig-parted / vgpu-device-manager v1 file (or gpuvirt YAML) as profiles."""
+    """Import every config of a mig-parted / vgpu-device-manager v1 file (or gpuvirt YAML) as profiles.
+
+    Entries the catalog cannot check (unknown boards, names no board has, rule violations) are listed one
+    per line and left out; the exit status is then 7 (0 when everything was imported)."""
     from gpuvirt.service import profiles as svc
 
-    rows = svc.import_profiles(state(ctx).context(), file, replace=replace)
+    try:
+        doc = svc.import_profiles(state(ctx).context(), file, replace=replace, strict=strict)
+    except svc.ImportRefused as exc:
+        # every entry on standard output, the one-line error (with the first of them) on standard error
+        for issue in exc.issues:
+            print(f"  cannot import: {issue.line()}")
+        raise
     if json_out:
-        emit_json(rows)
-        return
-    fmt = rows[0]["format"] if rows else "?"
-    print(f"imported {len(rows)} profile(s) from {file} ({fmt}): " + ", ".join(r["name"] for r in rows))
-    for r in rows:
-        _warn([f"{r['name']}: {w}" for w in r["warnings"]])
+        emit_json(doc)
+    else:
+        names = [r["name"] for r in doc["imported"]]
+        print(f"imported {len(names)} profile(s) from {file} ({doc['format']})" + (": " + ", ".join(names) if names
+                                                                                   else ""))
+        if doc["unchanged"]:
+            print(f"  unchanged (already stored as in the file): {', '.join(r['name'] for r in doc['unchanged'])}")
+        ent = doc["entries"]
+        if doc["skipped"]:
+            print(f"  {ent['total'] - ent['imported']} of {ent['total']} entries not imported:")
+        for s in doc["skipped"]:
+            print(f"  skipped: {s['line']}")
+        _warn([w["line"] for w in doc["warnings"]])
+    if doc["skipped"]:
+        raise typer.Exit(7)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-
 from typing import Any
 
 from gpuvirt.errors import GpuvirtError, NvmlError
@@ -55,22 +54,33 @@ def discover(host: Host, *, with_nvml: bool = True) -> dict[str, Any]:
 
     udev = _udev_names([d.address for d in pci]) if host.use_udev else {}
     pci_gpus = []
-    catalog = None
+    rows: list = []
     if pci:
-        from gpuvirt.model.catalog import load_catalog
+        # the PCI identities only, not the whole catalog (docs: gpuvirt/model/catalog_cache.py)
+        from gpuvirt.model.catalog_cache import (
+            by_vgpu_types,
+            pci_index,
+            pci_lookup,
+            vf_lookup,
+        )
 
-        catalog = load_catalog()
+        rows = pci_index()
+        pf_rows = {d.address: pci_lookup(rows, d.vendor_id, d.device_id, d.subsystem_vendor_id, d.subsystem_device_id)
+                   for d in pci if not d.physfn}
+        offered = {p.address: [t.name for t in p.types if t.name] for p in parents}
     for d in pci:
         entry = d.to_dict()
-        assert catalog is not None
-        model = catalog.by_pci(d.vendor_id, d.device_id)
-        if d.physfn and model is None:
-            for m in catalog.models.values():
-                if m.sriov and m.vendor_id == d.vendor_id and m.sriov.vf_device_id == d.device_id:
-                    model = m
-                    break
-        entry["model"] = model.id if model else None
-        entry["name"] = udev.get(d.address) or (model.display_name if model else None)
+        if d.physfn:
+            # a VF is a function of its PF's board (an A2 VF reports subsystem 0000, which tells nothing)
+            row = pf_rows.get(d.physfn) or vf_lookup(rows, d.vendor_id, d.device_id)
+        else:
+            row = pf_rows[d.address]
+        if row is None and offered.get(d.address):
+            # a device id two boards share, no telling subsystem id (a VF whose PF is out of sight): the
+            # vGPU types the function offers name the board
+            row = by_vgpu_types(rows, d.vendor_id, d.device_id, offered[d.address])
+        entry["model"] = row[0] if row else None
+        entry["name"] = udev.get(d.address) or (row[1] if row else None)
         entry["role"] = "vf" if d.physfn else "pf"
         pci_gpus.append(entry)
 
@@ -86,6 +96,8 @@ def discover(host: Host, *, with_nvml: bool = True) -> dict[str, Any]:
         # no NVIDIA device in sysfs: nothing NVML could add (and under --root the real library would
         # describe a different machine than the tree)
         nvml_info["reason"] = "no NVIDIA GPU in sysfs"
+    elif with_nvml and (missing := host.nvml_library_missing()) is not None:
+        nvml_info["reason"] = missing
     elif with_nvml:
         try:
             session = host.nvml()
@@ -121,7 +133,8 @@ def _nvml_gpus(session: Any, warnings: list[ScanWarning]) -> list[dict[str, Any]
     catalog = load_catalog()
     out = []
     for g in session.gpus():
-        model = catalog.by_nvml_name(g.name) or _model_by_device_id(g.pci_device_id)
+        # the PCI identity first: it tells board variants and boards sharing a device id apart (by subsystem)
+        model = _model_by_device_id(g.pci_device_id, g.pci_subsystem_id) or catalog.by_nvml_name(g.name)
         entry: dict[str, Any] = {
             "index": g.index, "uuid": g.uuid, "pci_address": normalize_pci(g.pci_address), "name": g.name,
             "memory_mib": g.memory_mib, "model": model.id if model else None,
@@ -162,9 +175,10 @@ def _nvml_gpus(session: Any, warnings: list[ScanWarning]) -> list[dict[str, Any]
     return out
 
 
-def _model_by_device_id(pci_device_id: int):
+def _model_by_device_id(pci_device_id: int, pci_subsystem_id: int | None = None):
     from gpuvirt.model.catalog import load_catalog
 
     dev = (pci_device_id >> 16) & 0xFFFF
     ven = pci_device_id & 0xFFFF
-    return load_catalog().by_pci(ven, dev)
+    sub = pci_subsystem_id or 0
+    return load_catalog().by_pci(ven, dev, sub & 0xFFFF, (sub >> 16) & 0xFFFF)

@@ -77,6 +77,10 @@ def check_type_id(text: str) -> str:
     return t
 
 
+NVML_LIBRARY = "libnvidia-ml.so.1"
+NVML_LIBRARY_MISSING = f"NVML not available: NVIDIA driver library {NVML_LIBRARY} not found"
+
+
 class Host:
     """One machine (real or simulated) seen through sysfs under ``root`` and NVML."""
 
@@ -91,6 +95,23 @@ class Host:
     # --- sessions ---------------------------------------------------------------------------------------------
     def scanner(self) -> Scanner:
         return Scanner(self.root)
+
+    def nvml_library_missing(self) -> str | None:
+        """Why NVML cannot be opened, found without importing pynvml: the reason NvmlSession would give when
+        libnvidia-ml.so.1 cannot be loaded, else None (then open the session to know more).
+
+        Discovery asks first: on a host whose driver is not installed, importing pynvml to learn that costs
+        more than the rest of discovery.  pynvml itself loads nothing but ``CDLL("libnvidia-ml.so.1")`` on
+        Linux, so the same load failing here means the same answer."""
+        if self._nvml is not None or self._nvml_lib is not None:
+            return None
+        import ctypes
+
+        try:
+            ctypes.CDLL(NVML_LIBRARY)
+        except OSError:
+            return NVML_LIBRARY_MISSING
+        return None
 
     def nvml(self):
         """The host's NVML session (opened once; ``available`` is False on hosts without the driver)."""

@@ -31,6 +31,7 @@ from gpuvirt.errors import (
     NvmlNotSupportedError,
     NvmlUnavailableError,
 )
+from gpuvirt.host.machine import NVML_LIBRARY_MISSING
 from gpuvirt.model.catalog import MIB, Engines, mig_profile_name
 
 # NVML_GPU_INSTANCE_PROFILE_* constants whose profiles carry a name attribute (mig-nvml.md section 1.2)
@@ -62,7 +63,7 @@ _ERROR_CLASSES: dict[int, type[NvmlError]] = {
 }
 
 _UNAVAILABLE_REASONS = {
-    pynvml.NVML_ERROR_LIBRARY_NOT_FOUND: "NVML not available: NVIDIA driver library libnvidia-ml.so.1 not found",
+    pynvml.NVML_ERROR_LIBRARY_NOT_FOUND: NVML_LIBRARY_MISSING,
     pynvml.NVML_ERROR_DRIVER_NOT_LOADED: "NVML not available: the NVIDIA kernel driver is not loaded",
     pynvml.NVML_ERROR_NO_PERMISSION: "NVML not available: insufficient permissions to initialise NVML",
 }

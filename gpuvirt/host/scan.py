@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,29 +18,51 @@ UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]
 VENDOR_NAMES = {0x10DE: "nvidia", 0x1002: "amd", 0x8086: "intel"}
 
 
-@dataclass
-class ScanWarning:
-    path: str
-    message: str
+class _Record:
+    """Value-object plumbing for the scan's records (equality, repr) without the dataclasses module, whose
+    import (inspect, ast, dis) is a sizeable part of a ``discover --json`` run (docs/benchmarks.md)."""
+
+    __slots__ = ()
+    __hash__ = None  # type: ignore[assignment]  # mutable records, as with @dataclass
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
+
+
+class ScanWarning(_Record):
+    __slots__ = ("path", "message")
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        self.message = message
 
     def to_dict(self) -> dict[str, str]:
         return {"path": self.path, "message": self.message}
 
 
-@dataclass
-class PciDevice:
-    address: str
-    vendor_id: int
-    device_id: int
-    subsystem_vendor_id: int | None
-    subsystem_device_id: int | None
-    pci_class: int
-    driver: str | None
-    iommu_group: int | None
-    physfn: str | None = None                   # set on SR-IOV VFs
-    sriov_total_vfs: int | None = None          # set on SR-IOV PFs
-    sriov_num_vfs: int | None = None
-    vfs: list[str] = field(default_factory=list)
+class PciDevice(_Record):
+    __slots__ = ("address", "vendor_id", "device_id", "subsystem_vendor_id", "subsystem_device_id", "pci_class",
+                 "driver", "iommu_group", "physfn", "sriov_total_vfs", "sriov_num_vfs", "vfs")
+
+    def __init__(self, address: str, vendor_id: int, device_id: int, subsystem_vendor_id: int | None,
+                 subsystem_device_id: int | None, pci_class: int, driver: str | None, iommu_group: int | None,
+                 physfn: str | None = None, sriov_total_vfs: int | None = None, sriov_num_vfs: int | None = None,
+                 vfs: list[str] | None = None) -> None:
+        self.address = address
+        self.vendor_id = vendor_id
+        self.device_id = device_id
+        self.subsystem_vendor_id = subsystem_vendor_id
+        self.subsystem_device_id = subsystem_device_id
+        self.pci_class = pci_class
+        self.driver = driver
+        self.iommu_group = iommu_group
+        self.physfn = physfn                        # set on SR-IOV VFs
+        self.sriov_total_vfs = sriov_total_vfs      # set on SR-IOV PFs
+        self.sriov_num_vfs = sriov_num_vfs
+        self.vfs = [] if vfs is None else vfs
 
     @property
     def is_gpu(self) -> bool:
@@ -65,59 +86,72 @@ class PciDevice:
         }
 
 
-@dataclass
-class MdevType:
-    id: str
-    name: str | None
-    description: str | None
-    available_instances: int
-    device_api: str
+class MdevType(_Record):
+    __slots__ = ("id", "name", "description", "available_instances", "device_api")
+
+    def __init__(self, id: str, name: str | None, description: str | None, available_instances: int,  # noqa: A002
+                 device_api: str) -> None:
+        self.id = id
+        self.name = name
+        self.description = description
+        self.available_instances = available_instances
+        self.device_api = device_api
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "description": self.description,
                 "available_instances": self.available_instances, "device_api": self.device_api}
 
 
-@dataclass
-class MdevDevice:
-    uuid: str
-    parent: str
-    type: str
-    iommu_group: int | None
+class MdevDevice(_Record):
+    __slots__ = ("uuid", "parent", "type", "iommu_group")
+
+    def __init__(self, uuid: str, parent: str, type: str, iommu_group: int | None) -> None:  # noqa: A002
+        self.uuid = uuid
+        self.parent = parent
+        self.type = type
+        self.iommu_group = iommu_group
 
     def to_dict(self) -> dict[str, Any]:
         return {"uuid": self.uuid, "parent": self.parent, "type": self.type, "iommu_group": self.iommu_group}
 
 
-@dataclass
-class MdevParent:
-    address: str                 # sysfs name: a PCI address, or e.g. "mtty" for a virtual parent
-    path: str
-    is_pci: bool
-    types: list[MdevType] = field(default_factory=list)
-    devices: list[MdevDevice] = field(default_factory=list)
+class MdevParent(_Record):
+    __slots__ = ("address", "path", "is_pci", "types", "devices")
+
+    def __init__(self, address: str, path: str, is_pci: bool, types: list[MdevType] | None = None,
+                 devices: list[MdevDevice] | None = None) -> None:
+        self.address = address       # sysfs name: a PCI address, or e.g. "mtty" for a virtual parent
+        self.path = path
+        self.is_pci = is_pci
+        self.types = [] if types is None else types
+        self.devices = [] if devices is None else devices
 
     def to_dict(self) -> dict[str, Any]:
         return {"address": self.address, "pci": self.is_pci, "types": [t.to_dict() for t in self.types],
                 "devices": [{"uuid": d.uuid, "type": d.type} for d in self.devices]}
 
 
-@dataclass
-class VfioVgpuType:
-    id: int
-    name: str
+class VfioVgpuType(_Record):
+    __slots__ = ("id", "name")
+
+    def __init__(self, id: int, name: str) -> None:  # noqa: A002
+        self.id = id
+        self.name = name
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name}
 
 
-@dataclass
-class VfioVf:
-    address: str
-    physfn: str | None
-    current_type: int
-    creatable_types: list[VfioVgpuType]
-    iommu_group: int | None
+class VfioVf(_Record):
+    __slots__ = ("address", "physfn", "current_type", "creatable_types", "iommu_group")
+
+    def __init__(self, address: str, physfn: str | None, current_type: int, creatable_types: list[VfioVgpuType],
+                 iommu_group: int | None) -> None:
+        self.address = address
+        self.physfn = physfn
+        self.current_type = current_type
+        self.creatable_types = creatable_types
+        self.iommu_group = iommu_group
 
     def to_dict(self) -> dict[str, Any]:
         return {"address": self.address, "physfn": self.physfn, "current_type": self.current_type,
@@ -141,6 +175,27 @@ def _read_at(dir_fd: int, name: str) -> str:
     finally:
         os.close(fd)
     return data.decode("utf-8", "replace")
+
+
+def _uevent_ids(path: str) -> tuple[int, int, int | None, int | None, str | None] | None:
+    """(vendor, device, subsystem vendor, subsystem device, driver) from a PCI device's uevent, or None when
+    the file is missing or lacks PCI_ID (then the attribute files are read)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            text = os.read(fd, 4096).decode("ascii", "replace")
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    try:
+        vendor, device = (int(x, 16) for x in fields["PCI_ID"].split(":"))
+        sub = fields.get("PCI_SUBSYS_ID")
+        sv, sd = (int(x, 16) for x in sub.split(":")) if sub else (None, None)
+    except (KeyError, ValueError):
+        return None
+    return vendor, device, sv, sd, fields.get("DRIVER") or None
 
 
 def _link_name(path: str) -> str | None:
@@ -200,20 +255,27 @@ class Scanner:
                 continue
             if gpus_only and (klass >> 16) != 0x03:
                 continue
-            try:
-                vendor = _int_attr(os.path.join(d, "vendor"), 16)
-                device = _int_attr(os.path.join(d, "device"), 16)
-            except (OSError, ValueError) as exc:
-                self.warn(d, f"unreadable PCI vendor/device id ({_why(exc)})")
-                continue
-            dev = PciDevice(address=name, vendor_id=vendor, device_id=device,
-                            subsystem_vendor_id=_opt_hex(os.path.join(d, "subsystem_vendor")),
-                            subsystem_device_id=_opt_hex(os.path.join(d, "subsystem_device")),
-                            pci_class=klass, driver=_link_name(os.path.join(d, "driver")),
-                            iommu_group=_group(os.path.join(d, "iommu_group")),
-                            physfn=_link_name(os.path.join(d, "physfn")))
+            # the kernel's uevent of a PCI device carries its ids and driver in one read (pci_uevent():
+            # PCI_ID, PCI_SUBSYS_ID, DRIVER); the separate attribute files are the fallback
+            ids = _uevent_ids(os.path.join(d, "uevent"))
+            if ids is not None:
+                vendor, device, sub_vendor, sub_device, driver = ids
+            else:
+                try:
+                    vendor = _int_attr(os.path.join(d, "vendor"), 16)
+                    device = _int_attr(os.path.join(d, "device"), 16)
+                except (OSError, ValueError) as exc:
+                    self.warn(d, f"unreadable PCI vendor/device id ({_why(exc)})")
+                    continue
+                sub_vendor = _opt_hex(os.path.join(d, "subsystem_vendor"))
+                sub_device = _opt_hex(os.path.join(d, "subsystem_device"))
+                driver = _link_name(os.path.join(d, "driver"))
+            physfn = _link_name(os.path.join(d, "physfn"))
+            dev = PciDevice(address=name, vendor_id=vendor, device_id=device, subsystem_vendor_id=sub_vendor,
+                            subsystem_device_id=sub_device, pci_class=klass, driver=driver,
+                            iommu_group=_group(os.path.join(d, "iommu_group")), physfn=physfn)
             total = os.path.join(d, "sriov_totalvfs")
-            if os.path.exists(total):
+            if physfn is None and os.path.exists(total):     # a VF is never a PF itself
                 try:
                     dev.sriov_total_vfs = _int_attr(total, 10)
                     dev.sriov_num_vfs = _int_attr(os.path.join(d, "sriov_numvfs"), 10)
@@ -233,12 +295,20 @@ class Scanner:
     def mdev_parents(self) -> list[MdevParent]:
         base = self.p("sys/class/mdev_bus")
         parents = []
+        static_by_pf: dict[str, tuple[list[str], dict[str, MdevType]]] = {}
         for name in self._listdir(base, "mdev parent list"):
             link = os.path.join(base, name)
             if not os.path.isdir(link):
                 self.warn(link, "mdev parent link is dangling (parent device removed?)")
                 continue
             parent = MdevParent(address=name, path=link, is_pci=bool(PCI_ADDR_RE.match(name)))
+            # Sibling VFs of one PF register the same vGPU types with the same name, description and
+            # device_api (the driver fills them from the board's type table); only available_instances
+            # differs from VF to VF. They are read on the first VF of each PF and reused for its siblings
+            # when the sibling lists the same types - a quarter of the reads on an SR-IOV vGPU host
+            # (assumption, not a documented guarantee: docs/discover-schema.md, "Sibling VFs")
+            pf = _link_name(os.path.join(link, "physfn")) if parent.is_pci else None
+            static = static_by_pf.get(pf) if pf else None
             types_dir = os.path.join(link, "mdev_supported_types")
             try:
                 dfd = os.open(types_dir, os.O_RDONLY | os.O_DIRECTORY)
@@ -253,10 +323,16 @@ class Scanner:
             try:
                 # a 256-parent x 20-type host means 20k attribute reads: open them relative to a directory
                 # fd with raw os.read, several times cheaper than text-mode open() on full paths
-                for tname in sorted(os.listdir(dfd)):
-                    t = self._mdev_type(dfd, types_dir, tname)
-                    if t is not None:
-                        parent.types.append(t)
+                names = sorted(os.listdir(dfd))
+                if static is not None and static[0] == names:
+                    parent.types = self._mdev_types_available(dfd, types_dir, names, static[1])
+                else:
+                    for tname in names:
+                        t = self._mdev_type(dfd, types_dir, tname)
+                        if t is not None:
+                            parent.types.append(t)
+                    if pf and pf not in static_by_pf:
+                        static_by_pf[pf] = (names, {t.id: t for t in parent.types})
             except OSError as exc:
                 self.warn(types_dir, f"cannot list mdev types: {exc.strerror}")
             finally:
@@ -303,6 +379,30 @@ class Scanner:
         except OSError as exc:
             self.warn(os.path.join(tdir, "description"), f"cannot read description: {exc.strerror}")
         return MdevType(id=tname, name=name, description=description, available_instances=avail, device_api=api)
+
+    def _mdev_types_available(self, types_fd: int, types_dir: str, names: list[str],
+                              known: dict[str, "MdevType"]) -> list["MdevType"]:
+        """Types whose static attributes a sibling VF showed: only available_instances is read (the hot
+        loop of a discovery on an SR-IOV vGPU host, hence written out)."""
+        out = []
+        o_rdonly, open_, read, close = os.O_RDONLY, os.open, os.read, os.close
+        for tname in names:
+            k = known.get(tname)
+            try:
+                fd = open_(tname + "/available_instances", o_rdonly, dir_fd=types_fd)
+                try:
+                    avail = int(read(fd, 64))
+                finally:
+                    close(fd)
+            except (OSError, ValueError):
+                k = None
+            if k is None:            # the full read reports whatever is wrong
+                t = self._mdev_type(types_fd, types_dir, tname)
+                if t is not None:
+                    out.append(t)
+                continue
+            out.append(MdevType(tname, k.name, k.description, avail, k.device_api))
+        return out
 
     def mdev_devices(self) -> list[MdevDevice]:
         base = self.p("sys/bus/mdev/devices")

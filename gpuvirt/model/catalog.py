@@ -6,19 +6,27 @@ rule that decides how many of each can exist, and for non-NVIDIA mdev drivers (I
 mtty/mdpy/mbochs samples) the shared resource pool their types draw from.
 
 The simulator builds hosts from it; the planner and profile validation reason with it.  Nothing here does
-I/O except :func:`load_catalog`, which reads the packaged YAML once.
+I/O except :func:`load_catalog`, which reads the packaged YAML once (through a cache of the parsed
+documents, see :func:`load_catalog_files`).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.resources
 import math
 import re
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Mapping, Sequence
 
 from gpuvirt.errors import ConfigError, NotFoundError, ProfileError
+from gpuvirt.model.catalog_cache import (
+    cache_dir,
+    digest,
+    models_dir_files,
+    pci_lookup,
+    read_cache,
+    write_cache,
+)
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -84,6 +92,9 @@ class MigGeometry:
     ci_profiles: Mapping[int, tuple[ComputeInstanceProfile, ...]]   # by GI compute-slice count
     driver_placement_order: Mapping[int, tuple[int, ...]]           # by memory-slice size (UNVERIFIED rule)
     max_mig_devices: int
+    # Names other drivers print for the same profiles (7g.79gb for 7g.80gb): {alias: profile name}.  Exact,
+    # per model: a name is never matched to a profile by closeness, so another board's name cannot slip in.
+    name_aliases: Mapping[str, str] = field(default_factory=dict)
 
     def profile(self, profile_id: int) -> GpuInstanceProfile:
         for p in self.gi_profiles:
@@ -196,6 +207,17 @@ class GpuModel:
     mdev: MdevDriverSpec | None = None
     aliases: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    family: str = ""              # id of the model file this board comes from ("" = its own id)
+    vgpu_prefix: str | None = None   # the board as NVIDIA's vGPU type names spell it (A100X in A100X-1-5C)
+
+    def __post_init__(self) -> None:
+        if not self.family:
+            object.__setattr__(self, "family", self.id)
+
+    @property
+    def is_variant(self) -> bool:
+        """A board variant (PCIe / SXM / NVL / export part) expanded from another model's file."""
+        return self.family != self.id
 
     @property
     def is_pci(self) -> bool:
@@ -268,36 +290,33 @@ def parse_mig_name(name: str) -> ParsedMigName:
 
 
 def resolve_gi_profile(model: GpuModel, name: str) -> GpuInstanceProfile:
-    """Resolve a profile name for *this* model, tolerating driver memory rounding (7g.79gb == 7g.80gb).
+    """The GPU-instance profile ``name`` means on *this* model: its exact name, or a name in the model's
+    alias table (driver naming drift such as 7g.79gb for 7g.80gb, listed per model in its catalog file).
 
-    Exact names win.  Otherwise the compute slices and attributes must match and the memory figure must be
-    within 1 GB (3% on large profiles) of exactly one profile; anything else is refused with the model's valid
-    names.
+    Nothing is matched by closeness: a name from another board (GH200's 1g.36gb on an H200, B200's 1g.23gb
+    on an H100) is refused, with the model's valid names.
     """
     if model.mig is None:
-        raise ProfileError(f"{model.display_name} does not support MIG (profile '{name}')", model=model.id)
+        raise ProfileError(f"the {model.display_name} does not support MIG (profile '{name}')", model=model.id)
+    want = name.strip().lower()
+    canonical = model.mig.name_aliases.get(want, want)
     for p in model.mig.gi_profiles:
-        if p.name == name.strip().lower():
+        if p.name == canonical:
             return p
     parsed = parse_mig_name(name)
     if parsed.ci_slices is not None:
-        raise ProfileError(f"'{name}' names a compute instance, not a GPU instance")
-    candidates = []
-    for p in model.mig.gi_profiles:
-        pp = parse_mig_name(p.name)
-        if pp.compute_slices != parsed.compute_slices or pp.attributes != parsed.attributes:
-            continue
-        diff = abs(pp.gb - parsed.gb)
-        # observed drift is 1 GB (7g.79gb/7g.80gb, 3g.39gb/3g.40gb, 1g.23gb/1g.24gb); allow a little more on
-        # very large profiles, but never enough to turn 1g.7gb into 1g.5gb
-        if diff <= max(1, round(0.03 * pp.gb)):
-            candidates.append((diff, p))
-    candidates.sort(key=lambda c: c[0])
-    if candidates and (len(candidates) == 1 or candidates[0][0] < candidates[1][0]):
-        return candidates[0][1]
-    valid = ", ".join(p.name for p in model.mig.gi_profiles)
-    raise ProfileError(f"unknown MIG profile '{name}' for {model.display_name}; valid: {valid}",
-                       model=model.id, profile=name)
+        raise ProfileError(f"'{name}' names a compute instance, not a GPU instance", model=model.id)
+    raise ProfileError(f"unknown MIG profile '{name}' for the {model.display_name}; valid: "
+                       + ", ".join(p.name for p in model.mig.gi_profiles), model=model.id, profile=name)
+
+
+def mig_name_known(model: GpuModel, name: str) -> bool:
+    """Whether ``name`` is one of the model's GPU-instance profile names or aliases (no error, no parsing)."""
+    if model.mig is None:
+        return False
+    want = name.strip().lower()
+    want = model.mig.name_aliases.get(want, want)
+    return any(p.name == want for p in model.mig.gi_profiles)
 
 
 def resolve_vgpu_type(model: GpuModel, ref: str) -> VgpuType:
@@ -317,6 +336,47 @@ def resolve_vgpu_type(model: GpuModel, ref: str) -> VgpuType:
             if t.name.upper() == last:
                 return t
     raise ProfileError(f"unknown vGPU type '{ref}' for {model.display_name}", model=model.id, vgpu_type=ref)
+
+
+# The vGPU type name grammar vgpu-device-manager parses (its pkg/types/vgpu_type.go, read not copied):
+# time-sliced "<board>-<GB><series>" (A100X-20C), MIG-backed "<board>-<G>-<GB><series>[ME|NOME|MEALL|GFX]"
+# (A100-1-5CME). The board part may itself hold hyphens (RTX6000-Ada-24Q), so it is matched lazily.
+_VGPU_NAME_RE = re.compile(r"^(?P<board>.+?)-(?:(?P<g>\d+)-)?(?P<gb>\d+)(?P<series>[ABCQ])"
+                           r"(?P<attr>ME|NOME|MEALL|GFX)?$", re.IGNORECASE)
+# the GPU-instance attribute each MIG-backed type suffix asks for (names as mig-parted writes profiles)
+_VGPU_ATTR_TO_MIG = {"ME": "+me", "NOME": "-me", "MEALL": "+me.all", "GFX": "+gfx"}
+
+
+@dataclass(frozen=True)
+class ParsedVgpuName:
+    board: str                   # "A100X"
+    gpu_slices: int | None       # G of a MIG-backed type, None for time-sliced
+    gb: int
+    series: str                  # A | B | C | Q
+    attribute: str | None        # ME | NOME | MEALL | GFX
+
+    @property
+    def mig_profile(self) -> str | None:
+        """The GPU-instance profile a MIG-backed type runs on, named as mig-parted names it (1g.5gb+me).
+
+        vgpu-device-manager derives its MIG layout the same way (<G>g.<GB>gb per MIG-backed type, one GPU
+        instance per vGPU); it writes the ME suffix as ".me", which is not a name mig-parted or the driver
+        use - gpuvirt writes the driver's "+me" (UNVERIFIED which one the tool's own apply accepts)."""
+        if self.gpu_slices is None:
+            return None
+        return f"{self.gpu_slices}g.{self.gb}gb" + (_VGPU_ATTR_TO_MIG.get(self.attribute or "", "")
+                                                    if self.attribute else "")
+
+
+def parse_vgpu_name(name: str) -> ParsedVgpuName | None:
+    """Split an NVIDIA vGPU type name (with or without the "GRID "/"NVIDIA " prefix); None if it is not one."""
+    text = name.strip().split()[-1] if name.strip() else ""
+    m = _VGPU_NAME_RE.match(text)
+    if not m:
+        return None
+    return ParsedVgpuName(board=m.group("board"), gpu_slices=int(m.group("g")) if m.group("g") else None,
+                          gb=int(m.group("gb")), series=m.group("series").upper(),
+                          attribute=m.group("attr").upper() if m.group("attr") else None)
 
 
 # --- loading -----------------------------------------------------------------------------------------------
@@ -340,9 +400,12 @@ def _opt_int(v: Any, what: str) -> int | None:
 _KEYS = {
     "model": {"id", "display_name", "nvml_name", "vendor", "architecture", "vendor_id", "device_id",
               "subsystem_vendor_id", "subsystem_device_id", "pci_class", "memory_mib", "mig", "sriov", "vgpu",
-              "mdev", "aliases", "notes"},
+              "mdev", "aliases", "notes", "vgpu_prefix", "variants", "sources"},
+    "variant": {"id", "display_name", "nvml_name", "device_id", "subsystem_vendor_id", "subsystem_device_id",
+                "memory_mib", "vgpu_prefix", "aliases", "notes", "pci_class"},
     "mig": {"memory_slices", "compute_slices", "sm_in_mig", "mode_survives_reboot", "enable_requires_reset",
-            "max_mig_devices", "gpu_instance_profiles", "compute_instance_profiles", "driver_placement_order"},
+            "max_mig_devices", "gpu_instance_profiles", "compute_instance_profiles", "driver_placement_order",
+            "name_aliases"},
     "gi": {"id", "nvml_constant", "name", "attributes", "compute_slices", "memory_slices", "max_instances",
            "memory_mib", "sm", "engines", "starts"},
     "sriov": {"total_vfs", "vf_device_id", "first_vf_offset", "vf_class"},
@@ -369,6 +432,8 @@ def _model_from_dict(d: Mapping[str, Any], origin: str) -> GpuModel:
             _check_keys(d[sub], kind, origin)
     for p in (d.get("mig") or {}).get("gpu_instance_profiles") or []:
         _check_keys(p, "gi", origin)
+    for v in d.get("variants") or []:
+        _check_keys(v, "variant", origin)
     for t in (d.get("vgpu") or {}).get("types") or []:
         _check_keys(t, "vtype", origin)
     for t in (d.get("mdev") or {}).get("types") or []:
@@ -398,6 +463,15 @@ def _model_from_dict(d: Mapping[str, Any], origin: str) -> GpuModel:
                                            _int(c["max_instances"], "ci max")) for c in lst)
             order = {_int(k, "size"): tuple(_int(s, "start") for s in v)
                      for k, v in (m.get("driver_placement_order") or {}).items()}
+            names = {p.name for p in gis}
+            aliases: dict[str, str] = {}
+            for alias, target in (m.get("name_aliases") or {}).items():
+                alias, target = str(alias).strip().lower(), str(target).strip().lower()
+                if target not in names:
+                    raise ConfigError(f"catalog {origin}: name alias {alias} -> {target}: no such profile")
+                if alias in names:
+                    raise ConfigError(f"catalog {origin}: name alias {alias} is already a profile name")
+                aliases[alias] = target
             mig = MigGeometry(
                 memory_slices=_int(m["memory_slices"], "memory_slices"),
                 compute_slices=_int(m["compute_slices"], "compute_slices"),
@@ -406,6 +480,7 @@ def _model_from_dict(d: Mapping[str, Any], origin: str) -> GpuModel:
                 enable_requires_reset=bool(m["enable_requires_reset"]),
                 gi_profiles=tuple(gis), ci_profiles=cis, driver_placement_order=order,
                 max_mig_devices=_int(m.get("max_mig_devices", m["compute_slices"]), "max_mig_devices"),
+                name_aliases=aliases,
             )
         sriov = None
         if d.get("sriov"):
@@ -456,11 +531,57 @@ def _model_from_dict(d: Mapping[str, Any], origin: str) -> GpuModel:
             pci_class=_opt_int(d.get("pci_class"), "pci_class"), memory_mib=_int(d.get("memory_mib", 0), "memory_mib"),
             mig=mig, sriov=sriov, vgpu=vgpu, mdev=mdev,
             aliases=tuple(str(a) for a in d.get("aliases") or ()), notes=tuple(str(n) for n in d.get("notes") or ()),
+            vgpu_prefix=str(d["vgpu_prefix"]) if d.get("vgpu_prefix") else None,
         )
     except ConfigError:
         raise
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"catalog {origin}: invalid model definition ({type(exc).__name__}: {exc})") from exc
+
+
+def _rename_types(spec: VgpuSpec, old: str, new: str) -> VgpuSpec:
+    """The board's vGPU types as another board variant names them (A100-1-5C -> A100X-1-5C).
+
+    Type ids are kept: they are per board in NVIDIA's driver and were captured for one variant only
+    (UNVERIFIED for the others, listed in docs/catalog.md)."""
+    def rename(t: VgpuType) -> VgpuType:
+        if not t.name.upper().startswith(old.upper() + "-"):
+            raise ConfigError(f"catalog: vGPU type {t.name} does not start with the board name {old}")
+        return replace(t, name=new + t.name[len(old):])
+    return replace(spec, types=tuple(rename(t) for t in spec.types))
+
+
+def _variants(base: GpuModel, raw: Iterable[Any], origin: str) -> list[GpuModel]:
+    """Board variants (PCIe / SXM / NVL / export parts) of ``base``: the same MIG geometry, SR-IOV shape
+    and vGPU type table under their own PCI identity, NVML name and (where the driver names them so) vGPU
+    type prefix.  A variant with other profile names or memory slices is a model of its own, not a variant."""
+    out = []
+    for v in raw:
+        try:
+            vid = str(v["id"])
+            prefix = v.get("vgpu_prefix", base.vgpu_prefix)
+            vgpu = base.vgpu
+            if vgpu is not None:
+                if not prefix:
+                    vgpu = None       # the board's vGPU type names are not known
+                elif base.vgpu_prefix and prefix != base.vgpu_prefix:
+                    vgpu = _rename_types(vgpu, base.vgpu_prefix, str(prefix))
+            out.append(replace(
+                base, id=vid, family=base.id, display_name=str(v.get("display_name", vid)),
+                nvml_name=v.get("nvml_name"), device_id=_int(v["device_id"], "variant device_id"),
+                subsystem_vendor_id=_opt_int(v.get("subsystem_vendor_id", base.subsystem_vendor_id),
+                                             "subsystem_vendor_id"),
+                subsystem_device_id=_opt_int(v.get("subsystem_device_id"), "subsystem_device_id"),
+                pci_class=_opt_int(v.get("pci_class", base.pci_class), "pci_class"),
+                memory_mib=_int(v.get("memory_mib", base.memory_mib), "memory_mib"),
+                vgpu=vgpu, vgpu_prefix=str(prefix) if prefix else None,
+                aliases=tuple(str(a) for a in v.get("aliases") or ()),
+                notes=tuple(str(n) for n in v.get("notes") or ())))
+        except ConfigError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"catalog {origin}: invalid variant ({type(exc).__name__}: {exc})") from exc
+    return out
 
 
 @dataclass(frozen=True)
@@ -479,72 +600,109 @@ class Catalog:
     def ids(self) -> list[str]:
         return sorted(self.models)
 
-    def by_pci(self, vendor_id: int, device_id: int) -> GpuModel | None:
-        for m in self.models.values():
-            if m.vendor_id == vendor_id and m.device_id == device_id:
-                return m
-        return None
+    def family(self, model_id: str) -> list[GpuModel]:
+        """Every board of one model file: the model itself first, then its variants."""
+        fam = self.get(model_id).family
+        return sorted((m for m in self.models.values() if m.family == fam), key=lambda m: (m.is_variant, m.id))
+
+    def families(self) -> list[GpuModel]:
+        """One model per model file (the file's own board), sorted by id."""
+        return [self.models[k] for k in self.ids() if not self.models[k].is_variant]
+
+    def by_pci(self, vendor_id: int, device_id: int, subsystem_vendor_id: int | None = None,
+               subsystem_device_id: int | None = None) -> GpuModel | None:
+        """The board with this PCI identity (rules: :func:`gpuvirt.model.catalog_cache.pci_lookup`)."""
+        row = pci_lookup(self._pci_rows, vendor_id, device_id, subsystem_vendor_id, subsystem_device_id)
+        return self.models[row[0]] if row else None
+
+    @functools.cached_property
+    def _pci_rows(self) -> list[list[Any]]:
+        return pci_rows(self.models.values())
 
     def by_nvml_name(self, name: str) -> GpuModel | None:
         for m in self.models.values():
             if m.nvml_name and m.nvml_name.lower() == name.lower():
                 return m
+        for m in self.models.values():
             if name.lower() in (a.lower() for a in m.aliases):
                 return m
         return None
 
-    def by_device_filter(self, device_filter: str) -> GpuModel | None:
-        f = device_filter.strip().upper()
-        f = f.split(":")[0]
-        if f.startswith("0X"):
-            f = f[2:]
+    def by_device_filter(self, device_filter: str) -> list[GpuModel]:
+        """Every board a mig-parted / vgpu-device-manager ``device-filter`` (0xDDDDVVVV[:0xSSSSVVVV]) admits."""
+        dev, _, sub = device_filter.strip().upper().partition(":")
+        dev = dev[2:] if dev.startswith("0X") else dev
+        sub = sub[2:] if sub.startswith("0X") else sub
+        out = []
         for m in self.models.values():
-            if m.pci_device_filter and m.pci_device_filter[2:] == f:
-                return m
-            for alias_id in m_extra_device_ids(m):
-                if f"{alias_id:04X}{m.vendor_id or 0:04X}" == f:
-                    return m
-        return None
+            if m.pci_device_filter is None or m.pci_device_filter[2:] != dev:
+                continue
+            if sub and m.subsystem_device_id is not None and \
+                    f"{m.subsystem_device_id:04X}{m.subsystem_vendor_id or 0:04X}" != sub:
+                continue
+            out.append(m)
+        return sorted(out, key=lambda m: m.id)
+
+    def by_vgpu_prefix(self, prefix: str) -> list[GpuModel]:
+        """Boards whose vGPU type names start with ``prefix`` (A100X, H100L, A16), whether or not the
+        catalog holds their types."""
+        return sorted((m for m in self.models.values() if m.vgpu_prefix and m.vgpu_prefix.upper() == prefix.upper()),
+                      key=lambda m: m.id)
 
 
-def m_extra_device_ids(model: GpuModel) -> list[int]:
-    """Other PCI device ids of the same board family (e.g. SXM vs PCIe), from the model's aliases."""
-    out = []
-    for a in model.aliases:
-        mm = re.fullmatch(r"0x([0-9a-fA-F]{4})", a)
-        if mm:
-            out.append(int(mm.group(1), 16))
-    return out
-
-
-def models_dir_files() -> list[tuple[str, str]]:
-    root = importlib.resources.files("gpuvirt._profiles").joinpath("models")
-    out = []
-    for entry in sorted(root.iterdir(), key=lambda e: e.name):
-        if entry.name.endswith(".yaml"):
-            out.append((entry.name, entry.read_text(encoding="utf-8")))
-    return out
-
-
-def parse_catalog(files: Iterable[tuple[str, str]]) -> Catalog:
-    import yaml  # only here: discovery of hosts without PCI GPUs never needs the catalog
-
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+def _build(docs: Iterable[tuple[str, Any]]) -> Catalog:
     models: dict[str, GpuModel] = {}
-    for name, text in files:
-        try:
-            doc = yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader, C-accelerated when present
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"catalog {name}: not valid YAML ({exc})") from exc
+    for name, doc in docs:
         if not isinstance(doc, dict) or "id" not in doc:
             raise ConfigError(f"catalog {name}: expected a mapping with an 'id'")
         model = _model_from_dict(doc, name)
-        if model.id in models:
-            raise ConfigError(f"catalog {name}: duplicate model id '{model.id}'")
-        models[model.id] = model
+        for m in [model, *_variants(model, doc.get("variants") or (), name)]:
+            if m.id in models:
+                raise ConfigError(f"catalog {name}: duplicate model id '{m.id}'")
+            models[m.id] = m
     return Catalog(models)
+
+
+def _parse_yaml(files: Iterable[tuple[str, str]]) -> list[tuple[str, Any]]:
+    import yaml  # only here: a cached catalog and hosts without PCI GPUs never need the YAML parser
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    docs = []
+    for name, text in files:
+        try:
+            docs.append((name, yaml.load(text, Loader=loader)))  # noqa: S506 - a safe loader
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"catalog {name}: not valid YAML ({exc})") from exc
+    return docs
+
+
+def parse_catalog(files: Iterable[tuple[str, str]]) -> Catalog:
+    return _build(_parse_yaml(files))
+
+
+def load_catalog_files(files: Sequence[tuple[str, str]], directory: str | None) -> Catalog:
+    """The catalog from these YAML files, through the parsed-document cache in ``directory`` (None: none)."""
+    if directory is None:
+        return parse_catalog(files)
+    key = digest(files)
+    docs = read_cache(directory, key, "docs")
+    if docs is not None and [n for n, _ in docs] == [n for n, _ in files]:
+        try:
+            return _build(docs)
+        except ConfigError:
+            pass           # a cache from another loader version: parse the YAML below
+    docs = _parse_yaml(files)
+    catalog = _build(docs)
+    write_cache(directory, key, docs, pci_rows(catalog.models.values()))
+    return catalog
+
+
+def pci_rows(models: Iterable[GpuModel]) -> list[list[Any]]:
+    """The PCI identity of every board, as :func:`gpuvirt.model.catalog_cache.pci_lookup` reads it."""
+    return [[m.id, m.display_name, m.vendor_id, m.device_id, m.subsystem_vendor_id, m.subsystem_device_id,
+             m.sriov.vf_device_id if m.sriov else None, m.vgpu_prefix] for m in models if m.vendor_id is not None]
 
 
 @functools.lru_cache(maxsize=1)
 def load_catalog() -> Catalog:
-    return parse_catalog(models_dir_files())
+    return load_catalog_files(models_dir_files(), cache_dir())

@@ -4,26 +4,24 @@ A :class:`ProfileSpec` is a named list of :class:`ProfileEntry` items.  Each ent
 for (PCI device filters and GPU indices, as in mig-parted and vgpu-device-manager) and what they should
 carry: MIG mode and GPU-instance counts, NVIDIA vGPU types, generic mdev types (GVT-g, kernel samples) or
 a number of SR-IOV VFs.  Entries are applied in order and the *last* entry matching a GPU decides its
-layout, which is what mig-parted does when it walks a config's entries in order over the same GPU.
+layout, which is what mig-parted does when it walks a config's entries in order over the same GPU; a GPU
+no entry matches is left alone.
 
 :func:`resolve` turns one entry into a :class:`Layout` for one GPU model (profile ids, type ids), checking
 every rule of the catalog before anything touches hardware; :func:`validate` runs it for every model an
-entry can meet.  Rejections are :class:`~gpuvirt.errors.ProfileError` with one sentence: the reason and
+entry can meet.  Names are exact per model (the model's own names and its alias table; no closeness), and
+rejections are :class:`~gpuvirt.errors.ProfileError` with one sentence naming the model: the reason and
 the nearest valid alternatives.
 
-The module also reads and writes profile documents: gpuvirt's own YAML format, mig-parted v1
-``mig-configs`` and vgpu-device-manager v1 ``vgpu-configs`` (docs/profile-format.md).  It parses text it
-is given and never opens files: reading files and the packaged built-ins is the service layer's job.
+Documents (gpuvirt YAML, mig-parted, vgpu-device-manager) are read and written by
+:mod:`gpuvirt.model.profile_formats`; per-entry import decisions are :mod:`gpuvirt.model.profile_import`.
 """
-
 from __future__ import annotations
 
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
-
-import yaml
+from typing import Any, Iterable, Mapping, Sequence
 
 from gpuvirt.errors import ProfileError
 from gpuvirt.model.catalog import (
@@ -34,7 +32,8 @@ from gpuvirt.model.catalog import (
     MigGeometry,
     VgpuType,
     load_catalog,
-    m_extra_device_ids,
+    mig_name_known,
+    parse_vgpu_name,
     resolve_gi_profile,
     resolve_vgpu_type,
 )
@@ -44,6 +43,7 @@ SPEC_FORMAT = 1                      # version of the stored JSON (ProfileSpec.t
 KINDS = ("mig", "vgpu", "mdev", "sriov", "mixed")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_ALTERNATIVES = 3
+MAX_COUNT_NAMES = 256                # names in one count mapping of an entry
 
 _FILTER_RE = re.compile(r"(?:0x)?([0-9a-f]{8})(?::(?:0x)?([0-9a-f]{8}))?", re.IGNORECASE)
 _ENTRY_KEYS = ("device_filter", "devices", "mig_enabled", "mig", "vgpu", "mdev", "sriov_vfs")
@@ -127,6 +127,9 @@ def _counts(what: str, value: Any) -> dict[str, int]:
         return {}
     if not isinstance(value, Mapping):
         raise ProfileError(f"{what} must be a mapping of NAME: COUNT, not {value!r}", field=what)
+    if len(value) > MAX_COUNT_NAMES:
+        raise ProfileError(f"{what}: {len(value)} names, more than the {MAX_COUNT_NAMES} an entry may list",
+                           field=what)
     out: dict[str, int] = {}
     for k, n in value.items():
         if isinstance(k, bool) or not isinstance(k, (str, int)) or not str(k).strip():
@@ -197,30 +200,59 @@ class ProfileEntry:
         return out
 
     def matches_model(self, model: GpuModel, subsystem: str | None = None) -> bool:
-        """Whether the device filter admits this model (any PCI id of its family).
+        """Whether the device filter admits this board (its own PCI id, as mig-parted compares it).
 
         The subsystem half of a filter is compared only with ``subsystem``, the id a real GPU reports
-        (``0xSSSSVVVV``): a catalog model stands for a board family whose subsystem ids vary by vendor.
-        """
+        (``0xSSSSVVVV``); without one (a catalog board, not a GPU) that half is not checked."""
         if not self.device_filter:
             return True
-        if model.vendor_id is None or model.device_id is None:
+        ids = model.pci_device_filter
+        if ids is None:
             return False
-        ids = {f"0x{d:04X}{model.vendor_id:04X}" for d in [model.device_id, *m_extra_device_ids(model)]}
         sub = normalise_filter(subsystem).split(":")[0] if subsystem else None
         for f in self.device_filter:
             dev, _, want_sub = f.partition(":")
-            if dev in ids and (not want_sub or sub is None or sub == want_sub):
+            if dev == ids and (not want_sub or sub is None or sub == want_sub):
                 return True
         return False
 
+    def vgpu_boards(self) -> set[str]:
+        """The boards this entry's vGPU types name (``A100X`` for A100X-1-5C), upper-case; ids name none."""
+        out = set()
+        for ref in self.vgpu:
+            parsed = parse_vgpu_name(ref)
+            if parsed is not None:
+                out.add(parsed.board.upper())
+        return out
+
+    def for_board(self, model: GpuModel) -> bool:
+        """False when the entry's vGPU types are another board's (their names carry the board).
+
+        This tells apart boards that share a PCI device id - the A2 and the A16 both report 10de:25b6, and
+        NVIDIA's vgpu-device-manager ``default`` config has an A16-8Q and an A2-8Q entry for 0x25B610DE:
+        each GPU takes the entry written for its board.  (vgpu-device-manager itself applies both entries
+        to both boards and fails on the second.)"""
+        boards = self.vgpu_boards()
+        return not boards or model.vgpu_prefix is None or model.vgpu_prefix.upper() in boards
+
     def matches(self, model: GpuModel, index: int | None, subsystem: str | None = None) -> bool:
         """Whether this entry applies to GPU ``index`` of ``model``; index None matches only ``devices: all``."""
-        if not self.matches_model(model, subsystem):
+        if not self.matches_model(model, subsystem) or not self.for_board(model):
             return False
         if self.devices == "all":
             return True
         return index is not None and index in self.devices
+
+    def overlaps(self, other: "ProfileEntry") -> bool:
+        """Whether some GPU could be selected by both entries (filters and indices intersect)."""
+        if self.device_filter and other.device_filter:
+            mine = {f.split(":")[0] for f in self.device_filter}
+            if not mine & {f.split(":")[0] for f in other.device_filter}:
+                return False
+        if self.devices != "all" and other.devices != "all" and not set(self.devices) & set(other.devices):
+            return False
+        mine_b, other_b = self.vgpu_boards(), other.vgpu_boards()
+        return not (mine_b and other_b and not mine_b & other_b)
 
     def describe(self) -> str:
         parts = []
@@ -292,10 +324,11 @@ class ProfileSpec:
         return kinds.pop() if len(kinds) == 1 else "mixed"
 
     def entry_for(self, model: GpuModel, index: int | None, subsystem: str | None = None) -> ProfileEntry | None:
-        """The entry that decides GPU ``index`` of ``model``: the LAST matching one.
+        """The entry that decides GPU ``index`` of ``model``: the LAST matching one; None leaves it alone.
 
         mig-parted walks a config's entries in order and applies each to every GPU it selects, so when
-        two entries select the same GPU the later one is what the GPU ends up with.
+        two entries select the same GPU the later one is what the GPU ends up with, and a GPU no entry
+        selects is not touched.
         """
         found = None
         for e in self.entries:
@@ -524,6 +557,11 @@ def _resolve_vgpu(entry: ProfileEntry, model: GpuModel,
         try:
             t = resolve_vgpu_type(model, ref)
         except ProfileError:
+            parsed = parse_vgpu_name(ref)
+            if parsed is not None and model.vgpu_prefix and parsed.board.upper() != model.vgpu_prefix.upper():
+                raise ProfileError(f"vGPU type '{ref}' is a type of the {parsed.board} board, not of the {disp} "
+                                   f"(whose types are {model.vgpu_prefix}-*)", model=model.id,
+                                   vgpu_type=ref) from None
             raise ProfileError(f"unknown vGPU type '{ref}' for the {disp}; valid: "
                                + ", ".join(t.name for t in spec.types), model=model.id, vgpu_type=ref) from None
         if t.id in written:
@@ -658,14 +696,16 @@ class Check:
 class ValidationReport:
     checks: list[Check] = field(default_factory=list)
     unmatched_filters: list[tuple[int, str]] = field(default_factory=list)   # (entry, filter) naming no model
+    unchecked: list[tuple[int, str]] = field(default_factory=list)           # (entry, why it was not checked)
 
     @property
     def models(self) -> list[str]:
         return sorted({c.model for c in self.checks})
 
     def warnings(self) -> list[str]:
-        return [f"entry {i + 1}: device filter {f} matches no GPU model in the catalog; it was not validated"
-                for i, f in self.unmatched_filters]
+        return ([f"entry {i + 1}: device filter {f} matches no GPU model in the catalog; it was not validated"
+                 for i, f in self.unmatched_filters]
+                + [f"entry {i + 1}: {why}" for i, why in self.unchecked])
 
 
 def _model_pool(models: Catalog | Iterable[GpuModel] | None) -> list[GpuModel]:
@@ -677,17 +717,14 @@ def _model_pool(models: Catalog | Iterable[GpuModel] | None) -> list[GpuModel]:
 
 
 def _could_meet(entry: ProfileEntry, model: GpuModel) -> bool:
-    """Whether ``entry`` means anything on ``model`` (every name it uses exists there)."""
+    """Whether ``entry`` means anything on ``model`` (every name it uses exists there, exactly)."""
     if entry.mig or entry.mig_enabled is not None:
         if model.mig is None:
             return False
-        for name in entry.mig:
-            try:
-                resolve_gi_profile(model, name)
-            except ProfileError:
-                return False
+        if not all(mig_name_known(model, name) for name in entry.mig):
+            return False
     if entry.vgpu:
-        if model.vgpu is None:
+        if model.vgpu is None or not entry.for_board(model):
             return False
         for ref in entry.vgpu:
             try:
@@ -705,7 +742,7 @@ def _could_meet(entry: ProfileEntry, model: GpuModel) -> bool:
 def _nobody_has(entry: ProfileEntry, pool: Sequence[GpuModel]) -> str:
     """The first name of ``entry`` that no model knows (for the error when an entry can meet no model)."""
     for name in entry.mig:
-        if not any(_could_meet(ProfileEntry(mig={name: 1}), m) for m in pool):
+        if not any(mig_name_known(m, name) for m in pool):
             return f"no GPU model in the catalog has a MIG profile named '{name}'"
     for ref in entry.vgpu:
         if not any(_could_meet(ProfileEntry(vgpu={ref: 1}), m) for m in pool):
@@ -716,13 +753,42 @@ def _nobody_has(entry: ProfileEntry, pool: Sequence[GpuModel]) -> str:
     return f"no GPU model in the catalog supports all of it ({entry.describe()})"
 
 
-def candidate_models(spec: ProfileSpec, index: int, pool: Sequence[GpuModel]) -> tuple[list[GpuModel], list[str]]:
-    """Models entry ``index`` must be valid on, and its device filters that name no known model.
+def untyped_boards(entry: ProfileEntry, pool: Sequence[GpuModel]) -> list[GpuModel]:
+    """Boards of the catalog that the entry's vGPU type names point at but whose vGPU types the catalog
+    does not hold (A100D-40C names the A100 80GB PCIe): the entry can be kept, unvalidated, with a warning."""
+    boards = entry.vgpu_boards()
+    if not boards or len(boards) != len(entry.vgpu):
+        return []
+    named = [m for m in pool if m.vgpu_prefix and m.vgpu_prefix.upper() in boards]
+    if not named or any(m.vgpu is not None for m in named):
+        return []
+    if entry.device_filter:
+        named = [m for m in named if entry.matches_model(m)]
+    return named
 
-    The spec's model if it has one; else the models its device filters name; else every model on which
-    every name of the entry exists (a MIG entry naming ``1g.5gb`` can meet an A100-40GB, not an H100, whose
-    1-slice profile is ``1g.10gb``; resolve() rejects it there at apply time), preferring the models that
-    know the MIG names exactly over those that match only through the memory-rounding tolerance.
+
+def _one_per_family(models: Sequence[GpuModel], entry: ProfileEntry) -> list[GpuModel]:
+    """One board per model file: boards of one file share every rule, so checking one is checking all.
+    The file's own board is preferred, then the first board on which every name of the entry exists."""
+    by_family: dict[str, list[GpuModel]] = {}
+    for m in models:
+        by_family.setdefault(m.family, []).append(m)
+    out = []
+    for fam in sorted(by_family):
+        members = sorted(by_family[fam], key=lambda m: (m.is_variant, m.id))
+        out.append(next((m for m in members if _could_meet(entry, m)), members[0]))
+    return out
+
+
+def candidate_models(spec: ProfileSpec, index: int, pool: Sequence[GpuModel]
+                     ) -> tuple[list[GpuModel], list[str], list[str]]:
+    """Models entry ``index`` must be valid on, its device filters that name no known model, and why it is
+    not checked at all (vGPU types of a known board the catalog holds no types for).
+
+    The spec's model (all boards of its file when it is a file's id) if it has one; else the boards its
+    device filters name; else every board on which every name of the entry exists exactly (a MIG entry
+    naming ``1g.5gb`` can meet an A100-40GB, not an H100, whose 1-slice profile is ``1g.10gb``).  Boards of
+    one model file are checked once.
     """
     entry = spec.entries[index]
     label = _entry_label(spec, index)
@@ -732,31 +798,39 @@ def candidate_models(spec: ProfileSpec, index: int, pool: Sequence[GpuModel]) ->
             (m for m in pool if want == m.display_name.lower() or want in (a.lower() for a in m.aliases)), None)
         if m is None:
             raise ProfileError(f"profile '{spec.name}' is for model '{spec.model}', which the catalog does not know")
-        if not entry.matches_model(m):
+        boards = [m] if m.is_variant else [b for b in pool if b.family == m.family]
+        hit = [b for b in boards if entry.matches_model(b)]
+        if not hit:
             raise ProfileError(f"{label}: device filter {','.join(entry.device_filter)} does not match the "
                                f"{m.display_name}, the model the profile is for")
-        return [m], []
+        return [next((b for b in hit if _could_meet(entry, b)), hit[0])], [], []
     if entry.device_filter:
-        ms = [m for m in pool if entry.matches_model(m)]
+        selected = [m for m in pool if entry.matches_model(m)]
         unknown = [f for f in entry.device_filter
                    if not any(ProfileEntry(device_filter=(f,), mig_enabled=False).matches_model(m) for m in pool)]
-        return ms, unknown
+        ms = [m for m in selected if entry.for_board(m)]
+        if entry.vgpu and ms and not any(_could_meet(entry, m) for m in ms):
+            untyped = untyped_boards(entry, ms)
+            if untyped:
+                return [], unknown, [_untyped_reason(entry, untyped)]
+        if selected and not ms:
+            boards = ", ".join(sorted({m.display_name for m in selected}))
+            raise ProfileError(f"{label}: device filter {','.join(entry.device_filter)} selects the {boards}, "
+                               f"but the vGPU types {', '.join(entry.vgpu)} are another board's")
+        return _one_per_family(ms, entry), unknown, []
     ms = [m for m in pool if _could_meet(entry, m)]
     if not ms:
+        untyped = untyped_boards(entry, pool)
+        if untyped:
+            return [], [], [_untyped_reason(entry, untyped)]
         raise ProfileError(f"{label}: {_nobody_has(entry, pool)}")
-    # MIG names are written for a board: keep the models that know most of them by their exact name, so
-    # that "1g.5gb" means the A100-40GB and not, through the rounding tolerance, the A30's 1g.6gb; a
-    # name only some driver prints (7g.79gb) still finds its models through the tolerance
-    exact = {m.id: _exact_mig_names(entry, m) for m in ms}
-    best = max(exact.values())
-    return [m for m in ms if exact[m.id] == best], []
+    return _one_per_family(ms, entry), [], []
 
 
-def _exact_mig_names(entry: ProfileEntry, model: GpuModel) -> int:
-    if model.mig is None:
-        return 0
-    names = {p.name for p in model.mig.gi_profiles}
-    return sum(1 for n in entry.mig if n.strip().lower() in names)
+def _untyped_reason(entry: ProfileEntry, boards: Sequence[GpuModel]) -> str:
+    names = ", ".join(sorted({m.display_name for m in boards}))
+    return (f"vGPU types {', '.join(entry.vgpu)} belong to the {names}, whose vGPU types are not in the catalog; "
+            "the entry was not validated")
 
 
 def _entry_label(spec: ProfileSpec, index: int) -> str:
@@ -772,8 +846,9 @@ def validate(spec: ProfileSpec, models: Catalog | Iterable[GpuModel] | None = No
     pool = _model_pool(models)
     report = ValidationReport()
     for i, entry in enumerate(spec.entries):
-        ms, unknown = candidate_models(spec, i, pool)
+        ms, unknown, unchecked = candidate_models(spec, i, pool)
         report.unmatched_filters.extend((i, f) for f in unknown)
+        report.unchecked.extend((i, why) for why in unchecked)
         for m in ms:
             try:
                 layout = resolve(entry, m)
@@ -784,431 +859,8 @@ def validate(spec: ProfileSpec, models: Catalog | Iterable[GpuModel] | None = No
     return report
 
 
-# --- documents: reading ----------------------------------------------------------------------------------------
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys: YAML would silently keep the last one, dropping a config."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:  # type: ignore[override]
-        seen: set = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                dup = key in seen
-            except TypeError:
-                dup = False
-            if dup:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            try:
-                seen.add(key)
-            except TypeError:
-                pass
-        return super().construct_mapping(node, deep=deep)
-
-
-Locate = Callable[[Sequence[Any]], str]
-
-
-class _Bad(Exception):
-    """A problem at a path inside a document; turned into a ProfileError with file and line."""
-
-    def __init__(self, path: Sequence[Any], message: str) -> None:
-        super().__init__(message)
-        self.path = tuple(path)
-        self.message = message
-
-
-def _line_locator(text: str, filename: str) -> Locate:
-    def locate(path: Sequence[Any]) -> str:
-        try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.YAMLError:
-            return filename
-        mark = node.start_mark if node is not None else None
-        for step in path:
-            nxt = None
-            if isinstance(node, yaml.MappingNode):
-                for k, v in node.value:
-                    if isinstance(k, yaml.ScalarNode) and k.value == str(step):
-                        nxt, mark = v, k.start_mark
-                        break
-            elif isinstance(node, yaml.SequenceNode) and isinstance(step, int) and step < len(node.value):
-                nxt = node.value[step]
-                mark = nxt.start_mark
-            if nxt is None:
-                break
-            node = nxt
-        return f"{filename}:{mark.line + 1}" if mark is not None else filename
-    return locate
-
-
-def load_yaml(text: str, filename: str) -> Any:
-    """Parse YAML; errors name the file, line and column."""
-    try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{filename}:{mark.line + 1}:{mark.column + 1}" if mark else filename
-        problem = exc.problem or exc.context or "syntax error"
-        raise ProfileError(f"{where}: not valid YAML: {problem}", file=filename) from None
-    except yaml.YAMLError as exc:
-        raise ProfileError(f"{filename}: not valid YAML: {exc}", file=filename) from None
-
-
-def _unknown(path: Sequence[Any], label: str, found: Iterable[Any], known: Sequence[str],
-             where: str = "") -> _Bad:
-    """Unknown fields, pointing at the first of them (as listed)."""
-    names = sorted(map(str, found))
-    return _Bad(list(path) + [names[0]], f"{label}unknown field(s) {', '.join(names)}{where} "
-                f"(known: {', '.join(known)})")
-
-
-def _run(fn: Callable[[], list[ProfileSpec]], source: str, locate: Locate | None) -> list[ProfileSpec]:
-    try:
-        return fn()
-    except _Bad as bad:
-        where = locate(bad.path) if locate else source
-        raise ProfileError(f"{where}: {bad.message}", file=source) from None
-
-
-def _top(doc: Any, key: str, allowed: set[str], version_required: bool) -> Mapping[str, Any]:
-    if not isinstance(doc, Mapping):
-        raise _Bad((), "expected a mapping at the top of the document")
-    unknown = set(doc) - allowed
-    if unknown:
-        raise _unknown((), "", unknown, sorted(allowed))
-    if version_required and "version" not in doc:
-        raise _Bad((), "missing 'version: v1'")
-    if "version" in doc and doc["version"] != "v1":
-        raise _Bad(("version",), f"unknown version {doc['version']!r} (expected v1)")
-    configs = doc.get(key)
-    if not isinstance(configs, Mapping) or not configs:
-        raise _Bad((key,), f"'{key}' must be a non-empty mapping of config names to entry lists")
-    return configs
-
-
-def _config_entries(configs: Mapping[str, Any], key: str, name: Any) -> list[Any]:
-    if isinstance(name, bool) or not isinstance(name, (str, int)) or not NAME_RE.fullmatch(str(name)):
-        raise _Bad((key, name), f"{key} name {name!r} is not usable as a profile name (1-128 letters, digits, "
-                                "'.', '_' or '-')")
-    entries = configs[name]
-    if not isinstance(entries, list) or not entries:
-        raise _Bad((key, name), f"{key} '{name}' must be a non-empty list of entries")
-    return entries
-
-
-def _tool_counts(path: Sequence[Any], label: str, what: str, value: Any) -> dict[str, int]:
-    """mig-devices / vgpu-devices: counts >= 0 are allowed and zeros mean 'none of these' (dropped).
-
-    What an empty result means differs (MIG on without instances; a vGPU entry with nothing to store), so
-    the callers judge it.
-    """
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise _Bad(path, f"{label}: {what} must be a mapping of NAME: COUNT")
-    out: dict[str, int] = {}
-    for k, n in value.items():
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise _Bad(list(path) + [k], f"{label}: {what}: the count of '{k}' must be a whole number >= 0, "
-                       f"not {n!r}")
-        if n:
-            out[str(k)] = n
-    return out
-
-
-def _entry_path(path: Sequence[Any], exc: ProfileError, keys: Mapping[str, str] | None = None) -> list[Any]:
-    """Where a ProfileEntry error points: the field it names (spelled as in the document: ``keys`` maps
-    gpuvirt's field names to the tool's) and the name or index inside it, else the entry itself."""
-    field_name = exc.context.get("field")
-    if field_name is None:
-        return list(path)
-    out = list(path) + [(keys or {}).get(field_name, field_name)]
-    if "key" in exc.context:
-        out.append(exc.context["key"])
-    return out
-
-
-_MP_KEYS = {"device_filter": "device-filter", "mig_enabled": "mig-enabled", "mig": "mig-devices"}
-_VDM_KEYS = {"device_filter": "device-filter", "vgpu": "vgpu-devices"}
-
-
-def from_mig_parted(doc: Any, source: str = "mig-parted", *, locate: Locate | None = None) -> list[ProfileSpec]:
-    """mig-parted v1 ``mig-configs``: every named config becomes one profile; entries keep their device
-    filters and GPU indices.  Field rules follow mig-parted's own checks (formats.md section 1.1)."""
-    def run() -> list[ProfileSpec]:
-        configs = _top(doc, "mig-configs", {"version", "mig-configs"}, True)
-        specs = []
-        for name in configs:
-            entries = []
-            for i, e in enumerate(_config_entries(configs, "mig-configs", name)):
-                path = ("mig-configs", name, i)
-                label = f"mig-configs '{name}' entry {i + 1}"
-                if not isinstance(e, Mapping):
-                    raise _Bad(path, f"{label} must be a mapping")
-                unknown = set(e) - {"device-filter", "devices", "mig-enabled", "mig-devices"}
-                if unknown:
-                    raise _unknown(path, f"{label}: ", unknown, ("device-filter", "devices", "mig-enabled",
-                                                                 "mig-devices"))
-                if "devices" not in e:
-                    raise _Bad(path, f"{label}: devices is required ('all' or a list of GPU indices)")
-                if not isinstance(e.get("mig-enabled"), bool):
-                    raise _Bad(path + (("mig-enabled",) if "mig-enabled" in e else ()),
-                               f"{label}: mig-enabled is required (true or false)")
-                enabled = e["mig-enabled"]
-                if enabled and "mig-devices" not in e:
-                    raise _Bad(path, f"{label}: mig-devices is required when mig-enabled is true (use {{}} for "
-                               "no instances)")
-                if not enabled and e.get("mig-devices"):
-                    raise _Bad(path + ("mig-devices",), f"{label}: mig-devices must be empty when mig-enabled is "
-                               "false")
-                counts = _tool_counts(path + ("mig-devices",), label, "mig-devices", e.get("mig-devices"))
-                if e.get("mig-devices") and not counts:
-                    raise _Bad(path + ("mig-devices",), f"{label}: every count in mig-devices is 0; use {{}} for "
-                               "MIG mode on without instances")
-                try:
-                    entries.append(ProfileEntry(device_filter=e.get("device-filter"), devices=e["devices"],
-                                                mig_enabled=enabled, mig=counts))
-                except ProfileError as exc:
-                    raise _Bad(_entry_path(path, exc, _MP_KEYS), f"{label}: {exc.message}") from None
-            specs.append(ProfileSpec(name=str(name), entries=tuple(entries), source=source))
-        return specs
-    return _run(run, source, locate)
-
-
-def from_vgpu_dm(doc: Any, source: str = "vgpu-device-manager", *, locate: Locate | None = None) -> list[ProfileSpec]:
-    """vgpu-device-manager v1 ``vgpu-configs``: every named config becomes one profile."""
-    def run() -> list[ProfileSpec]:
-        configs = _top(doc, "vgpu-configs", {"version", "vgpu-configs"}, True)
-        specs = []
-        for name in configs:
-            entries = []
-            for i, e in enumerate(_config_entries(configs, "vgpu-configs", name)):
-                path = ("vgpu-configs", name, i)
-                label = f"vgpu-configs '{name}' entry {i + 1}"
-                if not isinstance(e, Mapping):
-                    raise _Bad(path, f"{label} must be a mapping with devices and vgpu-devices")
-                unknown = set(e) - {"device-filter", "devices", "vgpu-devices"}
-                if unknown:
-                    raise _unknown(path, f"{label}: ", unknown, ("device-filter", "devices", "vgpu-devices"))
-                if "devices" not in e:
-                    raise _Bad(path, f"{label}: devices is required ('all' or a list of GPU indices)")
-                if "vgpu-devices" not in e:
-                    raise _Bad(path, f"{label}: vgpu-devices is required (a mapping of vGPU type: count)")
-                counts = _tool_counts(path + ("vgpu-devices",), label, "vgpu-devices", e["vgpu-devices"])
-                if not counts:
-                    # vgpu-device-manager reads {} as "remove the vGPUs"; a gpuvirt entry states what a GPU
-                    # carries and one with nothing has no intent to store, so both spellings are refused
-                    # with the same advice
-                    what = "every count in vgpu-devices is 0" if e["vgpu-devices"] else \
-                        "vgpu-devices lists no vGPU type"
-                    raise _Bad(path + ("vgpu-devices",), f"{label}: {what}; an entry needs at least one vGPU type "
-                               "with a count above 0 (to remove vGPUs, give the GPUs another profile)")
-                try:
-                    entries.append(ProfileEntry(device_filter=e.get("device-filter"), devices=e["devices"],
-                                                vgpu=counts))
-                except ProfileError as exc:
-                    raise _Bad(_entry_path(path, exc, _VDM_KEYS), f"{label}: {exc.message}") from None
-            specs.append(ProfileSpec(name=str(name), entries=tuple(entries), source=source))
-        return specs
-    return _run(run, source, locate)
-
-
-_PROFILE_KEYS = ("name", "description", "model", "entries")
-
-
-def _gv_counts(value: Any) -> Any:
-    # YAML reads an unquoted numeric vGPU type id (745: 2) as an integer key; it is meant as a name
-    if isinstance(value, Mapping):
-        return {(str(k) if isinstance(k, int) and not isinstance(k, bool) else k): n for k, n in value.items()}
-    return value
-
-
-def _gv_entry(path: Sequence[Any], label: str, d: Mapping[str, Any]) -> ProfileEntry:
-    unknown = set(d) - set(_ENTRY_KEYS)
-    if unknown:
-        raise _unknown(path, f"{label}: ", unknown, _ENTRY_KEYS)
-    try:
-        return ProfileEntry(device_filter=d.get("device_filter"), devices=d.get("devices", "all"),
-                            mig_enabled=d.get("mig_enabled"), mig=_gv_counts(d.get("mig")),
-                            vgpu=_gv_counts(d.get("vgpu")), mdev=_gv_counts(d.get("mdev")),
-                            sriov_vfs=d.get("sriov_vfs"))
-    except ProfileError as exc:
-        raise _Bad(_entry_path(path, exc), f"{label}: {exc.message}") from None
-
-
-def _gv_profile(path: Sequence[Any], d: Any, source: str, default_name: str | None) -> ProfileSpec:
-    if not isinstance(d, Mapping):
-        raise _Bad(path, "a profile must be a mapping")
-    name = d.get("name", default_name)
-    label = f"profile '{name}'" if name else "profile"
-    unknown = set(d) - set(_PROFILE_KEYS) - set(_ENTRY_KEYS)
-    if unknown:
-        raise _unknown(path, f"{label}: ", unknown, _PROFILE_KEYS + _ENTRY_KEYS)
-    if name is None:
-        raise _Bad(path, "profile without a name")
-    try:
-        check_name(name)
-    except ProfileError as exc:
-        raise _Bad(list(path) + ["name"], exc.message) from None
-    for k in ("description", "model"):
-        if d.get(k) is not None and not isinstance(d[k], str):
-            raise _Bad(list(path) + [k], f"{label}: {k} must be a string")
-    short = {k: d[k] for k in _ENTRY_KEYS if k in d}
-    if "entries" in d:
-        if short:
-            raise _Bad(list(path) + ["entries"], f"{label}: give either entries or the short form "
-                       f"({', '.join(sorted(short))}), not both")
-        raw = d["entries"]
-        if not isinstance(raw, list) or not raw:
-            raise _Bad(list(path) + ["entries"], f"{label}: entries must be a non-empty list")
-        entries = []
-        for i, e in enumerate(raw):
-            if not isinstance(e, Mapping):
-                raise _Bad(list(path) + ["entries", i], f"{label} entry {i + 1} must be a mapping")
-            entries.append(_gv_entry(list(path) + ["entries", i], f"{label} entry {i + 1}", e))
-    else:
-        entries = [_gv_entry(path, label, short)]
-    return ProfileSpec(name=name, description=d.get("description"), model=d.get("model"), entries=tuple(entries),
-                       source=source)
-
-
-def from_gpuvirt(doc: Any, source: str = "file", *, default_name: str | None = None,
-                 locate: Locate | None = None) -> list[ProfileSpec]:
-    """gpuvirt's format: one profile mapping, or ``{version: 1, profiles: [...]}``."""
-    def run() -> list[ProfileSpec]:
-        if not isinstance(doc, Mapping):
-            raise _Bad((), "expected a mapping at the top of the document")
-        if "profiles" in doc:
-            unknown = set(doc) - {"version", "profiles"}
-            if unknown:
-                raise _unknown((), "", unknown, ("version", "profiles"), " next to profiles")
-            if "version" in doc and doc["version"] != 1:
-                raise _Bad(("version",), f"unknown version {doc['version']!r} (expected 1)")
-            raw = doc["profiles"]
-            if not isinstance(raw, list) or not raw:
-                raise _Bad(("profiles",), "profiles must be a non-empty list")
-            specs = [_gv_profile(("profiles", i), p, source, None) for i, p in enumerate(raw)]
-            seen: set[str] = set()
-            for i, s in enumerate(specs):
-                if s.name in seen:
-                    raise _Bad(("profiles", i), f"profile '{s.name}' is defined twice")
-                seen.add(s.name)
-            return specs
-        body = {k: v for k, v in doc.items() if k != "version"}
-        if not set(body) & (set(_PROFILE_KEYS) | set(_ENTRY_KEYS)):
-            # e.g. a mig-parted hooks file: say what the file is not, rather than quibble over its version
-            keys = ", ".join(sorted(str(k) for k in doc)) or "none"
-            raise _Bad((), f"not a profile file (top-level keys: {keys}); expected a gpuvirt profile (name: with "
-                           "mig:/vgpu:/mdev:/sriov_vfs:), profiles: (gpuvirt), mig-configs: (mig-parted) or "
-                           "vgpu-configs: (vgpu-device-manager)")
-        if "version" in doc and doc["version"] != 1:
-            raise _Bad(("version",), f"unknown version {doc['version']!r} (expected 1)")
-        return [_gv_profile((), body, source, default_name)]
-    return _run(run, source, locate)
-
-
-def detect_format(doc: Any) -> str:
-    """``mig-parted`` | ``vgpu-device-manager`` | ``gpuvirt``."""
-    if isinstance(doc, Mapping):
-        if "mig-configs" in doc:
-            return "mig-parted"
-        if "vgpu-configs" in doc:
-            return "vgpu-device-manager"
-    return "gpuvirt"
-
-
-def parse_profiles(text: str, filename: str, *, source: str | None = None,
-                   default_name: str | None = None) -> tuple[str, list[ProfileSpec]]:
-    """Parse a profile document of any supported format: (format, specs).  Errors carry file and line."""
-    doc = load_yaml(text, filename)
-    if doc is None:
-        raise ProfileError(f"{filename}: the file is empty", file=filename)
-    fmt = detect_format(doc)
-    locate = _line_locator(text, filename)
-    src = source or f"{fmt}:{filename}"
-    if fmt == "mig-parted":
-        return fmt, from_mig_parted(doc, src, locate=locate)
-    if fmt == "vgpu-device-manager":
-        return fmt, from_vgpu_dm(doc, src, locate=locate)
-    return fmt, from_gpuvirt(doc, src, default_name=default_name, locate=locate)
-
-
-# --- documents: writing ----------------------------------------------------------------------------------------
-def _entry_yaml(e: ProfileEntry) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if e.device_filter:
-        out["device_filter"] = e.device_filter[0] if len(e.device_filter) == 1 else list(e.device_filter)
-    if e.devices != "all":
-        out["devices"] = list(e.devices)
-    if e.mig_enabled is not None and not e.mig:     # instances imply MIG mode on
-        out["mig_enabled"] = e.mig_enabled
-    for k in ("mig", "vgpu", "mdev"):
-        if getattr(e, k):
-            out[k] = dict(getattr(e, k))
-    if e.sriov_vfs is not None:
-        out["sriov_vfs"] = e.sriov_vfs
-    return out
-
-
-def to_gpuvirt(specs: Iterable[ProfileSpec]) -> dict[str, Any]:
-    """gpuvirt format document; one-entry profiles for every GPU use the short form."""
-    out = []
-    for s in specs:
-        d: dict[str, Any] = {"name": s.name}
-        if s.description:
-            d["description"] = s.description
-        if s.model:
-            d["model"] = s.model
-        if len(s.entries) == 1 and not s.entries[0].device_filter and s.entries[0].devices == "all":
-            d.update(_entry_yaml(s.entries[0]))
-        else:
-            d["entries"] = [_entry_yaml(e) for e in s.entries]
-        out.append(d)
-    return {"version": 1, "profiles": out}
-
-
-def model_filters(model: GpuModel) -> tuple[str, ...]:
-    """Every ``0xDDDDVVVV`` device filter of a model's board family (main device id first)."""
-    if model.vendor_id is None or model.device_id is None:
-        return ()
-    return tuple(f"0x{d:04X}{model.vendor_id:04X}" for d in [model.device_id, *m_extra_device_ids(model)])
-
-
-def to_mig_parted(specs: Iterable[ProfileSpec], catalog: Catalog | None = None) -> dict[str, Any]:
-    """mig-parted v1 document holding the MIG profiles; other kinds have no mig-parted form.
-
-    mig-parted has no notion of a profile's model: a profile pinned to a model gets that model's PCI ids
-    as ``device-filter`` on entries without one, which is how mig-parted configs target a board.
-    """
-    configs: dict[str, Any] = {}
-    for s in specs:
-        if s.kind != "mig":
-            raise ProfileError(f"profile '{s.name}' is a {s.kind} profile; mig-parted configs hold MIG layouts only")
-        pinned = model_filters((catalog or load_catalog()).get(s.model)) if s.model else ()
-        entries = []
-        for e in s.entries:
-            d: dict[str, Any] = {}
-            filters = e.device_filter or pinned
-            if filters:
-                d["device-filter"] = filters[0] if len(filters) == 1 else list(filters)
-            d["devices"] = "all" if e.devices == "all" else list(e.devices)
-            enabled = bool(e.mig) or bool(e.mig_enabled)
-            d["mig-enabled"] = enabled
-            if enabled:
-                d["mig-devices"] = dict(e.mig)
-            entries.append(d)
-        configs[s.name] = entries
-    return {"version": "v1", "mig-configs": configs}
-
-
-def dump_yaml(doc: Any) -> str:
-    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, allow_unicode=True)
-
-
 __all__ = [
-    "Check", "KINDS", "Layout", "NAME_RE", "ProfileEntry", "ProfileSpec", "SPEC_FORMAT",
-    "ValidationReport", "candidate_models", "check_name", "detect_format", "dump_yaml", "find_mdev_type",
-    "from_gpuvirt", "from_mig_parted", "from_vgpu_dm", "load_yaml", "mig_problem", "model_filters",
-    "nearest_mig_layouts",
-    "normalise_filter", "parse_profiles", "resolve", "to_gpuvirt", "to_mig_parted", "validate",
+    "Check", "KINDS", "Layout", "NAME_RE", "ProfileEntry", "ProfileSpec", "SPEC_FORMAT", "ValidationReport",
+    "candidate_models", "check_name", "find_mdev_type", "mig_problem", "nearest_mig_layouts", "normalise_filter",
+    "resolve", "untyped_boards", "validate",
 ]

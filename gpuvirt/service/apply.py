@@ -387,37 +387,65 @@ def _plan_whole_vfs(plan: GpuPlan, g: GpuView, count: int, by_key: dict, force: 
 
 # --- entry points ------------------------------------------------------------------------------------------------
 def _resolve_for(spec: Any, g: GpuView) -> Any:
+    """The layout ``spec`` gives GPU ``g``, or None when no entry of ``spec`` selects it (mig-parted leaves
+    such GPUs alone).  A profile pinned to a model applies to every board of that model's file."""
     if g.model is None:
         raise ProfileError(f"{g.label}: unknown GPU model, cannot apply a profile")
-    entry = spec.entry_for(g.model, g.nvml_index)
-    if entry is None:
-        raise ProfileError(f"profile '{spec.name}' has no entry for {g.label}")
-    if spec.model and spec.model != g.model.id:
+    if spec.model and spec.model not in (g.model.id, g.model.family):
         raise ProfileError(f"profile '{spec.name}' is meant for {spec.model}, not for {g.label}")
+    entry = spec.entry_for(g.model, g.nvml_index, g.subsystem)
+    if entry is None:
+        return None
     return resolve(entry, g.model)
 
 
 def make_plans(ctx: Context, profile_name: str, selector: str, *, force: bool = False,
-               view: HostView | None = None) -> tuple[Any, list[GpuPlan]]:
+               view: HostView | None = None, untouched: list[str] | None = None) -> tuple[Any, list[GpuPlan]]:
+    """Plans for the selected GPUs that an entry of the profile selects.
+
+    With ``--gpu all`` a GPU no entry selects is left alone (its label goes to ``untouched``), as mig-parted
+    does; a GPU named explicitly (index, address, UUID, model) that no entry selects is refused - applying a
+    profile to a GPU its device filters exclude is never adapted."""
     from gpuvirt.service.profiles import get_profile
 
     spec = get_profile(ctx, profile_name)
     view = view or hostview.snapshot(ctx)
     targets = view.select(selector)
+    explicit = (selector or "").strip().lower() != "all"
     plans = []
     with ctx.inventory.unit(write=True, action="plan") as uow:
         rows = hostview.record(ctx, view, uow)
         for g in targets:
             layout = _resolve_for(spec, g)
+            if layout is None:
+                if explicit:
+                    raise ProfileError(f"profile '{spec.name}' has no entry for {g.label}: " + _why_no_entry(spec, g))
+                if untouched is not None:
+                    untouched.append(g.label)
+                continue
             inst = uow.instances(ctx.settings.host_id, gpu_id=rows[g.address].id)
             plans.append(plan_gpu(g, rows[g.address], spec.name, layout, inst, force,
                                   policy=ctx.settings.policies.get("mig_placement", "frag-aware")))
     return spec, plans
 
 
+def _why_no_entry(spec: Any, g: GpuView) -> str:
+    pci = g.model.pci_device_filter if g.model is not None else None
+    parts = []
+    for i, e in enumerate(spec.entries):
+        if not e.matches_model(g.model, g.subsystem):
+            parts.append(f"entry {i + 1} selects {','.join(e.device_filter)}")
+        elif not e.for_board(g.model):
+            parts.append(f"entry {i + 1} names vGPU types of another board ({', '.join(e.vgpu)})")
+        elif e.devices != "all":
+            parts.append(f"entry {i + 1} selects GPUs {','.join(map(str, e.devices))}")
+    return f"the GPU is {pci or 'a device without a PCI id'}" + (f"; {'; '.join(parts)}" if parts else "")
+
+
 def plan(ctx: Context, profile_name: str, selector: str, *, force: bool = False) -> dict[str, Any]:
-    spec, plans = make_plans(ctx, profile_name, selector, force=force)
-    return {"profile": spec.name, "gpus": [p.to_dict() for p in plans],
+    untouched: list[str] = []
+    spec, plans = make_plans(ctx, profile_name, selector, force=force, untouched=untouched)
+    return {"profile": spec.name, "gpus": [p.to_dict() for p in plans], "untouched": untouched,
             "changes": sum(len(p.ops) for p in plans), "blocked": [b for p in plans for b in p.blocked]}
 
 

@@ -39,6 +39,7 @@ class GpuView:
     mdev_devices: list[dict[str, Any]] = field(default_factory=list)
     vfio_vfs: list[dict[str, Any]] = field(default_factory=list)
     parent_types: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # parent -> type id -> info
+    subsystem: str | None = None      # PCI subsystem id 0xSSSSVVVV, for device filters with a subsystem half
 
     @property
     def interface(self) -> str | None:
@@ -126,11 +127,13 @@ def build_view(doc: dict[str, Any]) -> HostView:
             mig_current=bool(g["mig"]["current"]), mig_pending=bool(g["mig"]["pending"]),
             gpu_instances=list(g["mig"]["gpu_instances"]))
     for d in doc["pci_gpus"]:
+        if d["role"] == "pf" and d["address"] in gpus:
+            gpus[d["address"]].subsystem = d.get("subsystem_id")
         if d["role"] != "pf" or d["address"] in gpus:
             continue
         model = catalog.get(d["model"]) if d.get("model") else None
         gpus[d["address"]] = GpuView(address=d["address"], model=model, name=d.get("name"), vendor=d["vendor"],
-                                     memory_mib=model.memory_mib if model else 0)
+                                     memory_mib=model.memory_mib if model else 0, subsystem=d.get("subsystem_id"))
     for p in doc["sriov_pfs"]:
         g = gpus.get(p["address"])
         if g is not None:

@@ -13,23 +13,18 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from gpuvirt.errors import ConflictError, NotFoundError, ProfileError, UsageError
 from gpuvirt.model.catalog import load_catalog
-from gpuvirt.model.profile import (
-    ProfileEntry,
-    ProfileSpec,
-    ValidationReport,
-    check_name,
-    dump_yaml,
-    parse_profiles,
-    to_gpuvirt,
-    to_mig_parted,
-    validate,
-)
+from gpuvirt.model.profile import ProfileEntry, ProfileSpec, ValidationReport, check_name, validate
+from gpuvirt.model.profile_formats import dump_yaml, parse_profiles, to_gpuvirt, to_mig_parted
+from gpuvirt.model.profile_import import EntryIssue, plan_import
+from gpuvirt.model.profile_yaml import MAX_TEXT_BYTES
 
 BUILTIN = "builtin"
 EXPORT_FORMATS = ("gpuvirt", "mig-parted")
@@ -182,18 +177,49 @@ def show_profile(ctx: Any, name: str) -> dict[str, Any]:
 
 
 # --- changing -----------------------------------------------------------------------------------------------------
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
 def _read_file(path: str | Path) -> str:
-    p = Path(path)
+    """The text of a profile file: a regular file of at most MAX_TEXT_BYTES, read without ever holding more.
+
+    Opened non-blocking so that a FIFO is refused at once instead of waiting for a writer; /dev/zero and
+    other devices are refused by their type before a byte is read."""
     try:
-        return p.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory, not a profile file") from None
-    except UnicodeDecodeError:
-        raise ProfileError(f"{path}: not a text (UTF-8) file") from None
     except OSError as exc:
         raise UsageError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((k for test, k in _FILE_KINDS if test(st.st_mode)), "not a regular file")
+            raise UsageError(f"{path}: is {kind}, not a profile file")
+        limit = MAX_TEXT_BYTES
+        if st.st_size > limit:
+            raise UsageError(f"{path}: {st.st_size} bytes, more than the {limit // (1024 * 1024)} MiB a profile "
+                             "file may have")
+        chunks: list[bytes] = []
+        got = 0
+        while got <= limit:       # a file that grows while it is read stops at limit + 1 bytes
+            try:
+                chunk = os.read(fd, min(1 << 20, limit + 1 - got))
+            except OSError as exc:
+                raise UsageError(f"{path}: cannot read ({exc.strerror})") from None
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        if got > limit:
+            raise UsageError(f"{path}: more than the {limit // (1024 * 1024)} MiB a profile file may have")
+    finally:
+        os.close(fd)
+    try:
+        return b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProfileError(f"{path}: not a text (UTF-8) file") from None
 
 
 def _canonical_model(model: str | None) -> str | None:
@@ -301,33 +327,63 @@ def export_profile(ctx: Any, names: Sequence[str] = (), fmt: str = "gpuvirt") ->
     return dump_yaml(doc)
 
 
-def import_profiles(ctx: Any, path: str, replace: bool = False) -> list[dict[str, Any]]:
-    """Import every profile of a mig-parted, vgpu-device-manager or gpuvirt file; all or nothing."""
+class ImportRefused(ProfileError):
+    """``profile import --strict`` found entries it cannot import; ``issues`` lists them, nothing was stored."""
+
+    def __init__(self, message: str, issues: Sequence[EntryIssue]) -> None:
+        super().__init__(message)
+        self.issues = list(issues)
+
+
+def import_profiles(ctx: Any, path: str, replace: bool = False, strict: bool = False) -> dict[str, Any]:
+    """Import every config of a mig-parted, vgpu-device-manager or gpuvirt file that the catalog can check.
+
+    A malformed file (not YAML, wrong version, a field the format does not have) imports nothing.  Otherwise
+    every entry is checked on its own (gpuvirt.model.profile_import): entries that cannot be imported are
+    reported one per line and left out, the rest are stored.  ``strict`` stores nothing when any entry
+    would be left out.  Importing the same file again changes nothing: a profile whose stored form is
+    identical is reported as unchanged, not as a clash.
+    """
     fname = Path(path).name
     text = _read_file(path)
     fmt, specs = parse_profiles(text, str(path))
     specs = [ProfileSpec(name=s.name, description=s.description, model=_canonical_model(s.model),
                          entries=s.entries, source=f"{fmt}:{fname}") for s in specs]
-    reports = []
-    for s in specs:
-        try:
-            reports.append(_validated(s))
-        except ProfileError as exc:
-            raise ProfileError(f"{path}: nothing imported; {exc.message}", **exc.context) from None
+    plan = plan_import(specs, load_catalog())
+    if strict and plan.skipped:
+        n = len(plan.skipped)
+        raise ImportRefused(f"{path}: nothing imported (--strict): {n} entr{'y' if n == 1 else 'ies'} cannot be "
+                            f"imported; the first: {plan.skipped[0].line()}", plan.skipped)
     builtins = builtin_profiles()
-    out = []
+    imported, unchanged = [], []
     with ctx.inventory.unit(write=True, action="import profiles") as uow:
-        clashes = [s.name for s in specs if uow.profile(s.name) is not None or s.name in builtins]
+        rows = {s.name: uow.profile(s.name) for s in plan.specs}
+        same = {n for n, row in rows.items() if row is not None and _row_spec(row) == next(
+            s for s in plan.specs if s.name == n)}
+        clashes = [s.name for s in plan.specs
+                   if s.name not in same and (rows[s.name] is not None or s.name in builtins)]
         if clashes and not replace:
             raise ConflictError(f"{path}: nothing imported; profile(s) {', '.join(clashes)} already exist "
-                                "(stored or built in); use --replace to overwrite them")
-        for s, rep in zip(specs, reports):
-            existed = uow.profile(s.name) is not None
+                                "(stored or built in) with another layout; use --replace to overwrite them")
+        for s in plan.specs:
+            rep = plan.reports[s.name]
+            d = _summary(s)
+            d.update(format=fmt, validated_on=rep.models, warnings=rep.warnings())
+            if s.name in same:
+                d.update(replaced=False, unchanged=True)
+                unchanged.append(d)
+                continue
+            existed = rows[s.name] is not None
             _store(uow, s, replace=replace)
             uow.event("profile.import", target=s.name,
                       detail={"file": str(path), "format": fmt, "kind": s.kind, "replaced": existed,
-                              "validated_on": rep.models})
-            d = _summary(s)
-            d.update(replaced=existed, format=fmt, validated_on=rep.models, warnings=rep.warnings())
-            out.append(d)
-    return out
+                              "entries": len(s.entries), "validated_on": rep.models})
+            d.update(replaced=existed, unchanged=False)
+            imported.append(d)
+        if plan.skipped:
+            uow.event("profile.import.skipped", target=fname,
+                      detail={"file": str(path), "format": fmt, "skipped": [i.to_dict() for i in plan.skipped]})
+    return {"file": str(path), "format": fmt, "imported": imported, "unchanged": unchanged,
+            "skipped": [i.to_dict() | {"line": i.line()} for i in plan.skipped],
+            "warnings": [i.to_dict() | {"line": i.line()} for i in plan.warnings],
+            "entries": {"total": plan.entries_total, "imported": plan.entries_imported}}
