@@ -179,6 +179,10 @@ def apply(ctx: typer.Context,
         out.print(f"{g['gpu']}: {len(g['operations'])} change(s), {g['state']}")
     for a in doc["unchanged"]:
         out.print(f"{a}: already matches {profile}")
+    from rich.markup import escape
+
+    for label in doc.get("untouched", []):
+        out.print(escape(f"{label}: no entry of {profile} selects it; left as it is"))
 
 
 @app.command()

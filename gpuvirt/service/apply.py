@@ -455,10 +455,11 @@ class ApplyResult:
     applied: list[dict[str, Any]]
     pending_reset: list[str]
     unchanged: list[str]
+    untouched: list[str] = field(default_factory=list)    # GPUs no entry of the profile selects (left as they are)
 
     def to_dict(self) -> dict[str, Any]:
         return {"profile": self.profile, "gpus": self.applied, "pending_reset": self.pending_reset,
-                "unchanged": self.unchanged}
+                "unchanged": self.unchanged, "untouched": self.untouched}
 
 
 def apply(ctx: Context, profile_name: str, selector: str, *, force: bool = False, dry_run: bool = False,
@@ -476,14 +477,16 @@ def apply(ctx: Context, profile_name: str, selector: str, *, force: bool = False
             # a change a crash left unfinished on these GPUs is settled before a new one is planned over it
             intent.require_settled(ctx, set(addresses))
         view = hostview.snapshot(ctx)  # the picture apply works from: nobody else can change these GPUs now
-        spec, plans = make_plans(ctx, profile_name, selector, force=force, view=view)
+        untouched: list[str] = []
+        spec, plans = make_plans(ctx, profile_name, selector, force=force, view=view, untouched=untouched)
         blocked = [b for p in plans for b in p.blocked]
         if blocked:
             raise ConflictError(f"apply {spec.name} refused: " + "; ".join(blocked))
         if dry_run:
-            return {"profile": spec.name, "dry_run": True, "gpus": [p.to_dict() for p in plans]}
+            return {"profile": spec.name, "dry_run": True, "gpus": [p.to_dict() for p in plans],
+                    "untouched": untouched}
         result = ApplyResult(profile=spec.name, applied=[], pending_reset=[],
-                             unchanged=[p.gpu.address for p in plans if not p.ops])
+                             unchanged=[p.gpu.address for p in plans if not p.ops], untouched=untouched)
         changing = [p for p in plans if p.ops]
         gpu_ids = {p.gpu.address: p.gpu_row_id for p in plans}
         if not changing:

@@ -94,7 +94,7 @@ def _desired_mig(ctx: Context, g: GpuView, gpu_row: Any, rows: list[Any]) -> boo
         with contextlib.suppress(GpuvirtError):
             spec = get_profile(ctx, gpu_row.desired_profile)
             if g.model is not None:
-                entry = spec.entry_for(g.model, g.nvml_index)
+                entry = spec.entry_for(g.model, g.nvml_index, g.subsystem)
                 if entry is not None:
                     layout = resolve(entry, g.model)
                     if layout.mig_enabled is not None:
