@@ -7,6 +7,7 @@ from typing import List, Optional
 import typer
 
 from gpuvirt.cli.app import app
+from gpuvirt.cli.bounds import MAX_FAULT_COUNT
 from gpuvirt.cli.render import console, emit_json, slice_picture, table
 from gpuvirt.cli.state import state
 
@@ -169,10 +170,12 @@ def sim_fault(directory: str = typer.Argument(..., metavar="DIR"),
                                                "sriov.enable, sriov.disable, pci.reset, nvml.CreateGpuInstance, "
                                                "nvml.DestroyGpuInstance, nvml.CreateComputeInstance, "
                                                "nvml.DestroyComputeInstance, nvml.SetMigMode"),
-              skip: int = typer.Option(0, "--skip", help="Let this many matching operations succeed first."),
-              times: int = typer.Option(1, "--times", help="Fail this many operations."),
+              skip: int = typer.Option(0, "--skip", min=0, max=MAX_FAULT_COUNT,
+                                       help="Let this many matching operations succeed first."),
+              times: int = typer.Option(1, "--times", min=1, max=MAX_FAULT_COUNT, help="Fail this many operations."),
               errno: Optional[str] = typer.Option(None, "--errno", help="errno name for sysfs faults (default EIO)."),
-              nvml: Optional[int] = typer.Option(None, "--nvml", help="NVML return code for NVML faults."),
+              nvml: Optional[int] = typer.Option(None, "--nvml", min=1, max=999,
+                                                 help="NVML return code for NVML faults."),
               match: Optional[str] = typer.Option(None, "--match", help="Only operations whose target contains this."),
               kill: Optional[str] = typer.Option(None, "--kill", help="Instead of failing, SIGKILL the calling process "
                                                  "'before' or 'after' the operation takes effect."),

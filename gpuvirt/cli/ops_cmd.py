@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from gpuvirt.cli.app import app
+from gpuvirt.cli.bounds import MAX_WAIT_SECONDS, seconds
 from gpuvirt.cli.render import console, emit_json, table
 from gpuvirt.cli.state import state
 from gpuvirt.errors import UsageError
@@ -220,6 +221,7 @@ def reconcile(ctx: typer.Context,
     from gpuvirt.service.reconcile import reconcile as svc
     from gpuvirt.service.reconcile import wait_for_driver
 
+    wait = seconds("--wait", wait, low=0, high=MAX_WAIT_SECONDS)
     c = state(ctx).context()
     if wait > 0 and not wait_for_driver(c, wait):
         print(f"gpuvirt: warning: the NVIDIA driver did not answer within {wait:g}s; reconciling what is visible",

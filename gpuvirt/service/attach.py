@@ -192,9 +192,11 @@ def attach(ctx: Context, vm: str, *, vgpu: str | None = None, mig: str | None = 
     if domain_xml is not None:
         from gpuvirt.vmm.libvirt import parse_domain
 
+        from gpuvirt.safefs import read_bounded
+        from gpuvirt.vmm.libvirt import MAX_DOMAIN_XML_BYTES
+
         try:
-            with open(domain_xml, "rb") as fh:
-                dom = parse_domain(fh.read())
+            dom = parse_domain(read_bounded(domain_xml, MAX_DOMAIN_XML_BYTES, what="--domain-xml"))
         except OSError as exc:
             raise UsageError(f"cannot read --domain-xml {domain_xml}: {exc.strerror}") from exc
         if dom.name != vm:
