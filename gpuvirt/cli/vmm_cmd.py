@@ -115,7 +115,7 @@ def hook_uninstall(ctx: typer.Context) -> None:
 @hook_app.command("libvirt-qemu", context_settings={"ignore_unknown_options": True})
 def hook_libvirt_qemu(ctx: typer.Context, args: List[str] = typer.Argument(None)) -> None:
     """Entry point libvirtd calls: <domain> <operation> <sub-operation> <extra>, domain XML on stdin."""
-    from gpuvirt.vmm.hookmain import run_hook
+    from gpuvirt.cli.hook_main import run_hook
 
     st = state(ctx)
     code = run_hook(list(args or []), root=st.root, sim=st.sim, db=st.db, host_id=st.host_id, config=st.config,
