@@ -153,7 +153,7 @@ def _check_policy(path: Path, key: str, value: Any) -> None:
         top = 10 * 365 * 86400 if key == "stale_after_seconds" else MAX_WAIT_SECONDS
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= top:
             raise ConfigError(f"config file {path}: policies.{key} = {value!r} is not valid; expected a "
-                              f"number of seconds from 0 to {top}", path=str(path))
+                              f"non-negative number of seconds, at most {top}", path=str(path))
     elif key == "reset_gpu":
         if not isinstance(value, bool):
             raise ConfigError(f"config file {path}: policies.{key} = {value!r} is not valid; expected true or "

@@ -19,6 +19,7 @@ Checks of one directory are remembered for the life of the process, so a lock ta
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -114,6 +115,27 @@ def ensure_private_dir(path: str | os.PathLike[str], *, what: str = "state direc
 def forget_checks() -> None:
     """Tests change modes under a running process; a real command never needs this."""
     _checked.clear()
+
+
+def open_lock_file(path: str | os.PathLike[str], *, state_dir: str | os.PathLike[str]) -> int:
+    """Open (creating) a lock file below the state directory: both directories trusted, no link followed.
+
+    ``OSError`` from creating a directory or the file propagates (a read-only state directory is the
+    caller's business); an unsafe directory or a link is :class:`UnsafePathError`.
+    """
+    p = Path(os.path.abspath(path))
+    state = Path(os.path.abspath(state_dir))
+    if str(p.parent) not in _checked:
+        for d in (state, p.parent):
+            if not os.path.lexists(d):
+                if not os.path.lexists(d.parent):
+                    d.parent.mkdir(parents=True, exist_ok=True)
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(d, 0o700)
+        check_private_dir(state, what="state directory")
+        if p.parent != state:
+            check_private_dir(p.parent, what="lock directory")
+    return open_nofollow(p, os.O_CREAT | os.O_RDWR, 0o600, what="lock file")
 
 
 def check_file(path: str | os.PathLike[str], *, what: str) -> bool:

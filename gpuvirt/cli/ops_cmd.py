@@ -250,6 +250,18 @@ db_app = typer.Typer(help="Inventory database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
 
+@db_app.command("init")
+def db_init(ctx: typer.Context, json_out: bool = typer.Option(False, "--json")) -> None:
+    """Create the inventory named by --db (SQLite: file 0600 in a 0700 directory) at the newest schema."""
+    from gpuvirt.service import db
+
+    doc = db.init(state(ctx).context())
+    if json_out:
+        emit_json(doc)
+        return
+    print(f"{doc['url']}: {'created' if doc['created'] else 'already exists'}, revision {doc['revision']}")
+
+
 @db_app.command("upgrade")
 def db_upgrade(ctx: typer.Context, revision: str = typer.Argument("head")) -> None:
     """Upgrade the inventory schema (also done automatically before use)."""
