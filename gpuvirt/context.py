@@ -218,14 +218,16 @@ class Context:
     def host(self):
         from gpuvirt.host.machine import Host
 
+        wait = float(self.settings.policies.get("registration_wait_seconds", 0))
         if self.settings.sim_dir is not None:
             from gpuvirt.sim.kernel import SimKernel
             from gpuvirt.sim.nvml import FakeNvmlLib
 
             sim = self.sim
-            host = Host(self.settings.root, kernel=SimKernel(sim), nvml_lib=FakeNvmlLib(sim), use_udev=False)
+            host = Host(self.settings.root, kernel=SimKernel(sim), nvml_lib=FakeNvmlLib(sim), use_udev=False,
+                        registration_wait=wait)
         else:
-            host = Host(self.settings.root)
+            host = Host(self.settings.root, registration_wait=wait)
         self._closers.append(host.close)
         return host
 
