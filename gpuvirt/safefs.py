@@ -13,8 +13,8 @@ symbolic link there, can make root write where they choose; so:
 * input files named by an operator (config, domain XML, event files) are read with a size limit, and
   the config file must be a regular file: ``/dev/zero`` or a FIFO is refused before anything is read.
 
-Checks of one directory are remembered for the life of the process, so a lock taken per GPU costs one
-``lstat`` per directory level once.
+A directory found trusted is remembered with its identity, so the next use (a lock taken per GPU) costs one
+``lstat`` instead of one per directory level.
 """
 
 from __future__ import annotations
@@ -30,7 +30,23 @@ from gpuvirt.errors import UnsafePathError, UsageError
 
 MiB = 1024 * 1024
 
-_checked: set[str] = set()
+# directory -> (device, inode, owner, mode) when it was found trusted; a hit is confirmed by one lstat, so a
+# directory removed and made again (or changed) is checked again
+_checked: dict[str, tuple[int, int, int, int]] = {}
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_uid, st.st_mode)
+
+
+def _still_trusted(key: str) -> bool:
+    known = _checked.get(key)
+    if known is None:
+        return False
+    try:
+        return _identity(os.lstat(key)) == known
+    except OSError:
+        return False
 
 
 def _trusted_owners() -> set[int]:
@@ -54,7 +70,7 @@ def check_private_dir(path: str | os.PathLike[str], *, what: str = "state direct
     """Refuse ``path`` (an existing directory) unless it and every directory above it can be trusted."""
     p = Path(os.path.abspath(path))
     key = str(p)
-    if key in _checked:
+    if _still_trusted(key):
         return
     try:
         st = os.lstat(p)
@@ -79,9 +95,6 @@ def check_private_dir(path: str | os.PathLike[str], *, what: str = "state direct
     # path the kernel resolves
     real = Path(os.path.realpath(p))
     for anc in [*reversed(real.parents)]:
-        akey = f"anc:{anc}"
-        if akey in _checked:
-            continue
         try:
             ast = os.stat(anc)
         except OSError as exc:
@@ -94,14 +107,13 @@ def check_private_dir(path: str | os.PathLike[str], *, what: str = "state direct
             raise UnsafePathError(f"{anc} (above the {what} {p}) is writable by group or others without the sticky "
                                   f"bit (mode {stat.S_IMODE(ast.st_mode):04o}); anyone able to write it can replace "
                                   f"the {what}: run 'chmod go-w {anc}'", path=str(anc))
-        _checked.add(akey)
-    _checked.add(key)
+    _checked[key] = _identity(st)
 
 
 def ensure_private_dir(path: str | os.PathLike[str], *, what: str = "state directory") -> Path:
     """``path`` as a trusted directory: created (mode 0700, parents as needed) when missing, else checked."""
     p = Path(os.path.abspath(path))
-    if str(p) in _checked:
+    if _still_trusted(str(p)):
         return p
     if not os.path.lexists(p):
         try:
@@ -125,7 +137,7 @@ def open_lock_file(path: str | os.PathLike[str], *, state_dir: str | os.PathLike
     """
     p = Path(os.path.abspath(path))
     state = Path(os.path.abspath(state_dir))
-    if str(p.parent) not in _checked:
+    if not (_still_trusted(str(p.parent)) and _still_trusted(str(state))):
         for d in (state, p.parent):
             if not os.path.lexists(d):
                 if not os.path.lexists(d.parent):

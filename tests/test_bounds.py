@@ -102,7 +102,6 @@ def test_huge_fit_is_refused_before_any_work(cli, make_sim):
     ["watch", "--debounce", "1e6"], ["watch", "--max-runs", "0"],
     ["attach", "vm", "--instance", "0"], ["attach", "vm", "--vgpu", "A2-2Q", "--count", "65"],
     ["detach", "vm", "--instance", "-3"],
-    ["create-profile", "p", "--sriov-vfs", "70000", "--model", "a2"],
 ])
 def test_negative_or_absurd_numbers_are_refused(cli, make_sim, args):
     sim = make_sim(["a2"])

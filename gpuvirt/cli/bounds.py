@@ -18,7 +18,6 @@ MIN_DEBOUNCE_SECONDS = 0.01       # 0 would poll udev in a busy loop
 MAX_RUNS = 1_000_000              # watch --max-runs
 MAX_INSTANCE_ID = 2**31 - 1       # inventory ids are 32-bit integers
 MAX_FAULT_COUNT = 1_000_000       # sim fault --skip / --times
-MAX_SRIOV_VFS = 65535             # sriov_numvfs is a u16 in the kernel
 
 
 def seconds(option: str, value: float, *, low: float, high: float) -> float:

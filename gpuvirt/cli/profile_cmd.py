@@ -13,7 +13,6 @@ from typing import Any, List, Optional
 import typer
 
 from gpuvirt.cli.app import app
-from gpuvirt.cli.bounds import MAX_SRIOV_VFS
 from gpuvirt.cli.render import console, emit_json, table
 from gpuvirt.cli.state import state
 from gpuvirt.errors import UsageError
@@ -41,8 +40,7 @@ def create_profile(
     mdev: Optional[List[str]] = typer.Option(None, "--mdev", metavar="TYPE=COUNT",
                                              help="Generic mdev type, e.g. i915-GVTg_V5_4=2 or mtty-2=4 "
                                                   "(repeatable)."),
-    sriov_vfs: Optional[int] = typer.Option(None, "--sriov-vfs", metavar="N", min=0, max=MAX_SRIOV_VFS,
-                                            help="Number of SR-IOV VFs."),
+    sriov_vfs: Optional[int] = typer.Option(None, "--sriov-vfs", metavar="N", help="Number of SR-IOV VFs."),
     model: Optional[str] = typer.Option(None, "--model", help="GPU model the profile is for (e.g. a100-40gb); "
                                         "without it, it must fit every model it is applied to."),
     description: Optional[str] = typer.Option(None, "--description", help="Free text."),
