@@ -13,8 +13,7 @@
   reads ``alembic_version`` directly; Alembic itself is imported only when an upgrade is due.  A revision this
   gpuvirt does not know was written by a newer one: refused with one line (exit 7), never "upgraded".
 * The ``events`` table is pruned per host (``[events]`` in the config: ``max_age_days``, ``max_rows``) after
-  the first write transaction of a process that records an event, and then at most every
-  ``PRUNE_INTERVAL_S`` in long-running processes (``watch``).
+  writes that record events (see :meth:`Inventory._after_events`).
 """
 
 from __future__ import annotations
@@ -47,6 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
 HEAD_REVISION = "0002_tenants"          # keep equal to the newest file in migrations/versions (tested)
 BUSY_TIMEOUT_MS = int(os.environ.get("GPUVIRT_DB_BUSY_TIMEOUT_MS", "30000"))
 PRUNE_INTERVAL_S = 600.0
+PRUNE_EVERY_IDS = 100
 SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal", ".lock")
 
 
@@ -301,30 +301,41 @@ class Inventory:
         finally:
             session.close()
         if uow.recorded_events:
-            self.prune_events_now(force=False)
+            ids = [e.id for e in uow.recorded_events if e.id is not None]
+            self._after_events(ids)
 
-    def prune_events_now(self, *, force: bool = True) -> int:
-        """Delete this host's events beyond the configured age and count; returns how many went.
-
-        Opportunistic (after a write that recorded events, at most every ``PRUNE_INTERVAL_S``) and best effort:
-        a busy database postpones it instead of failing the command that already succeeded.
-        """
+    def _after_events(self, ids: list[int]) -> None:
+        """Opportunistic pruning after a write that recorded events (best effort: a busy database postpones it
+        rather than failing a command that already succeeded).  By age: on the first such write of a process
+        and then every ``PRUNE_INTERVAL_S`` (cheap: a range on the ``at`` index).  By count: when the new ids
+        cross a multiple of ``PRUNE_EVERY_IDS`` (finding the cut walks up to ``max_rows`` index entries, so it
+        runs about once per ``PRUNE_EVERY_IDS`` events of the inventory)."""
         import time
 
-        if self.event_limits is None or self.event_limits == (0, 0):
-            return 0
+        if self.event_limits is None or self.event_limits == (0, 0) or not ids:
+            return
         now = time.monotonic()
-        if not force and self._pruned_at is not None and now - self._pruned_at < PRUNE_INTERVAL_S:
-            return 0
-        self._pruned_at = now
+        by_age = self._pruned_at is None or now - self._pruned_at >= PRUNE_INTERVAL_S
+        by_count = max(ids) // PRUNE_EVERY_IDS != (min(ids) - 1) // PRUNE_EVERY_IDS
+        if not by_age and not by_count:
+            return
+        if by_age:
+            self._pruned_at = now
         max_age_days, max_rows = self.event_limits
         try:
             with self.unit(write=True, action="prune events") as uow:
-                return uow.prune_events(self.host_id, max_age_days=max_age_days, max_rows=max_rows)
+                uow.prune_events(self.host_id, max_age_days=max_age_days if by_age else 0,
+                                 max_rows=max_rows if by_count else 0)
         except GpuvirtError:
-            if force:
-                raise
+            pass
+
+    def prune_events_now(self) -> int:
+        """Delete this host's events beyond the configured age and count now; returns how many went."""
+        if self.event_limits is None:
             return 0
+        max_age_days, max_rows = self.event_limits
+        with self.unit(write=True, action="prune events") as uow:
+            return uow.prune_events(self.host_id, max_age_days=max_age_days, max_rows=max_rows)
 
 
 def _sqlite_events(engine: Engine) -> None:
