@@ -478,3 +478,31 @@ def test_trace_commands(cli, make_sim):
     assert ok(cli("sim", "trace", sim.root, "show", "--json")).json()["ops"] == []
     assert cli("sim", "trace", sim.root, "sideways").exit_code == 2
     _ = json
+
+
+def test_writable_attribute_list_matches_the_renderer(make_sim):
+    """The list scanned for writes of other programs is built from the state; it must name exactly the
+    writable files the renderer draws, in every state a host can be in."""
+
+    sim = make_sim(["a100-40gb", "a2", "t4", "amd-v620", "gvt-g", "mtty", "mdpy", "mbochs"], mig_enabled=True)
+    vfio = make_sim(["l40s", "h100-80gb"], name="vfio")
+    k = SimKernel(sim)
+    kv = SimKernel(vfio)
+    states = [sim.load(), vfio.load()]
+    k.write(sim.root / "sys/class/mdev_bus" / vf(0, 0x42) / "mdev_supported_types/nvidia-745/create",
+            str(uuid_mod.uuid4()))
+    k.write(sim.root / "sys/class/mdev_bus/mtty/mdev_supported_types/mtty-2/create", str(uuid_mod.uuid4()))
+    kv.write(vfio.root / "sys/bus/pci/devices" / vf(3) / "nvidia/current_vgpu_type", "1145\n")
+    states += [sim.load(), vfio.load()]
+    configure(sim, vf_delay=30, registration_delay=30)
+    configure(vfio, registration_delay=30, unregistered_vfio="absent")
+    k.write(sim.root / "sys/bus/pci/devices/0000:42:00.0/sriov_numvfs", "0\n")
+    k.write(sim.root / "sys/bus/pci/devices/0000:42:00.0/sriov_numvfs", "4\n")      # VFs on their way
+    kv.write(vfio.root / "sys/bus/pci/devices" / vf(3) / "nvidia/current_vgpu_type", "0\n")
+    kv.write(vfio.root / "sys/bus/pci/devices" / PF / "sriov_numvfs", "0\n")
+    kv.write(vfio.root / "sys/bus/pci/devices" / PF / "sriov_numvfs", "2\n")        # present, unregistered
+    states += [sim.load(), vfio.load()]
+    configure(vfio, unregistered_vfio="empty")
+    states.append(vfio.load())
+    for state in states:
+        assert sorted(tree.writable_attrs(state)) == sorted(tree.writable_attrs_drawn(state))

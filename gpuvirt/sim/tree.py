@@ -264,15 +264,12 @@ def sync(root: Path, before: dict[str, Any] | None, after: dict[str, Any]) -> No
     a_devs = {d.get("address") or d.get("name"): d for d in after["devices"]}
     for key in set(b_devs) | set(a_devs):
         bd, ad = b_devs.get(key), a_devs.get(key)
-        a_sig = device_signature(after, ad) if ad is not None else None
-        if bd is not None and ad is not None and device_signature(before, bd) == a_sig:
+        if bd is not None and ad is not None and device_signature(before, bd) == device_signature(after, ad):
             continue
         if bd is not None:
             old.update(render_device(before, bd))
         if ad is not None:
-            drawn = render_device(after, ad)
-            _remember_writable(a_sig, drawn)  # type: ignore[arg-type]
-            new.update(drawn)
+            new.update(render_device(after, ad))
     # shared directories (class/bus dirs) appear in several device renders; only real differences count
     apply_diff(root, old, new)
 
@@ -371,30 +368,58 @@ def iter_paths(tree: Tree) -> Iterable[str]:
 
 
 # --- writable attributes (writes other programs make) ---------------------------------------------------------------
-_WRITABLE_CACHE: dict[str, list[tuple[str, str, int]]] = {}
-
-
 def writable_attrs(state: dict[str, Any]) -> list[tuple[str, str, int]]:
-    """(path, text, mode) of every attribute file a program may write: ``create``, ``remove``, ``reset``,
-    ``sriov_numvfs``, ``current_vgpu_type``.  Cached per device signature: this runs before every
-    transaction, to find what mdevctl or udev wrote into the tree directly."""
+    """(path, text, mode) of every attribute file a program may write - ``reset``, ``sriov_numvfs``,
+    ``mdev_supported_types/*/create``, ``<mdev>/remove``, ``nvidia/current_vgpu_type`` - as :func:`render`
+    draws them.  Listed straight from the state (drawing every device costs ~20 ms per board, and this runs
+    before every transaction to find what mdevctl or udev wrote into the tree); a test keeps it equal to the
+    writable files of :func:`render`."""
     out: list[tuple[str, str, int]] = []
+    by_parent: dict[str, list[str]] = {}
+    for m in state["mdevs"]:
+        by_parent.setdefault(m["parent"], []).append(m["uuid"])
+
+    def parent(pdir: str, name: str, type_dirs: Iterable[str]) -> None:
+        out.extend((f"{pdir}/mdev_supported_types/{t}/create", "", 0o200) for t in type_dirs)
+        out.extend((f"{pdir}/{u}/remove", "", 0o200) for u in by_parent.get(name, ()))
+
+    unregistered_vfio = behaviour(state)["unregistered_vfio"]
     for dev in state["devices"]:
-        key = device_signature(state, dev)
-        entries = _WRITABLE_CACHE.get(key)
-        if entries is None:
-            entries = _remember_writable(key, render_device(state, dev))
-        out.extend(entries)
+        model = load_catalog().get(dev["model"])
+        if model.vendor == "virtual":
+            spec = model.mdev
+            assert spec is not None
+            parent(f"sys/devices/{spec.virtual_path}", dev["name"],
+                   [spec.type_dir(t) for t in rules.registered_pool_types(spec)])
+            continue
+        pf_dir = f"{PCI_ROOT}/{dev['address']}"
+        out.append((f"{pf_dir}/reset", "", 0o200))
+        if model.mdev:
+            parent(pf_dir, dev["address"], [model.mdev.type_dir(t) for t in rules.registered_pool_types(model.mdev)])
+        interface = rules.device_interface(state, dev)
+        vgpu_dirs = [t.sysfs_id for t in model.vgpu.types] if model.vgpu else []
+        if model.sriov:
+            out.append((f"{pf_dir}/sriov_numvfs", f"{dev['sriov']['numvfs']}\n", 0o644))
+            for vf in dev["vfs"]:
+                if not rules.vf_present(vf):
+                    continue
+                vdir = f"{PCI_ROOT}/{vf['address']}"
+                out.append((f"{vdir}/reset", "", 0o200))
+                if model.vgpu and model.vgpu.parent == "vf":
+                    if interface == "mdev":
+                        if rules.registered(vf):
+                            parent(vdir, vf["address"], vgpu_dirs)
+                    elif rules.registered(vf) or unregistered_vfio == "empty":
+                        out.append((f"{vdir}/nvidia/current_vgpu_type", f"{vf.get('current_vgpu_type') or 0}\n",
+                                    0o644))
+        if model.vgpu and model.vgpu.parent == "pf" and interface == "mdev" and rules.registered(dev):
+            parent(pf_dir, dev["address"], vgpu_dirs)
     return out
 
 
-def _remember_writable(key: str, drawn: Tree) -> list[tuple[str, str, int]]:
-    # sync() hands over what it drew anyway, so the next transaction of this process renders nothing
-    entries = [(p, e[1], e[2]) for p, e in drawn.items() if e[0] == "file" and e[2] & 0o222]
-    if len(_WRITABLE_CACHE) > 512:
-        _WRITABLE_CACHE.clear()
-    _WRITABLE_CACHE[key] = entries
-    return entries
+def writable_attrs_drawn(state: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """The same list taken from a full :func:`render` (slow; the reference for :func:`writable_attrs`)."""
+    return [(p, e[1], e[2]) for p, e in render(state).items() if e[0] == "file" and e[2] & 0o222]
 
 
 # --- checking and repairing the tree on disk --------------------------------------------------------------------------
