@@ -21,23 +21,33 @@ from gpuvirt.errors import ConfigError, ConfigNotFoundError, UsageError
 CONFIG_REL = "etc/gpuvirt/gpuvirt.toml"
 DB_REL = "var/lib/gpuvirt/inventory.db"
 STATE_REL = "var/lib/gpuvirt"
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+MAX_CONFIG_DEPTH = 16
 
 DEFAULT_POLICIES: dict[str, Any] = {
     "mig_placement": "frag-aware",      # first-fit | best-fit | spread | pack | frag-aware
     "vgpu_placement": "consolidate",    # consolidate | spread
     "stale_after_seconds": 900,         # hosts silent for longer are shown stale in cluster reports
     "reset_gpu": False,                 # apply may reset a GPU to activate a pending MIG mode
+    # how long, at most, one command waits for SR-IOV VFs to appear and for nvidia-vgpud to register their
+    # vGPU types after it enabled them (or while they are still registering after boot)
+    "registration_wait_seconds": 60,
 }
-CONFIG_KEYS = {"db_url", "sim_dir", "host_id", "root", "policies"}
+# the events table (audit log) is pruned per host: rows older than max_age_days, and all but the newest
+# max_rows; 0 switches a limit off (docs/operator-guide.md "Event pruning")
+DEFAULT_EVENTS: dict[str, Any] = {"max_age_days": 90, "max_rows": 100_000}
+MAX_WAIT_SECONDS = 3600
+CONFIG_KEYS = {"db_url", "sim_dir", "host_id", "root", "policies", "events"}
 
 
 class Settings:
     # a plain class, not a dataclass: every command builds one, and the dataclasses module's import (inspect,
     # ast, dis) is a sizeable part of a fast ``discover --json`` (docs/benchmarks.md)
-    _FIELDS = ("root", "sim_dir", "db_url", "host_id", "config_path", "config_found", "debug", "policies")
+    _FIELDS = ("root", "sim_dir", "db_url", "host_id", "config_path", "config_found", "debug", "policies", "events")
 
     def __init__(self, root: Path, sim_dir: Path | None, db_url: str | None, host_id: str, config_path: Path,
-                 config_found: bool, debug: bool = False, policies: dict[str, Any] | None = None) -> None:
+                 config_found: bool, debug: bool = False, policies: dict[str, Any] | None = None,
+                 events: dict[str, Any] | None = None) -> None:
         self.root = root
         self.sim_dir = sim_dir
         self.db_url = db_url
@@ -46,6 +56,7 @@ class Settings:
         self.config_found = config_found
         self.debug = debug
         self.policies: dict[str, Any] = dict(DEFAULT_POLICIES) if policies is None else policies
+        self.events: dict[str, Any] = dict(DEFAULT_EVENTS) if events is None else events
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and all(getattr(self, k) == getattr(other, k) for k in self._FIELDS)
@@ -72,7 +83,7 @@ class Settings:
         return {"root": str(self.root), "sim_dir": str(self.sim_dir) if self.sim_dir else None,
                 "db_url": redact_url(self.effective_db_url()), "host_id": self.host_id,
                 "config_path": str(self.config_path), "config_found": self.config_found,
-                "policies": self.policies}
+                "policies": self.policies, "events": self.events}
 
 
 def redact_url(url: str) -> str:
@@ -86,21 +97,34 @@ def redact_url(url: str) -> str:
 
 
 def read_config(path: Path, *, required: bool = False) -> dict[str, Any]:
-    """The config document; ``required`` when the operator named the file (a missing default is normal)."""
+    """The config document; ``required`` when the operator named the file (a missing default is normal).
+
+    Bounded: a regular file of at most ``MAX_CONFIG_BYTES``, nested at most ``MAX_CONFIG_DEPTH`` levels;
+    ``/dev/zero`` or a FIFO is refused before anything is read."""
+    from gpuvirt.safefs import check_toml_nesting, read_bounded
+
     try:
-        data = path.read_bytes()
+        data = read_bounded(path, MAX_CONFIG_BYTES, what="config file")
     except FileNotFoundError as exc:
         if required:
             raise ConfigNotFoundError(f"config file {path} does not exist", path=str(path)) from exc
         return {}
+    except UsageError as exc:
+        raise ConfigError(str(exc), path=str(path)) from exc
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
     import tomllib  # most commands on most hosts have no config file
 
     try:
-        doc = tomllib.loads(data.decode("utf-8"))
+        text = data.decode("utf-8")
+        check_toml_nesting(text, max_depth=MAX_CONFIG_DEPTH, what=f"config file {path}")
+        doc = tomllib.loads(text)
+    except UsageError as exc:
+        raise ConfigError(str(exc), path=str(path)) from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"config file {path} is nested too deeply", path=str(path)) from exc
     unknown = set(doc) - CONFIG_KEYS
     if unknown:
         raise ConfigError(f"config file {path}: unknown key(s) {', '.join(sorted(unknown))} "
@@ -113,6 +137,18 @@ def read_config(path: Path, *, required: bool = False) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: unknown policy key(s) {', '.join(sorted(bad))}")
     for key, value in pol.items():
         _check_policy(path, key, value)
+    ev = doc.get("events", {})
+    if not isinstance(ev, dict):
+        raise ConfigError(f"config file {path}: [events] must be a table")
+    bad = set(ev) - set(DEFAULT_EVENTS)
+    if bad:
+        raise ConfigError(f"config file {path}: unknown [events] key(s) {', '.join(sorted(bad))} "
+                          f"(known: {', '.join(sorted(DEFAULT_EVENTS))})")
+    for key, value in ev.items():
+        top = 36500 if key == "max_age_days" else 100_000_000
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+            raise ConfigError(f"config file {path}: events.{key} = {value!r} is not valid; expected a whole number "
+                              f"from 0 (no limit) to {top}", path=str(path))
     return doc
 
 
@@ -126,10 +162,11 @@ def _check_policy(path: Path, key: str, value: Any) -> None:
         if not isinstance(value, str) or value not in choices:
             raise ConfigError(f"config file {path}: policies.{key} = {value!r} is not a valid policy; "
                               f"choose one of {', '.join(choices)}", path=str(path))
-    elif key == "stale_after_seconds":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    elif key in ("stale_after_seconds", "registration_wait_seconds"):
+        top = 10 * 365 * 86400 if key == "stale_after_seconds" else MAX_WAIT_SECONDS
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= top:
             raise ConfigError(f"config file {path}: policies.{key} = {value!r} is not valid; expected a "
-                              "non-negative number of seconds", path=str(path))
+                              f"non-negative number of seconds, at most {top}", path=str(path))
     elif key == "reset_gpu":
         if not isinstance(value, bool):
             raise ConfigError(f"config file {path}: policies.{key} = {value!r} is not valid; expected true or "
@@ -157,13 +194,15 @@ def resolve_settings(*, root: str | None = None, sim: str | None = None, db: str
         root_path = Path(str(doc["root"])).absolute()
     policies = dict(DEFAULT_POLICIES)
     policies.update(doc.get("policies", {}))
+    events = dict(DEFAULT_EVENTS)
+    events.update(doc.get("events", {}))
     hid = host_id or env.get("GPUVIRT_HOST_ID") or doc.get("host_id") or os.uname().nodename
     if not isinstance(hid, str) or not hid.strip() or len(hid) > 253 or any(c.isspace() for c in hid):
         raise UsageError(f"invalid host id {hid!r}")
     return Settings(root=root_path, sim_dir=Path(sim).absolute() if sim else None,
                     db_url=db or env.get("GPUVIRT_DB") or doc.get("db_url") or None,
                     host_id=hid, config_path=config_path, config_found=config_path.is_file(), debug=debug,
-                    policies=policies)
+                    policies=policies, events=events)
 
 
 class Context:
@@ -192,14 +231,16 @@ class Context:
     def host(self):
         from gpuvirt.host.machine import Host
 
+        wait = float(self.settings.policies.get("registration_wait_seconds", 0))
         if self.settings.sim_dir is not None:
             from gpuvirt.sim.kernel import SimKernel
             from gpuvirt.sim.nvml import FakeNvmlLib
 
             sim = self.sim
-            host = Host(self.settings.root, kernel=SimKernel(sim), nvml_lib=FakeNvmlLib(sim), use_udev=False)
+            host = Host(self.settings.root, kernel=SimKernel(sim), nvml_lib=FakeNvmlLib(sim), use_udev=False,
+                        registration_wait=wait)
         else:
-            host = Host(self.settings.root)
+            host = Host(self.settings.root, registration_wait=wait)
         self._closers.append(host.close)
         return host
 

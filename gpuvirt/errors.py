@@ -15,6 +15,7 @@ Exit statuses are part of the CLI contract (documented in docs/operator-guide.md
  6    reboot or GPU reset required before the change can finish
  7    partial import: ``profile import`` stored some entries and skipped others (not an error class:
       the command lists the skipped entries and exits 7 after storing the rest)
+ 8    the inventory's schema is newer than this gpuvirt (upgrade gpuvirt)
 ====  =========================================================
 """
 
@@ -171,6 +172,24 @@ class InventoryError(GpuvirtError):
 
 class DatabaseLockedError(InventoryError, ConflictError):
     exit_code = 5
+
+
+class InventoryNotFoundError(InventoryError, NotFoundError):
+    """A SQLite inventory named with ``--db`` (or ``GPUVIRT_DB``, ``db_url``) that does not exist: never created
+    silently, a typo would otherwise start an empty inventory in which every device looks foreign."""
+
+    exit_code = 3
+
+
+class InventoryTooNewError(InventoryError):
+    """The inventory's schema revision is newer than this gpuvirt knows."""
+
+    exit_code = 8
+
+
+class UnsafePathError(GpuvirtError):
+    """A directory or file gpuvirt keeps as root is not safe to use (foreign owner, writable by others, a
+    symbolic link)."""
 
 
 class SimulatorError(GpuvirtError):

@@ -361,6 +361,7 @@ def test_corrupt_and_readonly_and_locked_database(cli, make_sim, tmp_path, gpuvi
     # read-only (a database file the process cannot write)
     ro = tmp_path / "ro"
     ro.mkdir()
+    assert cli("--sim", root, "--db", f"sqlite:///{ro}/inv.db", "db", "init").exit_code == 0
     r = cli("--sim", root, "--db", f"sqlite:///{ro}/inv.db", "status")
     assert r.exit_code == 0
     (ro / "inv.db").chmod(0o400)
@@ -421,6 +422,8 @@ def test_config_file_supplies_db_and_host_id(cli, make_sim, tmp_path):
     cfg.parent.mkdir(parents=True, exist_ok=True)
     other = tmp_path / "other.db"
     cfg.write_text(f'db_url = "sqlite:///{other}"\nhost_id = "rack1-node7"\n')
+    assert cli("--sim", root, "status").exit_code == 3 and not other.exists()  # named, so never made silently
+    assert cli("--sim", root, "db", "init").exit_code == 0
     assert cli("--sim", root, "status").exit_code == 0
     assert other.exists()
     con = sqlite3.connect(other)

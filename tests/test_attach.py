@@ -297,7 +297,7 @@ def test_transient_detach_destroys_what_it_created_persistent_keeps(cli, make_si
 
 
 def test_detach_refuses_while_running_unless_forced(cli, make_sim):
-    from gpuvirt.vmm.hookmain import run_hook
+    from gpuvirt.cli.hook_main import run_hook
 
     sim = make_sim(["a2"])
     root = sim.root

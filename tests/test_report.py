@@ -479,6 +479,7 @@ def _backdate(db, host_id, seconds):
 
 def test_cluster_stale_hosts_are_flagged_and_not_counted(make_sim, cli, tmp_path):
     db = f"sqlite:///{tmp_path}/shared.db"
+    assert cli("--db", db, "db", "init").exit_code == 0
     h1 = make_sim(["a100-40gb"], name="h1", mig_enabled=True, enable_vfs=False)
     h2 = make_sim(["a100-40gb", "a2"], name="h2", mig_enabled=True)
     for sim, hid in ((h1, "h1"), (h2, "h2")):
@@ -512,6 +513,7 @@ def test_one_host_never_touches_another_hosts_rows(make_sim, cli, tmp_path):
     from gpuvirt.inventory.store import Inventory
 
     db = f"sqlite:///{tmp_path}/shared.db"
+    assert cli("--db", db, "db", "init").exit_code == 0
     h1 = make_sim(["a100-40gb", "a2"], name="h1", mig_enabled=True)
     h2 = make_sim(["a100-40gb", "a2"], name="h2", mig_enabled=True)
 

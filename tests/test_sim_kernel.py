@@ -470,8 +470,13 @@ def test_amd_vfs_are_whole_pci_functions(make_sim) -> None:
 
 
 # === GPU reset ====================================================================================================
-def test_gpu_reset_applies_pending_mig_mode(make_sim) -> None:
+@pytest.mark.parametrize("mode", ["function", "gpu-reset"])
+def test_gpu_reset_and_pending_mig_mode(make_sim, mode) -> None:
+    from gpuvirt.sim.control import configure
+
     sim = make_sim(["a100-40gb"], enable_vfs=False)
+    if mode != "function":
+        configure(sim, reset=mode)      # the default is "function": not established that it applies the mode
     k = SimKernel(sim)
     reset = sim.root / "sys/bus/pci/devices" / PF / "reset"
     set_client(sim, PF, "nvidia-persistenced", True)
@@ -488,6 +493,10 @@ def test_gpu_reset_applies_pending_mig_mode(make_sim) -> None:
     set_client(sim, PF, "nvidia-persistenced", False)
     host(sim).reset_gpu(PF)
     dev = sim.load()["devices"][0]
+    if mode == "function":
+        # a PCI function reset through sysfs leaves the mode pending (conservative default, simulator-fidelity.md)
+        assert dev["mig"]["current"] == 0 and dev["mig"]["pending"] == 1
+        return
     assert dev["mig"]["current"] == 1 and dev["mig"]["pending"] == 1
     # a reset destroys GPU instances (and MIG-backed vGPUs on them)
     with nvml(sim) as s:

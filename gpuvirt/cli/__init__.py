@@ -77,7 +77,7 @@ def _hook_fast_path(args: list[str]) -> int | None:
     opts, i = _global_options(args)
     if args[i:i + 2] != ["hook", "libvirt-qemu"]:
         return None
-    from gpuvirt.vmm.hookmain import run_hook
+    from gpuvirt.cli.hook_main import run_hook
 
     return run_hook(args[i + 2:], root=opts.get("--root"), sim=opts.get("--sim"), db=opts.get("--db"),
                     host_id=opts.get("--host-id"), config=opts.get("--config"), debug="--debug" in opts)

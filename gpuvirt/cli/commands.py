@@ -7,6 +7,7 @@ from typing import List, Optional
 import typer
 
 from gpuvirt.cli.app import app
+from gpuvirt.cli.bounds import MAX_FAULT_COUNT
 from gpuvirt.cli.discover_view import render_discovery
 from gpuvirt.cli.render import console, emit_json, table
 from gpuvirt.cli.state import state
@@ -59,17 +60,71 @@ def sim_init(directory: str = typer.Argument(..., metavar="DIR"),
              mig: bool = typer.Option(False, "--mig", help="Start with MIG mode enabled on MIG-capable GPUs."),
              no_driver: bool = typer.Option(False, "--no-driver", help="Simulate a host without libnvidia-ml."),
              force: bool = typer.Option(False, "--force", help="Replace an existing simulated host in DIR."),
+             vf_delay: Optional[float] = typer.Option(None, "--vf-delay", metavar="SECONDS",
+                                                      help="VFs appear this long after sriov_numvfs is written."),
+             registration_delay: Optional[float] = typer.Option(
+                 None, "--registration-delay", metavar="SECONDS",
+                 help="vGPU types appear this long after their VF (or, for a PF parent, after boot)."),
+             reset: Optional[str] = typer.Option(None, "--reset", help="What <PF>/reset does: function (default: a "
+                                                 "pending MIG mode stays pending) | gpu-reset (applies it)."),
              json_out: bool = typer.Option(False, "--json")) -> None:
     """Create a simulated host in DIR."""
     from gpuvirt.service import simulator
 
     doc = simulator.init(directory, gpu, seed=seed, vgpu_interface=vgpu_interface, enable_vfs=not no_vfs,
-                         mig_enabled=mig, no_driver=no_driver, force=force)
+                         mig_enabled=mig, no_driver=no_driver, force=force,
+                         behaviour={"vf_delay": vf_delay, "registration_delay": registration_delay, "reset": reset})
     if json_out:
         emit_json(doc)
         return
     print(f"simulated host {doc['dir']}: " + ", ".join(
         f"{d['model']}@{d['address']}" for d in doc["devices"]))
+
+
+@sim_app.command("set")
+def sim_set(directory: str = typer.Argument(..., metavar="DIR"),
+            vf_delay: Optional[float] = typer.Option(None, "--vf-delay", metavar="SECONDS",
+                                                     help="VFs appear this long after sriov_numvfs is written."),
+            registration_delay: Optional[float] = typer.Option(
+                None, "--registration-delay", metavar="SECONDS",
+                help="vGPU types appear this long after their VF (or, for a PF parent, after boot)."),
+            reset: Optional[str] = typer.Option(None, "--reset", help="function | gpu-reset"),
+            unregistered_vfio: Optional[str] = typer.Option(
+                None, "--unregistered-vfio", help="A vendor-VFIO VF before registration: empty (creatable list "
+                                                  "with the header only) | absent (no nvidia/ directory)."),
+            errno: Optional[List[str]] = typer.Option(None, "--errno", metavar="KEY=ERRNO",
+                                                      help="An UNVERIFIED errno choice, e.g. mdev_remove_open=EAGAIN; "
+                                                           "repeatable (keys: docs/simulator-fidelity.md)."),
+            nvml_code: Optional[List[str]] = typer.Option(None, "--nvml-code", metavar="KEY=CODE",
+                                                          help="An UNVERIFIED NVML return code choice."),
+            json_out: bool = typer.Option(False, "--json")) -> None:
+    """Change how a simulated host behaves where the sources are silent (delays, reset, errno choices)."""
+    from gpuvirt.service import simulator
+
+    doc = simulator.configure(directory, vf_delay=vf_delay, registration_delay=registration_delay, reset=reset,
+                              unregistered_vfio=unregistered_vfio, errnos=errno or [], nvml_codes=nvml_code or [])
+    if json_out:
+        emit_json(doc)
+        return
+    for k, v in doc.items():
+        print(f"{k}: {', '.join(f'{a}={b}' for a, b in v.items()) if isinstance(v, dict) else v}")
+
+
+@sim_app.command("trace")
+def sim_trace(directory: str = typer.Argument(..., metavar="DIR"),
+              action: str = typer.Argument(..., metavar="on|off|show|clear"),
+              json_out: bool = typer.Option(False, "--json")) -> None:
+    """Record every fault point the host passes (op, target, k-th occurrence), for kill-at-every-step tests."""
+    from gpuvirt.service import simulator
+
+    doc = simulator.trace(directory, action)
+    if action != "show":
+        return
+    if json_out:
+        emit_json(doc)
+        return
+    for t in doc["ops"]:
+        print(f"{t['op']} {t['k']} {t['target']}")
 
 
 @sim_app.command("show")
@@ -88,6 +143,9 @@ def sim_show(directory: str = typer.Argument(..., metavar="DIR"), json_out: bool
     # a fault with no firings left stays in the state (it documents the run) but is no longer pending
     pending = sum(1 for f in doc["faults"] if f.get("times", 1) > 0)
     print(f"mdevs: {doc['mdevs']}  pending faults: {pending}")
+    b = doc["behaviour"]
+    print(f"vf delay: {b['vf_delay_s']:g}s  registration delay: {b['registration_delay_s']:g}s  reset: {b['reset']}  "
+          f"tracing: {'on' if doc['trace_on'] else 'off'}")
 
 
 @sim_app.command("reboot")
@@ -102,13 +160,16 @@ def sim_reboot(directory: str = typer.Argument(..., metavar="DIR")) -> None:
 @sim_app.command("fault")
 def sim_fault(directory: str = typer.Argument(..., metavar="DIR"),
               op: Optional[str] = typer.Option(None, "--op", help="mdev.create, mdev.remove, vgpu.set, vgpu.clear, "
-                                               "sriov.enable, sriov.disable, pci.reset, nvml.CreateGpuInstance, "
-                                               "nvml.DestroyGpuInstance, nvml.CreateComputeInstance, "
-                                               "nvml.DestroyComputeInstance, nvml.SetMigMode"),
-              skip: int = typer.Option(0, "--skip", help="Let this many matching operations succeed first."),
-              times: int = typer.Option(1, "--times", help="Fail this many operations."),
+                                               "sriov.enable, sriov.disable, pci.reset, vgpu.register, "
+                                               "nvml.CreateGpuInstance, nvml.DestroyGpuInstance, "
+                                               "nvml.CreateComputeInstance, nvml.DestroyComputeInstance, "
+                                               "nvml.SetMigMode"),
+              skip: int = typer.Option(0, "--skip", min=0, max=MAX_FAULT_COUNT,
+                                       help="Let this many matching operations succeed first."),
+              times: int = typer.Option(1, "--times", min=1, max=MAX_FAULT_COUNT, help="Fail this many operations."),
               errno: Optional[str] = typer.Option(None, "--errno", help="errno name for sysfs faults (default EIO)."),
-              nvml: Optional[int] = typer.Option(None, "--nvml", help="NVML return code for NVML faults."),
+              nvml: Optional[int] = typer.Option(None, "--nvml", min=1, max=999,
+                                                 help="NVML return code for NVML faults."),
               match: Optional[str] = typer.Option(None, "--match", help="Only operations whose target contains this."),
               kill: Optional[str] = typer.Option(None, "--kill", help="Instead of failing, SIGKILL the calling process "
                                                  "'before' or 'after' the operation takes effect."),

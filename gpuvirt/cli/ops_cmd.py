@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from gpuvirt.cli.app import app
+from gpuvirt.cli.bounds import MAX_WAIT_SECONDS, seconds
 from gpuvirt.cli.render import console, emit_json, table
 from gpuvirt.cli.state import state
 from gpuvirt.errors import UsageError
@@ -226,6 +227,7 @@ def reconcile(ctx: typer.Context,
     from gpuvirt.service.reconcile import reconcile as svc
     from gpuvirt.service.reconcile import wait_for_driver
 
+    wait = seconds("--wait", wait, low=0, high=MAX_WAIT_SECONDS)
     c = state(ctx).context()
     if wait > 0 and not wait_for_driver(c, wait):
         print(f"gpuvirt: warning: the NVIDIA driver did not answer within {wait:g}s; reconciling what is visible",
@@ -252,6 +254,18 @@ def reconcile(ctx: typer.Context,
 
 db_app = typer.Typer(help="Inventory database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+
+
+@db_app.command("init")
+def db_init(ctx: typer.Context, json_out: bool = typer.Option(False, "--json")) -> None:
+    """Create the inventory named by --db (SQLite: file 0600 in a 0700 directory) at the newest schema."""
+    from gpuvirt.service import db
+
+    doc = db.init(state(ctx).context())
+    if json_out:
+        emit_json(doc)
+        return
+    print(f"{doc['url']}: {'created' if doc['created'] else 'already exists'}, revision {doc['revision']}")
 
 
 @db_app.command("upgrade")

@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 
 from gpuvirt.cli.app import app
+from gpuvirt.cli.bounds import MAX_DEBOUNCE_SECONDS, MAX_INSTANCE_ID, MAX_RUNS, MIN_DEBOUNCE_SECONDS, seconds
 from gpuvirt.cli.render import console, emit_json, table
 from gpuvirt.cli.state import state
 from gpuvirt.errors import UsageError
@@ -23,7 +24,8 @@ def attach(ctx: typer.Context,
            mig: Optional[str] = typer.Option(None, "--mig", help="MIG profile, e.g. 1g.5gb."),
            vf: bool = typer.Option(False, "--vf", help="A whole SR-IOV VF."),
            mdev: Optional[str] = typer.Option(None, "--mdev", help="Generic mdev type, e.g. i915-GVTg_V5_4."),
-           instance: Optional[int] = typer.Option(None, "--instance", help="A specific instance id."),
+           instance: Optional[int] = typer.Option(None, "--instance", min=1, max=MAX_INSTANCE_ID,
+                                                  help="A specific instance id."),
            tenant: Optional[str] = typer.Option(None, "--tenant"),
            count: int = typer.Option(1, "--count", min=1, max=64),
            persistent: bool = typer.Option(True, "--persistent/--transient",
@@ -53,7 +55,8 @@ def attach(ctx: typer.Context,
 @app.command()
 def detach(ctx: typer.Context,
            vm: str = typer.Argument(..., help="VM (libvirt domain) name."),
-           instance: Optional[int] = typer.Option(None, "--instance", help="Only this instance."),
+           instance: Optional[int] = typer.Option(None, "--instance", min=1, max=MAX_INSTANCE_ID,
+                                                  help="Only this instance."),
            force: bool = typer.Option(False, "--force", help="Even while the VM is recorded as running."),
            domain_xml: Optional[str] = typer.Option(None, "--domain-xml",
                                                     help="Remove the hostdev from this domain XML file in place."),
@@ -112,7 +115,7 @@ def hook_uninstall(ctx: typer.Context) -> None:
 @hook_app.command("libvirt-qemu", context_settings={"ignore_unknown_options": True})
 def hook_libvirt_qemu(ctx: typer.Context, args: List[str] = typer.Argument(None)) -> None:
     """Entry point libvirtd calls: <domain> <operation> <sub-operation> <extra>, domain XML on stdin."""
-    from gpuvirt.vmm.hookmain import run_hook
+    from gpuvirt.cli.hook_main import run_hook
 
     st = state(ctx)
     code = run_hook(list(args or []), root=st.root, sim=st.sim, db=st.db, host_id=st.host_id, config=st.config,
@@ -173,11 +176,13 @@ def watch(ctx: typer.Context,
           events: Optional[str] = typer.Option(None, "--events", help="Replay events from a JSON-lines FILE (- for "
                                                "stdin) instead of listening to udev."),
           debounce: float = typer.Option(2.0, "--debounce", help="Seconds of quiet before acting on a burst."),
-          max_runs: Optional[int] = typer.Option(None, "--max-runs", help="Stop after this many restore runs."),
+          max_runs: Optional[int] = typer.Option(None, "--max-runs", min=1, max=MAX_RUNS,
+                                                 help="Stop after this many restore runs."),
           json_out: bool = typer.Option(False, "--json")) -> None:
     """Restore a parent's devices when it (re)appears (udev: MDEV_STATE=registered, VF added)."""
     from gpuvirt.service.watch import file_source, udev_source, watch as svc
 
+    debounce = seconds("--debounce", debounce, low=MIN_DEBOUNCE_SECONDS, high=MAX_DEBOUNCE_SECONDS)
     source = file_source(events) if events else udev_source(debounce)
 
     def on_run(run: dict) -> None:

@@ -85,12 +85,90 @@ class Host:
     """One machine (real or simulated) seen through sysfs under ``root`` and NVML."""
 
     def __init__(self, root: str | os.PathLike[str] = "/", kernel: KernelIO | None = None,
-                 nvml_lib: Any = None, use_udev: bool | None = None) -> None:
+                 nvml_lib: Any = None, use_udev: bool | None = None, registration_wait: float = 0.0) -> None:
         self.root = Path(root)
         self.sysfs = Sysfs(self.root, kernel or RealKernel())
         self._nvml_lib = nvml_lib
         self._nvml = None
         self.use_udev = (str(self.root) == "/") if use_udev is None else use_udev
+        # SR-IOV VFs can take a moment to appear and nvidia-vgpud registers their vGPU types some time later
+        # (nvidia-vgpu.md sections 2.2 and 5): what waits for them shares this budget, per Host object
+        self.registration_wait = max(0.0, float(registration_wait))
+        self._wait_deadline: float | None = None
+
+    # --- waiting for the host to settle -------------------------------------------------------------------------------
+    def _wait_until(self, ready: Any) -> bool:
+        """Poll ``ready()`` until it is true or the shared registration budget is spent."""
+        if ready():
+            return True
+        if self.registration_wait <= 0:
+            return False
+        import time
+
+        if self._wait_deadline is None:
+            self._wait_deadline = time.monotonic() + self.registration_wait
+        delay = 0.05
+        while time.monotonic() < self._wait_deadline:
+            time.sleep(min(delay, max(0.0, self._wait_deadline - time.monotonic())))
+            if ready():
+                return True
+            delay = min(delay * 2, 0.5)
+        return ready()
+
+    def _vfs_on_their_way(self) -> bool:
+        """Has some PF more VFs enabled (``sriov_numvfs``) than functions present (``virtfnN``)?"""
+        base = self.sysfs.path("sys/bus/pci/devices")
+        try:
+            names = os.listdir(base)
+        except OSError:
+            return False
+        for name in names:
+            d = base / name
+            try:
+                num = int(self.sysfs.read_attr(d / "sriov_numvfs"))
+            except (OSError, ValueError):
+                continue
+            if num and sum(1 for e in os.listdir(d) if e.startswith("virtfn")) < num:
+                return True
+        return False
+
+    def _registering(self, parent: str) -> bool:
+        """Could the vGPU types of PCI function ``parent`` still appear?  True while it is a VF on its way, or
+        a function bound to ``nvidia`` that is not an mdev parent / has an empty creatable list yet."""
+        if not is_pci_address(parent):
+            return False
+        d = self.pci_dir(parent)
+        if not d.exists():
+            return self._vfs_on_their_way()
+        try:
+            driver = os.path.basename(os.readlink(d / "driver"))
+        except OSError:
+            return False
+        if driver != "nvidia":
+            return False
+        if (d / "mdev_supported_types").is_dir():
+            return False
+        creatable = d / "nvidia" / "creatable_vgpu_types"
+        if not creatable.exists():
+            return True
+        try:
+            if parse_creatable(self.sysfs.read(creatable)):
+                return False
+        except OSError:
+            return True
+        # an empty list also means "board full": only a board without any vGPU can still be registering
+        return not self._board_has_vgpu(d)
+
+    def _board_has_vgpu(self, vf_dir: Path) -> bool:
+        pf = (vf_dir / "physfn").resolve() if (vf_dir / "physfn").exists() else vf_dir
+        for entry in os.listdir(pf) if pf.is_dir() else []:
+            if entry.startswith("virtfn"):
+                try:
+                    if int(self.sysfs.read_attr(pf / entry / "nvidia" / "current_vgpu_type")):
+                        return True
+                except (OSError, ValueError):
+                    continue
+        return False
 
     # --- sessions ---------------------------------------------------------------------------------------------
     def scanner(self) -> Scanner:
@@ -159,10 +237,12 @@ class Host:
         type_id = check_type_id(type_id)
         uuid = normalize_uuid(uuid)
         pdir = self.mdev_parent_dir(parent)
+        tdir = pdir / "mdev_supported_types" / type_id
+        if not tdir.is_dir() and self._registering(parent):
+            self._wait_until(lambda: tdir.is_dir() or not self._registering(parent))
         if not pdir.exists():
             raise DeviceGoneError(f"mdev parent {parent} does not exist on this host "
                                   "(SR-IOV VFs not enabled, or the vGPU manager not loaded?)", path=str(pdir))
-        tdir = pdir / "mdev_supported_types" / type_id
         if not tdir.is_dir():
             raise InvalidArgumentError(f"mdev parent {parent} does not support type {type_id}", path=str(tdir))
         action = f"create mdev {uuid} of type {type_id}{self._type_label(tdir)} on {parent}"
@@ -248,6 +328,8 @@ class Host:
             raise UsageError(f"invalid vGPU type id {type_id!r}")
         p = self.vf_nvidia_dir(vf) / "current_vgpu_type"
         label = f"{type_id}" + (f" ({type_name})" if type_name else "")
+        if self._registering(vf):
+            self._wait_until(lambda: not self._registering(vf))
         try:
             self.sysfs.kernel.write(p, f"{type_id}\n")
         except OSError as exc:
@@ -303,8 +385,12 @@ class Host:
             raise UsageError(f"{normalize_pci(pf)} supports 0..{total} VFs, not {want}")
         if current == want:
             return current
-        self.sysfs.write(self.pci_dir(pf) / "sriov_numvfs", f"{want}\n", f"enable {want} SR-IOV VFs on {pf}",
+        d = self.pci_dir(pf)
+        self.sysfs.write(d / "sriov_numvfs", f"{want}\n", f"enable {want} SR-IOV VFs on {pf}",
                          hint=(f"{current} VFs are already enabled; disable them first" if current else None))
+        # the write returns before every function exists on some drivers: wait (bounded) for them, so the
+        # caller can use them at once; their vGPU types are waited for where they are used
+        self._wait_until(lambda: sum(1 for e in os.listdir(d) if e.startswith("virtfn")) >= want)
         return want
 
     def disable_vfs(self, pf: str) -> None:

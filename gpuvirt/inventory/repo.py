@@ -44,6 +44,7 @@ class Unit:
         self.inventory = inventory
         self.session = session
         self.backend = inventory.backend
+        self.recorded_events: list[Event] = []
 
     # --- hosts ----------------------------------------------------------------------------------------------
     def host(self, host_id: str) -> Host | None:
@@ -302,7 +303,27 @@ class Unit:
         ev = Event(at=utcnow(), host_id=host_id if host_id is not None else self.inventory.host_id,
                    actor=actor or default_actor(), action=action, target=target, result=result, detail=detail)
         self.session.add(ev)
+        self.recorded_events.append(ev)
         return ev
+
+    def prune_events(self, host_id: str, *, max_age_days: int = 0, max_rows: int = 0) -> int:
+        """Delete ``host_id``'s events older than ``max_age_days`` and all but its newest ``max_rows`` (0: no
+        limit); returns how many went."""
+        gone = 0
+        if max_age_days > 0:
+            cutoff = utcnow() - dt.timedelta(days=max_age_days)
+            # coalesce() keeps both databases off the host_id index, so the range on the (at) index is used: the
+            # cost is the rows deleted, not the host's whole history
+            gone += self.session.execute(delete(Event).where(Event.at < cutoff,
+                                                             func.coalesce(Event.host_id, "") == host_id)
+                                         .execution_options(synchronize_session=False)).rowcount or 0
+        if max_rows > 0:
+            cut = self.session.scalar(select(Event.id).where(Event.host_id == host_id)
+                                      .order_by(Event.id.desc()).offset(max_rows).limit(1))
+            if cut is not None:
+                gone += self.session.execute(delete(Event).where(Event.host_id == host_id, Event.id <= cut)
+                                             .execution_options(synchronize_session=False)).rowcount or 0
+        return gone
 
     def events(self, *, host_id: str | None = None, limit: int = 50, since: dt.datetime | None = None) -> list[Event]:
         q = select(Event)

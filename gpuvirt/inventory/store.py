@@ -2,12 +2,18 @@
 
 * SQLite (default ``<root>/var/lib/gpuvirt/inventory.db``): directory 0700, file 0600, WAL journal, a busy
   timeout, foreign keys on; write transactions start with ``BEGIN IMMEDIATE`` so two writers queue on the
-  database lock instead of failing half-way with SQLITE_BUSY.
+  database lock instead of failing half-way with SQLITE_BUSY.  Only the default inventory is created on
+  first use; any other path must exist (``gpuvirt db init`` creates it), so a typo never starts an empty
+  inventory.  Before SQLite opens its files, their directory must be trusted and none of them may be a
+  symbolic link (``gpuvirt.safefs``): SQLite follows links, and gpuvirt runs as root.
 * PostgreSQL (``postgresql+psycopg://...``): ``READ COMMITTED``; allocation paths lock rows
   (``SELECT ... FOR UPDATE SKIP LOCKED``) and a unique constraint backs them up.
 * A fresh or older database is upgraded to the newest Alembic revision before use (under a file lock for
   SQLite, an advisory lock for PostgreSQL), so concurrent first runs do not race.  Checking the revision
-  reads ``alembic_version`` directly; Alembic itself is imported only when an upgrade is due.
+  reads ``alembic_version`` directly; Alembic itself is imported only when an upgrade is due.  A revision this
+  gpuvirt does not know was written by a newer one: refused with one line (exit 8), never "upgraded".
+* The ``events`` table is pruned per host (``[events]`` in the config: ``max_age_days``, ``max_rows``) after
+  writes that record events (see :meth:`Inventory._after_events`).
 """
 
 from __future__ import annotations
@@ -17,17 +23,56 @@ import fcntl
 import os
 import stat
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from gpuvirt.errors import ConflictError, DatabaseLockedError, InventoryError, UsageError
+from gpuvirt.errors import (
+    ConflictError,
+    DatabaseLockedError,
+    GpuvirtError,
+    InventoryError,
+    InventoryNotFoundError,
+    InventoryTooNewError,
+    UsageError,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gpuvirt.inventory.repo import Unit
 
 HEAD_REVISION = "0003_intents"          # keep equal to the newest file in migrations/versions (tested)
 BUSY_TIMEOUT_MS = int(os.environ.get("GPUVIRT_DB_BUSY_TIMEOUT_MS", "30000"))
+PRUNE_INTERVAL_S = 600.0
+PRUNE_EVERY_IDS = 100
+SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal", ".lock")
+
+
+def known_revisions() -> set[str]:
+    """Revision ids this gpuvirt ships (the file names of ``migrations/versions``; tested against Alembic)."""
+    import importlib.resources
+
+    try:
+        versions = importlib.resources.files("gpuvirt._migrations").joinpath("versions")
+        return {p.name[:-3] for p in versions.iterdir() if p.name.endswith(".py") and p.name[:1].isdigit()}
+    except (ModuleNotFoundError, OSError):  # pragma: no cover - a broken installation
+        return {HEAD_REVISION}
+
+
+def gpuvirt_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("gpuvirt")
+    except Exception:  # noqa: BLE001 - running from a checkout without metadata
+        return "(unknown version)"
+
+
+def too_new(revision: str) -> InventoryTooNewError:
+    return InventoryTooNewError(f"this inventory is at revision {revision}, newer than gpuvirt {gpuvirt_version()} "
+                                f"knows ({HEAD_REVISION}); upgrade gpuvirt", revision=revision, head=HEAD_REVISION)
 
 
 def translate_db_error(exc: BaseException, url: str, action: str = "inventory") -> InventoryError:
@@ -61,21 +106,39 @@ def _describe(url: str) -> str:
     return u.render_as_string(hide_password=True)
 
 
-def _prepare_sqlite_path(path: Path) -> None:
+def _prepare_sqlite_path(path: Path, *, create: bool, state_dir: Path | None = None) -> None:
+    """Check (and with ``create``, make) the SQLite inventory at ``path`` before SQLite opens it.
+
+    SQLite opens the database and its ``-wal``/``-shm``/``-journal`` files itself and follows symbolic links,
+    so the directory must be trusted (nobody else can plant a link there) and none of the files may be a link
+    now.  Without ``create`` a missing database is refused with the command that creates it.
+    """
+    from gpuvirt.safefs import check_file, check_private_dir, ensure_private_dir, open_nofollow
+
     directory = path.parent
-    if not directory.exists():
+    what = "state directory" if state_dir is not None and directory == Path(state_dir).absolute() else \
+        "inventory directory"
+    exists = os.path.lexists(path)
+    if not exists and not create:
+        raise InventoryNotFoundError(
+            f"the inventory {path} does not exist; create it with 'gpuvirt db init --db sqlite:///{path}' "
+            "(or correct the path)", path=str(path))
+    if create:
+        ensure_private_dir(directory, what=what)
+    else:
+        check_private_dir(directory, what=what)
+    if os.path.isdir(path) and not os.path.islink(path):
+        raise InventoryError(f"the inventory path {path} is a directory")
+    check_file(path, what="inventory")
+    for suffix in SQLITE_SIDE_FILES:
+        check_file(Path(str(path) + suffix), what="inventory file")
+    if not os.path.lexists(path):
         try:
-            directory.mkdir(parents=True, mode=0o700)
-        except OSError as exc:
-            raise InventoryError(f"cannot create the inventory directory {directory}: {exc.strerror}") from exc
-    if not path.exists():
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
-            os.close(fd)
+            os.close(open_nofollow(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600, what="inventory"))
+        except FileExistsError:
+            check_file(path, what="inventory")   # another process created it first
         except OSError as exc:
             raise InventoryError(f"cannot create the inventory {path}: {exc.strerror}") from exc
-    elif path.is_dir():
-        raise InventoryError(f"the inventory path {path} is a directory")
 
 
 class Inventory:
@@ -89,18 +152,28 @@ class Inventory:
         self._sessions = sessionmaker(bind=engine, expire_on_commit=False)
         self._write_sessions = sessionmaker(bind=engine.execution_options(gpuvirt_write=True),
                                             expire_on_commit=False)
+        # events retention for this host: (max age in days, max rows); 0 = no limit, None = never prune
+        self.event_limits: tuple[int, int] | None = None
+        self._pruned_at: float | None = None
 
     # --- opening ----------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, settings: Any, *, upgrade: bool = True) -> "Inventory":
+    def open(cls, settings: Any, *, upgrade: bool = True, create: bool | None = None) -> "Inventory":
+        """The inventory of ``settings``.  ``create`` None: only the default SQLite inventory (under the state
+        directory, or a ``--db`` naming that same file) is created when missing."""
         url = settings.effective_db_url()
-        inv = cls.connect(url, settings.host_id)
+        if create is None:
+            create = settings.db_url is None or _sqlite_path(url) == Path(settings.default_db_path).absolute()
+        inv = cls.connect(url, settings.host_id, create=create, state_dir=settings.state_dir)
+        events = getattr(settings, "events", None) or {}
+        inv.event_limits = (int(events.get("max_age_days", 0)), int(events.get("max_rows", 0)))
         if upgrade:
             inv.ensure_schema()
         return inv
 
     @classmethod
-    def connect(cls, url: str, host_id: str = "local") -> "Inventory":
+    def connect(cls, url: str, host_id: str = "local", *, create: bool = True,
+                state_dir: Path | None = None) -> "Inventory":
         try:
             u = make_url(url)
         except ArgumentError as exc:
@@ -110,8 +183,8 @@ class Inventory:
             if backend == "sqlite":
                 if u.database in (None, "", ":memory:"):
                     raise UsageError("an in-memory SQLite inventory cannot be shared; give a file path")
-                path = Path(u.database)
-                _prepare_sqlite_path(path)
+                path = Path(u.database).absolute()
+                _prepare_sqlite_path(path, create=create, state_dir=state_dir)
                 engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000}, pool_pre_ping=False)
                 _sqlite_events(engine)
             elif backend == "postgresql":
@@ -139,19 +212,30 @@ class Inventory:
         except (DBAPIError, SQLAlchemyError) as exc:
             raise translate_db_error(exc, self.url, "read schema version") from exc
 
+    def check_not_newer(self, revision: str | None = None) -> str | None:
+        """The current revision; :class:`InventoryTooNewError` when a newer gpuvirt wrote it."""
+        rev = self.current_revision() if revision is None else revision
+        if rev is not None and rev != HEAD_REVISION and rev not in known_revisions():
+            raise too_new(rev)
+        return rev
+
     def ensure_schema(self) -> None:
-        if self.current_revision() == HEAD_REVISION:
+        rev = self.current_revision()
+        if rev == HEAD_REVISION:
             return
+        self.check_not_newer(rev)
         with self._upgrade_lock():
-            if self.current_revision() != HEAD_REVISION:
+            if self.check_not_newer() != HEAD_REVISION:
                 self.upgrade()
 
     @contextlib.contextmanager
     def _upgrade_lock(self) -> Iterator[None]:
         if self.backend == "sqlite":
             lock_path = Path(str(make_url(self.url).database) + ".lock")
+            from gpuvirt.safefs import open_nofollow
+
             try:
-                fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
+                fd = open_nofollow(lock_path, os.O_CREAT | os.O_RDWR, 0o600, what="inventory upgrade lock")
             except OSError:
                 yield  # read-only directory: the upgrade itself will report the real problem
                 return
@@ -183,6 +267,7 @@ class Inventory:
     def upgrade(self, revision: str = "head") -> None:
         from gpuvirt.inventory.migrate import upgrade
 
+        self.check_not_newer()
         try:
             upgrade(self.engine, revision)
         except (DBAPIError, SQLAlchemyError) as exc:
@@ -204,7 +289,8 @@ class Inventory:
         factory = self._write_sessions if write else self._sessions
         session: Session = factory()
         try:
-            yield Unit(self, session)
+            uow = Unit(self, session)
+            yield uow
             session.commit()
         except (DBAPIError, SQLAlchemyError) as exc:
             session.rollback()
@@ -214,6 +300,42 @@ class Inventory:
             raise
         finally:
             session.close()
+        if uow.recorded_events:
+            ids = [e.id for e in uow.recorded_events if e.id is not None]
+            self._after_events(ids)
+
+    def _after_events(self, ids: list[int]) -> None:
+        """Opportunistic pruning after a write that recorded events (best effort: a busy database postpones it
+        rather than failing a command that already succeeded).  By age: on the first such write of a process
+        and then every ``PRUNE_INTERVAL_S`` (cheap: a range on the ``at`` index).  By count: when the new ids
+        cross a multiple of ``PRUNE_EVERY_IDS`` (finding the cut walks up to ``max_rows`` index entries, so it
+        runs about once per ``PRUNE_EVERY_IDS`` events of the inventory)."""
+        import time
+
+        if self.event_limits is None or self.event_limits == (0, 0) or not ids:
+            return
+        now = time.monotonic()
+        by_age = self._pruned_at is None or now - self._pruned_at >= PRUNE_INTERVAL_S
+        by_count = max(ids) // PRUNE_EVERY_IDS != (min(ids) - 1) // PRUNE_EVERY_IDS
+        if not by_age and not by_count:
+            return
+        if by_age:
+            self._pruned_at = now
+        max_age_days, max_rows = self.event_limits
+        try:
+            with self.unit(write=True, action="prune events") as uow:
+                uow.prune_events(self.host_id, max_age_days=max_age_days if by_age else 0,
+                                 max_rows=max_rows if by_count else 0)
+        except GpuvirtError:
+            pass
+
+    def prune_events_now(self) -> int:
+        """Delete this host's events beyond the configured age and count now; returns how many went."""
+        if self.event_limits is None:
+            return 0
+        max_age_days, max_rows = self.event_limits
+        with self.unit(write=True, action="prune events") as uow:
+            return uow.prune_events(self.host_id, max_age_days=max_age_days, max_rows=max_rows)
 
 
 def _sqlite_events(engine: Engine) -> None:
@@ -236,6 +358,16 @@ def _sqlite_events(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("gpuvirt_write") else "BEGIN")
+
+
+def _sqlite_path(url: str) -> Path | None:
+    try:
+        u = make_url(url)
+    except ArgumentError:
+        return None
+    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
+        return None
+    return Path(u.database).absolute()
 
 
 def check_private(path: Path) -> list[str]:

@@ -185,8 +185,10 @@ class _Call:
     locks: contextlib.ExitStack
 
     def alloc(self, *, quota: bool = True) -> dict[str, Any]:
+        """The allocation a step gives the VM; ``quota``: the device the tenant is charged for (checked and
+        recorded as the attach event), not the GPU instance under a MIG-backed vGPU."""
         return {"vm_name": self.vm, "vm_uuid": self.vm_uuid, "tenant": self.tenant, "persistent": self.persistent,
-                "check_quota": quota}
+                "check_quota": quota, "event": quota}
 
     def lock(self, addresses: list[str]) -> None:
         """Hold these GPUs until the attach ends (a rollback must not race another writer).  Always the same
@@ -216,9 +218,11 @@ def attach(ctx: Context, vm: str, *, vgpu: str | None = None, mig: str | None = 
     if domain_xml is not None:
         from gpuvirt.vmm.libvirt import parse_domain
 
+        from gpuvirt.safefs import read_bounded
+        from gpuvirt.vmm.libvirt import MAX_DOMAIN_XML_BYTES
+
         try:
-            with open(domain_xml, "rb") as fh:
-                dom = parse_domain(fh.read())
+            dom = parse_domain(read_bounded(domain_xml, MAX_DOMAIN_XML_BYTES, what="--domain-xml"))
         except OSError as exc:
             raise UsageError(f"cannot read --domain-xml {domain_xml}: {exc.strerror}") from exc
         if dom.name != vm:

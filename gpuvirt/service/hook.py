@@ -91,7 +91,7 @@ def prepare(ctx: Context, domain: str, dom: Any) -> list[str]:
             # GPU-level steps (MIG mode, enabling VFs) carry no instance id, and are often the real reason
             reasons = [f["action"] for f in rep.get("failed", []) if f.get("instance") in still or
                        f.get("instance") is None]
-            # hookmain prefixes "refusing to start <domain>:"; this is the reason only
+            # cli.hook_main prefixes "refusing to start <domain>:"; this is the reason only
             raise ConflictError("; ".join(r for r in reasons if r) or
                                 f"instance(s) {', '.join(map(str, still))} could not be restored")
         # the restore is GPU-wide (the VFs and the rest of the GPUs' layouts come back too): say so, or an

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 from gpuvirt.context import Context
 from gpuvirt.inventory.models import MDEV, MIG, VF, VFIO_VGPU
 from gpuvirt.model.catalog import GpuModel
+from gpuvirt.safefs import open_lock_file
 
 
 # --- host primitives ---------------------------------------------------------------------------------------
@@ -81,8 +82,8 @@ def gpu_lock(ctx: Context, address: str) -> Iterator[None]:
                 _HELD[key] -= 1
         return
     try:
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        # the state and lock directories must be trusted and the lock file no link (gpuvirt.safefs)
+        fd = open_lock_file(path, state_dir=ctx.settings.state_dir)
     except OSError:
         # read-only state directory: nothing else can change it either; the inventory still serialises
         yield

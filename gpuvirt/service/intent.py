@@ -173,6 +173,9 @@ def _allocate(uow: Any, row: Any, alloc: dict[str, Any] | None) -> None:
         _quota_check(uow, alloc["tenant"], [row])
     uow.allocate(row, vm_name=alloc["vm_name"], vm_uuid=alloc.get("vm_uuid"), tenant=alloc.get("tenant"),
                  persistent=bool(alloc.get("persistent", True)))
+    if alloc.get("event"):
+        uow.event("attach", target=alloc["vm_name"], detail={"instance": row.id, "label": row.label,
+                                                               "tenant": alloc.get("tenant"), "created": True})
 
 
 def _upsert_row(uow: Any, ctx: Context, existing: Any, gpu_id: int, fields: dict[str, Any],

@@ -69,8 +69,10 @@ def export(ctx: Context) -> dict[str, Any]:
                 removed.append({"parent": parent, "uuid": uuid})
         except UsageError as exc:
             skipped.append({"parent": parent, "uuid": uuid, "reason": f"not removed: {exc}"})
+    from gpuvirt.safefs import ensure_private_dir
+
+    ensure_private_dir(ledger.parent)
     try:
-        ledger.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(ledger, json.dumps({"definitions": sorted(current)}).encode("utf-8"), mode=0o644)
     except OSError as exc:
         raise UsageError(f"cannot record exported definitions in {ledger}: {exc.strerror}") from exc

@@ -25,6 +25,11 @@ from gpuvirt.model.mig import Placed
 from gpuvirt.model.planner import POLICIES, compute_lower_bound, pack
 
 _ITEM_RE = re.compile(r"^\s*(?P<name>[^=\s]+)\s*=\s*(?P<count>[^=]*?)\s*$")
+# One --pack plan places at most this many instances (about 14,300 fully packed GPUs; the search then takes a
+# few seconds and a few hundred MB).  More is not a capacity question anyone asks of one plan, and an
+# unbounded count ran until it was killed.
+MAX_PACK_INSTANCES = 100_000
+MAX_SPEC_CHARS = 4096
 
 
 def parse_pack_spec(spec: str, model_id: str) -> dict[int, int]:
@@ -35,6 +40,8 @@ def parse_pack_spec(spec: str, model_id: str) -> dict[int, int]:
                            model=model.id)
     if not spec or not spec.strip():
         raise UsageError("empty pack spec; expected PROFILE=COUNT[,PROFILE=COUNT...], e.g. 3g.20gb=4,1g.5gb=10")
+    if len(spec) > MAX_SPEC_CHARS:
+        raise UsageError(f"pack spec is {len(spec)} characters long; at most {MAX_SPEC_CHARS}")
     counts: dict[int, int] = {}
     for item in spec.split(","):
         if not item.strip():
@@ -45,8 +52,15 @@ def parse_pack_spec(spec: str, model_id: str) -> dict[int, int]:
         count_text = m.group("count")
         if not re.fullmatch(r"\d+", count_text):
             raise UsageError(f"count '{count_text}' for {m.group('name')} must be a non-negative integer")
+        if len(count_text) > 9 or int(count_text) > MAX_PACK_INSTANCES:
+            raise UsageError(f"count {count_text} for {m.group('name')} is too large: one --pack plan places at "
+                             f"most {MAX_PACK_INSTANCES} instances")
         prof = resolve_gi_profile(model, m.group("name"))
         counts[prof.id] = counts.get(prof.id, 0) + int(count_text)
+    total = sum(counts.values())
+    if total > MAX_PACK_INSTANCES:
+        raise UsageError(f"--pack asks for {total} instances in total; one plan places at most "
+                         f"{MAX_PACK_INSTANCES}")
     return counts
 
 

@@ -1006,12 +1006,17 @@ def write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
 
 # --- --fit ------------------------------------------------------------------------------------------------------------
 _FIT_ITEM = re.compile(r"^\s*(?P<name>[A-Za-z0-9][A-Za-z0-9 ._+:-]*?)\s*=\s*(?P<count>[^=]*?)\s*$")
-MAX_FIT_COUNT = 1_000_000
+# as plan --pack (service/placement.py): the fit simulation hands out instances one at a time
+MAX_FIT_COUNT = 100_000
+MAX_FIT_CHARS = 4096
 
 
 def parse_fit(specs: Iterable[str]) -> list[tuple[str, int]]:
     """``["3g.40gb=20,A2-2Q=8", ...]`` -> [(name, count)] in order of first mention; repeated names add up."""
     out: dict[str, int] = {}
+    specs = list(specs)
+    if sum(len(str(s)) for s in specs) > MAX_FIT_CHARS:
+        raise UsageError(f"--fit is longer than {MAX_FIT_CHARS} characters")
     for spec in specs:
         if spec is None or not str(spec).strip():
             raise UsageError("empty --fit; expected NAME=COUNT[,NAME=COUNT...], e.g. 3g.40gb=20,A2-2Q=8")
@@ -1021,10 +1026,13 @@ def parse_fit(specs: Iterable[str]) -> list[tuple[str, int]]:
                 raise UsageError(f"malformed --fit item '{item.strip()}': expected NAME=COUNT (a MIG profile, "
                                  "vGPU type, mdev type or 'vf'), e.g. 3g.40gb=20,A2-2Q=8")
             count = m.group("count")
-            if not re.fullmatch(r"\d+", count) or not 1 <= int(count) <= MAX_FIT_COUNT:
-                raise UsageError(f"--fit count '{count}' for {m.group('name')} must be an integer from 1 to "
+            if not re.fullmatch(r"\d{1,9}", count) or not 1 <= int(count) <= MAX_FIT_COUNT:
+                raise UsageError(f"--fit count '{count[:20]}' for {m.group('name')} must be an integer from 1 to "
                                  f"{MAX_FIT_COUNT}")
             out[m.group("name")] = out.get(m.group("name"), 0) + int(count)
+    total = sum(out.values())
+    if total > MAX_FIT_COUNT:
+        raise UsageError(f"--fit asks for {total} instances in total; at most {MAX_FIT_COUNT}")
     return list(out.items())
 
 

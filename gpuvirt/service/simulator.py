@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from gpuvirt.errors import UsageError
 from gpuvirt.sim import control
+from gpuvirt.sim.state import behaviour
 
 
 def models() -> list[dict[str, Any]]:
@@ -14,10 +16,49 @@ def models() -> list[dict[str, Any]]:
 
 def init(directory: str, gpus: Sequence[str], *, seed: str | None = None, vgpu_interface: str | None = None,
          enable_vfs: bool = True, mig_enabled: bool = False, no_driver: bool = False,
-         force: bool = False) -> dict[str, Any]:
+         force: bool = False, behaviour: dict[str, Any] | None = None) -> dict[str, Any]:
+    opts = {k: v for k, v in (behaviour or {}).items() if v is not None}
+    if opts:
+        control.check_behaviour(**opts)     # refuse bad values before anything is created
     sim = control.init_sim(directory, gpus, seed=seed, vgpu_interface=vgpu_interface, enable_vfs=enable_vfs,
                            mig_enabled=mig_enabled, driver_loaded=not no_driver, force=force)
+    if opts:
+        control.configure(sim, **opts)
     return summary(sim)
+
+
+def _pairs(items: Sequence[str], what: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise UsageError(f"{what} '{item}' is not KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def configure(directory: str, *, vf_delay: float | None = None, registration_delay: float | None = None,
+              reset: str | None = None, unregistered_vfio: str | None = None, errnos: Sequence[str] = (),
+              nvml_codes: Sequence[str] = ()) -> dict[str, Any]:
+    codes: dict[str, int] = {}
+    for k, v in _pairs(nvml_codes, "--nvml-code").items():
+        if not v.isdigit() or len(v) > 3:
+            raise UsageError(f"--nvml-code {k}={v}: expected an NVML return code from 1 to 999")
+        codes[k] = int(v)
+    return control.configure(control.open_sim(directory), vf_delay=vf_delay, registration_delay=registration_delay,
+                             reset=reset, unregistered_vfio=unregistered_vfio,
+                             errnos=_pairs(errnos, "--errno"), nvml_codes=codes)
+
+
+def trace(directory: str, action: str) -> dict[str, Any]:
+    sim = control.open_sim(directory)
+    if action in ("on", "off"):
+        control.set_trace(sim, action == "on")
+    elif action == "clear":
+        control.clear_trace(sim)
+    elif action != "show":
+        raise UsageError(f"unknown trace action '{action}'; one of: on, off, show, clear")
+    return control.trace(sim)
 
 
 def summary(sim: Any) -> dict[str, Any]:
@@ -31,7 +72,9 @@ def summary(sim: Any) -> dict[str, Any]:
                      "clients": d.get("clients", [])})
     return {"dir": str(sim.root), "boot": state["boot"], "seed": state["seed"],
             "vgpu_interface": state.get("vgpu_interface"), "driver_loaded": state.get("driver_loaded", True),
-            "devices": devs, "mdevs": len(state["mdevs"]), "faults": state["faults"]}
+            "devices": devs, "mdevs": len(state["mdevs"]), "faults": state["faults"],
+            "behaviour": behaviour(state), "trace_on": bool((state.get("trace") or {}).get("on")),
+            "foreign_writes": state.get("foreign_writes", [])}
 
 
 def show(directory: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ class UEvent:
 
 
 QUIET = None  # a source yields QUIET when nothing happened for `debounce` seconds
+MAX_EVENT_LINE = 64 * 1024  # one udev event as JSON is a few hundred bytes; /dev/zero has no newline at all
 
 
 def parent_of(ev: UEvent) -> str | None:
@@ -67,7 +68,14 @@ def file_source(path: str) -> Iterator[UEvent | None]:
     except OSError as exc:
         raise UsageError(f"cannot read events from {path}: {exc.strerror}") from exc
     with fh:
-        for n, line in enumerate(fh, 1):
+        n = 0
+        while True:
+            line = fh.readline(MAX_EVENT_LINE + 1)
+            if not line:
+                break
+            n += 1
+            if len(line) > MAX_EVENT_LINE:
+                raise UsageError(f"{path}:{n}: event line longer than {MAX_EVENT_LINE} characters")
             if not line.strip():
                 continue
             try:

@@ -123,15 +123,31 @@ def new_state(specs: Sequence[str], *, seed: str | None = None, vgpu_interface: 
     return state
 
 
-def enable_vfs_on(state: dict[str, Any], dev: dict[str, Any], numvfs: int) -> None:
+def enable_vfs_on(state: dict[str, Any], dev: dict[str, Any], numvfs: int, *, now: float | None = None) -> None:
+    """Create ``numvfs`` VFs.  With ``now`` (a write to ``sriov_numvfs``, not ``sim init``), the host's
+    ``vf_delay_s`` and ``registration_delay_s`` apply: the functions appear, and nvidia-vgpud registers their
+    vGPU types, at those wall-clock deadlines (applied by :mod:`gpuvirt.sim.world`)."""
+    from gpuvirt.sim import rules
+    from gpuvirt.sim.state import behaviour
+
     model = load_catalog().get(dev["model"])
     assert model.sriov is not None
     dev["sriov"]["numvfs"] = numvfs
     dev["vfs"] = []
+    vf_delay = reg_delay = 0.0
+    if now is not None:
+        b = behaviour(state)
+        vf_delay, reg_delay = float(b["vf_delay_s"]), float(b["registration_delay_s"])
+    register = reg_delay > 0 and rules.needs_registration(state, dev, pf=False)
     for i in range(numvfs):
-        dev["vfs"].append({"address": vf_address(dev["address"], i, model.sriov.first_vf_offset), "index": i,
-                           "iommu_group": state["next_iommu_group"], "current_vgpu_type": 0,
-                           "gpu_instance_id": None, "open": False})
+        vf: dict[str, Any] = {"address": vf_address(dev["address"], i, model.sriov.first_vf_offset), "index": i,
+                              "iommu_group": state["next_iommu_group"], "current_vgpu_type": 0,
+                              "gpu_instance_id": None, "open": False}
+        if vf_delay > 0:
+            vf["appear_at"] = now + vf_delay  # type: ignore[operator]
+        if register:
+            vf["register_at"] = now + vf_delay + reg_delay  # type: ignore[operator]
+        dev["vfs"].append(vf)
         state["next_iommu_group"] += 1
 
 

@@ -12,17 +12,18 @@ write                                  semantics (source: ../shared/reference, s
                                        per catalog); else the mdev appears with links and an IOMMU group
 ``<mdev>/remove``                      kstrtoul: junk EINVAL; 0 is a no-op; open device EBUSY (UNVERIFIED)
 ``<VF>/nvidia/current_vgpu_type``      kstrtol: junk EINVAL; N when set EPERM; 0 when empty EPERM; 0 while the
-                                       VFIO device is open EBUSY (UNVERIFIED); unknown id EINVAL; no room:
-                                       catalog errno
+                                       VFIO device is open EBUSY (UNVERIFIED); unknown id (or types not
+                                       registered yet) EINVAL (UNVERIFIED); no room: catalog errno
 ``<PF>/sriov_numvfs``                  > total ERANGE; equal: no-op; change while enabled EBUSY; 0 disables
-                                       (child mdevs go with their VFs)
-``<PF>/reset``                         anything but 1: EINVAL; applies a pending MIG mode; GPU/compute
-                                       instances are lost; a GPU held by clients or an open VF/mdev: EBUSY
-                                       (UNVERIFIED)
+                                       (child mdevs go with their VFs); the VFs appear after ``vf_delay_s``
+``<PF>/reset``                         anything but 1: EINVAL; GPU/compute instances are lost; a pending MIG
+                                       mode is applied only with ``reset: gpu-reset`` (UNVERIFIED); a GPU held
+                                       by clients or an open VF/mdev: EBUSY (UNVERIFIED)
 =====================================  ===================================================================
 
 Anything else: ENOENT when the file does not exist, EACCES when it is a read-only attribute.
 Injected faults (``gpuvirt sim fault``) fail an operation with a chosen errno before it takes effect.
+Every UNVERIFIED errno is a setting of the simulated host (``gpuvirt.sim.state.DEFAULT_ERRNOS``).
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ from __future__ import annotations
 import errno
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 from gpuvirt.model.catalog import load_catalog
 from gpuvirt.sim import rules
 from gpuvirt.sim.build import disable_vfs_on, enable_vfs_on
-from gpuvirt.sim.state import SimHost, os_error
+from gpuvirt.sim.state import SimHost, behaviour, errno_for, os_error
 
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
@@ -129,6 +131,9 @@ class SimKernel:
             dev, vf = self._device_for_parent(state, parent)
         except KeyError:
             raise os_error(errno.ENODEV, path) from None
+        if vf is not None and not (rules.vf_present(vf) and rules.registered(vf)) or \
+                vf is None and not rules.registered(dev):
+            raise os_error(errno.ENOENT, path, "the parent's vGPU types are not registered")
         self._fault(state, "mdev.create", path, f"{parent}/{type_dir}/{uuid}")
         model = load_catalog().get(dev["model"])
         gi_id = None
@@ -163,7 +168,7 @@ class SimKernel:
             raise os_error(errno.ENODEV, path)
         self._fault(state, "mdev.remove", path, uuid)
         if m.get("open"):
-            raise os_error(errno.EBUSY, path, "mdev is open by a VM (UNVERIFIED errno)")
+            raise os_error(errno_for(state, "mdev_remove_open"), path, "mdev is open by a VM (UNVERIFIED errno)")
         state["mdevs"].remove(m)
 
     # --- vendor-specific VFIO ------------------------------------------------------------------------------------
@@ -175,7 +180,7 @@ class SimKernel:
             dev, vf = self._device_for_parent(state, vf_addr)
         except KeyError:
             raise os_error(errno.ENODEV, path) from None
-        if vf is None:
+        if vf is None or not rules.vf_present(vf):
             raise os_error(errno.ENOENT, path)
         model = load_catalog().get(dev["model"])
         assert model.vgpu is not None
@@ -184,16 +189,20 @@ class SimKernel:
                 raise os_error(errno.EPERM, path, "Failed to remove vGPU. No vGPU exists on current device")
             self._fault(state, "vgpu.clear", path, vf_addr)
             if vf.get("open"):
-                raise os_error(errno.EBUSY, path, "The VFIO device must be closed first (UNVERIFIED errno)")
+                raise os_error(errno_for(state, "vgpu_clear_open"), path,
+                               "The VFIO device must be closed first (UNVERIFIED errno)")
             vf["current_vgpu_type"] = 0
             vf["gpu_instance_id"] = None
             return
         if vf.get("current_vgpu_type"):
             raise os_error(errno.EPERM, path, f"vGPU device already created with type ID: {vf['current_vgpu_type']}")
+        if not rules.registered(vf):
+            raise os_error(errno_for(state, "vgpu_unknown_type"), path,
+                           "vGPU types not registered yet (nvidia-vgpud)")
         try:
             vtype = model.vgpu.type_by_id(value)
         except Exception:
-            raise os_error(errno.EINVAL, path, f"unknown vGPU type id {value}") from None
+            raise os_error(errno_for(state, "vgpu_unknown_type"), path, f"unknown vGPU type id {value}") from None
         self._fault(state, "vgpu.set", path, vf_addr)
         if rules.board_room(state, dev, vtype) <= 0:
             raise os_error(getattr(errno, model.vgpu.create_errno), path, "vGPU type not creatable now")
@@ -224,10 +233,10 @@ class SimKernel:
         if value == 0:
             if any(v.get("open") for v in dev["vfs"]) or any(
                     m.get("open") for m in state["mdevs"] if m["parent"] in rules.board_parents(dev)):
-                raise os_error(errno.EBUSY, path, "a VF is in use (UNVERIFIED errno)")
+                raise os_error(errno_for(state, "sriov_disable_open"), path, "a VF is in use (UNVERIFIED errno)")
             disable_vfs_on(state, dev)
         else:
-            enable_vfs_on(state, dev, value)
+            enable_vfs_on(state, dev, value, now=time.time())
 
     # --- GPU reset -------------------------------------------------------------------------------------------------
     def _reset(self, state: dict[str, Any], path: Any, addr: str, data: str) -> None:
@@ -242,13 +251,17 @@ class SimKernel:
         self._fault(state, "pci.reset", path, addr)
         if vf is not None:
             if vf.get("open"):
-                raise os_error(errno.EBUSY, path)
+                raise os_error(errno_for(state, "vf_reset_open"), path)
             return
         if dev.get("clients") or any(v.get("open") for v in dev.get("vfs", [])) or any(
                 m.get("open") for m in state["mdevs"] if m["parent"] in rules.board_parents(dev)):
-            raise os_error(errno.EBUSY, path, "GPU in use (UNVERIFIED errno)")
+            raise os_error(errno_for(state, "reset_busy"), path, "GPU in use (UNVERIFIED errno)")
         if dev.get("mig") is not None:
-            dev["mig"]["current"] = dev["mig"]["pending"]
+            # Whether a PCI function reset through sysfs activates a pending MIG mode is not established
+            # (only nvidia-smi --gpu-reset is documented to): by default it does not, so gpuvirt must cope
+            # with a mode that stays pending; "gpu-reset" models the nvidia-smi behaviour.
+            if behaviour(state)["reset"] == "gpu-reset":
+                dev["mig"]["current"] = dev["mig"]["pending"]
             dev["mig"]["gpu_instances"] = []
             # vGPUs on GPU instances vanish with them
             for v in dev.get("vfs", []):
@@ -261,11 +274,16 @@ class SimKernel:
 
 
 def attach_renderer(sim: SimHost) -> SimHost:
-    """Make every state change of ``sim`` re-render the affected parts of the sysfs tree."""
-    from gpuvirt.sim import tree
+    """Make every state change of ``sim`` re-render the affected parts of the sysfs tree, and let the world
+    around the host (timed events, writes of other programs, a tree left stale by a crash) act before each
+    transaction (:mod:`gpuvirt.sim.world`)."""
+    from gpuvirt.sim import tree, world
 
     def on_change(host: SimHost, before: dict[str, Any], after: dict[str, Any]) -> None:
         tree.sync(Path(host.root), before, after)
 
     sim.on_change = on_change
+    sim.on_begin = world.due
+    sim.on_repair = world.repair
+    sim.after_save = world.ensure_timer
     return sim

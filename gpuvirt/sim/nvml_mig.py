@@ -9,6 +9,7 @@ from gpuvirt.model import mig as migrules
 from gpuvirt.model.catalog import GpuInstanceProfile, GpuModel, MigGeometry
 from gpuvirt.sim import rules
 from gpuvirt.sim.build import mig_uuid
+from gpuvirt.sim.state import behaviour
 from gpuvirt.sim.nvml_base import (
     _COMPUTE_INSTANCE,
     _DEVICE,
@@ -73,8 +74,9 @@ class MigApi(NvmlBase):
             mig = dev["mig"]
             if wanted == 0 and mig["current"] == 1 and mig["gpu_instances"]:
                 # UNVERIFIED choice: the driver refuses to leave MIG mode while GPU instances exist; we
-                # report it as the call's own IN_USE (nvidia-smi prints "In use by another client").
-                raise _Fail(IN_USE)
+                # report it as the call's own IN_USE (nvidia-smi prints "In use by another client") unless the
+                # host's nvml_codes.leave_mig_with_instances says otherwise.
+                raise _Fail(int(behaviour(state)["nvml_codes"]["leave_mig_with_instances"]))
             mig["pending"] = wanted
             if wanted == mig["current"]:
                 result["status"] = SUCCESS

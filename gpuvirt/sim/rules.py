@@ -30,6 +30,27 @@ def device_interface(state: dict[str, Any], device: dict[str, Any]) -> str | Non
     return state.get("vgpu_interface") or device.get("interface") or model.vgpu.interface
 
 
+def vf_present(vf: dict[str, Any]) -> bool:
+    """Has the VF function appeared yet (``appear_at`` is set only while it is on its way)?"""
+    return "appear_at" not in vf
+
+
+def registered(obj: dict[str, Any]) -> bool:
+    """Are the vGPU types of this parent (a VF, or a PF that is the mdev parent) registered by nvidia-vgpud?
+    Pending while ``register_at`` is set; ``registered: false`` after a failed registration."""
+    return "register_at" not in obj and obj.get("registered", True) is not False
+
+
+def needs_registration(state: dict[str, Any], device: dict[str, Any], *, pf: bool) -> bool:
+    """Does this board's vGPU manager register types on its VFs (``pf`` False) or on the PF itself?"""
+    model = model_of(device)
+    if model.vgpu is None:
+        return False
+    if pf:
+        return model.vgpu.parent == "pf" and device_interface(state, device) == "mdev"
+    return model.vgpu.parent == "vf"
+
+
 def board_parents(device: dict[str, Any]) -> set[str]:
     """Names of every mdev parent that belongs to this board (the PF and its VFs)."""
     names = {vf["address"] for vf in device.get("vfs", [])}
@@ -116,10 +137,10 @@ def vgpu_available(state: dict[str, Any], device: dict[str, Any], parent: str, v
     assert model.vgpu is not None
     if model.vgpu.parent == "vf":
         vf = next((v for v in device.get("vfs", []) if v["address"] == parent), None)
-        if vf is None or vf_has_vgpu(state, vf):
+        if vf is None or vf_has_vgpu(state, vf) or not vf_present(vf) or not registered(vf):
             return 0
         return 1 if room > 0 else 0
-    return room
+    return room if registered(device) else 0
 
 
 def creatable_types(state: dict[str, Any], device: dict[str, Any]) -> list[VgpuType]:

@@ -13,7 +13,10 @@ State document (JSON, ``version`` 1)::
     {"format": "gpuvirt-sim", "version": 1, "seed": str, "boot": int,
      "vgpu_interface": null | "mdev" | "vendor-vfio",      # host-wide mode (null in old states: per board)
      "driver_loaded": bool,                               # false: no libnvidia-ml (NVML unavailable)
-     "devices": [Device], "mdevs": [Mdev], "faults": [Fault], "next_iommu_group": int}
+     "devices": [Device], "mdevs": [Mdev], "faults": [Fault], "next_iommu_group": int,
+     "behaviour": Behaviour,                              # optional; missing keys take DEFAULT_BEHAVIOUR
+     "trace": {"on": bool, "ops": [[op, target], ...]},   # optional: fault points passed, in order
+     "foreign_writes": [{"path", "data", "result"}]}      # optional: writes made by other programs, applied
 
     Device = {"model": id, "address": "0000:41:00.0" | null, "name": str, "uuid": "GPU-..." | null,
               "nvml_index": int | null, "iommu_group": int, "interface": "mdev" | "vendor-vfio" | null,
@@ -22,7 +25,11 @@ State document (JSON, ``version`` 1)::
     GI  = {"id": int, "profile_id": int, "start": int, "size": int, "compute_instances": [CI]}
     CI  = {"id": int, "profile_id": int, "start": int, "size": int, "uuid": "MIG-..."}
     VF  = {"address": str, "index": int, "iommu_group": int, "current_vgpu_type": int,
-           "gpu_instance_id": int | null, "open": bool}
+           "gpu_instance_id": int | null, "open": bool,
+           "appear_at": float,      # only while the VF is still being created (wall-clock deadline)
+           "register_at": float,    # only while nvidia-vgpud has not registered its vGPU types yet
+           "registered": false}     # only when registration failed (an injected vgpu.register fault)
+    (a PF that is itself the mdev parent - pre-Ampere boards - carries ``register_at`` / ``registered`` too)
     Mdev = {"uuid": str, "parent": str, "type": "nvidia-468", "iommu_group": int,
             "gpu_instance_id": int | null, "open": bool}
     Fault = {"op": str, "skip": int, "times": int, "errno": str | null, "nvml": int | null,
@@ -34,6 +41,11 @@ that ``reconcile`` repairs whatever a dead gpuvirt left behind.
 
 ``open`` marks a device whose VFIO file is held by a (simulated) running VM; ``clients`` lists processes
 holding a GPU (they block MIG mode activation, like nvidia-persistenced or dcgm on a real host).
+
+The tree is redrawn after the state is saved.  A process killed in between would leave them out of step,
+so a transaction first creates ``DIR/.gpuvirt-sim/redraw`` and removes it once the tree matches the saved
+state; whoever finds the marker (the next transaction, or :func:`gpuvirt.sim.control.open_sim`, which every
+gpuvirt command with ``--sim`` passes through before it reads the tree) redraws the tree from the state first.
 """
 
 from __future__ import annotations
@@ -54,8 +66,47 @@ from gpuvirt.errors import SimulatorError, SimulatorNotFoundError
 STATE_DIR = ".gpuvirt-sim"
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
+REDRAW_MARKER = "redraw"
 FORMAT = "gpuvirt-sim"
 VERSION = 1
+MAX_TRACE = 100_000
+
+# Choices where the sources are silent or UNVERIFIED (docs/simulator-fidelity.md section 2), switchable per
+# simulated host with ``gpuvirt sim set`` / ``sim init``.  Durations are wall-clock seconds, so every
+# process driving the host sees the same timeline.
+DEFAULT_ERRNOS: dict[str, str] = {
+    "mdev_remove_open": "EBUSY",       # remove an mdev a VM holds open
+    "vgpu_clear_open": "EBUSY",        # write 0 to current_vgpu_type while the VF's VFIO device is open
+    "vgpu_unknown_type": "EINVAL",     # a type id the board (or a VF not registered yet) does not know
+    "sriov_disable_open": "EBUSY",     # sriov_numvfs 0 while a VM holds one of the VFs
+    "reset_busy": "EBUSY",             # GPU reset while processes or VMs hold the GPU
+    "vf_reset_open": "EBUSY",          # VF reset while its VFIO device is open
+}
+DEFAULT_NVML_CODES: dict[str, int] = {
+    "leave_mig_with_instances": 19,    # SetMigMode(0) while GPU instances exist: IN_USE
+}
+DEFAULT_BEHAVIOUR: dict[str, Any] = {
+    "vf_delay_s": 0.0,                 # sriov_numvfs write -> VF functions appear
+    "registration_delay_s": 0.0,       # VF appeared (or boot, for a PF parent) -> vGPU types registered
+    "unregistered_vfio": "empty",      # vendor-VFIO VF before registration: "empty" list | "absent" nvidia/ dir
+    "reset": "function",               # <PF>/reset: "function" (pending MIG mode stays pending) | "gpu-reset"
+    "errnos": DEFAULT_ERRNOS,
+    "nvml_codes": DEFAULT_NVML_CODES,
+}
+
+
+def behaviour(state: dict[str, Any]) -> dict[str, Any]:
+    """The host's behaviour settings with defaults filled in (read-only view)."""
+    b = state.get("behaviour") or {}
+    out = {**DEFAULT_BEHAVIOUR, **{k: v for k, v in b.items() if k not in ("errnos", "nvml_codes")}}
+    out["errnos"] = {**DEFAULT_ERRNOS, **(b.get("errnos") or {})}
+    out["nvml_codes"] = {**DEFAULT_NVML_CODES, **(b.get("nvml_codes") or {})}
+    return out
+
+
+def errno_for(state: dict[str, Any], key: str) -> int:
+    name = behaviour(state)["errnos"][key]
+    return getattr(errno, name, errno.EIO)
 
 
 class SimHost:
@@ -72,8 +123,17 @@ class SimHost:
         self._current: dict[str, Any] | None = None
         self._lock_fd: int | None = None
         self._kill_after = False
-        # render hook: called as hook(self, before, after) after a transaction changed the state
+        self.redraw_path = self.state_dir / REDRAW_MARKER
+        # hooks installed by gpuvirt.sim.kernel.attach_renderer:
+        #   on_change(self, before, after)  redraw the tree after a transaction changed the state
+        #   on_begin(self, state) -> fn     world events due before a transaction (None: nothing to do);
+        #                                   fn(work) applies them to a copy of the state
+        #   on_repair(self, state)          redraw the whole tree from the state (after a crash)
+        #   after_save(self, state)         e.g. start the timer process when deadlines are pending
         self.on_change = None
+        self.on_begin = None
+        self.on_repair = None
+        self.after_save = None
 
     # --- reading ---------------------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -149,12 +209,26 @@ class SimHost:
         """Lock, load, yield the mutable state; save and re-render sysfs on success.
 
         Nested transactions share the outer one's working copy.  If the body raises, nothing is saved.
+        Before the body runs, a tree left stale by a killed process is redrawn and world events that are
+        due (VFs appearing, vGPU types registering, writes other programs made to sysfs files) are applied
+        and committed on their own, so the body sees the host as it is now.
         """
         with self.locked():
             if self._current is not None:
                 yield self._current
                 return
-            before = copy.deepcopy(self._read())
+            before = self._read()
+            if self.redraw_path.exists():
+                self._repair(before)
+            if self.on_begin is not None:
+                apply_due = self.on_begin(self, before)
+                if apply_due is not None:
+                    due = copy.deepcopy(before)
+                    apply_due(due)
+                    if due != before:
+                        self._commit(before, due)
+                    before = due
+            before = copy.deepcopy(before)
             work = copy.deepcopy(before)
             self._current = work
             try:
@@ -162,11 +236,42 @@ class SimHost:
             finally:
                 self._current = None
             if work != before:
-                self.save(work)
-                if self.on_change is not None:
-                    self.on_change(self, before, work)
+                self._commit(before, work)
             if self._kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
+
+    def _commit(self, before: dict[str, Any], after: dict[str, Any]) -> None:
+        """Save ``after`` and redraw the tree from ``before``; the marker covers a kill anywhere in between."""
+        self._mark_redraw()
+        self.save(after)
+        if self.on_change is not None:
+            self.on_change(self, before, after)
+        self._clear_redraw()
+        if self.after_save is not None:
+            self.after_save(self, after)
+
+    def _mark_redraw(self) -> None:
+        fd = os.open(self.redraw_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+
+    def _clear_redraw(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.redraw_path)
+
+    def _repair(self, state: dict[str, Any]) -> None:
+        if self.on_repair is not None:
+            self.on_repair(self, state)
+            self._clear_redraw()
+
+    def ensure_rendered(self) -> bool:
+        """Redraw a tree left stale by a killed process before anyone reads it; True when it was stale."""
+        if not self.redraw_path.exists():
+            return False
+        with self.locked():
+            if self.redraw_path.exists():
+                self._repair(self._read())
+                return True
+        return False
 
     def save(self, state: dict[str, Any]) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -179,7 +284,13 @@ class SimHost:
 
         A fault ``{"op": op, "skip": k, "times": n}`` lets ``k`` matching operations pass, then fails the
         next ``n``.  Must be called inside a transaction (the counters are part of the state).
+
+        Every call is a fault point: while tracing is on (``gpuvirt sim trace DIR on``) it is appended to the
+        state's trace as ``[op, target]``, so a test can replay a command with a kill at each point in turn.
         """
+        trace = state.get("trace")
+        if trace and trace.get("on") and len(trace.setdefault("ops", [])) < MAX_TRACE:
+            trace["ops"].append([op, target or ""])
         for f in state.get("faults", []):
             if f.get("op") != op:
                 continue
@@ -193,7 +304,9 @@ class SimHost:
             f["times"] = f.get("times", 1) - 1
             kill = f.get("kill")
             if kill == "before":
-                # power loss / SIGKILL just before the operation: persist the consumed fault, then die
+                # power loss / SIGKILL just before the operation: persist the consumed fault, then die; the
+                # marker makes the next access check the tree against what was saved
+                self._mark_redraw()
                 self.save(state)
                 os.kill(os.getpid(), signal.SIGKILL)
             if kill == "after":
@@ -240,4 +353,5 @@ def os_error(code: int, path: str | os.PathLike[str], detail: str | None = None)
     return err
 
 
-__all__ = ["SimHost", "atomic_write", "validate_state", "os_error", "STATE_DIR", "errno"]
+__all__ = ["SimHost", "atomic_write", "validate_state", "os_error", "STATE_DIR", "errno", "behaviour", "errno_for",
+           "DEFAULT_BEHAVIOUR", "DEFAULT_ERRNOS", "DEFAULT_NVML_CODES"]

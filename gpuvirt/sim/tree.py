@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 from gpuvirt.model.catalog import GpuModel, load_catalog
 from gpuvirt.sim import rules
-from gpuvirt.sim.state import atomic_write
+from gpuvirt.sim.state import atomic_write, behaviour
 
 # the same default the simulated NVML reports (gpuvirt.sim.nvml.DEFAULT_DRIVER_VERSION)
 DEFAULT_DRIVER_VERSION = "570.86.15"
@@ -146,7 +146,7 @@ def render_device(state: dict[str, Any], dev: dict[str, Any]) -> Tree:
         assert spec is not None
         pdir = f"sys/devices/{spec.virtual_path}"
         _dir(tree, pdir)
-        _file(tree, f"{pdir}/uevent", f"MDEV_STATE=registered\n")
+        _file(tree, f"{pdir}/uevent", "MDEV_STATE=registered\n")
         _mdev_class_link(tree, dev["name"], pdir)
         for t in rules.registered_pool_types(spec):
             _mdev_type(tree, pdir, spec.type_dir(t), t.name, t.description,
@@ -166,10 +166,13 @@ def render_device(state: dict[str, Any], dev: dict[str, Any]) -> Tree:
     interface = rules.device_interface(state, dev)
     if model.sriov:
         _file(tree, f"{pf_dir}/sriov_totalvfs", f"{model.sriov.total_vfs}\n")
+        # the count written shows at once; the functions themselves may still be on their way (vf_delay_s)
         _file(tree, f"{pf_dir}/sriov_numvfs", f"{dev['sriov']['numvfs']}\n", 0o644)
         _file(tree, f"{pf_dir}/sriov_offset", f"{model.sriov.first_vf_offset}\n")
         _file(tree, f"{pf_dir}/sriov_vf_device", f"{model.sriov.vf_device_id:04x}\n")
         for vf in dev["vfs"]:
+            if not rules.vf_present(vf):
+                continue
             vdir = _pci_device(tree, model, vf["address"], vf.get("iommu_group"),
                                device_id=model.sriov.vf_device_id, pci_class=model.sriov.vf_class, vf=True)
             for name in ("sriov_totalvfs", "sriov_numvfs", "sriov_offset", "sriov_vf_device"):
@@ -178,10 +181,13 @@ def render_device(state: dict[str, Any], dev: dict[str, Any]) -> Tree:
             _link(tree, f"{pf_dir}/virtfn{vf['index']}", vdir)
             if model.vgpu and model.vgpu.parent == "vf":
                 if interface == "mdev":
-                    _nvidia_mdev_parent(tree, state, dev, model, vf["address"], vdir)
-                else:
+                    # before nvidia-vgpud registered its types a VF is no mdev parent at all: `mdevctl types`
+                    # stays empty (nvidia-vgpu.md section 5, mdevctl issue #82)
+                    if rules.registered(vf):
+                        _nvidia_mdev_parent(tree, state, dev, model, vf["address"], vdir)
+                elif rules.registered(vf) or behaviour(state)["unregistered_vfio"] == "empty":
                     _nvidia_vfio(tree, state, dev, model, vf, vdir)
-    if model.vgpu and model.vgpu.parent == "pf" and interface == "mdev":
+    if model.vgpu and model.vgpu.parent == "pf" and interface == "mdev" and rules.registered(dev):
         _nvidia_mdev_parent(tree, state, dev, model, dev["address"], pf_dir)
     return tree
 
@@ -202,8 +208,9 @@ def _nvidia_vfio(tree: Tree, state: dict[str, Any], dev: dict[str, Any], model: 
     ndir = f"{vdir}/nvidia"
     _dir(tree, ndir)
     lines = ["ID    : vGPU Name\n"]
-    # the driver prints "%-5d : %s" per creatable type (nvidia-vgpu.md section 4.1)
-    for t in rules.creatable_types(state, dev):
+    # the driver prints "%-5d : %s" per creatable type (nvidia-vgpu.md section 4.1); nothing is creatable on a
+    # VF whose types nvidia-vgpud has not registered yet
+    for t in rules.creatable_types(state, dev) if rules.registered(vf) else ():
         lines.append(f"{t.id:<5d} : {model.vgpu.name_prefix}{t.name}\n")
     _file(tree, f"{ndir}/creatable_vgpu_types", "".join(lines))
     _file(tree, f"{ndir}/current_vgpu_type", f"{vf.get('current_vgpu_type') or 0}\n", 0o644)
@@ -235,7 +242,8 @@ def host_tree(state: dict[str, Any]) -> Tree:
 def device_signature(state: dict[str, Any], dev: dict[str, Any]) -> str:
     parents = rules.board_parents(dev)
     mdevs = [m for m in state["mdevs"] if m["parent"] in parents]
-    return json.dumps([dev, mdevs, state.get("vgpu_interface")], sort_keys=True)
+    return json.dumps([dev, mdevs, state.get("vgpu_interface"), behaviour(state)["unregistered_vfio"]],
+                      sort_keys=True)
 
 
 def render(state: dict[str, Any]) -> Tree:
@@ -357,3 +365,140 @@ def _remove(path: Path) -> None:
 
 def iter_paths(tree: Tree) -> Iterable[str]:
     return tree.keys()
+
+
+# --- writable attributes (writes other programs make) ---------------------------------------------------------------
+def writable_attrs(state: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """(path, text, mode) of every attribute file a program may write - ``reset``, ``sriov_numvfs``,
+    ``mdev_supported_types/*/create``, ``<mdev>/remove``, ``nvidia/current_vgpu_type`` - as :func:`render`
+    draws them.  Listed straight from the state (drawing every device costs ~20 ms per board, and this runs
+    before every transaction to find what mdevctl or udev wrote into the tree); a test keeps it equal to the
+    writable files of :func:`render`."""
+    out: list[tuple[str, str, int]] = []
+    by_parent: dict[str, list[str]] = {}
+    for m in state["mdevs"]:
+        by_parent.setdefault(m["parent"], []).append(m["uuid"])
+
+    def parent(pdir: str, name: str, type_dirs: Iterable[str]) -> None:
+        out.extend((f"{pdir}/mdev_supported_types/{t}/create", "", 0o200) for t in type_dirs)
+        out.extend((f"{pdir}/{u}/remove", "", 0o200) for u in by_parent.get(name, ()))
+
+    unregistered_vfio = behaviour(state)["unregistered_vfio"]
+    for dev in state["devices"]:
+        model = load_catalog().get(dev["model"])
+        if model.vendor == "virtual":
+            spec = model.mdev
+            assert spec is not None
+            parent(f"sys/devices/{spec.virtual_path}", dev["name"],
+                   [spec.type_dir(t) for t in rules.registered_pool_types(spec)])
+            continue
+        pf_dir = f"{PCI_ROOT}/{dev['address']}"
+        out.append((f"{pf_dir}/reset", "", 0o200))
+        if model.mdev:
+            parent(pf_dir, dev["address"], [model.mdev.type_dir(t) for t in rules.registered_pool_types(model.mdev)])
+        interface = rules.device_interface(state, dev)
+        vgpu_dirs = [t.sysfs_id for t in model.vgpu.types] if model.vgpu else []
+        if model.sriov:
+            out.append((f"{pf_dir}/sriov_numvfs", f"{dev['sriov']['numvfs']}\n", 0o644))
+            for vf in dev["vfs"]:
+                if not rules.vf_present(vf):
+                    continue
+                vdir = f"{PCI_ROOT}/{vf['address']}"
+                out.append((f"{vdir}/reset", "", 0o200))
+                if model.vgpu and model.vgpu.parent == "vf":
+                    if interface == "mdev":
+                        if rules.registered(vf):
+                            parent(vdir, vf["address"], vgpu_dirs)
+                    elif rules.registered(vf) or unregistered_vfio == "empty":
+                        out.append((f"{vdir}/nvidia/current_vgpu_type", f"{vf.get('current_vgpu_type') or 0}\n",
+                                    0o644))
+        if model.vgpu and model.vgpu.parent == "pf" and interface == "mdev" and rules.registered(dev):
+            parent(pf_dir, dev["address"], vgpu_dirs)
+    return out
+
+
+def writable_attrs_drawn(state: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """The same list taken from a full :func:`render` (slow; the reference for :func:`writable_attrs`)."""
+    return [(p, e[1], e[2]) for p, e in render(state).items() if e[0] == "file" and e[2] & 0o222]
+
+
+# --- checking and repairing the tree on disk --------------------------------------------------------------------------
+def _disk_entry(full: Path) -> Entry | None:
+    try:
+        st = os.lstat(full)
+    except FileNotFoundError:
+        return None
+    import stat as st_mod
+
+    if st_mod.S_ISLNK(st.st_mode):
+        return ("link", os.readlink(full))
+    if st_mod.S_ISDIR(st.st_mode):
+        return ("dir",)
+    try:
+        with open(full, "rb") as fh:
+            data = fh.read()
+    except OSError:
+        data = b""
+    return ("file", data.decode("utf-8", "replace"), st_mod.S_IMODE(st.st_mode))
+
+
+def disk_tree(root: Path, expected: Tree) -> Tree:
+    """What is on disk: everything under ``sys/`` (the simulator owns it), plus the paths of ``expected``
+    outside it (``proc/``, the ``etc/`` and ``usr/`` directories mdevctl needs, which others write into)."""
+    out: Tree = {}
+    base = root / "sys"
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
+        rel_dir = os.path.relpath(dirpath, root)
+        out[rel_dir] = ("dir",)
+        for name in dirnames + filenames:
+            rel = f"{rel_dir}/{name}"
+            e = _disk_entry(root / rel)
+            if e is not None:
+                out[rel] = e
+    for p in expected:
+        if not p.startswith("sys/") and p != "sys":
+            e = _disk_entry(root / p)
+            if e is not None:
+                out[p] = e
+    return out
+
+
+def full_render(state: dict[str, Any]) -> Tree:
+    """:func:`render` plus the directories it leaves implicit (parents made by ``mkdir -p``)."""
+    expected = render(state)
+    for p in list(expected):
+        parts = p.split("/")
+        for i in range(1, len(parts)):
+            expected.setdefault("/".join(parts[:i]), ("dir",))
+    return expected
+
+
+def differences(root: Path, state: dict[str, Any]) -> list[str]:
+    """How the tree on disk differs from a fresh render of ``state`` (empty: consistent)."""
+    expected = full_render(state)
+    actual = disk_tree(root, expected)
+    out = [f"missing {p}" for p in expected if p not in actual]
+    out += [f"differs {p}: {actual[p]!r} != {expected[p]!r}" for p in expected
+            if p in actual and actual[p] != expected[p]]
+    out += [f"extra {p}" for p in actual if p not in expected]
+    return sorted(out)
+
+
+def repair(root: Path, state: dict[str, Any]) -> int:
+    """Bring the tree on disk to ``render(state)`` whatever it holds now (after a process died mid-redraw);
+    returns the number of entries changed."""
+    expected = full_render(state)
+    actual = disk_tree(root, expected)
+    # an entry of the wrong kind goes first, so the diff below only adds or rewrites
+    for p in sorted((p for p in actual if p in expected and actual[p][0] != expected[p][0]),
+                    key=lambda s: -s.count("/")):
+        full = root / p
+        if full.exists() or full.is_symlink():
+            _remove(full)
+        actual.pop(p)
+        for q in [q for q in actual if q.startswith(p + "/")]:
+            actual.pop(q)
+    changed = sum(1 for p in expected if actual.get(p) != expected[p]) + sum(1 for p in actual if p not in expected)
+    if changed:
+        apply_diff(root, actual, expected)
+    return changed
