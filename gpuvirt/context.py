@@ -28,8 +28,15 @@ DEFAULT_POLICIES: dict[str, Any] = {
     "vgpu_placement": "consolidate",    # consolidate | spread
     "stale_after_seconds": 900,         # hosts silent for longer are shown stale in cluster reports
     "reset_gpu": False,                 # apply may reset a GPU to activate a pending MIG mode
+    # GPU health (service.health; defaults and their sources in docs/operator-guide.md "Health")
+    "health_nonfatal_xids": [13, 31, 43, 45, 68, 109],   # recorded, the device stays healthy
+    "health_reset_xids": [48, 74, 79, 95, 119, 120],     # the whole GPU, healthy again only after a reset
+    "health_quiet_seconds": 3600,       # other XIDs: healthy again after this long without one (0: never)
+    "health_history_days": 30,          # health events older than this are pruned
+    "health_history_max": 10000,        # and at most this many are kept per host
 }
 CONFIG_KEYS = {"db_url", "sim_dir", "host_id", "root", "policies"}
+MAX_XID_LIST = 1000
 
 
 @dataclass
@@ -118,6 +125,20 @@ def _check_policy(path: Path, key: str, value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ConfigError(f"config file {path}: policies.{key} = {value!r} is not valid; expected a "
                               "non-negative number of seconds", path=str(path))
+    elif key in ("health_nonfatal_xids", "health_reset_xids"):
+        if not isinstance(value, list) or len(value) > MAX_XID_LIST or not all(
+                isinstance(x, int) and not isinstance(x, bool) and 0 < x <= 0xFFFFFFFF for x in value):
+            raise ConfigError(f"config file {path}: policies.{key} must be a list of at most {MAX_XID_LIST} XID "
+                              f"codes (integers from 1 to 4294967295), got {value!r}"[:400], path=str(path))
+    elif key in ("health_quiet_seconds", "health_history_days"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 10 * 365 * 86400:
+            raise ConfigError(f"config file {path}: policies.{key} = {value!r} is not valid; expected a "
+                              "non-negative number" + (" of seconds" if key.endswith("seconds") else " of days"),
+                              path=str(path))
+    elif key == "health_history_max":
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10_000_000:
+            raise ConfigError(f"config file {path}: policies.{key} = {value!r} is not valid; expected an integer "
+                              "from 1 to 10000000", path=str(path))
     elif key == "reset_gpu":
         if not isinstance(value, bool):
             raise ConfigError(f"config file {path}: policies.{key} = {value!r} is not valid; expected true or "

@@ -27,7 +27,7 @@ from gpuvirt.errors import ConflictError, GpuvirtError, ProfileError, ResetRequi
 from gpuvirt.inventory.models import MDEV, MIG, VF, VFIO_VGPU
 from gpuvirt.model.mig import Placed, pack_counts
 from gpuvirt.model.profile import resolve
-from gpuvirt.service import hostview
+from gpuvirt.service import health, hostview
 from gpuvirt.service.hostview import GpuView, HostView
 from gpuvirt.service.instances import (
     Journal,
@@ -652,6 +652,7 @@ def _mig_mode(ctx: Context, journal: Journal, g: GpuView, enable: bool, allow_re
                  lambda: _restore_mode(ctx, index, g.address, before_current))
     if allow_reset:
         ctx.host.reset_gpu(g.address)
+        health.after_reset(ctx, g.address, how="GPU reset by apply (MIG mode)")
         current, pending = _mig_state(ctx, index)
         if current == enable:
             journal.done.append(undo)
