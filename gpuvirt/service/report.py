@@ -25,6 +25,7 @@ import json
 import operator
 import os
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -71,6 +72,8 @@ class GpuFacts:
     vfs_enabled: int | None
     insts: list[tuple] = field(default_factory=list)
     missing: int = 0                # live only: inventory rows whose object is not on the host now
+    health: dict[str, Any] | None = None                          # None: healthy; else since/reason/...
+    sick: dict[int, dict[str, Any]] = field(default_factory=dict)  # unhealthy instance id -> facts
 
 
 @dataclass
@@ -98,9 +101,11 @@ def report(ctx: Context, *, by: str = "gpu", cluster: bool = False, host: str | 
     stale_after = _stale_after(ctx)
     now = _utcnow()
     with paused_gc():
+        quiet = float(ctx.settings.policies.get("health_quiet_seconds", 3600))
+        vm_devices = None
         if cluster or host is not None:
             source = "inventory"
-            hosts, tenants, usage = _from_inventory(ctx, None if host is None else [host])
+            hosts, tenants, usage = _from_inventory(ctx, None if host is None else [host], now, quiet)
             if host is not None and not hosts:
                 with ctx.inventory.unit() as uow:
                     known = [h[0] for h in uow.report_hosts()]
@@ -108,8 +113,9 @@ def report(ctx: Context, *, by: str = "gpu", cluster: bool = False, host: str | 
                 raise NotFoundError(f"no host '{host}' in the inventory (hosts: {shown or 'none'})")
         else:
             source = "live"
-            hosts, tenants, usage = _from_live(ctx)
+            hosts, tenants, usage, vm_devices = _from_live(ctx, now, quiet)
         return build_document(hosts, tenants, usage, now=now, stale_after=stale_after, source=source, by=by,
+                              vm_devices=vm_devices,
                               cluster=cluster, host_filter=host, requests=requests,
                               mig_policy=str(ctx.settings.policies.get("mig_placement", "frag-aware")),
                               vgpu_policy=str(ctx.settings.policies.get("vgpu_placement", "consolidate")))
@@ -163,11 +169,33 @@ def _gpu_sort_key(f: "GpuFacts") -> tuple:
 
 
 # --- gathering: inventory ------------------------------------------------------------------------------------------
-def _from_inventory(ctx: Context, host_ids: list[str] | None):
+def _apply_health(by_id: dict[int, GpuFacts], inst_gpu: dict[int, int], rows: list[tuple], now: dt.datetime,
+                  quiet: float) -> None:
+    """Mark the facts of unhealthy GPUs and instances (``Unit.report_health`` rows) whose spell is in force
+    (service.health.in_force: a quiet period that has run out counts as recovered here already)."""
+    from gpuvirt.service.health import in_force, recovers_at
+
+    for kind, rid, needs_reset, since, last_at, reason in rows:
+        if not in_force(needs_reset, last_at, now, quiet):
+            continue
+        facts = {"since": _iso(since), "reason": reason, "needs_reset": needs_reset,
+                 "recovers_at": _iso(recovers_at(needs_reset, last_at, quiet))}
+        if kind == "gpu":
+            f = by_id.get(rid)
+            if f is not None:
+                f.health = facts
+        else:
+            f = by_id.get(inst_gpu.get(rid, -1))
+            if f is not None:
+                f.sick[rid] = facts
+
+
+def _from_inventory(ctx: Context, host_ids: list[str] | None, now: dt.datetime, quiet: float):
     with ctx.inventory.unit(action="read the inventory for the report") as uow:
         host_rows = uow.report_hosts(host_ids)
         gpu_rows = uow.report_gpus(host_ids)
         inst_rows = uow.report_instances(host_ids)
+        health_rows = uow.report_health(host_ids)
         tenants = {t.name: t for t in uow.tenants()}
         usage = None if host_ids is None else uow.tenant_usages()
     if usage is None:
@@ -202,14 +230,16 @@ def _from_inventory(ctx: Context, host_ids: list[str] | None):
         f = by_id.get(r[1])
         if f is not None:
             f.insts.append(r)
+    if health_rows:
+        _apply_health(by_id, {r[I_ID]: r[I_GPU] for r in inst_rows}, health_rows, now, quiet)
     for hf in hosts.values():
         hf.gpus.sort(key=_gpu_sort_key)
     return list(hosts.values()), tenants, usage
 
 
 # --- gathering: live --------------------------------------------------------------------------------------------------
-def _from_live(ctx: Context):
-    from gpuvirt.service import hostview
+def _from_live(ctx: Context, now: dt.datetime, quiet: float):
+    from gpuvirt.service import hostview, vm_metrics
 
     view = hostview.snapshot(ctx)
     hid = ctx.settings.host_id
@@ -218,20 +248,27 @@ def _from_live(ctx: Context):
         host_rows = uow.report_hosts([hid])
         gpu_rows = uow.report_gpus([hid])
         inst_rows = uow.report_instances([hid], keys=True)
+        health_rows = uow.report_health([hid])
         tenants = {t.name: t for t in uow.tenants()}
         usage = uow.tenant_usages()
+        devices = vm_metrics.collect(ctx, view, uow)
     h = host_rows[0]
     hf = HostFacts(h[0], h[1], h[2], bool(h[3]))
     rows_by_gpu: dict[int, list[tuple]] = {}
     for r in inst_rows:
         rows_by_gpu.setdefault(r[I_GPU], []).append(r)
     gid_of = {g[2]: g[0] for g in gpu_rows}
+    by_id: dict[int, GpuFacts] = {}
     for g in view.gpus:
         f = GpuFacts(hid, g.address, g.nvml_index, g.model, g.name, g.vendor, g.mig_capable, g.mig_current,
                      g.mig_pending, g.interface, g.sriov_total, g.sriov_num)
         _live_instances(f, g, rows_by_gpu.get(gid_of.get(g.address, -1), []))
         hf.gpus.append(f)
-    return [hf], tenants, usage
+        if g.address in gid_of:
+            by_id[gid_of[g.address]] = f
+    if health_rows:
+        _apply_health(by_id, {r[I_ID]: r[I_GPU] for r in inst_rows}, health_rows, now, quiet)
+    return [hf], tenants, usage, devices
 
 
 def _live_instances(f: GpuFacts, g: Any, rows: list[tuple]) -> None:
@@ -429,6 +466,7 @@ def gpu_entry(f: GpuFacts, stale: bool) -> dict[str, Any]:
     mdevs: list[str] = []
     is_mig = mode == "MIG"
     items = info.items
+    sick = f.sick
     tally: dict[tuple, int] = {}        # (kind, profile id, type id, state) -> instances
     for r in insts:
         # inline _state(): this loop runs once per instance of the cluster
@@ -453,8 +491,9 @@ def gpu_entry(f: GpuFacts, stale: bool) -> dict[str, Any]:
         if kind == MIG:
             if is_mig and r[I_START] is not None and r[I_PID] in info.gi:
                 mig_rows.append(r)
-                # a GPU instance handed to a VM as such cannot also host a vGPU; every other one can
-                if r[I_VM] is None or r[I_ID] in backing:
+                # a GPU instance handed to a VM as such cannot also host a vGPU; every other one can, but a
+                # new vGPU is not placed on an unhealthy one
+                if (r[I_VM] is None and not (sick and r[I_ID] in sick)) or r[I_ID] in backing:
                     hostable.append(r[I_PID])
         elif kind == MDEV or kind == VFIO_VGPU:
             tid = info.tid(r[I_TYPE])
@@ -481,8 +520,10 @@ def gpu_entry(f: GpuFacts, stale: bool) -> dict[str, Any]:
         "vendor": f.vendor, "mode": mode, "stale": stale,
         "mig_mode": (None if not f.mig_capable else
                      ("on" if f.mig_current else "off") + ("" if f.mig_pending == f.mig_current else "-pending")),
-        "instances": {"total": len(insts), **counts, "missing": f.missing, "by_kind": by_kind},
+        "instances": {"total": len(insts), **counts, "missing": f.missing,
+                      "unhealthy": sum(1 for r in insts if r[I_ID] in sick) if sick else 0, "by_kind": by_kind},
         "allocations": allocations,
+        "health": {"state": "healthy"} if f.health is None else {"state": "unhealthy", **f.health},
     }
     if is_mig and model is not None and model.mig is not None:
         mig_rows.sort(key=_by_start)
@@ -496,7 +537,10 @@ def gpu_entry(f: GpuFacts, stale: bool) -> dict[str, Any]:
                                if k == "mig-profile" and slot["free"]}
         gi = info.gi
         e["layout"] = [{"instance": r[I_ID], "profile": gi[r[I_PID]].name, "start": r[I_START],
-                        "size": gi[r[I_PID]].memory_slices, "state": _state(r, backing)} for r in mig_rows]
+                        "size": gi[r[I_PID]].memory_slices, "state": _state(r, backing), "vm": r[I_VM],
+                        "tenant": r[I_TENANT],
+                        "health": "unhealthy" if f.health is not None or r[I_ID] in sick else "healthy"}
+                       for r in mig_rows]
     if model is not None and model.vgpu is not None:
         free_parents = vgpu_rules.free_vfs(f.vfs_enabled, len(existing)) if model.vgpu.parent == "vf" else None
         avail = vgpu_availability(model, existing, is_mig, hostable, free_parents)
@@ -531,7 +575,40 @@ def gpu_entry(f: GpuFacts, stale: bool) -> dict[str, Any]:
                     "free": slot["free"] if slot else 0}
     if mode == "whole":
         e["whole_available"] = 0 if insts else 1
+    if f.health is not None or sick:
+        _health_adjust(e, f, info, backing)
     return e
+
+
+def _health_adjust(e: dict[str, Any], f: GpuFacts, info: "_ModelInfo", backing: set) -> None:
+    """Take unhealthy devices out of what the entry says can be handed out now: all of an unhealthy GPU,
+    and each unhealthy free instance.  The memoised figures are shared between entries, so they are copied,
+    never changed."""
+    if f.health is not None:
+        if "placeable_now" in e:
+            e["placeable_now"] = dict.fromkeys(e["placeable_now"], 0)
+            e["free_instances"] = {}
+        for key in ("vgpu_types", "mdev_types"):
+            if key in e:
+                e[key] = {n: {**t, "available": 0, "free": 0} for n, t in e[key].items()}
+        if "vfs" in e:
+            e["vfs"] = {**e["vfs"], "free": 0}
+        if "whole_available" in e:
+            e["whole_available"] = 0
+        return
+    sick_free: Counter = Counter()
+    for r in f.insts:
+        if r[I_ID] in f.sick and _state(r, backing) == "free":
+            sick_free[info.item(r)] += 1
+    for (kind, item), n in sick_free.items():
+        if kind == "mig-profile" and "free_instances" in e:
+            left = e["free_instances"].get(item, 0) - n
+            e["free_instances"] = {k: v for k, v in {**e["free_instances"], item: left}.items() if v > 0}
+        src = {"vgpu-type": "vgpu_types", "mdev-type": "mdev_types"}.get(kind)
+        if src and item in e.get(src, {}):
+            e[src] = {**e[src], item: {**e[src][item], "free": max(0, e[src][item]["free"] - n)}}
+        if kind == "vf" and "vfs" in e:
+            e["vfs"] = {**e["vfs"], "free": max(0, e["vfs"]["free"] - n)}
 
 
 def models_section(models: Iterable[GpuModel]) -> dict[str, Any]:
@@ -630,7 +707,7 @@ def _merge_totals(into: dict[str, Any], t: dict[str, Any]) -> None:
 def build_document(hosts: list[HostFacts], tenants: dict[str, Any], usage: dict[str | None, dict[str, int]], *,
                    now: dt.datetime, stale_after: int | float, source: str, by: str, cluster: bool,
                    host_filter: str | None, requests: list[tuple[str, int]], mig_policy: str,
-                   vgpu_policy: str) -> dict[str, Any]:
+                   vgpu_policy: str, vm_devices: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     totals = _new_totals()
     host_docs = []
     held: dict[str | None, list] = {}
@@ -650,8 +727,8 @@ def build_document(hosts: list[HostFacts], tenants: dict[str, Any], usage: dict[
             acc.add(e)
             if f.model is not None:
                 models[f.model.id] = f.model
-            if not stale:
-                live_items.append((h, e, f))
+            if not stale and f.health is None:
+                live_items.append((h, e, f))        # --fit places nothing on stale hosts or unhealthy GPUs
             backing = {r[I_BACK] for r in f.insts if r[I_BACK] is not None and r[I_VM] is not None}
             for r in f.insts:
                 # the GPU instance under an allocated MIG-backed vGPU: counted through it (repo._not_a_backing)
@@ -682,6 +759,7 @@ def build_document(hosts: list[HostFacts], tenants: dict[str, Any], usage: dict[
         "hosts": host_docs,
         "tenants": _tenant_entries(held, tenants, usage),
         "totals": totals,
+        "vm_devices": vm_devices,
         "groups": None,
         "fit": None,
     }

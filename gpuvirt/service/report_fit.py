@@ -96,6 +96,8 @@ class _FitGpu:
         self.free_vf = 0
         for r in f.insts:
             st = _state(r, backing)
+            if st == "free" and r[I_ID] in f.sick:
+                st = "unhealthy"            # exists, takes its slices, but is not handed out
             kind = r[I_KIND]
             if kind == MIG and self.mig_on:
                 p = info.gi.get(r[I_PID])
@@ -104,7 +106,7 @@ class _FitGpu:
                 self.layout.append(Placed(r[I_START], p.memory_slices, p.id))
                 if st == "free":
                     self.free_mig[p.id] += 1
-                if r[I_VM] is None or r[I_ID] in backing:
+                if (r[I_VM] is None and st != "unhealthy") or r[I_ID] in backing:
                     self.hostable.append(p.id)
             elif kind in (MDEV, VFIO_VGPU):
                 tid = info.tid(r[I_TYPE])

@@ -4,7 +4,12 @@ node_exporter's textfile collector or a scrape.  Split from :mod:`gpuvirt.servic
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+# labels of every per-VM-device series: a device is named by its GPU and either its mdev UUID or its VF
+VM_LABELS = ("host", "gpu", "kind", "type", "mdev_uuid", "vf", "vm", "vm_uuid", "tenant")
+ENGINES = ("sm", "memory", "encoder", "decoder")
+
 
 def to_prometheus(doc: dict[str, Any]) -> bytes:
     """Prometheus text exposition of the report (gauges; docs/capacity-report.md "Metrics").
@@ -98,9 +103,88 @@ def to_prometheus(doc: dict[str, Any]) -> bytes:
         for r in doc["fit"]["requests"]:
             fit_req.labels(r["request"]).set(r["count"])
             fit_placed.labels(r["request"]).set(r["placed"])
-    generated.set(dt.datetime.fromisoformat(doc["generated_at"].rstrip("Z")).replace(
-        tzinfo=dt.timezone.utc).timestamp())
+    _health_series(g, doc)
+    _vm_device_series(g, doc)
+    generated.set(_ts(doc["generated_at"]))
     return generate_latest(reg)
 
 
-__all__ = ["to_prometheus"]
+def _ts(iso: str) -> float:
+    return dt.datetime.fromisoformat(iso.rstrip("Z")).replace(tzinfo=dt.timezone.utc).timestamp()
+
+
+def _health_series(g: Callable[..., Any], doc: dict[str, Any]) -> None:
+    """GPU health and, per MIG GPU instance, who holds it and its health (hosts that are not stale)."""
+    healthy = g("gpuvirt_gpu_healthy", "1 when the GPU is healthy, 0 while an XID keeps it out of placement",
+                ["host", "gpu", "model"])
+    since = g("gpuvirt_gpu_unhealthy_since_timestamp_seconds", "When the GPU's current unhealthy spell began "
+              "(Unix time; unhealthy GPUs only)", ["host", "gpu"])
+    needs_reset = g("gpuvirt_gpu_health_needs_reset", "1 when only a GPU reset ends the GPU's unhealthy spell "
+                    "(unhealthy GPUs only)", ["host", "gpu"])
+    sick = g("gpuvirt_instances_unhealthy", "Instances of the GPU that are unhealthy themselves (an XID named "
+             "their MIG GPU instance)", ["host", "gpu"])
+    mig_info = g("gpuvirt_mig_instance_info", "One per MIG GPU instance: its state and the consumer holding it "
+                 "(empty: none)", ["host", "gpu", "instance", "profile", "start", "state", "consumer", "tenant"])
+    mig_healthy = g("gpuvirt_mig_instance_healthy", "1 when the MIG GPU instance (and its GPU) is healthy",
+                    ["host", "gpu", "instance", "profile", "start"])
+    for h in doc["hosts"]:
+        if h["stale"]:
+            continue
+        for e in h["gpus"]:
+            hid, gid, hl = e["host"], e["gpu"], e["health"]
+            healthy.labels(hid, gid, e["model"] or "").set(1 if hl["state"] == "healthy" else 0)
+            if hl["state"] != "healthy":
+                if hl.get("since"):
+                    since.labels(hid, gid).set(_ts(hl["since"]))
+                needs_reset.labels(hid, gid).set(1 if hl.get("needs_reset") else 0)
+            sick.labels(hid, gid).set(e["instances"]["unhealthy"])
+            for r in e.get("layout", []):
+                if r["instance"] is None:
+                    continue            # not gpuvirt's: counted as foreign, no identity to label it with
+                inst, start = str(r["instance"]), str(r["start"])
+                mig_info.labels(hid, gid, inst, r["profile"], start, r["state"], r["vm"] or "",
+                                r["tenant"] or "").set(1)
+                mig_healthy.labels(hid, gid, inst, r["profile"], start).set(1 if r["health"] == "healthy" else 0)
+
+
+def _vm_device_series(g: Callable[..., Any], doc: dict[str, Any]) -> None:
+    """Per VM device (live reports): what the host's vGPU driver reports, or that it cannot see the device."""
+    devices = doc.get("vm_devices") or []
+    lab = list(VM_LABELS)
+    observable = g("gpuvirt_vm_device_observable", "1 when the host driver can report figures for the VM's "
+                   "device, 0 when it cannot see it; why: passthrough, generic-mdev, nvml-unavailable, nvml-error "
+                   "(0), not-running, unallocated (1), empty when figures follow", lab + ["why"])
+    active = g("gpuvirt_vgpu_active", "1 when the host driver lists the vGPU as running", lab)
+    fb_used = g("gpuvirt_vgpu_fb_used_bytes", "Framebuffer the running vGPU uses", lab)
+    fb_total = g("gpuvirt_vgpu_fb_total_bytes", "Framebuffer of the vGPU's type", lab)
+    util = g("gpuvirt_vgpu_utilization_ratio", "Latest utilization sample of the running vGPU per engine (0-1)",
+             lab + ["engine"])
+    licensed = g("gpuvirt_vgpu_licensed", "1 when the guest holds a vGPU license", lab)
+    lic_info = g("gpuvirt_vgpu_license_info", "The guest's license state and the status of its expiry date",
+                 lab + ["state", "expiry_status"])
+    expiry = g("gpuvirt_vgpu_license_expiry_timestamp_seconds", "When the guest's license expires (Unix time; "
+               "only when the driver reports a valid expiry)", lab)
+    for d in devices:
+        values = [str(d.get(k) or "") for k in VM_LABELS]
+        observable.labels(*values, d.get("why") or "").set(1 if d["observable"] else 0)
+        if not d["observable"]:
+            continue
+        if d.get("fb_total_bytes") is not None:
+            fb_total.labels(*values).set(d["fb_total_bytes"])
+        active.labels(*values).set(1 if d["active"] else 0)
+        if not d["active"]:
+            continue
+        if d.get("fb_used_bytes") is not None:
+            fb_used.labels(*values).set(d["fb_used_bytes"])
+        for eng in ENGINES:
+            if d.get("utilization") and d["utilization"].get(eng) is not None:
+                util.labels(*values, eng).set(d["utilization"][eng] / 100.0)
+        lic = d.get("license")
+        if lic is not None:
+            licensed.labels(*values).set(1 if lic["licensed"] else 0)
+            lic_info.labels(*values, lic["state"], lic["expiry_status"] or "").set(1)
+            if lic.get("expiry"):
+                expiry.labels(*values).set(_ts(lic["expiry"]))
+
+
+__all__ = ["to_prometheus", "VM_LABELS"]
