@@ -36,7 +36,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from gpuvirt.context import Context
-from gpuvirt.errors import ConflictError, GpuvirtError, NotFoundError, NvmlUnavailableError, UsageError
+from gpuvirt.errors import (
+    CapacityError,
+    ConflictError,
+    GpuvirtError,
+    NotFoundError,
+    NvmlUnavailableError,
+    UsageError,
+)
 
 NONFATAL, FATAL, RESET = "non-fatal", "fatal", "reset"
 HEALTHY, UNHEALTHY = "healthy", "unhealthy"
@@ -232,22 +239,24 @@ def current(ctx: Context, *, now: dt.datetime | None = None, persist: bool = Tru
     now = now or utcnow()
     host = ctx.settings.host_id
     st = HealthState()
+
+    def force(r: Any) -> bool:
+        return in_force(bool(r.health_needs_reset), r.health_last_at, now, pol.quiet_seconds)
+
     with ctx.inventory.unit() as uow:
         gpus, insts = uow.unhealthy(host)
-    due = [r for r in [*gpus, *insts] if not in_force(bool(r.health_needs_reset), r.health_last_at, now,
-                                                      pol.quiet_seconds)]
+        due = [r for r in [*gpus, *insts] if not force(r)]
     if due and persist:
         with ctx.inventory.unit(write=True, action="record GPU health recoveries") as uow:
-            gpus, insts = uow.unhealthy(host)       # again, under the write lock
-            for kind, rows in (("gpu", gpus), ("instance", insts)):
+            for kind, rows in zip(("gpu", "instance"), uow.unhealthy(host)):   # again, under the write lock
                 for r in rows:
-                    if in_force(bool(r.health_needs_reset), r.health_last_at, now, pol.quiet_seconds):
+                    if force(r):
                         continue
                     address = r.address if kind == "gpu" else r.gpu.address
                     rec = {"kind": kind, "gpu": address, "instance": None if kind == "gpu" else r.id,
                            "reason": r.health_reason, "quiet_seconds": pol.quiet_seconds}
-                    uow.add_health_event(host_id=host, at=now, kind="recovered", gpu_id=r.id if kind == "gpu"
-                                         else r.gpu_id, gpu_address=address,
+                    uow.add_health_event(host_id=host, at=now, kind="recovered",
+                                         gpu_id=r.id if kind == "gpu" else r.gpu_id, gpu_address=address,
                                          instance_id=None if kind == "gpu" else r.id, scope=kind,
                                          detail={"after": "quiet period", **rec})
                     uow.event("health", target=address, result=HEALTHY, actor=actor,
@@ -255,21 +264,36 @@ def current(ctx: Context, *, now: dt.datetime | None = None, persist: bool = Tru
                     _heal(r)
                     st.recovered.append(rec)
             _prune(uow, host, pol, now)
-    for r in gpus:
-        if r.health == UNHEALTHY and in_force(bool(r.health_needs_reset), r.health_last_at, now, pol.quiet_seconds):
-            st.gpus[r.address] = {"gpu_id": r.id, **_facts(r, pol)}
-    for r in insts:
-        if r.health == UNHEALTHY and in_force(bool(r.health_needs_reset), r.health_last_at, now, pol.quiet_seconds):
-            st.instances[r.id] = {"gpu_id": r.gpu_id, **_facts(r, pol)}
+    with ctx.inventory.unit() as uow:
+        gpus, insts = uow.unhealthy(host)
+        for r in gpus:
+            if force(r):
+                st.gpus[r.address] = {"gpu_id": r.id, **_facts(r, pol)}
+        for r in insts:
+            if force(r):
+                # a free unhealthy GPU instance: the driver, not gpuvirt, picks the GPU instance a new
+                # MIG-backed vGPU lands on (sim.rules.free_gpu_instance_for: the lowest free one), so while it
+                # is free no new vGPU on that GPU can be kept off it
+                free_gi = r.kind == "mig" and r.allocation is None and not uow.vgpus_backed_by(r.id)
+                st.instances[r.id] = {"gpu_id": r.gpu_id, "gpu": r.gpu.address, "free_gpu_instance": free_gi,
+                                      **_facts(r, pol)}
     return st
 
 
 def usable(ctx: Context, addresses: set[str]) -> set[str]:
     """The GPUs among ``addresses`` that may take new work (attach's candidates): unhealthy GPUs are left
-    out.  Unhealthy instances are left out by the inventory's free-instance query; this call first writes
-    down recoveries that are due, so that query sees the health in force."""
+    out, and GPUs where an unhealthy MIG GPU instance is free (a new vGPU could land on it).  Unhealthy
+    instances themselves are left out by the inventory's free-instance query; this call first writes down
+    recoveries that are due, so that query sees the health in force."""
     st = current(ctx)
-    return {a for a in addresses if st.gpu_ok(a)}
+    blocked = set(st.gpus) | {f["gpu"] for f in st.instances.values() if f["free_gpu_instance"]}
+    left = {a for a in addresses if a not in blocked}
+    if addresses and not left:
+        names = sorted(addresses & blocked)
+        raise CapacityError(f"no capacity: {', '.join(names)} {'is' if len(names) == 1 else 'are'} unhealthy or "
+                            "holds an unhealthy free GPU instance (see 'gpuvirt health'); nothing new is placed "
+                            "there until it recovers, is reset or cleared")
+    return left
 
 
 # --- recovery --------------------------------------------------------------------------------------------------
