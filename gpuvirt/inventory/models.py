@@ -76,7 +76,8 @@ class Gpu(Base):
     """A physical device gpuvirt can partition: an NVIDIA/AMD/Intel GPU or a virtual mdev parent."""
 
     __tablename__ = "gpus"
-    __table_args__ = (UniqueConstraint("host_id", "address", name="uq_gpus_host_address"),)
+    __table_args__ = (UniqueConstraint("host_id", "address", name="uq_gpus_host_address"),
+                      Index("ix_gpus_health", "health"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     host_id: Mapped[str] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"), index=True)
     address: Mapped[str] = mapped_column(String(64))           # PCI address, or the parent name ("mtty")
@@ -115,6 +116,7 @@ class Instance(Base):
     __table_args__ = (
         Index("ix_instances_host_kind_state", "host_id", "kind", "state"),
         UniqueConstraint("host_id", "mdev_uuid", name="uq_instances_host_mdev_uuid"),
+        Index("ix_instances_health", "health"),      # reports read the few unhealthy rows of a cluster
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     host_id: Mapped[str] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"), index=True)

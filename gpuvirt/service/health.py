@@ -243,29 +243,7 @@ def current(ctx: Context, *, now: dt.datetime | None = None, persist: bool = Tru
     def force(r: Any) -> bool:
         return in_force(bool(r.health_needs_reset), r.health_last_at, now, pol.quiet_seconds)
 
-    with ctx.inventory.unit() as uow:
-        gpus, insts = uow.unhealthy(host)
-        due = [r for r in [*gpus, *insts] if not force(r)]
-    if due and persist:
-        with ctx.inventory.unit(write=True, action="record GPU health recoveries") as uow:
-            for kind, rows in zip(("gpu", "instance"), uow.unhealthy(host)):   # again, under the write lock
-                for r in rows:
-                    if force(r):
-                        continue
-                    address = r.address if kind == "gpu" else r.gpu.address
-                    rec = {"kind": kind, "gpu": address, "instance": None if kind == "gpu" else r.id,
-                           "reason": r.health_reason, "quiet_seconds": pol.quiet_seconds}
-                    uow.add_health_event(host_id=host, at=now, kind="recovered",
-                                         gpu_id=r.id if kind == "gpu" else r.gpu_id, gpu_address=address,
-                                         instance_id=None if kind == "gpu" else r.id, scope=kind,
-                                         detail={"after": "quiet period", **rec})
-                    uow.event("health", target=address, result=HEALTHY, actor=actor,
-                              detail={"after": "quiet period", "instance": rec["instance"]})
-                    _heal(r)
-                    st.recovered.append(rec)
-            _prune(uow, host, pol, now)
-    with ctx.inventory.unit() as uow:
-        gpus, insts = uow.unhealthy(host)
+    def facts(uow: Any, gpus: list[Any], insts: list[Any]) -> None:
         for r in gpus:
             if force(r):
                 st.gpus[r.address] = {"gpu_id": r.id, **_facts(r, pol)}
@@ -277,6 +255,33 @@ def current(ctx: Context, *, now: dt.datetime | None = None, persist: bool = Tru
                 free_gi = r.kind == "mig" and r.allocation is None and not uow.vgpus_backed_by(r.id)
                 st.instances[r.id] = {"gpu_id": r.gpu_id, "gpu": r.gpu.address, "free_gpu_instance": free_gi,
                                       **_facts(r, pol)}
+
+    with ctx.inventory.unit() as uow:
+        gpus, insts = uow.unhealthy(host)
+        due = [r for r in [*gpus, *insts] if not force(r)]
+        if not due or not persist:
+            facts(uow, gpus, insts)         # the usual case (nothing unhealthy): one read, one transaction
+            return st
+    with ctx.inventory.unit(write=True, action="record GPU health recoveries") as uow:
+        gpus, insts = uow.unhealthy(host)       # again, under the write lock
+        for kind, rows in (("gpu", gpus), ("instance", insts)):
+            for r in rows:
+                if force(r):
+                    continue
+                address = r.address if kind == "gpu" else r.gpu.address
+                rec = {"kind": kind, "gpu": address, "instance": None if kind == "gpu" else r.id,
+                       "reason": r.health_reason, "quiet_seconds": pol.quiet_seconds}
+                uow.add_health_event(host_id=host, at=now, kind="recovered",
+                                     gpu_id=r.id if kind == "gpu" else r.gpu_id, gpu_address=address,
+                                     instance_id=None if kind == "gpu" else r.id, scope=kind,
+                                     detail={"after": "quiet period", **rec})
+                uow.event("health", target=address, result=HEALTHY, actor=actor,
+                          detail={"after": "quiet period", "instance": rec["instance"]})
+                _heal(r)
+                st.recovered.append(rec)
+        _prune(uow, host, pol, now)
+        uow.session.flush()
+        facts(uow, *uow.unhealthy(host))
     return st
 
 
@@ -463,10 +468,11 @@ class Monitor:
     ``poll()`` drains what NVML has queued, records it, and every ``recovery_interval`` seconds writes down
     quiet-period recoveries.  Events that could not be recorded (inventory unreachable) are kept, up to
     ``MAX_BACKLOG``, and recorded on a later poll.  A failed wait (NVML error, GPU lost) closes the
-    subscription; the next poll opens a new one.
+    subscription; a poll at least ``RESUBSCRIBE_SECONDS`` later opens a new one.
     """
 
     MAX_BACKLOG = 10_000
+    RESUBSCRIBE_SECONDS = 30.0
 
     def __init__(self, ctx: Context, *, actor: str = "gpuvirt-watch",
                  report: Callable[[dict[str, Any]], None] | None = None, recovery_interval: float = 30.0) -> None:
@@ -478,6 +484,7 @@ class Monitor:
         self.unavailable: str | None = None
         self.backlog: list[Any] = []
         self._next_recovery = 0.0
+        self._next_subscribe = time.monotonic() + self.RESUBSCRIBE_SECONDS   # start() subscribes first
 
     def start(self) -> dict[str, Any]:
         """Open the subscription; {"gpus": [registered addresses], "skipped": [...], "unavailable": reason}."""
@@ -496,7 +503,11 @@ class Monitor:
                 "unavailable": None}
 
     def poll(self, first_timeout_ms: int = 0) -> list[dict[str, Any]]:
-        if self.sub is None and self.unavailable is None:
+        if self.sub is None and time.monotonic() >= self._next_subscribe:
+            self._next_subscribe = time.monotonic() + self.RESUBSCRIBE_SECONDS
+            if self.unavailable is not None:
+                # the driver may have come up since (a watcher starts early at boot): a new NVML session
+                self.ctx.host.close()
             try:
                 self.start()
             except GpuvirtError as exc:

@@ -31,6 +31,7 @@ def upgrade() -> None:
         with op.batch_alter_table(table, schema=None) as batch_op:
             for col in _health_columns():
                 batch_op.add_column(col)
+            batch_op.create_index(f"ix_{table}_health", ["health"], unique=False)
     op.create_table(
         "health_events",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
@@ -67,5 +68,6 @@ def downgrade() -> None:
     op.drop_table("health_events")
     for table in ("instances", "gpus"):
         with op.batch_alter_table(table, schema=None) as batch_op:
+            batch_op.drop_index(f"ix_{table}_health")
             for name in ("health_needs_reset", "health_reason", "health_last_at", "health_since", "health"):
                 batch_op.drop_column(name)
