@@ -257,6 +257,8 @@ def current(ctx: Context, *, now: dt.datetime | None = None, persist: bool = Tru
                                       **_facts(r, pol)}
 
     with ctx.inventory.unit() as uow:
+        if not uow.report_health([host]):
+            return st                       # the usual case: two plain column reads, no ORM rows
         gpus, insts = uow.unhealthy(host)
         due = [r for r in [*gpus, *insts] if not force(r)]
         if not due or not persist:

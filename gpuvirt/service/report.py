@@ -251,7 +251,7 @@ def _from_live(ctx: Context, now: dt.datetime, quiet: float):
         health_rows = uow.report_health([hid])
         tenants = {t.name: t for t in uow.tenants()}
         usage = uow.tenant_usages()
-        devices = vm_metrics.collect(ctx, view, uow)
+    devices = vm_metrics.collect(ctx, view)
     h = host_rows[0]
     hf = HostFacts(h[0], h[1], h[2], bool(h[3]))
     rows_by_gpu: dict[int, list[tuple]] = {}

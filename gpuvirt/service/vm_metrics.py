@@ -47,8 +47,11 @@ def _empty(observable: bool, why: str, reason: str | None, active: bool | None) 
             "vm_id_reported": None, "fb_used_bytes": None, "utilization": None, "license": None}
 
 
-def collect(ctx: Context, view: Any, uow: Any) -> list[dict[str, Any]]:
-    """One entry per VM device of this host (docs/capacity-report.md "VM devices"), by GPU and instance."""
+def collect(ctx: Context, view: Any) -> list[dict[str, Any]]:
+    """One entry per VM device of this host (docs/capacity-report.md "VM devices"), by GPU and instance.
+
+    The driver is asked first and the inventory read afterwards in a transaction of its own: NVML calls
+    must not run while a write transaction holds the inventory (SQLite's lock would stall the hook)."""
     host = ctx.settings.host_id
     nvml = ctx.host.nvml()
     seen: dict[str, list[Any]] = {}
@@ -62,6 +65,12 @@ def collect(ctx: Context, view: Any, uow: Any) -> list[dict[str, Any]]:
                 seen[g.address] = nvml.vgpu_instances(g.nvml_index)
             except GpuvirtError as exc:
                 failed[g.address] = str(exc)
+    with ctx.inventory.unit(action="read this host's allocations for the report") as uow:
+        return _match(uow, host, nvml, seen, failed, models)
+
+
+def _match(uow: Any, host: str, nvml: Any, seen: dict[str, list[Any]], failed: dict[str, str],
+           models: dict[str, Any]) -> list[dict[str, Any]]:
     devices = []
     used: set[tuple[str, int]] = set()
     vf_rows = []
