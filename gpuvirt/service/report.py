@@ -521,7 +521,8 @@ def gpu_entry(f: GpuFacts, stale: bool) -> dict[str, Any]:
         "mig_mode": (None if not f.mig_capable else
                      ("on" if f.mig_current else "off") + ("" if f.mig_pending == f.mig_current else "-pending")),
         "instances": {"total": len(insts), **counts, "missing": f.missing,
-                      "unhealthy": sum(1 for r in insts if r[I_ID] in sick) if sick else 0, "by_kind": by_kind},
+                      "unhealthy": sorted(r[I_ID] for r in insts if r[I_ID] in sick) if sick else [],
+                      "by_kind": by_kind},
         "allocations": allocations,
         "health": {"state": "healthy"} if f.health is None else {"state": "unhealthy", **f.health},
     }
@@ -537,10 +538,7 @@ def gpu_entry(f: GpuFacts, stale: bool) -> dict[str, Any]:
                                if k == "mig-profile" and slot["free"]}
         gi = info.gi
         e["layout"] = [{"instance": r[I_ID], "profile": gi[r[I_PID]].name, "start": r[I_START],
-                        "size": gi[r[I_PID]].memory_slices, "state": _state(r, backing), "vm": r[I_VM],
-                        "tenant": r[I_TENANT],
-                        "health": "unhealthy" if f.health is not None or r[I_ID] in sick else "healthy"}
-                       for r in mig_rows]
+                        "size": gi[r[I_PID]].memory_slices, "state": _state(r, backing)} for r in mig_rows]
     if model is not None and model.vgpu is not None:
         free_parents = vgpu_rules.free_vfs(f.vfs_enabled, len(existing)) if model.vgpu.parent == "vf" else None
         avail = vgpu_availability(model, existing, is_mig, hostable, free_parents)

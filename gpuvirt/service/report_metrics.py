@@ -137,14 +137,19 @@ def _health_series(g: Callable[..., Any], doc: dict[str, Any]) -> None:
                 if hl.get("since"):
                     since.labels(hid, gid).set(_ts(hl["since"]))
                 needs_reset.labels(hid, gid).set(1 if hl.get("needs_reset") else 0)
-            sick.labels(hid, gid).set(e["instances"]["unhealthy"])
-            for r in e.get("layout", []):
+            bad = e["instances"]["unhealthy"]
+            sick.labels(hid, gid).set(len(bad))
+            layout = e.get("layout", [])
+            holder = {a["instance"]: a for a in e["allocations"] if a["kind"] == "mig"} if layout else {}
+            for r in layout:
                 if r["instance"] is None:
                     continue            # not gpuvirt's: counted as foreign, no identity to label it with
                 inst, start = str(r["instance"]), str(r["start"])
-                mig_info.labels(hid, gid, inst, r["profile"], start, r["state"], r["vm"] or "",
-                                r["tenant"] or "").set(1)
-                mig_healthy.labels(hid, gid, inst, r["profile"], start).set(1 if r["health"] == "healthy" else 0)
+                a = holder.get(r["instance"]) or {}
+                mig_info.labels(hid, gid, inst, r["profile"], start, r["state"], a.get("vm") or "",
+                                a.get("tenant") or "").set(1)
+                ok = hl["state"] == "healthy" and r["instance"] not in bad
+                mig_healthy.labels(hid, gid, inst, r["profile"], start).set(1 if ok else 0)
 
 
 def _vm_device_series(g: Callable[..., Any], doc: dict[str, Any]) -> None:
