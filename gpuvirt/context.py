@@ -32,12 +32,19 @@ DEFAULT_POLICIES: dict[str, Any] = {
     # how long, at most, one command waits for SR-IOV VFs to appear and for nvidia-vgpud to register their
     # vGPU types after it enabled them (or while they are still registering after boot)
     "registration_wait_seconds": 60,
+    # GPU health (service.health; defaults and their sources in docs/operator-guide.md "Health")
+    "health_nonfatal_xids": [13, 31, 43, 45, 68, 109],   # recorded, the device stays healthy
+    "health_reset_xids": [48, 74, 79, 95, 119, 120],     # the whole GPU, healthy again only after a reset
+    "health_quiet_seconds": 3600,       # other XIDs: healthy again after this long without one (0: never)
+    "health_history_days": 30,          # health events older than this are pruned
+    "health_history_max": 10000,        # and at most this many are kept per host
 }
 # the events table (audit log) is pruned per host: rows older than max_age_days, and all but the newest
 # max_rows; 0 switches a limit off (docs/operator-guide.md "Event pruning")
 DEFAULT_EVENTS: dict[str, Any] = {"max_age_days": 90, "max_rows": 100_000}
 MAX_WAIT_SECONDS = 3600
 CONFIG_KEYS = {"db_url", "sim_dir", "host_id", "root", "policies", "events"}
+MAX_XID_LIST = 1000
 
 
 class Settings:
@@ -167,6 +174,20 @@ def _check_policy(path: Path, key: str, value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= top:
             raise ConfigError(f"config file {path}: policies.{key} = {value!r} is not valid; expected a "
                               f"non-negative number of seconds, at most {top}", path=str(path))
+    elif key in ("health_nonfatal_xids", "health_reset_xids"):
+        if not isinstance(value, list) or len(value) > MAX_XID_LIST or not all(
+                isinstance(x, int) and not isinstance(x, bool) and 0 < x <= 0xFFFFFFFF for x in value):
+            raise ConfigError(f"config file {path}: policies.{key} must be a list of at most {MAX_XID_LIST} XID "
+                              f"codes (integers from 1 to 4294967295), got {value!r}"[:400], path=str(path))
+    elif key in ("health_quiet_seconds", "health_history_days"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 10 * 365 * 86400:
+            raise ConfigError(f"config file {path}: policies.{key} = {value!r} is not valid; expected a "
+                              "non-negative number" + (" of seconds" if key.endswith("seconds") else " of days"),
+                              path=str(path))
+    elif key == "health_history_max":
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10_000_000:
+            raise ConfigError(f"config file {path}: policies.{key} = {value!r} is not valid; expected an integer "
+                              "from 1 to 10000000", path=str(path))
     elif key == "reset_gpu":
         if not isinstance(value, bool):
             raise ConfigError(f"config file {path}: policies.{key} = {value!r} is not valid; expected true or "

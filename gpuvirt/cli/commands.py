@@ -188,11 +188,13 @@ def sim_fault(directory: str = typer.Argument(..., metavar="DIR"),
 
 @sim_app.command("open")
 def sim_open(directory: str = typer.Argument(..., metavar="DIR"),
-             device: str = typer.Argument(..., help="mdev UUID or VF PCI address")) -> None:
+             device: str = typer.Argument(..., help="mdev UUID or VF PCI address"),
+             vm_uuid: Optional[str] = typer.Option(None, "--vm-uuid", help="UUID the VM was started with (QEMU "
+                                                   "-uuid), reported by the host driver for a vGPU.")) -> None:
     """Mark a device as held open by a running VM (its VFIO file is open)."""
     from gpuvirt.service import simulator
 
-    simulator.set_open(directory, device, True)
+    simulator.set_open(directory, device, True, vm_uuid=vm_uuid)
 
 
 @sim_app.command("close")
@@ -237,3 +239,4 @@ from gpuvirt.cli import profile_cmd  # noqa: E402,F401
 from gpuvirt.cli import vmm_cmd  # noqa: E402,F401
 from gpuvirt.cli import demo_cmd  # noqa: E402,F401
 from gpuvirt.cli import report_cmd  # noqa: E402,F401
+from gpuvirt.cli import health_cmd  # noqa: E402,F401

@@ -133,7 +133,8 @@ def render_report(doc: dict[str, Any], out: Any) -> None:
             out.print(table(None, ["GPU", "model", "mode", "in use", "free", "other", "capacity now", "tenants"],
                             [[(f"{e['index']}:" if e["index"] is not None else "") + e["gpu"], e["model"] or e["name"],
                               e["mode"], e["instances"]["in_use"], e["instances"]["free"],
-                              _other(e), _capacity_text(e), _tenants_text(e)] for e in h["gpus"]]))
+                              _other(e), _health_text(e) or _capacity_text(e), _tenants_text(e)]
+                             for e in h["gpus"]]))
             for e in h["gpus"]:
                 if "placeable_now" not in e:
                     continue
@@ -183,6 +184,15 @@ def _group_table(title: str, cols: list[str], rows: list[list[str]]) -> Any:
     for r in rows:
         t.add_row(*r)
     return t
+
+
+def _health_text(e: dict) -> str:
+    """An unhealthy GPU has no capacity now; say why instead (gpuvirt health has the details)."""
+    h = e.get("health") or {}
+    if h.get("state") != "unhealthy":
+        bad = len(e["instances"].get("unhealthy") or [])
+        return f"{_capacity_text(e)} ({bad} unhealthy instance{'s' if bad != 1 else ''})" if bad else ""
+    return f"UNHEALTHY: {h.get('reason')}" + (", until a reset" if h.get("needs_reset") else "")
 
 
 def _other(e: dict[str, Any]) -> str:

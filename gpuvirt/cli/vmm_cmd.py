@@ -178,16 +178,86 @@ def watch(ctx: typer.Context,
           debounce: float = typer.Option(2.0, "--debounce", help="Seconds of quiet before acting on a burst."),
           max_runs: Optional[int] = typer.Option(None, "--max-runs", min=1, max=MAX_RUNS,
                                                  help="Stop after this many restore runs."),
+          once: bool = typer.Option(False, "--once", help="Handle the pending NVML (and --events) events, write "
+                                    "down due health recoveries, and exit."),
+          wait: float = typer.Option(0.0, "--wait", help="With --once: wait up to this many seconds for the first "
+                                     "NVML event (NVML delivers only events that happen while subscribed)."),
+          nvml: bool = typer.Option(True, "--nvml/--no-nvml", help="Follow GPU health through NVML XID events."),
+          udev: bool = typer.Option(True, "--udev/--no-udev", help="Follow udev (device restore); --no-udev: "
+                                    "health only."),
           json_out: bool = typer.Option(False, "--json")) -> None:
-    """Restore a parent's devices when it (re)appears (udev: MDEV_STATE=registered, VF added)."""
-    from gpuvirt.service.watch import file_source, udev_source, watch as svc
+    """Restore a parent's devices when it (re)appears (udev: MDEV_STATE=registered, VF added) and record GPU
+    health from NVML XID events."""
+    from gpuvirt.service.health import Monitor
+    from gpuvirt.service.watch import file_source, once as svc_once, ticker_source, udev_source, watch as svc
 
     debounce = seconds("--debounce", debounce, low=MIN_DEBOUNCE_SECONDS, high=MAX_DEBOUNCE_SECONDS)
-    source = file_source(events) if events else udev_source(debounce)
+    wait = seconds("--wait", wait, low=0, high=MAX_DEBOUNCE_SECONDS)
+    if wait and not once:
+        raise UsageError("--wait goes with --once")
+    c = state(ctx).context()
+    if once:
+        doc = svc_once(c, wait=wait, source=file_source(events) if events else None, nvml=nvml)
+        if json_out:
+            emit_json(doc)
+            return
+        sub = doc["nvml"]
+        if sub is not None and sub["unavailable"]:
+            print(f"NVML: {sub['unavailable']}")
+        for e in doc["events"]:
+            print(_event_line(e))
+        for r in doc["recovered"]:
+            print(f"recovered: {r['gpu']}" + (f" instance {r['instance']}" if r["instance"] else "")
+                  + f" (quiet for {r['quiet_seconds']:g}s after {r['reason']})")
+        for err in doc["errors"]:
+            print(f"gpuvirt: warning: {err}", file=sys.stderr)
+        for run in doc["runs"]:
+            print(f"restored {', '.join(run['parents'])}: {run.get('changed', 0)} change(s)")
+        return
 
     def on_run(run: dict) -> None:
         print(json.dumps(run) if json_out else
               f"restored {', '.join(run['parents'])}: {run.get('changed', 0)} change(s)"
               + (f", error: {run['error']}" if run.get("error") else ""), flush=True)
 
-    svc(state(ctx).context(), source, max_runs=max_runs, on_run=on_run)
+    def on_health(item: dict) -> None:
+        if json_out:
+            print(json.dumps(item, default=str), flush=True)
+        elif "event" in item:
+            print(_event_line(item["event"]), flush=True)
+        elif "recovered" in item:
+            r = item["recovered"]
+            print(f"recovered: {r['gpu']}" + (f" instance {r['instance']}" if r["instance"] else ""), flush=True)
+        else:
+            print(f"gpuvirt: warning: {item.get('error')}", file=sys.stderr, flush=True)
+
+    if not udev and events:
+        raise UsageError("--events replays udev events; it does not go with --no-udev")
+    if not udev and not nvml:
+        raise UsageError("--no-udev and --no-nvml leave nothing to watch")
+    source = file_source(events) if events else (udev_source(debounce) if udev else ticker_source(debounce))
+    monitor = None
+    if nvml:
+        monitor = Monitor(c, report=on_health)
+        sub = monitor.start()
+        if sub["unavailable"]:
+            print(f"gpuvirt: warning: GPU health not followed: {sub['unavailable']}", file=sys.stderr, flush=True)
+        elif not json_out:
+            print(f"following XID events on {len(sub['gpus'])} GPU(s)", flush=True)
+    try:
+        svc(c, source, max_runs=max_runs, on_run=on_run, monitor=monitor)
+    finally:
+        if monitor is not None:
+            monitor.close()
+
+
+def _event_line(e: dict) -> str:
+    where = e["gpu"] or e.get("uuid") or "?"
+    inst = f" GI {e['gi']}" + (f" CI {e['ci']}" if e["ci"] is not None else "") if e["gi"] is not None else ""
+    what = {"non-fatal": "recorded, still healthy", "fatal": "unhealthy", "reset": "unhealthy until reset"}
+    target = (f"instance {e['instance']} ({e['device']})" if e["instance"] is not None else
+              "an instance gpuvirt does not own" if e["scope"] == "foreign" else "GPU")
+    vms = ", ".join(sorted({c["vm"] for c in e["consumers"]}))
+    label = f"XID {e['xid']}" if e["xid"] is not None else "double-bit ECC error"
+    return (f"{label} on {where}{inst}: {target} {what.get(e['severity'], e['severity'])}"
+            + (f"; affects {vms}" if vms else ""))

@@ -588,6 +588,19 @@ class NvmlSession:
                                     creatable=tid in creatable))
         return out
 
+    # --- events and running vGPUs (host.nvml_events, host.nvml_vgpu) -------------------------------------------
+    def events(self, types: int | None = None):
+        """A new, not yet opened, NVML event subscription over every GPU (XID critical errors by default)."""
+        from gpuvirt.host.nvml_events import XID, EventSubscription
+
+        return EventSubscription(self, XID if types is None else types)
+
+    def vgpu_instances(self, index: int):
+        """The vGPUs running on GPU ``index`` as its host driver sees them (empty without a vGPU driver)."""
+        from gpuvirt.host.nvml_vgpu import vgpu_instances
+
+        return vgpu_instances(self, index)
+
 
 __all__ = ["NvmlSession", "NvmlGpu", "GiProfileInfo", "GpuInstanceInfo", "CiInfo", "VgpuTypeInfo",
            "normalize_bus_id", "code_name"]

@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -40,6 +41,9 @@ MDEV = "mdev"               # a mediated device (NVIDIA classic vGPU, GVT-g, sam
 VFIO_VGPU = "vfio-vgpu"     # NVIDIA vendor-specific VFIO: a vGPU type set on a VF
 VF = "vf"                   # a whole SR-IOV VF handed to a VM (AMD MxGPU etc.)
 KINDS = (MIG, MDEV, VFIO_VGPU, VF)
+
+# health states (revision 0004)
+HEALTHY, UNHEALTHY = "healthy", "unhealthy"
 
 # lifecycle states
 CREATING, ACTIVE, DESTROYING, FAILED = "creating", "active", "destroying", "failed"
@@ -72,7 +76,8 @@ class Gpu(Base):
     """A physical device gpuvirt can partition: an NVIDIA/AMD/Intel GPU or a virtual mdev parent."""
 
     __tablename__ = "gpus"
-    __table_args__ = (UniqueConstraint("host_id", "address", name="uq_gpus_host_address"),)
+    __table_args__ = (UniqueConstraint("host_id", "address", name="uq_gpus_host_address"),
+                      Index("ix_gpus_health", "health"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     host_id: Mapped[str] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"), index=True)
     address: Mapped[str] = mapped_column(String(64))           # PCI address, or the parent name ("mtty")
@@ -93,6 +98,12 @@ class Gpu(Base):
         ForeignKey("profiles.name", ondelete="SET NULL", onupdate="CASCADE"), nullable=True)
     profile_state: Mapped[Optional[str]] = mapped_column(String(32), nullable=True)  # applied|pending-reset|failed
     last_seen_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    # health (revision 0004): see service.health; 'unhealthy' counts only while it is in force there
+    health: Mapped[str] = mapped_column(String(16), default=HEALTHY, server_default=text("'healthy'"))
+    health_since: Mapped[Optional[dt.datetime]] = mapped_column(DateTime, nullable=True)
+    health_last_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime, nullable=True)
+    health_reason: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    health_needs_reset: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
 
     host: Mapped[Host] = relationship(back_populates="gpus")
     instances: Mapped[list["Instance"]] = relationship(back_populates="gpu", cascade="all, delete-orphan")
@@ -105,6 +116,7 @@ class Instance(Base):
     __table_args__ = (
         Index("ix_instances_host_kind_state", "host_id", "kind", "state"),
         UniqueConstraint("host_id", "mdev_uuid", name="uq_instances_host_mdev_uuid"),
+        Index("ix_instances_health", "health"),      # reports read the few unhealthy rows of a cluster
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     host_id: Mapped[str] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"), index=True)
@@ -133,6 +145,12 @@ class Instance(Base):
     error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+    # health of this instance alone (a MIG GPU instance an XID named by its GI id); revision 0004
+    health: Mapped[str] = mapped_column(String(16), default=HEALTHY, server_default=text("'healthy'"))
+    health_since: Mapped[Optional[dt.datetime]] = mapped_column(DateTime, nullable=True)
+    health_last_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime, nullable=True)
+    health_reason: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    health_needs_reset: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
 
     gpu: Mapped[Gpu] = relationship(back_populates="instances")
     allocation: Mapped[Optional["Allocation"]] = relationship(back_populates="instance", uselist=False,
@@ -227,4 +245,33 @@ class Event(Base):
     action: Mapped[str] = mapped_column(String(64))
     target: Mapped[Optional[str]] = mapped_column(String(255), nullable=True)
     result: Mapped[str] = mapped_column(String(16), default="ok")
+    detail: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
+
+
+class HealthEvent(Base):
+    """One GPU health event (an NVML XID, a reset, a recovery) with what it was attributed to.
+
+    The rows are a bounded history (``service.health.prune``: by age and count per host), not an audit log:
+    the labels (GPU address, VM, tenant) are copied so that a row still reads right after the instance or
+    allocation it named is gone.
+    """
+
+    __tablename__ = "health_events"
+    __table_args__ = (Index("ix_health_events_host_at", "host_id", "at"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    host_id: Mapped[str] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"))
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    kind: Mapped[str] = mapped_column(String(16))                  # xid | reset | recovered | cleared | lost
+    gpu_id: Mapped[Optional[int]] = mapped_column(ForeignKey("gpus.id", ondelete="SET NULL"), nullable=True)
+    gpu_address: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    instance_id: Mapped[Optional[int]] = mapped_column(ForeignKey("instances.id", ondelete="SET NULL"),
+                                                       nullable=True)
+    xid: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
+    gi_id: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
+    ci_id: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
+    severity: Mapped[Optional[str]] = mapped_column(String(16), nullable=True)   # non-fatal | fatal | reset
+    scope: Mapped[Optional[str]] = mapped_column(String(16), nullable=True)      # gpu | instance | foreign
+    vm_name: Mapped[Optional[str]] = mapped_column(String(255), nullable=True)
+    vm_uuid: Mapped[Optional[str]] = mapped_column(String(36), nullable=True)
+    tenant: Mapped[Optional[str]] = mapped_column(String(128), nullable=True)
     detail: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)

@@ -20,8 +20,11 @@ from gpuvirt.errors import ConflictError, NotFoundError
 from gpuvirt.inventory.models import (
     ACTIVE,
     Allocation,
+    MIG,
+    UNHEALTHY,
     Event,
     Gpu,
+    HealthEvent,
     Host,
     Instance,
     Intent,
@@ -164,11 +167,12 @@ class Unit:
 
     def free_instances(self, host_id: str, kinds: Sequence[str], *, lock: bool = False,
                        extra: Any = None) -> list[Instance]:
-        """Active instances with no allocation; with ``lock`` the rows are locked (PostgreSQL: SKIP LOCKED, so
-        concurrent allocators take different rows instead of queueing on the same one)."""
+        """Active, healthy instances with no allocation; with ``lock`` the rows are locked (PostgreSQL: SKIP
+        LOCKED, so concurrent allocators take different rows instead of queueing on the same one).  Health as
+        stored: ``service.health.usable`` writes due recoveries down before an attach asks."""
         q = (select(Instance).outerjoin(Allocation, Allocation.instance_id == Instance.id)
              .where(Instance.host_id == host_id, Instance.kind.in_(list(kinds)), Instance.state == ACTIVE,
-                    Allocation.id.is_(None)))
+                    Instance.health != UNHEALTHY, Allocation.id.is_(None)))
         if extra is not None:
             q = q.where(extra)
         q = q.order_by(Instance.gpu_id, Instance.id)
@@ -423,6 +427,76 @@ class Unit:
              .where(Allocation.tenant == tenant)
              .order_by(Allocation.host_id, Gpu.address, Instance.id))
         return list(self.session.execute(q))
+
+    # --- health (revision 0004; service.health decides, these only read and write rows) -----------------------
+    def mig_instances_by_gi(self, gpu_id: int, gi_id: int) -> list[Instance]:
+        """This GPU's MIG rows that name GPU instance ``gi_id`` (normally one; a row half-way through a
+        re-create may share the id with the one it replaces), allocation loaded."""
+        return list(self.session.scalars(
+            select(Instance).options(selectinload(Instance.allocation))
+            .where(Instance.gpu_id == gpu_id, Instance.kind == MIG, Instance.gi_id == gi_id)
+            .order_by(Instance.id)))
+
+    def vgpus_backed_by(self, instance_id: int) -> list[Instance]:
+        """vGPU rows whose GPU instance is ``instance_id`` (a MIG-backed vGPU), allocation loaded."""
+        return list(self.session.scalars(
+            select(Instance).options(selectinload(Instance.allocation))
+            .where(Instance.backing_instance_id == instance_id).order_by(Instance.id)))
+
+    def unhealthy(self, host_id: str) -> tuple[list[Gpu], list[Instance]]:
+        """GPUs and instances of a host whose stored health is unhealthy (whether still in force is the
+        health service's business: a quiet period may have passed since)."""
+        gpus = list(self.session.scalars(select(Gpu).where(Gpu.host_id == host_id, Gpu.health == UNHEALTHY)
+                                         .order_by(Gpu.address)))
+        insts = list(self.session.scalars(
+            select(Instance).options(selectinload(Instance.allocation))
+            .where(Instance.host_id == host_id, Instance.health == UNHEALTHY).order_by(Instance.id)))
+        return gpus, insts
+
+    def report_health(self, host_ids: Iterable[str] | None = None) -> list[tuple]:
+        """("gpu" | "instance", id, health_needs_reset, health_since, health_last_at, health_reason) of every
+        unhealthy GPU and instance: a handful of rows on a healthy cluster, so reports read them apart from the
+        bulk queries."""
+        out: list[tuple] = []
+        for kind, table in (("gpu", Gpu), ("instance", Instance)):
+            q = select(table.id, table.health_needs_reset, table.health_since, table.health_last_at,
+                       table.health_reason).where(table.health == UNHEALTHY)
+            if host_ids is not None:
+                q = q.where(table.host_id.in_(list(host_ids)))
+            out.extend((kind, i, bool(r), since, at, why) for i, r, since, at, why in self.session.execute(q))
+        return out
+
+    def add_health_event(self, **fields: Any) -> HealthEvent:
+        ev = HealthEvent(**fields)
+        if ev.at is None:
+            ev.at = utcnow()
+        self.session.add(ev)
+        return ev
+
+    def health_events(self, *, host_id: str | None = None, limit: int = 50, since: dt.datetime | None = None,
+                      gpu_address: str | None = None) -> list[HealthEvent]:
+        """Newest first."""
+        q = select(HealthEvent)
+        if host_id is not None:
+            q = q.where(HealthEvent.host_id == host_id)
+        if since is not None:
+            q = q.where(HealthEvent.at >= since)
+        if gpu_address is not None:
+            q = q.where(HealthEvent.gpu_address == gpu_address)
+        return list(self.session.scalars(q.order_by(HealthEvent.id.desc()).limit(limit)))
+
+    def prune_health_events(self, host_id: str, *, before: dt.datetime, keep: int) -> int:
+        """Delete a host's health events older than ``before`` and all but its newest ``keep``; returns the
+        number deleted."""
+        n = self.session.execute(delete(HealthEvent).where(HealthEvent.host_id == host_id,
+                                                           HealthEvent.at < before)).rowcount or 0
+        cutoff = self.session.execute(
+            select(HealthEvent.id).where(HealthEvent.host_id == host_id).order_by(HealthEvent.id.desc())
+            .offset(keep).limit(1)).scalar()
+        if cutoff is not None:
+            n += self.session.execute(delete(HealthEvent).where(HealthEvent.host_id == host_id,
+                                                                HealthEvent.id <= cutoff)).rowcount or 0
+        return n
 
 
 def _not_a_backing() -> Any:

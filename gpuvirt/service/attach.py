@@ -21,7 +21,7 @@ from gpuvirt.host.machine import normalize_uuid
 from gpuvirt.inventory.models import MDEV, MIG, VF, VFIO_VGPU
 from gpuvirt.model.catalog import resolve_gi_profile, resolve_vgpu_type
 from gpuvirt.model.mig import Placed
-from gpuvirt.service import hostview
+from gpuvirt.service import health, hostview
 from gpuvirt.service.hostview import GpuView
 from gpuvirt.service import intent
 from gpuvirt.service.instances import (
@@ -273,7 +273,7 @@ def _attach_one(call: _Call, req: Request, *, gpu_selector: str | None) -> int:
     ctx, vm = call.ctx, call.vm
     host_id = ctx.settings.host_id
     view = hostview.snapshot(ctx)
-    allowed = {g.address for g in (view.select(gpu_selector) if gpu_selector else view.gpus)}
+    allowed = health.usable(ctx, {g.address for g in (view.select(gpu_selector) if gpu_selector else view.gpus)})
     models = {g.address: g.model for g in view.gpus}
     # 1. a free instance that already exists
     with ctx.inventory.unit(write=True, action=f"attach {req.describe()} to {vm}") as uow:

@@ -472,6 +472,13 @@ class MigModeOp(_Op):
                 return bool(g.mig_current), bool(g.mig_pending)
         return False, False
 
+    def _reset(self) -> None:
+        from gpuvirt.service import health
+
+        self.ctx.host.reset_gpu(self.step["gpu"])
+        # a successful reset also ends what an XID left unhealthy on the GPU (service.health)
+        health.after_reset(self.ctx, self.step["gpu"], how="GPU reset by apply (MIG mode)")
+
     def forward(self) -> dict[str, Any]:
         want = bool(self.p["enable"])
         current, pending = self._state()
@@ -479,7 +486,7 @@ class MigModeOp(_Op):
             return {}
         current, pending, status = self.ctx.host.nvml().set_mig_mode(self.p["index"], want)
         if current != want and self.p.get("allow_reset"):
-            self.ctx.host.reset_gpu(self.step["gpu"])
+            self._reset()
             current, pending = self._state()
         if current != want:
             return {"pending": True, "activation_status": status}
@@ -494,7 +501,7 @@ class MigModeOp(_Op):
             return {}
         current, pending, _ = self.ctx.host.nvml().set_mig_mode(self.p["index"], was)
         if current != was and self.p.get("allow_reset"):
-            self.ctx.host.reset_gpu(self.step["gpu"])
+            self._reset()
             current, pending = self._state()
         if current != was:
             raise ResetRequiredError(f"restoring MIG mode on {self.step['gpu']} is pending a GPU reset")

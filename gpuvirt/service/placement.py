@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from gpuvirt.errors import ProfileError, UsageError
+from gpuvirt.errors import CapacityError, ProfileError, UsageError
 from gpuvirt.model.catalog import load_catalog, resolve_gi_profile
 from gpuvirt.model.mig import Placed
 from gpuvirt.model.planner import POLICIES, compute_lower_bound, pack
@@ -113,12 +113,21 @@ def defrag_plan(ctx: Any, profile_name: str, *, gpu_selector: str = "all",
     from gpuvirt.model.planner import GpuState, apply_moves, choose_placement, defrag_detailed
     from gpuvirt.service import hostview
 
+    from gpuvirt.service import health
+
     check_policy(policy)
     view = hostview.snapshot(ctx)
     selected = [g for g in view.select(gpu_selector)
                 if g.mig_capable and g.mig_current and g.model is not None and g.model.mig is not None]
     if not selected:
         raise UsageError("no MIG-enabled GPU among the selected GPUs (apply a MIG profile first)")
+    # an unhealthy GPU is neither a target nor a place to move instances to; unhealthy instances stay put
+    sick = health.current(ctx)
+    healthy = [g for g in selected if sick.gpu_ok(g.address)]
+    if not healthy:
+        raise CapacityError("every selected MIG GPU is unhealthy (see 'gpuvirt health'); nothing can be placed "
+                            "there until it recovers")
+    selected = healthy
     resolved: dict[str, Any] = {}
     first_error: ProfileError | None = None
     for g in selected:
@@ -152,8 +161,9 @@ def defrag_plan(ctx: Any, profile_name: str, *, gpu_selector: str = "all",
                     "allocated_to": row.allocation.vm_name if row is not None and row.allocation else None,
                     "backs_vgpu": row is not None and row.id in backing,
                 }
-                # foreign instances, and ours half-way through a create/destroy, never move
-                if row is None or row.state != ACTIVE or (in_use and not include_allocated):
+                # foreign instances, ours half-way through a create/destroy, and unhealthy ones never move
+                if row is None or row.state != ACTIVE or (in_use and not include_allocated) or \
+                        not sick.instance_ok(row.id):
                     pinned[g.address].add(p)
 
     policy = policy or ctx.settings.policies.get("mig_placement", "frag-aware")

@@ -97,8 +97,16 @@ def clear_faults(directory: str) -> None:
     control.clear_faults(control.open_sim(directory))
 
 
-def set_open(directory: str, device: str, is_open: bool) -> None:
-    control.set_open(control.open_sim(directory), device, is_open)
+def set_open(directory: str, device: str, is_open: bool, *, vm_uuid: str | None = None) -> None:
+    control.set_open(control.open_sim(directory), device, is_open, vm_uuid=vm_uuid)
+
+
+def xid(directory: str, gpu: str, code: int, *, gi: int | None = None, ci: int | None = None) -> dict[str, Any]:
+    return control.inject_xid(control.open_sim(directory), gpu, code, gi=gi, ci=ci)
+
+
+def vgpu(directory: str, device: str, **values: Any) -> dict[str, Any]:
+    return control.set_guest(control.open_sim(directory), device, **values)
 
 
 def client(directory: str, gpu: str, name: str, present: bool) -> None:

@@ -1,4 +1,5 @@
-"""``gpuvirt watch``: restore a parent's devices when it (re)appears, driven by udev events.
+"""``gpuvirt watch``: restore a parent's devices when it (re)appears, driven by udev events, and follow GPU
+health through NVML events (XIDs; :mod:`gpuvirt.service.health`).
 
 Relevant events: a parent registering with the mdev core (``change`` with ``MDEV_STATE=registered``, what
 mdevctl's udev rule reacts to) and a PCI function being added (SR-IOV VFs after ``sriov_numvfs`` or a driver
@@ -6,6 +7,11 @@ reload).  One VF enable produces dozens of events within milliseconds, and mdevc
 fire retry storms (pain-points A3), so events are collected per parent and handled once the source has
 been quiet for ``debounce`` seconds: one burst, one reconcile.  The event source is injectable (a file of
 JSON lines, or any iterable) so tests and operators can replay events without udev.
+
+NVML events are read between udev events (at most every ``NVML_POLL_SECONDS``) and whenever the udev source
+has been quiet for ``debounce`` seconds, so an XID is recorded within about ``debounce`` seconds.
+:func:`once` handles what is pending and returns (``gpuvirt watch --once``, for timers and tests); NVML only
+delivers events that happen while a subscription exists, so ``--wait`` keeps it open for a while.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ class UEvent:
 
 QUIET = None  # a source yields QUIET when nothing happened for `debounce` seconds
 MAX_EVENT_LINE = 64 * 1024  # one udev event as JSON is a few hundred bytes; /dev/zero has no newline at all
+NVML_POLL_SECONDS = 0.5
+MAX_WAIT_SECONDS = 3600
 
 
 def parent_of(ev: UEvent) -> str | None:
@@ -98,14 +106,25 @@ def file_source(path: str) -> Iterator[UEvent | None]:
     yield QUIET
 
 
+def ticker_source(interval: float) -> Iterator[UEvent | None]:
+    """No udev (``--no-udev``): a quiet tick every ``interval`` seconds, for the NVML health monitor."""
+    while True:
+        time.sleep(interval)
+        yield QUIET
+
+
 def watch(ctx: Context, source: Iterable[UEvent | None], *, max_runs: int | None = None,
-          on_run: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+          on_run: Callable[[dict[str, Any]], None] | None = None, monitor: Any = None) -> list[dict[str, Any]]:
     from gpuvirt.service import hostview
     from gpuvirt.service.reconcile import reconcile
 
     runs: list[dict[str, Any]] = []
     pending: dict[str, int] = {}
+    last_poll = 0.0
     for ev in source:
+        if monitor is not None and (ev is QUIET or time.monotonic() - last_poll >= NVML_POLL_SECONDS):
+            monitor.poll()
+            last_poll = time.monotonic()
         if ev is not QUIET:
             parent = parent_of(ev)
             if parent:
@@ -138,3 +157,34 @@ def watch(ctx: Context, source: Iterable[UEvent | None], *, max_runs: int | None
         if max_runs is not None and len(runs) >= max_runs:
             break
     return runs
+
+
+def once(ctx: Context, *, wait: float = 0.0, source: Iterable[UEvent | None] | None = None,
+         nvml: bool = True, report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """``gpuvirt watch --once``: subscribe to NVML events, wait up to ``wait`` seconds for the first, handle
+    every event queued by then, write down due health recoveries, replay ``source`` (udev events from a
+    file) if given, and return {"nvml": subscription, "events": [...], "recovered": [...], "errors": [...],
+    "runs": [...]}."""
+    from gpuvirt.service.health import Monitor
+
+    if not 0 <= wait <= MAX_WAIT_SECONDS:
+        raise UsageError(f"--wait must be from 0 to {MAX_WAIT_SECONDS} seconds")
+    doc: dict[str, Any] = {"nvml": None, "events": [], "recovered": [], "errors": [], "runs": []}
+
+    def collect(item: dict[str, Any]) -> None:
+        for key, into in (("event", "events"), ("recovered", "recovered"), ("error", "errors")):
+            if key in item:
+                doc[into].append(item[key])
+        if report:
+            report(item)
+
+    if nvml:
+        mon = Monitor(ctx, actor="gpuvirt-watch", report=collect)
+        try:
+            doc["nvml"] = mon.start()
+            mon.poll(first_timeout_ms=int(wait * 1000))
+        finally:
+            mon.close()
+    if source is not None:
+        doc["runs"] = watch(ctx, source)
+    return doc

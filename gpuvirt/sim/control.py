@@ -1,7 +1,7 @@
 """Operator/test controls of a simulated host: create, reboot, inject faults, hold devices open.
 
 These act on the simulator directly (they are the "world" around the host, not gpuvirt's code path):
-``gpuvirt sim init|set|reboot|fault|trace|open|close|client|models|show``.
+``gpuvirt sim init|set|reboot|fault|trace|open|close|client|models|show|xid|vgpu``.
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ def reboot(sim: SimHost) -> dict[str, Any]:
         state["boot"] += 1
         state["mdevs"] = []
         reg_delay = float(behaviour(state)["registration_delay_s"])
+        state["event_sets"] = []        # every process that held one is gone
         for dev in state["devices"]:
             model = load_catalog().get(dev["model"])
             dev.pop("registered", None)
@@ -211,34 +212,146 @@ def clear_faults(sim: SimHost) -> None:
         state["faults"] = []
 
 
-def set_open(sim: SimHost, device: str, is_open: bool) -> None:
-    """Mark an mdev (UUID) or VF (PCI address) as held open by a running VM's VFIO file."""
+def _device_entry(state: dict[str, Any], device: str) -> dict[str, Any] | None:
     key = device.strip().lower()
+    for m in state["mdevs"]:
+        if m["uuid"] == key:
+            return m
+    for dev in state["devices"]:
+        for vf in dev.get("vfs", []):
+            if vf["address"] == key:
+                return vf
+    return None
+
+
+def set_open(sim: SimHost, device: str, is_open: bool, *, vm_uuid: str | None = None) -> None:
+    """Mark an mdev (UUID) or VF (PCI address) as held open by a running VM's VFIO file; ``vm_uuid`` is the
+    UUID the VM was started with (QEMU ``-uuid``), which the host driver reports for a vGPU."""
+    if vm_uuid is not None:
+        vm_uuid = _check_uuid(vm_uuid, "--vm-uuid")
     with sim.transaction() as state:
-        for m in state["mdevs"]:
-            if m["uuid"] == key:
-                m["open"] = is_open
-                return
-        for dev in state["devices"]:
-            for vf in dev.get("vfs", []):
-                if vf["address"] == key:
-                    vf["open"] = is_open
-                    return
+        entry = _device_entry(state, device)
+        if entry is not None:
+            entry["open"] = is_open
+            if vm_uuid is not None and entry.get("vgpu_id") is not None:
+                entry.setdefault("guest", {})["vm_uuid"] = vm_uuid
+            return
     raise NotFoundError(f"no mdev or VF '{device}' on the simulated host")
+
+
+def _check_uuid(text: str, what: str) -> str:
+    import uuid as uuid_mod
+
+    try:
+        return str(uuid_mod.UUID(text.strip()))
+    except ValueError:
+        raise UsageError(f"{what} '{text}' is not a UUID") from None
+
+
+def _find_gpu(state: dict[str, Any], gpu: str) -> dict[str, Any]:
+    for dev in state["devices"]:
+        if gpu in (dev.get("address"), dev.get("uuid"), str(dev.get("nvml_index"))):
+            return dev
+    raise NotFoundError(f"no GPU '{gpu}' on the simulated host")
+
+
+MAX_XID = 0xFFFFFFFF
+
+
+def inject_xid(sim: SimHost, gpu: str, xid: int, *, gi: int | None = None, ci: int | None = None) -> dict[str, Any]:
+    """An XID critical error on a GPU (``--gi``/``--ci``: attributed to that MIG instance), delivered through
+    NVML to every event set registered for it (sim.nvml_events).  Events nobody has registered for are
+    lost, as on a real host."""
+    from gpuvirt.sim.nvml_events import EVENT_XID, ID_ANY, queue_event
+
+    if not 0 < xid <= MAX_XID:
+        raise UsageError(f"--xid must be an XID code from 1 to {MAX_XID}, not {xid}")
+    if ci is not None and gi is None:
+        raise UsageError("--ci needs --gi (a compute instance is named within its GPU instance)")
+    for name, v in (("--gi", gi), ("--ci", ci)):
+        if v is not None and not 0 <= v < ID_ANY:
+            raise UsageError(f"{name} must be an instance id from 0 to {ID_ANY - 1}, not {v}")
+    with sim.transaction() as state:
+        dev = _find_gpu(state, gpu)
+        if dev.get("nvml_index") is None:
+            raise UsageError(f"GPU '{gpu}' is not an NVIDIA GPU under NVML: it reports no XIDs")
+        if not state.get("driver_loaded", True):
+            raise UsageError("the simulated NVIDIA driver is not loaded: no XIDs can be reported")
+        if gi is not None:
+            mig = dev.get("mig") or {}
+            if mig.get("current") != 1:
+                raise UsageError(f"GPU {dev['nvml_index']} is not in MIG mode: an XID cannot name a GPU instance")
+            gi_doc = next((g for g in mig.get("gpu_instances", []) if g["id"] == gi), None)
+            if gi_doc is None:
+                raise NotFoundError(f"GPU {dev['nvml_index']} has no GPU instance {gi} (GPU instances: "
+                                    f"{', '.join(str(g['id']) for g in mig.get('gpu_instances', [])) or 'none'})")
+            if ci is not None and not any(c["id"] == ci for c in gi_doc["compute_instances"]):
+                raise NotFoundError(f"GPU instance {gi} on GPU {dev['nvml_index']} has no compute instance {ci}")
+        n = queue_event(state, int(dev["nvml_index"]), EVENT_XID, xid, ID_ANY if gi is None else gi,
+                        ID_ANY if ci is None else ci)
+        return {"gpu": dev["nvml_index"], "address": dev.get("address"), "xid": xid, "gi": gi, "ci": ci,
+                "delivered_to": n}
+
+
+def set_guest(sim: SimHost, device: str, **values: Any) -> dict[str, Any]:
+    """Set what the host driver reports about a vGPU (``guest`` on its entry; sim.nvml_vgpu_instances):
+    vm_uuid, fb_used_mib, util (dict), license_state, license_expiry.  None leaves a value as it is."""
+    from gpuvirt.sim.nvml_vgpu_instances import EXPIRY_WORDS, LICENSE_STATES, UTIL_KEYS
+
+    if values.get("vm_uuid") is not None:
+        values["vm_uuid"] = _check_uuid(values["vm_uuid"], "--vm-uuid")
+    fb = values.get("fb_used_mib")
+    if fb is not None and not 0 <= fb <= 1 << 24:
+        raise UsageError(f"--fb-used-mib must be from 0 to {1 << 24}, not {fb}")
+    util = values.get("util") or {}
+    for k, v in util.items():
+        if k not in UTIL_KEYS:
+            raise UsageError(f"unknown utilization engine '{k}' (one of {', '.join(UTIL_KEYS)})")
+        if not 0 <= v <= 100:
+            raise UsageError(f"utilization of {k} must be a percentage from 0 to 100, not {v}")
+    lic_state = values.get("license_state")
+    if lic_state is not None and lic_state not in LICENSE_STATES:
+        raise UsageError(f"unknown license state '{lic_state}' (one of {', '.join(LICENSE_STATES)})")
+    expiry = values.get("license_expiry")
+    if expiry is not None and expiry != "none" and expiry not in EXPIRY_WORDS:
+        import datetime as dt
+
+        try:
+            dt.datetime.strptime(expiry, "%Y-%m-%dT%H:%M:%SZ")
+        except ValueError:
+            raise UsageError(f"--license-expiry '{expiry}' is not YYYY-MM-DDTHH:MM:SSZ, none, "
+                             f"{', '.join(EXPIRY_WORDS)}") from None
+    with sim.transaction() as state:
+        entry = _device_entry(state, device)
+        if entry is None:
+            raise NotFoundError(f"no mdev or VF '{device}' on the simulated host")
+        if entry.get("vgpu_id") is None:
+            raise UsageError(f"'{device}' is not an NVIDIA vGPU (no vGPU type on it)")
+        guest = entry.setdefault("guest", {})
+        if values.get("vm_uuid") is not None:
+            guest["vm_uuid"] = values["vm_uuid"]
+        if fb is not None:
+            guest["fb_used_mib"] = fb
+        if util:
+            guest.setdefault("util", {}).update(util)
+        if lic_state is not None or expiry is not None:
+            lic = guest.setdefault("license", {})
+            if lic_state is not None:
+                lic["state"] = lic_state
+            if expiry is not None:
+                lic["expiry"] = None if expiry == "none" else expiry
+        return {"device": device, "vgpu_id": entry["vgpu_id"], "guest": dict(guest)}
 
 
 def set_client(sim: SimHost, gpu: str, client: str, present: bool) -> None:
     """Add/remove a process holding a GPU (blocks MIG mode activation and GPU reset)."""
     with sim.transaction() as state:
-        for dev in state["devices"]:
-            if gpu in (dev.get("address"), dev.get("uuid"), str(dev.get("nvml_index"))):
-                clients = dev.setdefault("clients", [])
-                if present and client not in clients:
-                    clients.append(client)
-                if not present and client in clients:
-                    clients.remove(client)
-                return
-    raise NotFoundError(f"no GPU '{gpu}' on the simulated host")
+        dev = _find_gpu(state, gpu)
+        clients = dev.setdefault("clients", [])
+        if present and client not in clients:
+            clients.append(client)
+        if not present and client in clients:
+            clients.remove(client)
 
 
 def set_driver_loaded(sim: SimHost, loaded: bool) -> None:

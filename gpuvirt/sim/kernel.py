@@ -38,6 +38,7 @@ from typing import Any
 from gpuvirt.model.catalog import load_catalog
 from gpuvirt.sim import rules
 from gpuvirt.sim.build import disable_vfs_on, enable_vfs_on
+from gpuvirt.sim.nvml_vgpu_instances import assign_vgpu_id, forget_vgpu
 from gpuvirt.sim.state import SimHost, behaviour, errno_for, os_error
 
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
@@ -152,9 +153,11 @@ class SimKernel:
                 raise os_error(getattr(errno, spec.create_errno), path, "shared pool exhausted")
         else:
             raise os_error(errno.ENOENT, path)
-        state["mdevs"].append({"uuid": uuid, "parent": parent, "type": type_dir,
-                               "iommu_group": state["next_iommu_group"], "gpu_instance_id": gi_id,
-                               "open": False})
+        entry = {"uuid": uuid, "parent": parent, "type": type_dir, "iommu_group": state["next_iommu_group"],
+                 "gpu_instance_id": gi_id, "open": False}
+        if type_dir.startswith("nvidia-") and model.vgpu:
+            assign_vgpu_id(state, entry)   # the host driver's vGPU instance id (sim.nvml_vgpu_instances)
+        state["mdevs"].append(entry)
         state["next_iommu_group"] += 1
 
     def _remove(self, state: dict[str, Any], path: Any, uuid: str, data: str) -> None:
@@ -193,6 +196,7 @@ class SimKernel:
                                "The VFIO device must be closed first (UNVERIFIED errno)")
             vf["current_vgpu_type"] = 0
             vf["gpu_instance_id"] = None
+            forget_vgpu(vf)
             return
         if vf.get("current_vgpu_type"):
             raise os_error(errno.EPERM, path, f"vGPU device already created with type ID: {vf['current_vgpu_type']}")
@@ -208,6 +212,7 @@ class SimKernel:
             raise os_error(getattr(errno, model.vgpu.create_errno), path, "vGPU type not creatable now")
         vf["gpu_instance_id"] = rules.free_gpu_instance_for(state, dev, vtype) if vtype.mig_backed else None
         vf["current_vgpu_type"] = value
+        assign_vgpu_id(state, vf)
 
     # --- SR-IOV ----------------------------------------------------------------------------------------------------
     def _sriov(self, state: dict[str, Any], path: Any, pf_addr: str, data: str) -> None:
@@ -268,6 +273,7 @@ class SimKernel:
                 if v.get("gpu_instance_id") is not None:
                     v["current_vgpu_type"] = 0
                     v["gpu_instance_id"] = None
+                    forget_vgpu(v)
             parents = rules.board_parents(dev)
             state["mdevs"] = [m for m in state["mdevs"]
                               if not (m["parent"] in parents and m.get("gpu_instance_id") is not None)]

@@ -53,11 +53,13 @@ from gpuvirt.sim.nvml_base import (
     _target,
     ci_starts,
 )
+from gpuvirt.sim.nvml_events import EventsApi
 from gpuvirt.sim.nvml_mig import MigApi
 from gpuvirt.sim.nvml_vgpu import VgpuApi
+from gpuvirt.sim.nvml_vgpu_instances import VgpuInstanceApi
 
 
-class FakeNvmlLib(MigApi, VgpuApi):
+class FakeNvmlLib(MigApi, VgpuApi, VgpuInstanceApi, EventsApi):
     """libnvidia-ml for one simulated host (see the module docstring)."""
 
     # === initialisation and system ==========================================================================

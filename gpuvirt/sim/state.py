@@ -35,6 +35,16 @@ State document (JSON, ``version`` 1)::
     Fault = {"op": str, "skip": int, "times": int, "errno": str | null, "nvml": int | null,
              "match": str | null, "kill": null | "before" | "after"}
 
+Optional keys (absent in states written by older versions; readers use defaults):
+
+    "next_vgpu_id": int                                   # next NVML vGPU instance id (sim.nvml_vgpu_instances)
+    Mdev / VF += {"vgpu_id": int, "guest": Guest}           # NVIDIA vGPUs only; Guest: nvml_vgpu_instances
+    "event_sets": [EventSet], "next_event_set_id": int    # NVML event sets of live processes (sim.nvml_events)
+    EventSet = {"id": int, "pid": int, "registered": {"<nvml index>": event type mask},
+                "queue": [{"gpu": int, "type": int, "data": int, "gi": int, "ci": int}], "dropped": int}
+    "nvml_events": {"mig_handles": "not-supported" | "parent", "privileged": bool, "queue_limit": int,
+                    "supported": event type mask}       # choices where NVML's reference is silent
+
 A fault with ``kill`` does not fail the operation: it kills the calling process with SIGKILL just before
 (``before``) or just after (``after``) the operation takes effect - a crash at an exact step, for testing
 that ``reconcile`` repairs whatever a dead gpuvirt left behind.
