@@ -22,6 +22,7 @@ FAULT_OPS = (
     "mdev.create", "mdev.remove", "vgpu.set", "vgpu.clear", "sriov.enable", "sriov.disable", "pci.reset",
     "nvml.CreateGpuInstance", "nvml.DestroyGpuInstance", "nvml.CreateComputeInstance",
     "nvml.DestroyComputeInstance", "nvml.SetMigMode",
+    "nvml.SetVgpuSchedulerState",
 )
 
 

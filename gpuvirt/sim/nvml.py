@@ -54,10 +54,11 @@ from gpuvirt.sim.nvml_base import (
     ci_starts,
 )
 from gpuvirt.sim.nvml_mig import MigApi
+from gpuvirt.sim.nvml_scheduler import SchedulerApi
 from gpuvirt.sim.nvml_vgpu import VgpuApi
 
 
-class FakeNvmlLib(MigApi, VgpuApi):
+class FakeNvmlLib(MigApi, VgpuApi, SchedulerApi):
     """libnvidia-ml for one simulated host (see the module docstring)."""
 
     # === initialisation and system ==========================================================================

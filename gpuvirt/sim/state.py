@@ -27,6 +27,7 @@ State document (JSON, ``version`` 1)::
             "gpu_instance_id": int | null, "open": bool}
     Fault = {"op": str, "skip": int, "times": int, "errno": str | null, "nvml": int | null,
              "match": str | null, "kill": null | "before" | "after"}
+    Device.vgpu_scheduler (optional) = {"policy", "arr", "timeslice_ns", "boot", ...}; rules: "vgpu_scheduler_rules"
 
 A fault with ``kill`` does not fail the operation: it kills the calling process with SIGKILL just before
 (``before``) or just after (``after``) the operation takes effect - a crash at an exact step, for testing
