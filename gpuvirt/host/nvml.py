@@ -614,8 +614,18 @@ class NvmlSession:
 
     # --- vGPU scheduler ----------------------------------------------------------------------------------------
     def vgpu_scheduler(self, index: int) -> VgpuSchedulerInfo | None:
-        """The GPU's vGPU scheduler; None when NVML says NOT_SUPPORTED (no vGPU host driver on it)."""
+        """The GPU's vGPU scheduler; None on a GPU that is not in vGPU host mode (a bare-metal or passthrough
+        driver has no vGPU scheduler, whatever its scheduler calls would answer) or when NVML says NOT_SUPPORTED."""
         h = self._gpu(index).handle
+        try:
+            mode = int(self._call(pynvml.nvmlDeviceGetVirtualizationMode, h))
+        except pynvml.NVMLError as exc:
+            if exc.value in (pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND):
+                return None
+            raise self._error(exc, f"read the virtualization mode of {self._where(index)}",
+                              **self._ctx(index)) from None
+        if mode != pynvml.NVML_GPU_VIRTUALIZATION_MODE_HOST_VGPU:
+            return None
         try:
             caps = self._call(pynvml.nvmlDeviceGetVgpuSchedulerCapabilities, h)
             st = self._call(pynvml.nvmlDeviceGetVgpuSchedulerState, h)
