@@ -1,10 +1,11 @@
 """Crash safety: a gpuvirt killed at any host operation ends, after ``reconcile``, in the old or the new layout.
 
 For a re-partition apply (MIG + MIG-backed vGPU: a100-40gb-balanced -> a100-40gb-mig-vgpu-7x1-5c, 21 host
-operations) and for ``attach --mig`` (GPU instance, compute instance, SR-IOV VFs, vGPU), every host operation is
+operations), for an apply that changes the vGPU scheduler policy of an A10 (3 vGPUs removed, the policy set, 4
+created) and for ``attach --mig`` (GPU instance, compute instance, SR-IOV VFs, vGPU), every host operation is
 killed before and after it takes effect (``sim fault --kill``); then ``reconcile --yes`` runs and the test checks:
 
-* the GPU holds exactly the old or the new layout (MIG mode, GPU instances, vGPUs, VF count);
+* the GPU holds exactly the old or the new layout (MIG mode, GPU instances, vGPUs, VF count, scheduler policy);
 * every GPU instance has its compute instance;
 * the inventory agrees with the host (one row per host object and no more), and ``status`` says in sync only
   when that is true - also right after the kill, before reconcile;
@@ -185,6 +186,85 @@ def test_apply_killed_at_every_host_operation(apply_case, op, when):
         assert code == 0, (op, k, when, err)
         assert _check_after(root, old, new) == new
         code, _, err = _cli("--sim", root, "attach", "vm-next", "--mig", "1g.5gb", "--format", "json")
+        assert code == 0, (op, k, when, err)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# --- an apply that changes the vGPU scheduler policy (time-sliced vGPUs on an A10) -----------------------------------
+SCHED_OLD = ("a10-3x8q", "--vgpu", "A10-8Q=3", "--model", "a10")
+SCHED_NEW = ("a10-4x6q-eq", "--vgpu", "A10-6Q=4", "--vgpu-scheduler", "equal-share", "--timeslice-us", "3000",
+             "--model", "a10")
+SCHED_OPS = {"mdev.remove": 3, "nvml.SetVgpuSchedulerState": 1, "mdev.create": 4}
+
+
+def _sig_vgpu(root: Path) -> dict:
+    """vGPUs, VF count and the scheduler policy in effect, from the simulator's state."""
+    from gpuvirt.sim.nvml_scheduler import scheduler_state
+    from gpuvirt.sim.state import SimHost
+
+    st = SimHost(root).load()
+    dev = st["devices"][0]
+    cur = scheduler_state(st, dev)
+    return {"vgpus": sorted(m["type"] for m in st["mdevs"]), "vfs": dev["sriov"]["numvfs"],
+            "scheduler": (cur["policy"], cur["timeslice_ns"])}
+
+
+def _check_sane_vgpu(root: Path) -> dict:
+    from gpuvirt.sim.state import SimHost
+
+    st = _status(root)
+    assert st["in_sync"], st
+    rows = st["gpus"][0]["instances"]
+    host = sorted(m["uuid"] for m in SimHost(root).load()["mdevs"])
+    assert sorted(r["uuid"] for r in rows) == host, st
+    assert all(r["on_host"] and r["state"] == "active" for r in rows), st
+    sched = st["gpus"][0]["vgpu_scheduler"]
+    assert sched["in_sync"], sched
+    return _sig_vgpu(root)
+
+
+@pytest.fixture(scope="module")
+def sched_case(module_tmp):
+    t = Template(module_tmp, "sched-template", ["a10"])
+    for spec in (SCHED_OLD, SCHED_NEW):
+        assert _cli("--sim", t.root, "create-profile", *spec)[0] == 0
+    assert _cli("--sim", t.root, "apply", SCHED_OLD[0], "--gpu", "0", "--yes")[0] == 0
+    old = _sig_vgpu(t.root)
+    probe = t.copy("probe")
+    counts = _count_ops(probe, "apply", SCHED_NEW[0], "--gpu", "0", "--yes")
+    new = _sig_vgpu(probe)
+    assert old["scheduler"] == (1, 0) and new["scheduler"] == (2, 3_000_000)
+    assert old["vgpus"] == ["nvidia-595"] * 3 and new["vgpus"] == ["nvidia-594"] * 4
+    return t, old, new, counts
+
+
+def test_scheduler_apply_touches_the_host_as_expected(sched_case):
+    assert sched_case[3] == SCHED_OPS
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("op", sorted(SCHED_OPS))
+def test_scheduler_apply_killed_at_every_host_operation(sched_case, op, when):
+    """The policy is part of the layout: after reconcile the GPU runs the old policy with the old vGPUs or the new
+    policy with the new ones, never a mix, and status says in sync only then."""
+    from gpuvirt.sim.control import add_fault, open_sim
+
+    t, old, new, counts = sched_case
+    for k in range(counts.get(op, 0)):
+        root = t.copy(f"sched-{op}-{k}-{when}")
+        add_fault(open_sim(root), op, skip=k, kill=when)
+        r = _proc("--sim", root, "apply", SCHED_NEW[0], "--gpu", "0", "--yes")
+        assert r.returncode == -signal.SIGKILL, (op, k, when, r.stderr)
+        st = _status(root)
+        if st["in_sync"]:
+            assert _sig_vgpu(root) in (old, new), (op, k, when, st)
+        code, out, err = _cli("--sim", root, "reconcile", "--yes", "--json")
+        assert code == 0, (op, k, when, out, err)
+        assert _check_sane_vgpu(root) in (old, new), (op, k, when)
+        code, _, err = _cli("--sim", root, "apply", SCHED_NEW[0], "--gpu", "0", "--yes")
+        assert code == 0, (op, k, when, err)
+        assert _check_sane_vgpu(root) == new, (op, k, when)
+        code, _, err = _cli("--sim", root, "attach", "vm-next", "--vgpu", "A10-6Q", "--format", "json")
         assert code == 0, (op, k, when, err)
         shutil.rmtree(root, ignore_errors=True)
 

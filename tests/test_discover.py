@@ -85,7 +85,16 @@ def check_schema(doc: dict[str, Any]) -> None:
     assert isinstance(nv["available"], bool) and _opt(nv["reason"], str) and _opt(nv["driver_version"], str)
     assert (nv["reason"] is None) == nv["available"]
     for g in doc["gpus"]:
-        _keys(g, {"index", "uuid", "pci_address", "name", "memory_mib", "model", "mig"}, "gpus[]")
+        _keys(g, {"index", "uuid", "pci_address", "name", "memory_mib", "model", "mig", "vgpu_scheduler"}, "gpus[]")
+        sched = g["vgpu_scheduler"]
+        if sched is not None:
+            assert set(sched) == {"policy", "timeslice_us", "arr", "supported_policies", "timeslice_min_us",
+                                  "timeslice_max_us", "arr_supported"}, sched
+            assert sched["policy"] in (None, "best-effort", "equal-share", "fixed-share")
+            assert _opt(sched["timeslice_us"], int) and isinstance(sched["arr"], bool)
+            assert set(sched["supported_policies"]) <= {"best-effort", "equal-share", "fixed-share"}
+            assert _opt(sched["timeslice_min_us"], int) and _opt(sched["timeslice_max_us"], int)
+            assert (sched["timeslice_us"] is None) == (sched["policy"] == "best-effort")
         assert isinstance(g["index"], int) and g["uuid"].startswith("GPU-") and PCI_RE.match(g["pci_address"])
         assert isinstance(g["name"], str) and isinstance(g["memory_mib"], int)
         mig = g["mig"]
@@ -180,6 +189,10 @@ def test_discover_every_model(make_sim, cli, model_id: str) -> None:
         [g] = doc["gpus"]
         assert (g["index"], g["pci_address"], g["name"], g["memory_mib"], g["model"]) == \
             (0, PF, model.nvml_name or model.display_name, model.memory_mib, model_id)
+        # the vGPU scheduler: every board with NVIDIA vGPU reports one (the driver default: best effort)
+        assert (g["vgpu_scheduler"] is not None) is (model.vgpu is not None)
+        if model.vgpu is not None:
+            assert g["vgpu_scheduler"]["policy"] == "best-effort"
         mig = g["mig"]
         assert mig["supported"] is (model.mig is not None)
         if model.mig is not None:

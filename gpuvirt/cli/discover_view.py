@@ -45,9 +45,13 @@ def discovery_lines(doc: dict) -> list[str]:
             mode = "n/a" if not mig["supported"] else (
                 ("on" if mig["current"] else "off") + (" (pending " + ("on" if mig["pending"] else "off") + ")"
                                                        if mig["pending"] != mig["current"] else ""))
+            sched = g.get("vgpu_scheduler")
+            sched_text = "n/a" if not sched else (sched["policy"] or "unknown") + (
+                f" {sched['timeslice_us']}us" if sched["timeslice_us"] is not None else "")
             rows.append([g["index"], g["pci_address"], g["name"], f"{g['memory_mib']} MiB", mode,
-                         len(mig["gpu_instances"]), g["uuid"]])
-        lines += plain_table("NVIDIA GPUs (NVML)", ["#", "PCI", "name", "memory", "MIG", "GIs", "UUID"], rows)
+                         len(mig["gpu_instances"]), sched_text, g["uuid"]])
+        lines += plain_table("NVIDIA GPUs (NVML)", ["#", "PCI", "name", "memory", "MIG", "GIs", "vGPU scheduler",
+                                                    "UUID"], rows)
         pictures = []
         for g in doc["gpus"]:
             mig = g["mig"]

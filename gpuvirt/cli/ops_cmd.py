@@ -203,7 +203,7 @@ def status(ctx: typer.Context, json_out: bool = typer.Option(False, "--json")) -
         mig_s = "" if mig is None else f" MIG {'on' if mig['current'] else 'off'}" + (
             " (pending)" if mig["pending"] != mig["current"] else "")
         out.print(f"[bold]{g['address']}[/bold] {g['model'] or g['name']}{mig_s}  profile: "
-                  f"{g['desired_profile'] or '-'} ({g['profile_state'] or 'none'})")
+                  f"{g['desired_profile'] or '-'} ({g['profile_state'] or 'none'})" + escape(_scheduler_text(g)))
         if g["instances"]:
             out.print(table(None, ["id", "kind", "instance", "state", "on host", "VM", "tenant"],
                             [[i["id"], i["kind"], i["label"], i["state"], "yes" if i["on_host"] else "NO",
@@ -213,6 +213,19 @@ def status(ctx: typer.Context, json_out: bool = typer.Option(False, "--json")) -
             out.print("  [yellow]drift:[/yellow] " + escape(f"{d['kind']}: {d['target']}" +
                                                            (f" -> {d['action']}" if d["action"] else "")))
     out.print("in sync" if doc["in_sync"] else "drift found: run 'gpuvirt reconcile'")
+
+
+def _scheduler_text(g: dict) -> str:
+    s = g.get("vgpu_scheduler")
+    if not s:
+        return ""
+    def text(policy: str | None, ts: int | None) -> str:
+        return (policy or "unknown") + (f" {ts} us" if ts is not None else "")
+    out = f"  vGPU scheduler: {text(s['policy'], s['timeslice_us'])}"
+    if not s["in_sync"]:
+        d = s["desired"]
+        out += f" (profile: {text(d['policy'], d['timeslice_us'])})"
+    return out
 
 
 @app.command()

@@ -41,6 +41,13 @@ def create_profile(
                                              help="Generic mdev type, e.g. i915-GVTg_V5_4=2 or mtty-2=4 "
                                                   "(repeatable)."),
     sriov_vfs: Optional[int] = typer.Option(None, "--sriov-vfs", metavar="N", help="Number of SR-IOV VFs."),
+    vgpu_scheduler: Optional[str] = typer.Option(None, "--vgpu-scheduler", metavar="POLICY",
+                                                 help="vGPU scheduler policy for time-sliced vGPUs: best-effort | "
+                                                      "equal-share | fixed-share (set before the vGPUs are "
+                                                      "created)."),
+    timeslice_us: Optional[int] = typer.Option(None, "--timeslice-us", metavar="N",
+                                               help="Time slice of equal-share / fixed-share, in microseconds "
+                                                    "(100 to 1000000; the GPU's own range is checked by plan)."),
     model: Optional[str] = typer.Option(None, "--model", help="GPU model the profile is for (e.g. a100-40gb); "
                                         "without it, it must fit every model it is applied to."),
     description: Optional[str] = typer.Option(None, "--description", help="Free text."),
@@ -55,7 +62,7 @@ def create_profile(
 
     doc = svc.create_profile(state(ctx).context(), name, mig=mig or [], vgpu=vgpu or [], mdev=mdev or [],
                              sriov_vfs=sriov_vfs, model=model, description=description, from_file=from_file,
-                             replace=replace)
+                             replace=replace, vgpu_scheduler=vgpu_scheduler, timeslice_us=timeslice_us)
     if json_out:
         emit_json(doc)
         return

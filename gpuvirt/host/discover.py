@@ -141,7 +141,13 @@ def _nvml_gpus(session: Any, warnings: list[ScanWarning]) -> list[dict[str, Any]
             "pci_device_id": f"0x{g.pci_device_id:08X}",
             "mig": {"supported": g.mig_capable, "current": g.mig_current, "pending": g.mig_pending,
                     "gpu_instance_profiles": [], "gpu_instances": []},
+            "vgpu_scheduler": None,
         }
+        try:
+            sched = session.vgpu_scheduler(g.index)
+            entry["vgpu_scheduler"] = sched.to_dict() if sched is not None else None
+        except GpuvirtError as exc:
+            warnings.append(ScanWarning(f"nvml:gpu{g.index}", f"cannot read the vGPU scheduler: {exc}"))
         if g.mig_capable and g.mig_current:
             entry["mig"]["profiles_source"] = "nvml"
             try:

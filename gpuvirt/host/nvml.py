@@ -33,6 +33,7 @@ from gpuvirt.errors import (
 )
 from gpuvirt.host.machine import NVML_LIBRARY_MISSING
 from gpuvirt.model.catalog import MIB, Engines, mig_profile_name
+from gpuvirt.model.vgpu_scheduler import NVML_POLICY, POLICY_NAME
 
 # NVML_GPU_INSTANCE_PROFILE_* constants whose profiles carry a name attribute (mig-nvml.md section 1.2)
 _ATTRIBUTES_BY_CONSTANT: dict[int, tuple[str, ...]] = {
@@ -148,6 +149,28 @@ class VgpuTypeInfo:
     max_instances: int
     gpu_instance_profile_id: int | None
     creatable: bool
+
+
+@dataclass(frozen=True)
+class VgpuSchedulerInfo:
+    """A GPU's vGPU scheduler: state (``nvmlDeviceGetVgpuSchedulerState``) and capabilities."""
+
+    policy: str | None               # best-effort | equal-share | fixed-share; None: a value NVML does not define
+    arr: bool                        # adaptive round robin in effect
+    timeslice_us: int | None         # None under best effort (NVML: "not relevant")
+    supported_policies: list[str]
+    timeslice_min_us: int | None
+    timeslice_max_us: int | None
+    arr_supported: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy, "timeslice_us": self.timeslice_us, "arr": self.arr,
+                "supported_policies": list(self.supported_policies), "timeslice_min_us": self.timeslice_min_us,
+                "timeslice_max_us": self.timeslice_max_us, "arr_supported": self.arr_supported}
+
+
+def _us(ns: int) -> int | None:
+    return ns // 1000 if ns else None
 
 
 @dataclass
@@ -602,5 +625,56 @@ class NvmlSession:
         return vgpu_instances(self, index)
 
 
-__all__ = ["NvmlSession", "NvmlGpu", "GiProfileInfo", "GpuInstanceInfo", "CiInfo", "VgpuTypeInfo",
+    # --- vGPU scheduler ----------------------------------------------------------------------------------------
+    def vgpu_scheduler(self, index: int) -> VgpuSchedulerInfo | None:
+        """The GPU's vGPU scheduler; None on a GPU that is not in vGPU host mode (a bare-metal or passthrough
+        driver has no vGPU scheduler, whatever its scheduler calls would answer) or when NVML says NOT_SUPPORTED."""
+        h = self._gpu(index).handle
+        try:
+            mode = int(self._call(pynvml.nvmlDeviceGetVirtualizationMode, h))
+        except pynvml.NVMLError as exc:
+            if exc.value in (pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND):
+                return None
+            raise self._error(exc, f"read the virtualization mode of {self._where(index)}",
+                              **self._ctx(index)) from None
+        if mode != pynvml.NVML_GPU_VIRTUALIZATION_MODE_HOST_VGPU:
+            return None
+        try:
+            caps = self._call(pynvml.nvmlDeviceGetVgpuSchedulerCapabilities, h)
+            st = self._call(pynvml.nvmlDeviceGetVgpuSchedulerState, h)
+        except pynvml.NVMLError as exc:
+            if exc.value in (pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND):
+                return None
+            raise self._error(exc, f"read the vGPU scheduler of {self._where(index)}", **self._ctx(index)) from None
+        policy = POLICY_NAME.get(int(st.schedulerPolicy))
+        arr = int(st.arrMode) == pynvml.NVML_VGPU_SCHEDULER_ARR_ENABLE
+        ts = int(st.schedulerParams.vgpuSchedDataWithARR.timeslice if arr else st.schedulerParams.vgpuSchedData.timeslice)
+        return VgpuSchedulerInfo(
+            policy=policy, arr=arr, timeslice_us=None if policy == "best-effort" else _us(ts),
+            supported_policies=[POLICY_NAME[int(p)] for p in caps.supportedSchedulers if int(p) in POLICY_NAME],
+            timeslice_min_us=_us(int(caps.minTimeslice)), timeslice_max_us=_us(int(caps.maxTimeslice)),
+            arr_supported=bool(caps.isArrModeSupported))
+
+    def set_vgpu_scheduler(self, index: int, policy: str, timeslice_us: int | None = None) -> None:
+        """Set the policy (and the time slice of a share policy; None: the driver's default).  Round-robin
+        adaptation is not asked for: the time slice is what gpuvirt's profiles state."""
+        h = self._gpu(index).handle
+        what = f"set the vGPU scheduler of {self._where(index)} to {policy}" + \
+            (f" with a {timeslice_us} us time slice" if timeslice_us else "")
+        st = pynvml.c_nvmlVgpuSchedulerSetState_t()
+        st.schedulerPolicy = NVML_POLICY[policy]
+        st.enableARRMode = 0
+        st.schedulerParams.vgpuSchedData.timeslice = (timeslice_us or 0) * 1000
+        try:
+            self._call(pynvml.nvmlDeviceSetVgpuSchedulerState, h, st)
+        except pynvml.NVMLError as exc:
+            err = self._error(exc, what, policy=policy, timeslice_us=timeslice_us, **self._ctx(index))
+            if exc.value == pynvml.NVML_ERROR_NOT_SUPPORTED:
+                # NVML answers the same for a GPU with vGPUs on it, one in MIG mode and one without vGPU support
+                err.message += " (NVML refuses a scheduler change while vGPUs exist on the GPU or MIG mode is on)"
+                err.args = (err.message,)
+            raise err from None
+
+
+__all__ = ["NvmlSession", "NvmlGpu", "VgpuSchedulerInfo", "GiProfileInfo", "GpuInstanceInfo", "CiInfo", "VgpuTypeInfo",
            "normalize_bus_id", "code_name"]

@@ -38,6 +38,7 @@ from gpuvirt.model.catalog import (
     resolve_vgpu_type,
 )
 from gpuvirt.model.mig import Placed, all_valid_multisets, describe_counts, fits, pack_counts
+from gpuvirt.model.vgpu_scheduler import SchedulerSpec, board_problem
 
 SPEC_FORMAT = 1                      # version of the stored JSON (ProfileSpec.to_dict); bump on changes
 KINDS = ("mig", "vgpu", "mdev", "sriov", "mixed")
@@ -46,7 +47,7 @@ MAX_ALTERNATIVES = 3
 MAX_COUNT_NAMES = 256                # names in one count mapping of an entry
 
 _FILTER_RE = re.compile(r"(?:0x)?([0-9a-f]{8})(?::(?:0x)?([0-9a-f]{8}))?", re.IGNORECASE)
-_ENTRY_KEYS = ("device_filter", "devices", "mig_enabled", "mig", "vgpu", "mdev", "sriov_vfs")
+_ENTRY_KEYS = ("device_filter", "devices", "mig_enabled", "mig", "vgpu", "mdev", "sriov_vfs", "vgpu_scheduler")
 
 
 def check_name(name: Any, what: str = "profile name") -> str:
@@ -161,6 +162,7 @@ class ProfileEntry:
     vgpu: dict[str, int] = field(default_factory=dict)
     mdev: dict[str, int] = field(default_factory=dict)
     sriov_vfs: int | None = None
+    vgpu_scheduler: SchedulerSpec | None = None    # policy for the GPU's time-sliced vGPUs (model/vgpu_scheduler)
 
     def __post_init__(self) -> None:
         put = object.__setattr__           # frozen: normalise once, here, so every entry is canonical
@@ -174,24 +176,26 @@ class ProfileEntry:
         if self.sriov_vfs is not None and (isinstance(self.sriov_vfs, bool) or not isinstance(self.sriov_vfs, int)
                                            or self.sriov_vfs < 0):
             raise ProfileError(f"sriov_vfs must be a whole number >= 0, not {self.sriov_vfs!r}", field="sriov_vfs")
+        put(self, "vgpu_scheduler", SchedulerSpec.from_value(self.vgpu_scheduler))
         if self.mig_enabled is False and self.mig:
             raise ProfileError("MIG instances are listed while mig_enabled is false; drop them or enable MIG",
                                field="mig_enabled")
         if self.mig and self.mig_enabled is None:
             put(self, "mig_enabled", True)      # instances imply MIG mode; one spelling per meaning
         if not self.kinds:
-            raise ProfileError("the entry asks for nothing: give mig_enabled, mig, vgpu, mdev or sriov_vfs")
+            raise ProfileError("the entry asks for nothing: give mig_enabled, mig, vgpu, mdev, sriov_vfs or "
+                               "vgpu_scheduler")
 
     def __hash__(self) -> int:
         return hash((self.device_filter, self.devices, self.mig_enabled, tuple(self.mig.items()),
-                     tuple(self.vgpu.items()), tuple(self.mdev.items()), self.sriov_vfs))
+                     tuple(self.vgpu.items()), tuple(self.mdev.items()), self.sriov_vfs, self.vgpu_scheduler))
 
     @property
     def kinds(self) -> set[str]:
         out = set()
         if self.mig or self.mig_enabled is not None:
             out.add("mig")
-        if self.vgpu:
+        if self.vgpu or self.vgpu_scheduler is not None:
             out.add("vgpu")
         if self.mdev:
             out.add("mdev")
@@ -268,6 +272,8 @@ class ProfileEntry:
             parts.append("mdev " + _join_named(self.mdev))
         if self.sriov_vfs is not None:
             parts.append(f"{self.sriov_vfs} VFs")
+        if self.vgpu_scheduler is not None:
+            parts.append(self.vgpu_scheduler.describe())
         text = ", ".join(parts)
         where = []
         if self.devices != "all":
@@ -277,10 +283,14 @@ class ProfileEntry:
         return (" ".join(where) + ": " + text) if where else text
 
     def to_dict(self) -> dict[str, Any]:
-        return {"device_filter": list(self.device_filter),
-                "devices": self.devices if self.devices == "all" else list(self.devices),
-                "mig_enabled": self.mig_enabled, "mig": dict(self.mig), "vgpu": dict(self.vgpu),
-                "mdev": dict(self.mdev), "sriov_vfs": self.sriov_vfs}
+        d = {"device_filter": list(self.device_filter),
+             "devices": self.devices if self.devices == "all" else list(self.devices),
+             "mig_enabled": self.mig_enabled, "mig": dict(self.mig), "vgpu": dict(self.vgpu),
+             "mdev": dict(self.mdev), "sriov_vfs": self.sriov_vfs}
+        if self.vgpu_scheduler is not None:
+            # only when set: a gpuvirt that predates the key still reads every other stored profile
+            d["vgpu_scheduler"] = self.vgpu_scheduler.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ProfileEntry":
@@ -292,7 +302,8 @@ class ProfileEntry:
                                f"(known: {', '.join(_ENTRY_KEYS)})")
         return cls(device_filter=d.get("device_filter"), devices=d.get("devices", "all"),  # type: ignore[arg-type]
                    mig_enabled=d.get("mig_enabled"), mig=d.get("mig"), vgpu=d.get("vgpu"),  # type: ignore[arg-type]
-                   mdev=d.get("mdev"), sriov_vfs=d.get("sriov_vfs"))  # type: ignore[arg-type]
+                   mdev=d.get("mdev"), sriov_vfs=d.get("sriov_vfs"),  # type: ignore[arg-type]
+                   vgpu_scheduler=d.get("vgpu_scheduler"))  # type: ignore[arg-type]
 
 
 def _join_named(counts: Mapping[str, int]) -> str:
@@ -367,7 +378,8 @@ class Layout:
     ``mig_enabled`` None means the profile does not care about MIG mode (no MIG on the board, or an entry
     that only asks for generic mdevs or SR-IOV VFs); otherwise the GPU must be in that mode.  The GPU carries exactly the MIG
     GPU instances in ``mig_counts`` ({GI profile id: n}), the vGPUs in ``vgpu`` ({type id: n}) and the
-    generic mdevs in ``mdev`` ({type dir: n}); ``sriov_vfs`` None leaves the VF count alone.
+    generic mdevs in ``mdev`` ({type dir: n}); ``sriov_vfs`` None leaves the VF count alone;
+    ``vgpu_scheduler`` None leaves the GPU's vGPU scheduler policy alone.
     """
 
     model: str
@@ -376,6 +388,7 @@ class Layout:
     vgpu: dict[int, int] = field(default_factory=dict)
     mdev: dict[str, int] = field(default_factory=dict)
     sriov_vfs: int | None = None
+    vgpu_scheduler: SchedulerSpec | None = None
     gpu_model: GpuModel | None = field(default=None, compare=False, repr=False)
 
     def _model(self) -> GpuModel:
@@ -408,13 +421,17 @@ class Layout:
             parts.append("mdev " + _join_named(self.mdev))
         if self.sriov_vfs is not None:
             parts.append(f"{self.sriov_vfs} SR-IOV VFs")
+        if self.vgpu_scheduler is not None:
+            parts.append(self.vgpu_scheduler.describe())
         return "; ".join(parts) if parts else "nothing"
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "mig_enabled": self.mig_enabled,
                 "mig_counts": {str(k): v for k, v in self.mig_counts.items()},
                 "vgpu": {str(k): v for k, v in self.vgpu.items()}, "mdev": dict(self.mdev),
-                "sriov_vfs": self.sriov_vfs, "description": self.describe()}
+                "sriov_vfs": self.sriov_vfs,
+                "vgpu_scheduler": self.vgpu_scheduler.to_dict() if self.vgpu_scheduler else None,
+                "description": self.describe()}
 
 
 def resolve(entry: ProfileEntry, model: GpuModel) -> Layout:
@@ -446,6 +463,8 @@ def resolve(entry: ProfileEntry, model: GpuModel) -> Layout:
                                    model=model.id)
             if model.mig is not None:
                 mig_enabled = False
+    if entry.vgpu_scheduler is not None:
+        mig_enabled = _resolve_scheduler(entry, model, mig_enabled, vgpu)
     mdev = _resolve_mdev(entry.mdev, model) if entry.mdev else {}
     if entry.sriov_vfs is not None:
         if model.sriov is None:
@@ -455,7 +474,26 @@ def resolve(entry: ProfileEntry, model: GpuModel) -> Layout:
             raise ProfileError(f"{entry.sriov_vfs} VFs exceed the {disp}'s maximum of {model.sriov.total_vfs}; "
                                f"valid: 0 to {model.sriov.total_vfs}", model=model.id)
     return Layout(model=model.id, mig_enabled=mig_enabled, mig_counts=mig_counts, vgpu=vgpu, mdev=mdev,
-                  sriov_vfs=entry.sriov_vfs, gpu_model=model)
+                  sriov_vfs=entry.sriov_vfs, vgpu_scheduler=entry.vgpu_scheduler, gpu_model=model)
+
+
+def _resolve_scheduler(entry: ProfileEntry, model: GpuModel, mig_enabled: bool | None,
+                       vgpu: Mapping[int, int]) -> bool | None:
+    """The MIG mode a scheduler policy needs: off.  Policies apply to time-sliced vGPUs only (NVIDIA's vGPU
+    documentation), so an entry with MIG instances, MIG mode or MIG-backed types cannot have one."""
+    spec = entry.vgpu_scheduler
+    assert spec is not None
+    why = board_problem(model, spec)
+    if why:
+        raise ProfileError(why, model=model.id, field="vgpu_scheduler")
+    assert model.vgpu is not None
+    backed = [model.vgpu.type_by_id(t).name for t in vgpu if model.vgpu.type_by_id(t).mig_backed]
+    if backed or mig_enabled:
+        what = f"MIG-backed vGPU types ({', '.join(backed)})" if backed else "MIG mode"
+        raise ProfileError(f"the {spec.describe()} applies to time-sliced vGPUs only, the entry asks for {what} on "
+                           f"the {model.display_name}; drop vgpu_scheduler or use time-sliced types with MIG off",
+                           model=model.id, field="vgpu_scheduler")
+    return False if model.mig is not None else mig_enabled
 
 
 # --- MIG -----------------------------------------------------------------------------------------------------
@@ -735,6 +773,8 @@ def _could_meet(entry: ProfileEntry, model: GpuModel) -> bool:
         if model.mdev is None or any(find_mdev_type(model.mdev, r) is None for r in entry.mdev):
             return False
     if entry.sriov_vfs is not None and model.sriov is None:
+        return False
+    if entry.vgpu_scheduler is not None and board_problem(model, entry.vgpu_scheduler):
         return False
     return True
 

@@ -212,7 +212,7 @@ def _gv_entry(path: Sequence[Any], label: str, d: Mapping[str, Any]) -> ProfileE
         return ProfileEntry(device_filter=d.get("device_filter"), devices=d.get("devices", "all"),
                             mig_enabled=d.get("mig_enabled"), mig=_gv_counts(d.get("mig")),
                             vgpu=_gv_counts(d.get("vgpu")), mdev=_gv_counts(d.get("mdev")),
-                            sriov_vfs=d.get("sriov_vfs"))
+                            sriov_vfs=d.get("sriov_vfs"), vgpu_scheduler=d.get("vgpu_scheduler"))
     except ProfileError as exc:
         raise Bad(_entry_path(path, exc), f"{label}: {exc.message}") from None
 
@@ -282,7 +282,7 @@ def from_gpuvirt(doc: Any, source: str = "file", *, default_name: str | None = N
             # e.g. a mig-parted hooks file: say what the file is not, rather than quibble over its version
             keys = ", ".join(sorted(str(k) for k in doc)) or "none"
             raise Bad((), f"not a profile file (top-level keys: {keys}); expected a gpuvirt profile (name: with "
-                           "mig:/vgpu:/mdev:/sriov_vfs:), profiles: (gpuvirt), mig-configs: (mig-parted) or "
+                           "mig:/vgpu:/mdev:/sriov_vfs:/vgpu_scheduler:), profiles: (gpuvirt), mig-configs: (mig-parted) or "
                            "vgpu-configs: (vgpu-device-manager)")
         if "version" in doc and doc["version"] != 1:
             raise Bad(("version",), f"unknown version {doc['version']!r} (expected 1)")
@@ -331,6 +331,8 @@ def _entry_yaml(e: ProfileEntry) -> dict[str, Any]:
             out[k] = dict(getattr(e, k))
     if e.sriov_vfs is not None:
         out["sriov_vfs"] = e.sriov_vfs
+    if e.vgpu_scheduler is not None:
+        out["vgpu_scheduler"] = e.vgpu_scheduler.to_yaml()
     return out
 
 

@@ -45,7 +45,7 @@ Progress = Callable[[str, int, int], None]
 @dataclass
 class Op:
     action: str            # mig-mode | reset-gpu | destroy-mig | create-mig | remove-mdev | create-mdev |
-    #                        clear-vgpu | set-vgpu | enable-vfs | disable-vfs | record-vfs
+    #                        clear-vgpu | set-vgpu | enable-vfs | disable-vfs | record-vfs | set-vgpu-scheduler
     gpu: str
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -74,6 +74,9 @@ class Op:
             return "disable SR-IOV VFs"
         if self.action == "record-vfs":
             return f"record {p['count']} whole VFs as allocatable instances"
+        if self.action == "set-vgpu-scheduler":
+            ts = f", {p['timeslice_us']} us time slice" if p.get("timeslice_us") is not None else ""
+            return f"set the vGPU scheduler to {p['policy']}{ts} (was {p.get('was_policy') or 'unknown'})"
         return self.action
 
     def to_dict(self) -> dict[str, Any]:
@@ -132,6 +135,17 @@ def plan_gpu(g: GpuView, gpu_row: Any, profile_name: str, layout: Any, rows: lis
     vgpu_types = {}
     if layout.vgpu and model and model.vgpu:
         vgpu_types = {model.vgpu.type_by_id(tid): n for tid, n in layout.vgpu.items()}
+    sched = layout.vgpu_scheduler
+    # the scheduler policy changes only while no vGPU exists on the GPU (NVML refuses it otherwise): every
+    # vGPU that would stay is removed first and created again after it, or it blocks the plan
+    sched_change = bool(sched is not None and model and model.vgpu and not sched.satisfied_by(g.vgpu_scheduler))
+    if sched is not None and not layout.vgpu and model and model.vgpu:
+        # an entry that sets only the policy leaves the GPU's time-sliced vGPUs as they are
+        vgpu_types = {}
+        for e in _existing_vgpus(g, model):
+            t = _vgpu_type(model, e["type"])
+            if t is not None and not t.mig_backed:
+                vgpu_types[t] = vgpu_types.get(t, 0) + 1
     time_sliced = any(not t.mig_backed for t in vgpu_types)
     mig_enabled = layout.mig_enabled
     if mig_enabled is None and g.mig_capable and vgpu_types:
@@ -141,8 +155,21 @@ def plan_gpu(g: GpuView, gpu_row: Any, profile_name: str, layout: Any, rows: lis
     vgpu_destroy: list[Op] = []
     vgpu_create: list[Op] = []
     if model and model.vgpu and (layout.vgpu or layout.mig_enabled is not None or layout.mig_counts
-                                 or layout.sriov_vfs is not None):
-        _plan_vgpu(plan, g, model, vgpu_types, by_key, force, vgpu_destroy, vgpu_create)
+                                 or layout.sriov_vfs is not None or sched_change):
+        _plan_vgpu(plan, g, model, vgpu_types, by_key, force, vgpu_destroy, vgpu_create,
+                   recreate_for=sched if sched_change else None)
+    sched_ops: list[Op] = []
+    if sched_change:
+        assert sched is not None
+        why = sched.problem_on(g.vgpu_scheduler)
+        if why:
+            plan.blocked.append(f"{g.label}: cannot set the {sched.describe()}: {why}")
+        cur = g.vgpu_scheduler or {}
+        sched_ops.append(Op("set-vgpu-scheduler", g.address, {
+            "policy": sched.policy, "timeslice_us": sched.timeslice_us, "was_policy": cur.get("policy"),
+            "was_timeslice_us": cur.get("timeslice_us")}))
+    elif sched is not None:
+        plan.keep.append(sched.describe())
 
     # --- generic mdev (GVT-g, samples) ----------------------------------------------------------------------------
     mdev_destroy: list[Op] = []
@@ -175,7 +202,7 @@ def plan_gpu(g: GpuView, gpu_row: Any, profile_name: str, layout: Any, rows: lis
 
     plan.ops = vgpu_destroy + mdev_destroy + mig_destroy + mig_mode + \
         [o for o in vf_ops if o.action == "disable-vfs"] + [o for o in vf_ops if o.action == "enable-vfs"] + \
-        mig_create + vgpu_create + mdev_create + [o for o in vf_ops if o.action == "record-vfs"]
+        mig_create + sched_ops + vgpu_create + mdev_create + [o for o in vf_ops if o.action == "record-vfs"]
     return plan
 
 
@@ -279,16 +306,24 @@ def _existing_vgpus(g: GpuView, model: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _type_name(model: Any, tid: int) -> str | None:
+def _vgpu_type(model: Any, tid: int) -> Any:
     try:
-        return model.vgpu.type_by_id(tid).name
+        return model.vgpu.type_by_id(tid)
     except GpuvirtError:
         return None
 
 
+def _type_name(model: Any, tid: int) -> str | None:
+    t = _vgpu_type(model, tid)
+    return t.name if t is not None else None
+
+
 def _plan_vgpu(plan: GpuPlan, g: GpuView, model: Any, want: dict[Any, int], by_key: dict, force: bool,
-               destroy: list[Op], create: list[Op]) -> None:
+               destroy: list[Op], create: list[Op], recreate_for: Any = None) -> None:
+    """``recreate_for`` (a scheduler spec): no existing vGPU may stay - those the layout keeps are removed and
+    created again after the policy change, and one that cannot be removed blocks the plan, naming its VM."""
     remaining = {t.id: n for t, n in want.items()}
+    stays: list[str] = []
     existing = _existing_vgpus(g, model)
     # keep allocated / recorded ones first so churn never hits a VM's device
     existing.sort(key=lambda e: (by_key.get(e["key"]) is None,
@@ -297,12 +332,17 @@ def _plan_vgpu(plan: GpuPlan, g: GpuView, model: Any, want: dict[Any, int], by_k
     for e in existing:
         row = by_key.get(e["key"])
         name = _type_name(model, e["type"]) or e["type_id"]
-        if remaining.get(e["type"], 0) > 0:
+        if recreate_for is None and remaining.get(e["type"], 0) > 0:
             remaining[e["type"]] -= 1
             used_parents.add(e["parent"])
             plan.keep.append(f"vGPU {name} on {e['parent']}" + (f" ({e['uuid']})" if e["uuid"] else ""))
             continue
         why = _blocker(row, f"vGPU {name} on {e['parent']}", force)
+        if why and recreate_for is not None:
+            holder = f"VM {row.allocation.vm_name}" if row is not None and row.allocation is not None else \
+                "no VM (created outside gpuvirt)"
+            stays.append(f"vGPU {name} on {e['parent']} held by {holder}")
+            continue
         if why:
             plan.blocked.append(why)
             continue
@@ -313,6 +353,13 @@ def _plan_vgpu(plan: GpuPlan, g: GpuView, model: Any, want: dict[Any, int], by_k
         else:
             destroy.append(Op("clear-vgpu", g.address, {"vf": e["parent"], "type_id": e["type_id"],
                                                         "type_name": name, "instance_id": row.id if row else None}))
+    if stays:
+        plan.blocked.append(f"{g.label}: the {recreate_for.describe()} can be set only while no vGPU exists on the "
+                            f"GPU (NVML refuses it otherwise), and {len(stays)} would stay: {'; '.join(stays)} "
+                            "(detach them from their VMs first, or use --force to remove them anyway)")
+    elif recreate_for is not None and destroy and any(remaining.values()):
+        plan.notes.append("the vGPUs on the GPU are removed before the scheduler change and created again after "
+                          "it (NVML accepts the change only while no vGPU exists)")
     interface = g.interface or (model.vgpu.interface if model.vgpu else None)
     if model.vgpu.parent == "pf":
         free = [g.address]
@@ -644,6 +691,10 @@ def _steps_for(ctx: Context, p: GpuPlan, uow: Any, allow_reset: bool) -> list[di
             _mig_backed_slices(g, q["type_id"], fields)
             steps.append(intent.vgpu_step(addr, gid, q["vf"], int(q["type_id"]), present=True, fields=fields,
                                           needs_mig=mode_change or bool(fields.get("compute_slices"))))
+        elif a == "set-vgpu-scheduler":
+            steps.append(intent.vgpu_scheduler_step(addr, idx, q["policy"], q["timeslice_us"],
+                                                    was_policy=q["was_policy"], was_timeslice_us=q["was_timeslice_us"],
+                                                    needs_mig=mode_change))
         elif a == "enable-vfs":
             steps.append(intent.vfs_step(addr, gid, q["count"], present=True))
         elif a == "disable-vfs":

@@ -40,6 +40,7 @@ class GpuView:
     vfio_vfs: list[dict[str, Any]] = field(default_factory=list)
     parent_types: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # parent -> type id -> info
     subsystem: str | None = None      # PCI subsystem id 0xSSSSVVVV, for device filters with a subsystem half
+    vgpu_scheduler: dict[str, Any] | None = None   # discover's gpus[].vgpu_scheduler (None: NVML has none)
 
     @property
     def interface(self) -> str | None:
@@ -125,7 +126,7 @@ def build_view(doc: dict[str, Any]) -> HostView:
             address=g["pci_address"], model=model, name=g["name"], vendor="nvidia", uuid=g["uuid"],
             nvml_index=g["index"], memory_mib=g["memory_mib"], mig_capable=bool(g["mig"]["supported"]),
             mig_current=bool(g["mig"]["current"]), mig_pending=bool(g["mig"]["pending"]),
-            gpu_instances=list(g["mig"]["gpu_instances"]))
+            gpu_instances=list(g["mig"]["gpu_instances"]), vgpu_scheduler=g.get("vgpu_scheduler"))
     for d in doc["pci_gpus"]:
         if d["role"] == "pf" and d["address"] in gpus:
             gpus[d["address"]].subsystem = d.get("subsystem_id")

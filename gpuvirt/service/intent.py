@@ -86,6 +86,15 @@ def mig_mode_step(gpu: str, index: int, enable: bool, *, was_current: bool, was_
                  was_pending=was_pending, allow_reset=allow_reset)
 
 
+def vgpu_scheduler_step(gpu: str, index: int, policy: str, timeslice_us: int | None, *, was_policy: str | None,
+                        was_timeslice_us: int | None, needs_mig: bool = False) -> dict[str, Any]:
+    """The GPU's vGPU scheduler policy (and time slice) set; back: the policy it had.  NVML refuses either
+    while a vGPU exists on the GPU, so apply orders it before its vGPUs are created (and a rollback after
+    they are removed)."""
+    return _step("vgpu-scheduler", gpu, True, index=index, policy=policy, timeslice_us=timeslice_us,
+                 was_policy=was_policy, was_timeslice_us=was_timeslice_us, needs_mig=needs_mig)
+
+
 def record_vfs_step(gpu: str, gpu_id: int, memory_mib: int | None, existing: list[str]) -> dict[str, Any]:
     """Inventory only: every enabled VF of the GPU becomes an allocatable whole-VF instance."""
     return _step("record-vfs", gpu, True, gpu_id=gpu_id, memory_mib=memory_mib, existing=existing)
@@ -528,6 +537,50 @@ class MigModeOp(_Op):
                   detail=detail)
 
 
+class VgpuSchedulerOp(_Op):
+    def _want(self, forward: bool) -> Any:
+        from gpuvirt.model.vgpu_scheduler import SchedulerSpec
+
+        policy, ts = (self.p["policy"], self.p.get("timeslice_us")) if forward else \
+            (self.p.get("was_policy"), self.p.get("was_timeslice_us"))
+        # a policy NVML reported in a form gpuvirt cannot name is not restored (nothing to set it back to)
+        return SchedulerSpec(policy, ts) if policy else None
+
+    def describe(self, forward: bool = True) -> str:
+        want = self._want(forward)
+        if want is None:
+            return "leave the vGPU scheduler as it was"
+        return f"set the vGPU scheduler to {want.policy}" + \
+            (f" ({want.timeslice_us} us time slice)" if want.timeslice_us is not None else "")
+
+    def _ensure(self, forward: bool) -> dict[str, Any]:
+        want = self._want(forward)
+        if want is None:
+            return {}
+        nv = self.ctx.host.nvml()
+        cur = nv.vgpu_scheduler(self.p["index"])
+        if cur is not None and want.satisfied_by(cur.to_dict()):
+            return {}
+        nv.set_vgpu_scheduler(self.p["index"], want.policy, want.timeslice_us)
+        return {}
+
+    def forward(self) -> dict[str, Any]:
+        return self._ensure(True)
+
+    def backward(self) -> dict[str, Any]:
+        return self._ensure(False)
+
+    def ensure(self, present: bool) -> dict[str, Any]:   # pragma: no cover - forward/backward above
+        return self._ensure(present)
+
+    def holds(self, view: Any, present: bool) -> bool:
+        want = self._want(present)
+        if want is None:
+            return True
+        g = _gpu_view(view, self.step["gpu"])
+        return g is not None and want.satisfied_by(g.vgpu_scheduler)
+
+
 class AllocateOp(_Op):
     def describe(self, forward: bool = True) -> str:
         vm = self.p["alloc"]["vm_name"]
@@ -597,8 +650,8 @@ class DomainXmlOp(_Op):
 INVENTORY_ONLY = ("allocate", "release", "record-vfs")
 
 OPS: dict[str, type[_Op]] = {"mig": MigOp, "mdev": MdevOp, "vgpu": VgpuOp, "vfs": VfsOp, "mig-mode": MigModeOp,
-                             "record-vfs": RecordVfsOp, "allocate": AllocateOp, "release": AllocateOp,
-                             "domain-xml": DomainXmlOp}
+                             "vgpu-scheduler": VgpuSchedulerOp, "record-vfs": RecordVfsOp, "allocate": AllocateOp,
+                             "release": AllocateOp, "domain-xml": DomainXmlOp}
 
 
 def op_of(ctx: Context, step: dict[str, Any]) -> _Op:
@@ -860,7 +913,7 @@ class Run:
 
 
 def _event_name(step: dict[str, Any]) -> str:
-    if step["op"] in ("allocate", "release", "domain-xml", "record-vfs", "mig-mode"):
+    if step["op"] in ("allocate", "release", "domain-xml", "record-vfs", "mig-mode", "vgpu-scheduler"):
         return step["op"]
     return "create" if step["present"] else "destroy"
 
@@ -1003,5 +1056,5 @@ def owner_alive(owner: str | None) -> bool:
 
 
 __all__ = ["Run", "recover", "require_settled", "settle", "open_intents", "register_kind", "mig_step", "mdev_step", "vgpu_step",
-           "vfs_step", "mig_mode_step", "record_vfs_step", "allocate_step", "release_step", "domain_xml_step",
+           "vfs_step", "mig_mode_step", "vgpu_scheduler_step", "record_vfs_step", "allocate_step", "release_step", "domain_xml_step",
            "describe", "describe_open", "IntentFailed", "PENDING", "DONE", "UNDONE", "SKIPPED"]

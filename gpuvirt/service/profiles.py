@@ -237,7 +237,8 @@ def _validated(spec: ProfileSpec) -> ValidationReport:
 def create_profile(ctx: Any, name: str, *, mig: Sequence[str] = (), vgpu: Sequence[str] = (),
                    mdev: Sequence[str] = (), sriov_vfs: int | None = None, model: str | None = None,
                    description: str | None = None, from_file: str | None = None,
-                   replace: bool = False) -> dict[str, Any]:
+                   replace: bool = False, vgpu_scheduler: str | None = None,
+                   timeslice_us: int | None = None) -> dict[str, Any]:
     """Create (or with ``replace`` overwrite) profile ``name`` from options or a file; validated first,
     nothing stored on error."""
     try:
@@ -245,9 +246,12 @@ def create_profile(ctx: Any, name: str, *, mig: Sequence[str] = (), vgpu: Sequen
     except ProfileError as exc:
         raise UsageError(exc.message) from None
     model_id = _canonical_model(model)
+    if timeslice_us is not None and vgpu_scheduler is None:
+        raise UsageError("--timeslice-us needs --vgpu-scheduler equal-share or fixed-share")
     if from_file is not None:
-        if mig or vgpu or mdev or sriov_vfs is not None:
-            raise UsageError("--from-file cannot be combined with --mig, --vgpu, --mdev or --sriov-vfs")
+        if mig or vgpu or mdev or sriov_vfs is not None or vgpu_scheduler is not None:
+            raise UsageError("--from-file cannot be combined with --mig, --vgpu, --mdev, --sriov-vfs or "
+                             "--vgpu-scheduler")
         spec = _spec_from_file(from_file, name)
         spec = ProfileSpec(name=name, description=description if description is not None else spec.description,
                            model=model_id if model_id is not None else _canonical_model(spec.model),
@@ -257,9 +261,12 @@ def create_profile(ctx: Any, name: str, *, mig: Sequence[str] = (), vgpu: Sequen
                   "mdev": parse_items("--mdev", mdev)}
         if sriov_vfs is not None and sriov_vfs < 0:
             raise UsageError(f"--sriov-vfs {sriov_vfs}: the number of VFs must be 0 or more")
-        if not any(counts.values()) and sriov_vfs is None:
-            raise UsageError("give at least one of --mig, --vgpu, --mdev, --sriov-vfs, or --from-file")
-        entry = ProfileEntry(mig=counts["mig"], vgpu=counts["vgpu"], mdev=counts["mdev"], sriov_vfs=sriov_vfs)
+        if not any(counts.values()) and sriov_vfs is None and vgpu_scheduler is None:
+            raise UsageError("give at least one of --mig, --vgpu, --mdev, --sriov-vfs, --vgpu-scheduler, or "
+                             "--from-file")
+        sched = _cli_scheduler(vgpu_scheduler, timeslice_us)
+        entry = ProfileEntry(mig=counts["mig"], vgpu=counts["vgpu"], mdev=counts["mdev"], sriov_vfs=sriov_vfs,
+                             vgpu_scheduler=sched)
         spec = ProfileSpec(name=name, description=description, model=model_id, entries=(entry,), source="user")
     report = _validated(spec)
     is_builtin = name in builtin_profiles()
@@ -274,6 +281,24 @@ def create_profile(ctx: Any, name: str, *, mig: Sequence[str] = (), vgpu: Sequen
     d = spec.to_dict()
     d.update(summary=spec.summary(), replaced=existed, validation=_report_dict(report))
     return d
+
+
+def _cli_scheduler(policy: str | None, timeslice_us: int | None) -> Any:
+    """``--vgpu-scheduler`` / ``--timeslice-us`` as a scheduler spec; the messages name the options."""
+    if policy is None:
+        return None
+    from gpuvirt.model.vgpu_scheduler import POLICIES, TIMESLICE_US_MAX, TIMESLICE_US_MIN, SchedulerSpec
+
+    if policy.strip().lower() not in POLICIES:
+        raise UsageError(f"--vgpu-scheduler '{policy}': unknown policy; valid: {', '.join(POLICIES)}")
+    try:
+        return SchedulerSpec(policy, timeslice_us)
+    except ProfileError:
+        if policy.strip().lower() == "best-effort":
+            raise UsageError("--timeslice-us applies to equal-share and fixed-share only, not to best-effort") \
+                from None
+        raise UsageError(f"--timeslice-us {timeslice_us}: out of range; valid: {TIMESLICE_US_MIN} to "
+                         f"{TIMESLICE_US_MAX} microseconds") from None
 
 
 def _spec_from_file(path: str, name: str) -> ProfileSpec:

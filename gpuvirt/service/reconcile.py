@@ -85,25 +85,47 @@ def _row_key(r: Any) -> tuple:
 ROLLBACK_INCOMPLETE = "rollback-incomplete"    # written by apply.py
 
 
-def _desired_mig(ctx: Context, g: GpuView, gpu_row: Any, rows: list[Any]) -> bool | None:
-    """Should MIG mode be on?  From the GPU's profile, else implied by recorded MIG instances."""
-    if gpu_row.desired_profile:
-        from gpuvirt.model.profile import resolve
-        from gpuvirt.service.profiles import get_profile
+def _desired_layout(ctx: Context, g: GpuView, gpu_row: Any) -> Any:
+    """The layout the GPU's desired profile gives it, or None (no profile, no entry selects it, or the profile
+    no longer resolves)."""
+    if not gpu_row.desired_profile or g.model is None:
+        return None
+    from gpuvirt.model.profile import resolve
+    from gpuvirt.service.profiles import get_profile
 
-        with contextlib.suppress(GpuvirtError):
-            spec = get_profile(ctx, gpu_row.desired_profile)
-            if g.model is not None:
-                entry = spec.entry_for(g.model, g.nvml_index, g.subsystem)
-                if entry is not None:
-                    layout = resolve(entry, g.model)
-                    if layout.mig_enabled is not None:
-                        return layout.mig_enabled
-                    if layout.mig_counts:
-                        return True
+    with contextlib.suppress(GpuvirtError):
+        spec = get_profile(ctx, gpu_row.desired_profile)
+        entry = spec.entry_for(g.model, g.nvml_index, g.subsystem)
+        if entry is not None:
+            return resolve(entry, g.model)
+    return None
+
+
+def _desired_mig(layout: Any, rows: list[Any]) -> bool | None:
+    """Should MIG mode be on?  From the GPU's profile, else implied by recorded MIG instances."""
+    if layout is not None:
+        if layout.mig_enabled is not None:
+            return layout.mig_enabled
+        if layout.mig_counts:
+            return True
     if any(r.kind == MIG for r in rows):
         return True
     return None
+
+
+def _vgpu_holders(g: GpuView, rows: list[Any]) -> list[str]:
+    """The NVIDIA vGPUs on the GPU now, each with the VM that holds it (for messages)."""
+    by_key = {_row_key(r): r for r in rows}
+    out = []
+    for key, obj in _host_keys(g).items():
+        if key[0] == "mdev" and not str(obj["type"]).startswith("nvidia-"):
+            continue
+        if key[0] == "mig":
+            continue
+        r = by_key.get(key)
+        who = f"VM {r.allocation.vm_name}" if r is not None and r.allocation is not None else "no VM"
+        out.append(f"{_foreign_label(key, obj)} ({who})")
+    return out
 
 
 def analyze(ctx: Context, view: HostView, uow: Any, adopt: bool = False) -> tuple[Report, list[tuple]]:
@@ -141,11 +163,28 @@ def analyze(ctx: Context, view: HostView, uow: Any, adopt: bool = False) -> tupl
             f = rep.add(g.address, "unfinished-apply", f"profile {gpu_row.desired_profile}", action=unfinished)
             work.append((f, ("finish-apply", g, gpu_row.desired_profile)))
         # MIG mode first: nothing MIG can be restored without it (Hopper forgets it on reboot)
-        want_mig = _desired_mig(ctx, g, gpu_row, rows)
-        if want_mig is not None and g.mig_capable and bool(g.mig_current) != want_mig:
+        layout = _desired_layout(ctx, g, gpu_row)
+        want_mig = _desired_mig(layout, rows)
+        mig_change = want_mig is not None and g.mig_capable and bool(g.mig_current) != want_mig
+        if mig_change:
             f = rep.add(g.address, "mig-mode", f"MIG mode {'on' if want_mig else 'off'}",
                         action=f"{'enable' if want_mig else 'disable'} MIG mode")
             work.append((f, ("mig-mode", g, want_mig)))
+        # then the vGPU scheduler policy, before any vGPU comes back: NVML forgets it when the driver reloads
+        # (a reboot) and accepts it only while no vGPU exists on the GPU
+        sched = layout.vgpu_scheduler if layout is not None else None
+        if sched is not None and not unfinished and g.address not in journal_gpus and \
+                not sched.satisfied_by(g.vgpu_scheduler):
+            now = (g.vgpu_scheduler or {}).get("policy") or "no scheduler NVML can report"
+            holders = _vgpu_holders(g, rows)
+            why = sched.problem_on(g.vgpu_scheduler)
+            if why or holders:
+                rep.add(g.address, "vgpu-scheduler", f"{sched.describe()} (the GPU runs {now}; it cannot be set "
+                        + (why if why else f"while vGPUs exist: {'; '.join(holders)}") + ")")
+            else:
+                f = rep.add(g.address, "vgpu-scheduler", f"{sched.describe()} (the GPU runs {now})",
+                            action=f"set the vGPU scheduler to {sched.policy}")
+                work.append((f, ("vgpu-scheduler", g, sched, mig_change)))
         # SR-IOV VFs next: VF-hosted vGPUs and whole VFs need them (gone after a reboot)
         needs_vfs = [r for r in rows if r.kind in (MDEV, VFIO_VGPU, VF) and r.parent and r.parent != g.address
                      and r.parent not in g.mdev_parents and r.parent not in g.vfs]
@@ -231,11 +270,20 @@ def status(ctx: Context) -> dict[str, Any]:
             row = rows_by_gpu.get(g.address)
             insts = uow.instances(ctx.settings.host_id, gpu_id=row.id) if row else []
             keys = _host_keys(g)
+            layout = _desired_layout(ctx, g, row) if row else None
+            want = layout.vgpu_scheduler if layout is not None else None
+            sched = None
+            if g.vgpu_scheduler is not None or want is not None:
+                cur = g.vgpu_scheduler or {}
+                sched = {"policy": cur.get("policy"), "timeslice_us": cur.get("timeslice_us"),
+                         "desired": want.to_dict() if want is not None else None,
+                         "in_sync": want is None or want.satisfied_by(g.vgpu_scheduler)}
             gpus.append({
                 "address": g.address, "index": g.nvml_index, "model": g.model.id if g.model else None,
                 "name": g.name, "desired_profile": row.desired_profile if row else None,
                 "profile_state": row.profile_state if row else None,
                 "mig": {"current": g.mig_current, "pending": g.mig_pending} if g.mig_capable else None,
+                "vgpu_scheduler": sched,
                 "instances": [_instance_dict(i, (_row_key(i) in keys) if i.kind != VF else i.parent in g.vfs)
                               for i in insts],
                 "drift": [f.to_dict() for f in rep.findings if f.gpu == g.address and f.kind != "ids"],
@@ -341,7 +389,7 @@ def _repair(ctx: Context, rep: Report, work: list[tuple], actor: str | None) -> 
                 _failed(ctx, f, exc, actor)
 
 
-HOST_WORK = ("mig-mode", "enable-vfs", "recreate", "finish-create", "finish-destroy")
+HOST_WORK = ("mig-mode", "vgpu-scheduler", "enable-vfs", "recreate", "finish-create", "finish-destroy")
 
 
 def _is_host_work(ctx: Context, w: tuple) -> bool:
@@ -351,7 +399,7 @@ def _is_host_work(ctx: Context, w: tuple) -> bool:
         with ctx.inventory.unit() as uow:
             return uow.instance(w[2]).kind != VF     # a whole VF row is only forgotten
     return True
-PHASES = ("mig-mode", "enable-vfs")
+PHASES = ("mig-mode", "vgpu-scheduler", "enable-vfs")
 
 
 def _step_for(ctx: Context, uow: Any, w: tuple) -> dict[str, Any]:
@@ -359,6 +407,11 @@ def _step_for(ctx: Context, uow: Any, w: tuple) -> dict[str, Any]:
     if op == "mig-mode":
         return intent.mig_mode_step(g.address, g.nvml_index, w[2], was_current=bool(g.mig_current),
                                     was_pending=bool(g.mig_pending), allow_reset=False)
+    if op == "vgpu-scheduler":
+        cur = g.vgpu_scheduler or {}
+        return intent.vgpu_scheduler_step(g.address, g.nvml_index, w[2].policy, w[2].timeslice_us,
+                                          was_policy=cur.get("policy"), was_timeslice_us=cur.get("timeslice_us"),
+                                          needs_mig=w[3])
     gpu_row = uow.gpu_by_address(ctx.settings.host_id, g.address)
     if op == "enable-vfs":
         return intent.vfs_step(g.address, gpu_row.id if gpu_row else None, w[2], present=True)

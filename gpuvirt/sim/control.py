@@ -28,6 +28,7 @@ FAULT_OPS = (
     "vgpu.register",
     "nvml.CreateGpuInstance", "nvml.DestroyGpuInstance", "nvml.CreateComputeInstance",
     "nvml.DestroyComputeInstance", "nvml.SetMigMode",
+    "nvml.SetVgpuSchedulerState",
 )
 MAX_DELAY_S = 600.0
 RESET_MODES = ("function", "gpu-reset")

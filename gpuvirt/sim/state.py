@@ -34,6 +34,7 @@ State document (JSON, ``version`` 1)::
             "gpu_instance_id": int | null, "open": bool}
     Fault = {"op": str, "skip": int, "times": int, "errno": str | null, "nvml": int | null,
              "match": str | null, "kill": null | "before" | "after"}
+    Device.vgpu_scheduler (optional) = {"policy", "arr", "timeslice_ns", "boot", ...}; rules: "vgpu_scheduler_rules"
 
 Optional keys (absent in states written by older versions; readers use defaults):
 
