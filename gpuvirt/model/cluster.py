@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
-from gpuvirt.errors import UsageError
+from gpuvirt.errors import NotFoundError, UsageError
 from gpuvirt.model import mig
 from gpuvirt.model import vgpu as vgpu_rules
 from gpuvirt.model.catalog import GpuInstanceProfile, GpuModel, VgpuType
 from gpuvirt.model.mig import Placed
-from gpuvirt.model.planner import _tables
+from gpuvirt.model.planner import _tables, pack_detailed
 from gpuvirt.model.preflight import (
     COLD,
     LIVE,
@@ -41,6 +41,49 @@ RECREATE = "recreate"
 MAX_GPUS = 16_384
 MAX_UNITS = 262_144
 INF = math.inf
+_LAYOUT_PROBLEMS: dict[tuple, tuple[str, ...]] = {}
+_MIG_PARTS: dict[tuple, tuple] = {}
+
+
+def _mig_parts(tables, pid: int, vgpu: bool, vf: int | None, lay: tuple[Placed, ...],
+               flags: tuple[tuple[bool, bool], ...]) -> tuple:
+    """For each start of ``pid``: (fewest removals that open it, positions in ``lay`` of the instances
+    overlapping it, its memory mask); starts that instances which may not move block are left out.
+    ``flags`` gives, per instance of ``lay``, (may move, carries a vGPU)."""
+    geom = tables.geom
+    prof = tables.by_id[pid]
+    out = []
+    for s in prof.starts:
+        mask = ((1 << prof.memory_slices) - 1) << s
+        blockers = [i for i, p in enumerate(lay) if p.mask & mask]
+        if any(not flags[i][0] for i in blockers):
+            continue
+        rest = [i for i in range(len(lay)) if i not in blockers]
+        used = sum(tables.by_id[lay[i].profile_id].compute_slices for i in rest)
+        deficit = used + prof.compute_slices - geom.compute_slices
+        extra = 0
+        if deficit > 0:
+            for c in sorted((tables.by_id[lay[i].profile_id].compute_slices for i in rest if flags[i][0]),
+                            reverse=True):
+                if deficit <= 0:
+                    break
+                deficit -= c
+                extra += 1
+            if deficit > 0:
+                continue
+        same = [i for i in rest if lay[i].profile_id == pid]
+        excess = len(same) - (prof.max_instances - 1)
+        if excess > 0 and sum(1 for i in same if flags[i][0]) < excess:
+            continue
+        need = len(blockers) + max(extra, excess, 0)
+        if vgpu and vf is not None:
+            over = sum(1 for f in flags if f[1]) - vf + 1
+            if over > 0:
+                if sum(1 for f in flags if f[1] and f[0]) < over:
+                    continue
+                need = max(need, over)
+        out.append((need, tuple(blockers), mask))
+    return tuple(out)
 
 
 # --- inputs ---------------------------------------------------------------------------------------------------
@@ -141,14 +184,19 @@ class ClusterIndex:
             self.g_vf.append(vf)
             key = (m.id, g.device_id, hosts[g.host].stack, g.migration_cap)
             self.g_class.append(classes.setdefault(key, len(classes)))
-        self._layout: dict[tuple, tuple[Placed, ...]] = {}
+        self._cid: dict[tuple, int] = {}
+        self.cont: list[tuple] = []                 # contents by id
+        self._lay: list[tuple[Placed, ...] | None] = []
         self._lb: dict[tuple, float] = {}
+        self._parts: dict[tuple, tuple] = {}
+        self._near: dict[tuple, list] = {}
+        self._host: dict[tuple, tuple] = {}
         self._starts: dict[tuple, tuple[int, ...]] = {}
         self._avail: dict[tuple, int] = {}
         self._kind: dict[tuple, tuple[str, Compatibility | None] | None] = {}
-        self._bad: dict[tuple, float] = {}
+        self._places: dict[tuple, tuple] = {}
+        self._everywhere: dict[int, list] = {}
         self._sole: dict[tuple, tuple[int, ...]] = {}
-        self._dests: dict[tuple, list] = {}
         self.u_gpu: list[int] = []
         self.u_start: list[int] = []
         self.u_prof: list[GpuInstanceProfile | None] = []
@@ -161,7 +209,7 @@ class ClusterIndex:
         self.demands: list[tuple] = []          # (tables or None, profile id or None, vgpu type or None)
         self.d_index: dict[tuple, int] = {}
         self.d_compat: list[list[int]] = []
-        self.d_rep: dict[int, int] = {}         # a unit of each demand (destinations' badness is per demand)
+        self.d_compat_set: list[frozenset[int]] = []
         seen: set[str] = set()
         uclasses: dict[tuple, int] = {}
         contents: list[list[tuple[int, int]]] = [[] for _ in range(n)]
@@ -212,13 +260,12 @@ class ClusterIndex:
             self.u_placed.append(u.placed)
             self.u_demand.append(self._demand(t if prof is not None else None,
                                               prof.id if prof is not None else None, u.vgpu_type))
-            self.d_rep.setdefault(self.u_demand[-1], ui)
             ukey = (u.vgpu_type, u.guest, u.migration_cap, u.vm is None, g.model.id)
             self.u_class.append(uclasses.setdefault(ukey, len(uclasses)))
             contents[gi].append((start, ui))
-        self.start = tuple(tuple(sorted(c)) for c in contents)
+        self.start = tuple(self.intern(tuple(sorted(c))) for c in contents)
         for gi, c in enumerate(self.start):
-            why = self.content_problems(gi, c)
+            why = self.content_problems(gi, self.cont[c])
             if why:
                 raise UsageError(f"GPU {cluster.gpus[gi].key} breaks the rules already: {why[0]}")
 
@@ -242,16 +289,25 @@ class ClusterIndex:
                     continue
             compat.append(gi)
         self.d_compat.append(compat)
+        self.d_compat_set.append(frozenset(compat))
         return idx
 
-    def layout(self, content: tuple) -> tuple[Placed, ...]:
-        got = self._layout.get(content)
+    def intern(self, content: tuple) -> int:
+        """The id of a GPU's contents (a sorted tuple of (start, unit)); states are tuples of these ids, so
+        that every memo below is keyed by small integers."""
+        got = self._cid.get(content)
         if got is None:
-            got = tuple(sorted(Placed(s, self.u_placed[u].size, self.u_placed[u].profile_id)  # type: ignore[union-attr]
-                               for s, u in content))
-            if len(self._layout) > 500_000:
-                self._layout.clear()
-            self._layout[content] = got
+            got = self._cid[content] = len(self.cont)
+            self.cont.append(content)
+            self._lay.append(None)
+        return got
+
+    def layout(self, c: int) -> tuple[Placed, ...]:
+        """The MIG layout of contents ``c``."""
+        got = self._lay[c]
+        if got is None:
+            got = self._lay[c] = tuple(sorted(Placed(s, self.u_placed[u].size, self.u_placed[u].profile_id)  # type: ignore[union-attr]
+                                              for s, u in self.cont[c]))
         return got
 
     def _vgpus(self, content: tuple) -> int:
@@ -269,14 +325,15 @@ class ClusterIndex:
             self._avail[key] = got
         return got
 
-    def starts(self, d: int, gi: int, content: tuple) -> tuple[int, ...]:
-        """Legal places for demand ``d`` on GPU ``gi`` next to ``content`` (-1 = "on the board")."""
-        key = (d, gi, content)
+    def starts(self, d: int, gi: int, c: int) -> tuple[int, ...]:
+        """Legal places for demand ``d`` on GPU ``gi`` next to contents ``c`` (-1 = "on the board")."""
+        key = (d, gi, c)
         got = self._starts.get(key)
         if got is None:
+            content = self.cont[c]
             tables, pid, type_id = self.demands[d]
             if pid is not None:
-                got = tables.starts(self.layout(content), pid)
+                got = tables.starts(self.layout(c), pid)
                 if got and type_id is not None:
                     vf = self.g_vf[gi]
                     if vf is not None and self._vgpus(content) >= vf:
@@ -294,7 +351,14 @@ class ClusterIndex:
         out: list[str] = []
         t = self.g_tables[gi]
         if t is not None:
-            out += mig.layout_problems(g.model.mig, self.layout(content))  # type: ignore[arg-type]
+            lay = self.layout(self.intern(content))
+            key = (id(t), lay)
+            got = _LAYOUT_PROBLEMS.get(key)
+            if got is None:
+                if len(_LAYOUT_PROBLEMS) > 200_000:
+                    _LAYOUT_PROBLEMS.clear()
+                got = _LAYOUT_PROBLEMS[key] = tuple(mig.layout_problems(g.model.mig, lay))  # type: ignore[arg-type]
+            out += got
             vf = self.g_vf[gi]
             n = self._vgpus(content)
             if vf is not None and n > vf:
@@ -314,82 +378,73 @@ class ClusterIndex:
             existing.append(vt.id)
         return out
 
-    def lb(self, d: int, gi: int, content: tuple) -> float:
+    def lb(self, d: int, gi: int, c: int) -> float:
         """Fewest units that must leave GPU ``gi`` before demand ``d`` fits there (a lower bound; inf when
         units that never move are in the way).  0 exactly when it fits now."""
-        key = (d, gi, content)
+        key = (d, gi, c)
         got = self._lb.get(key)
-        if got is not None:
-            return got
-        if self.starts(d, gi, content):
-            got = 0
-        else:
-            tables, pid, type_id = self.demands[d]
-            got = self._lb_mig(gi, content, tables, pid, type_id) if pid is not None else \
-                self._lb_board(gi, content, type_id)  # type: ignore[arg-type]
-            got = max(got, 1)
-        if len(self._lb) > 500_000:
-            self._lb.clear()
-        self._lb[key] = got
+        if got is None:
+            got = min((part[0] for part in self.lb_parts(d, gi, c)), default=INF)
+            if len(self._lb) > 500_000:
+                self._lb.clear()
+            self._lb[key] = got
         return got
 
-    def _lb_mig(self, gi: int, content: tuple, tables, pid: int, type_id: int | None) -> float:
-        geom = self.cluster.gpus[gi].model.mig
-        prof = tables.by_id[pid]
-        mov = self.u_movable
-        best = INF
-        for s in prof.starts:
-            mask = ((1 << prof.memory_slices) - 1) << s
-            blockers = [(st, u) for st, u in content
-                        if (((1 << self.u_placed[u].size) - 1) << st) & mask]  # type: ignore[union-attr]
-            if any(not mov[u] for _, u in blockers):
-                continue
-            rest = [(st, u) for st, u in content if (st, u) not in blockers]
-            used = sum(self.u_prof[u].compute_slices for _, u in rest)  # type: ignore[union-attr]
-            deficit = used + prof.compute_slices - geom.compute_slices
-            extra = 0
-            if deficit > 0:
-                for c in sorted((self.u_prof[u].compute_slices for _, u in rest if mov[u]), reverse=True):  # type: ignore[union-attr]
-                    if deficit <= 0:
-                        break
-                    deficit -= c
-                    extra += 1
-                if deficit > 0:
-                    continue
-            same = [u for _, u in rest if self.u_placed[u].profile_id == pid]  # type: ignore[union-attr]
-            excess = len(same) - (prof.max_instances - 1)
-            if excess > 0 and sum(1 for u in same if mov[u]) < excess:
-                continue
-            need = len(blockers) + max(extra, excess, 0)
-            vf = self.g_vf[gi]
-            if type_id is not None and vf is not None:
-                over = self._vgpus(content) - vf + 1
-                if over > 0:
-                    movable_vgpus = sum(1 for _, u in content if self.u_type[u] is not None and mov[u])
-                    if movable_vgpus < over:
-                        continue
-                    need = max(need, over)
-            best = min(best, need)
-        return best
+    def lb_parts(self, d: int, gi: int, c: int) -> tuple[tuple[float, tuple[int, ...], int], ...]:
+        """The ways demand ``d`` could get a place on GPU ``gi``: for each, the fewest units that must leave,
+        the units that must leave in any case (those overlapping the place; on a board, those of another type
+        or size) and the place's memory-slice mask (0 on a board).  ``((0, (), 0),)`` when it fits now; empty
+        when units that never move are in the way."""
+        key = (d, gi, c)
+        got = self._parts.get(key)
+        if got is None:
+            if self.starts(d, gi, c):
+                got = ((0, (), 0),)
+            else:
+                tables, pid, type_id = self.demands[d]
+                raw = self._lb_mig(gi, c, tables, pid, type_id) if pid is not None else \
+                    self._lb_board(gi, self.cont[c], type_id)  # type: ignore[arg-type]
+                got = tuple((max(1, need), blockers, mask) for need, blockers, mask in raw)
+            if len(self._parts) > 500_000:
+                self._parts.clear()
+            self._parts[key] = got
+        return got
 
-    def _lb_board(self, gi: int, content: tuple, type_id: int) -> float:
+    def _lb_mig(self, gi: int, c: int, tables, pid: int, type_id: int | None) -> list:
+        # the answer depends only on the layout, which of its instances may move and carry vGPUs, and the VF
+        # limit, so it is shared between calls (the planner is called once per refused request)
+        mov = self.u_movable
+        content = self.cont[c]
+        flags = tuple((mov[u], self.u_type[u] is not None) for _, u in content)
+        lay = self.layout(c)
+        key = (id(tables), pid, type_id is not None, self.g_vf[gi], lay, flags)
+        got = _MIG_PARTS.get(key)
+        if got is None:
+            got = _mig_parts(tables, pid, type_id is not None, self.g_vf[gi], lay, flags)
+            if len(_MIG_PARTS) > 200_000:
+                _MIG_PARTS.clear()
+            _MIG_PARTS[key] = got
+        return [(need, tuple(content[i][1] for i in blockers), mask) for need, blockers, mask in got]
+
+    def _lb_board(self, gi: int, content: tuple, type_id: int) -> list:
         g = self.cluster.gpus[gi]
         spec = g.model.vgpu
         want = self.g_types[gi][type_id]
         mov = self.u_movable
         units = [u for _, u in content]
         types = self.g_types[gi]
+        others: list[int] = []
         if spec.policy in ("same-type", "same-size"):
             def clash(u: int) -> bool:
                 t = types[self.u_type[u]]  # type: ignore[index]
                 return t.id != want.id if spec.policy == "same-type" else t.framebuffer_mib != want.framebuffer_mib
             others = [u for u in units if clash(u)]
             if any(not mov[u] for u in others):
-                return INF
+                return []
             same = [u for u in units if not clash(u)]
             excess = len(same) - want.max_instances + 1
             if excess > 0 and sum(1 for u in same if mov[u]) < excess:
-                return INF
+                return []
             need = len(others) + max(0, excess)
         else:
             fb = [types[self.u_type[u]].framebuffer_mib for u in units]  # type: ignore[index]
@@ -402,28 +457,152 @@ class ClusterIndex:
                     deficit -= types[self.u_type[u]].framebuffer_mib  # type: ignore[index]
                     need += 1
                 if deficit > 0:
-                    return INF
+                    return []
             cap = want.mixed_size_max if want.mixed_size_max is not None else want.max_instances
             same = [u for u in units if self.u_type[u] == want.id]
             excess = len(same) - cap + 1
             if excess > 0:
                 if sum(1 for u in same if mov[u]) < excess:
-                    return INF
+                    return []
                 need = max(need, excess)
         vf = self.g_vf[gi]
         if vf is not None and len(units) >= vf:
             if not any(mov[u] for u in units):
-                return INF
+                return []
             need = max(need, len(units) - vf + 1)
-        return need
+        return [(need, tuple(others), 0)]
 
-    def sole(self, d: int, gi: int, content: tuple) -> tuple[int, ...]:
+    def ranked(self, d: int, state: tuple) -> list[tuple[float, int]]:
+        """(fewest removals that give demand ``d`` a place there, GPU) for every compatible GPU, cheapest
+        first: what a destination costs a unit of ``d``."""
+        key = (d, state)
+        got = self._near.get(key)
+        if got is None:
+            got = sorted((self.lb(d, a, state[a]), a) for a in self.d_compat[d])
+            if len(self._near) > 50_000:
+                self._near.clear()
+            self._near[key] = got
+        return got
+
+    def nearest(self, d: int, state: tuple, avoid: Iterable[int] = ()) -> float:
+        """The cheapest destination for a unit of demand ``d`` on a GPU not in ``avoid``."""
+        avoid = set(avoid)
+        return next((v for v, a in self.ranked(d, state) if a not in avoid), INF)
+
+    def can_land(self, gi: int, c: int, mask: int, blockers: tuple[int, ...], need_pid: int | None,
+                 u: int) -> bool:
+        """Could unit ``u`` find room on MIG GPU ``gi`` (contents ``c``) once ``blockers`` left and an instance of
+        ``need_pid`` took ``mask``?  Used to rule a unit's own GPU in as a free destination; True when unsure."""
+        t = self.g_tables[gi]
+        if t is None:
+            return False
+        prof = self.u_prof[u]
+        if prof is None or prof.id not in t.by_id:
+            return True
+        stay = [(st, w) for st, w in self.cont[c] if w not in blockers and w != u]
+        taken = mask
+        used = 0
+        for st, w in stay:
+            p = self.u_placed[w]
+            taken |= ((1 << p.size) - 1) << st  # type: ignore[union-attr]
+            used += self.u_prof[w].compute_slices  # type: ignore[union-attr]
+        if need_pid is not None:
+            used += t.by_id[need_pid].compute_slices
+        if used + prof.compute_slices > t.geom.compute_slices:
+            return False
+        size = ((1 << prof.memory_slices) - 1)
+        return any(not ((size << s) & taken) for s in prof.starts)
+
+    def dominates(self, du: int, d: int) -> bool:
+        """Does every place that fits a unit of demand ``du`` also fit demand ``d`` (same GPU)?  True for the
+        same demand, and for a whole-GPU instance over any GPU instance of that model (a VF-backed request
+        needs the unit to hold a VF too).  A plan never needs to move such a unit onto a GPU where ``d`` may
+        go: the place it moves to was free, so ``d`` could have gone there instead, with fewer moves."""
+        if du == d:
+            return True
+        tu, pu, yu = self.demands[du]
+        t, p, y = self.demands[d]
+        if tu is None or tu is not t or p is None:
+            return False
+        return tu.by_id[pu].memory_slices == tu.geom.memory_slices and (y is None or yu is not None)
+
+    def lb_with_destinations(self, d: int, gi: int, state: tuple, targets: frozenset[int] = frozenset()) -> float:
+        """A stronger lower bound on the moves that free a place for demand ``d`` on GPU ``gi``.
+
+        The units in the way must leave (``lb``), and each needs a destination; the dearest one adds what
+        its destination costs, because those are moves of units on other GPUs.  A destination GPU ``a``
+        costs the units that must leave it, plus (MIG) the dearest destination of one of those on a third
+        GPU.  Each count is of units on a different GPU, so no move is counted twice.  A unit that could
+        land on ``gi`` or ``a`` beside what stays there costs nothing more; a blocker that dominates ``d``
+        (:meth:`dominates`) may not go to a GPU in ``targets``."""
+        best = INF
+        t = self.g_tables[gi]
+        pid = self.demands[d][1]
+        for need, blockers, mask in self.lb_parts(d, gi, state[gi]):
+            extra = 0.0
+            for u in blockers:
+                if t is not None and self.can_land(gi, state[gi], mask, blockers, pid, u):
+                    continue
+                c = self._dest_cost(u, gi, state, targets, d, mask, blockers, pid)
+                if c > extra:
+                    extra = c
+                    if need + extra >= best:
+                        break
+            best = min(best, need + extra)
+        return best
+
+    def _dest_cost(self, u: int, gi: int, state: tuple, targets: frozenset[int], d: int, mask: int,
+                   blockers: tuple[int, ...], pid: int | None) -> float:
+        du = self.u_demand[u]
+        dominant = bool(targets) and self.dominates(du, d)
+        land_gi: dict[int, bool] = {}
+        best = INF
+        for v, a in self.ranked(du, state):
+            if v >= best:
+                break
+            if a == gi or (dominant and a in targets):
+                continue
+            if v == 0 or self.g_tables[a] is None:
+                best = min(best, v)
+                continue
+            for need_a, others in self._host_cost(du, a, state[a]):
+                cost = need_a
+                for w, dw in others:
+                    if cost >= best:
+                        break
+                    if self.g_tables[gi] is not None:
+                        lg = land_gi.get(w)
+                        if lg is None:
+                            lg = land_gi[w] = self.can_land(gi, state[gi], mask, blockers, pid, w)
+                        if lg:
+                            continue
+                    cost = max(cost, need_a + self.nearest(dw, state, (a, gi)))
+                best = min(best, cost)
+        return best
+
+    def _host_cost(self, du: int, a: int, c: int) -> tuple:
+        """For demand ``du`` on MIG GPU ``a`` (contents ``c``): each way to make room, as (units that must
+        leave, the blockers that cannot simply shift aside on ``a`` with their demands)."""
+        key = (du, a, c)
+        got = self._host.get(key)
+        if got is None:
+            upid = self.demands[du][1]
+            got = tuple((need, tuple((w, self.u_demand[w]) for w in blockers
+                                     if not self.can_land(a, c, mask, blockers, upid, w)))
+                        for need, blockers, mask in self.lb_parts(du, a, c))
+            if len(self._host) > 200_000:
+                self._host.clear()
+            self._host[key] = got
+        return got
+
+    def sole(self, d: int, gi: int, c: int) -> tuple[int, ...]:
         """Units whose removal alone lets demand ``d`` fit on GPU ``gi``."""
-        key = (d, gi, content)
+        key = (d, gi, c)
         got = self._sole.get(key)
         if got is None:
+            content = self.cont[c]
             got = tuple(u for st, u in content if self.u_movable[u]
-                        and self.starts(d, gi, tuple(x for x in content if x[1] != u)))
+                        and self.starts(d, gi, self.intern(tuple(x for x in content if x[1] != u))))
             if len(self._sole) > 200_000:
                 self._sole.clear()
             self._sole[key] = got
@@ -450,25 +629,145 @@ class ClusterIndex:
         self._kind[key] = res
         return res
 
-    def badness(self, gi: int, content: tuple, start: int, u: int) -> float:
-        """How much a unit landing here hurts later placements: the compute slices it strands (plus half a
-        slice for opening an empty GPU), as in the planner's frag-aware policy; opening a board on vGPU."""
-        key = (gi, content, start, u if self.u_placed[u] is None else self.u_placed[u].profile_id)  # type: ignore[union-attr]
-        got = self._bad.get(key)
+    def badness(self, gi: int, c: int, start: int, d: int) -> float:
+        """How much a unit of demand ``d`` landing here hurts later placements: the compute slices it strands
+        (plus half a slice for opening an empty GPU), as in the planner's frag-aware policy; on a board, 1 for
+        opening an empty one."""
+        t = self.g_tables[gi]
+        if t is None:
+            return 1.0 if not self.cont[c] else 0.0
+        pid = self.demands[d][1]
+        pids = tuple(sorted(t.by_id))
+        lay = self.layout(c)
+        after = tuple(sorted(lay + (Placed(start, t.by_id[pid].memory_slices, pid),)))
+        return float(t.stranded(after, pids) - t.stranded(lay, pids)) + (0.5 if not lay else 0.0)
+
+    def repack_fits(self, d: int, state: tuple) -> bool | None:
+        """Would the instances on the GPUs that could take demand ``d``, plus one of ``d``, fit those GPUs if
+        everything could be placed afresh (pins, VFs and move order ignored)?  False proves that no sequence
+        of moves makes room.  MIG: the exact packing of :func:`gpuvirt.model.planner.pack`; boards with one
+        type or one size each: count per type / size; None where no exact answer is cheap (mixed-size)."""
+        tables, pid, type_id = self.demands[d]
+        pool = self.d_compat[d]
+        if not pool:
+            return False
+        if pid is not None:
+            counts: dict[int, int] = {pid: 1}
+            for gi in pool:
+                for _, u in self.cont[state[gi]]:
+                    q = self.u_placed[u].profile_id  # type: ignore[union-attr]
+                    counts[q] = counts.get(q, 0) + 1
+            return len(pack_detailed(tables.geom, counts).gpus) <= len(pool)
+        model = self.cluster.gpus[pool[0]].model
+        spec = model.vgpu
+        if spec is None or spec.policy not in ("same-type", "same-size") or \
+                any(self.cluster.gpus[gi].model.id != model.id for gi in pool):
+            return None
+        types = {t.id: t for t in spec.types}
+        need: dict[int, int] = {}
+        cap: dict[int, int] = {}
+        vfs = min((self.g_vf[gi] for gi in pool if self.g_vf[gi] is not None), default=None)
+        for tid in [type_id] + [self.u_type[u] for gi in pool for _, u in self.cont[state[gi]]]:
+            t = types[tid]  # type: ignore[index]
+            cls = t.id if spec.policy == "same-type" else t.framebuffer_mib
+            need[cls] = need.get(cls, 0) + 1
+            c = t.max_instances if vfs is None else min(t.max_instances, vfs)
+            cap[cls] = min(cap.get(cls, c), c)
+        return sum(-(-n // max(1, cap[c])) for c, n in need.items()) <= len(pool)
+
+    def places(self, d: int, gi: int, c: int) -> tuple[tuple[float, int, int], ...]:
+        """(badness, gpu, start) of each legal place for demand ``d`` on GPU ``gi``, best first."""
+        key = (d, gi, c)
+        got = self._places.get(key)
         if got is None:
-            t = self.g_tables[gi]
-            if t is None:
-                got = 1.0 if not content else 0.0
-            else:
-                pids = tuple(sorted(t.by_id))
-                lay = self.layout(content)
-                p = self.u_placed[u]
-                after = tuple(sorted(lay + (Placed(start, p.size, p.profile_id),)))  # type: ignore[union-attr]
-                got = float(t.stranded(after, pids) - t.stranded(lay, pids)) + (0.5 if not content else 0.0)
-            if len(self._bad) > 200_000:
-                self._bad.clear()
-            self._bad[key] = got
+            got = tuple(sorted((self.badness(gi, c, s, d), gi, s) for s in self.starts(d, gi, c)))
+            if len(self._places) > 200_000:
+                self._places.clear()
+            self._places[key] = got
         return got
+
+    def places_everywhere(self, d: int) -> list[tuple[float, int, int]]:
+        """:meth:`places` over every compatible GPU in the starting state, best first."""
+        got = self._everywhere.get(d)
+        if got is None:
+            got = sorted(p for gi in self.d_compat[d] for p in self.places(d, gi, self.start[gi]))
+            self._everywhere[d] = got
+        return got
+
+    def request_demand(self, request: Request) -> tuple[int, list[int], str]:
+        """The request as a demand, the GPUs it may go to, and how to name it; raises for a request no GPU model
+        of the cluster knows, or one that means different sizes on different models."""
+        if request.profile_id is None and request.vgpu_type is None:
+            raise UsageError("a request names a GPU-instance profile or a vGPU type")
+        cluster = self.cluster
+        what = (f"vGPU type {request.vgpu_type}" if request.vgpu_type is not None
+                else f"GPU-instance profile {request.profile_id}")
+        groups: dict[tuple, tuple[tuple, list[int]]] = {}
+        known = False
+        for gi, g in enumerate(cluster.gpus):
+            if request.model is not None and g.model.id != request.model:
+                continue
+            t = self.g_tables[gi]
+            if request.vgpu_type is not None:
+                vt = self.g_types[gi].get(request.vgpu_type)
+                if vt is None:
+                    continue
+                known = True
+                what = f"vGPU type {vt.name}"
+                if vt.mig_backed:
+                    if request.profile_id is not None and request.profile_id != vt.gpu_instance_profile_id:
+                        raise UsageError(f"vGPU type {vt.name} sits on profile {vt.gpu_instance_profile_id}, "
+                                         f"not {request.profile_id}")
+                    if t is None:
+                        continue
+                    dem: tuple = (t, vt.gpu_instance_profile_id, vt.id)
+                elif t is not None:
+                    continue
+                else:
+                    dem = (None, None, vt.id)
+            else:
+                prof = g.model.mig.profile(request.profile_id) if g.model.mig is not None and any(
+                    p.id == request.profile_id for p in g.model.mig.gi_profiles) else None
+                if prof is None:
+                    continue
+                known = True
+                what = f"GPU instance {prof.name}"
+                if t is None:
+                    continue
+                dem = (t, request.profile_id, None)
+            key = (id(dem[0]), dem[1], dem[2])
+            groups.setdefault(key, (dem, []))[1].append(gi)
+        if not known:
+            raise NotFoundError(f"no GPU{' of model ' + request.model if request.model else ''} in the cluster "
+                                f"knows {what}")
+        if len(groups) > 1:
+            raise UsageError(f"{what} means different things on different GPU models here; name the model")
+        if not groups:
+            return -1, [], f"no GPU that could hold {what} is in the mode it needs (MIG mode for GPU instances)"
+        (dem, gpus), = groups.values()
+        d = self._demand(*dem)
+        targets = [gi for gi in gpus
+                   if (request.hosts is None or cluster.gpus[gi].host in request.hosts)
+                   and (request.gpus is None or cluster.gpus[gi].key in request.gpus)]
+        if not targets:
+            return d, [], f"no GPU on the allowed hosts / GPUs can hold {what}"
+        return d, targets, what
+
+
+    def need_and_free(self, d: int, state: tuple) -> tuple[int, int, str]:
+        """The request's size and the free capacity of all GPUs that could take it (compute slices, or MiB)."""
+        tables, pid, type_id = self.demands[d]
+        if pid is not None:
+            need = tables.by_id[pid].compute_slices
+            free = sum(self.g_tables[gi].compute_free(self.layout(state[gi])) for gi in self.d_compat[d])  # type: ignore[union-attr]
+            return need, free, "compute slices"
+        gi0 = self.d_compat[d][0] if self.d_compat[d] else None
+        need = self.g_types[gi0][type_id].framebuffer_mib if gi0 is not None else 0
+        free = 0
+        for gi in self.d_compat[d]:
+            used = sum(self.g_types[gi][self.u_type[u]].framebuffer_mib for _, u in self.cont[state[gi]])  # type: ignore[index]
+            free += max(0, self.cluster.gpus[gi].model.memory_mib - used)
+        return need, free, "MiB of framebuffer"
 
 
 __all__ = ["Host", "Gpu", "Unit", "Cluster", "Request", "ClusterIndex", "RECREATE", "MAX_GPUS", "MAX_UNITS"]

@@ -37,7 +37,7 @@ import heapq
 from dataclasses import dataclass, replace
 from typing import Iterable
 
-from gpuvirt.errors import NotFoundError, UsageError
+from gpuvirt.errors import UsageError
 from gpuvirt.model.cluster import (
     INF,
     RECREATE,
@@ -164,10 +164,10 @@ class _Budget(Exception):
 
 
 # --- the search -------------------------------------------------------------------------------------------------
-_KIND_RANK = {LIVE: 0, RECREATE: 0, COLD: 1}
-
-
 class _Search:
+    """Iterative deepening on the number of moves D; at each D, one depth-first search per target GPU (in
+    order of their lower bounds), sharing the best plan found so far as a bound on the cost."""
+
     def __init__(self, net: ClusterIndex, req: int, targets: list[int], policy: MovePolicy, exact: bool):
         self.net = net
         self.req = req
@@ -180,52 +180,70 @@ class _Search:
         self.nodes = 0
         self.complete = True
         self.best: tuple | None = None          # (cost tuple, path)
-
-    def lbs(self, state: tuple) -> dict[int, float]:
-        return {gi: self.net.lb(self.req, gi, state[gi]) for gi in self.targets}
+        self.root_lb: dict[int, float] = {}
+        self.target = -1
+        self.touched: list[int] = []            # GPUs changed along the current path
+        self.pos = {u: (gi, st) for gi, c in enumerate(net.start) for st, u in net.cont[c]}
+        self.budget_start = 0
+        self.budget = policy.node_limit
 
     def run(self, max_moves: int) -> tuple[list | None, int]:
-        """(best path or None, smallest move count not ruled out).  Iterative deepening on the number of
-        moves: depth ``D`` looks for the cheapest plan of exactly ``D`` moves; a depth that finishes without
-        one (and, in focused mode, only depth 1, which tries every destination) proves that ``D`` moves do
-        not suffice."""
-        state = self.net.start
-        lbs = self.lbs(state)
-        h0 = min(lbs.values(), default=INF)
-        if h0 == 0:
+        """(best path or None, smallest move count not ruled out).  Depth ``D`` looks for the cheapest plan
+        of exactly ``D`` moves, target by target, among the targets whose destination-aware bound
+        (:meth:`ClusterIndex.lb_with_destinations`, at the start) is at most ``D``; a depth that finishes
+        without one proves that ``D`` moves do not suffice (in focused mode only depth 1, which tries every
+        destination, proves it)."""
+        net, state = self.net, self.net.start
+        if any(net.lb(self.req, gi, state[gi]) == 0 for gi in self.targets):
             return [], 0
-        if h0 == INF:
-            return None, max_moves + 1
+        tset = frozenset(self.targets)
+        self.root_lb = {gi: net.lb_with_destinations(self.req, gi, state, tset) for gi in self.targets}
+        order = sorted(self.targets, key=lambda gi: (self.root_lb[gi], net.lb(self.req, gi, state[gi]), gi))
+        h0 = self.root_lb[order[0]] if order else INF
+        if h0 > max_moves:
+            return None, max_moves + 1 if h0 == INF else int(h0)
         proven = int(h0)
-        depth = proven
-        while depth <= max_moves:
-            self.visited: dict[tuple, tuple] = {}
-            self.budget_start = self.nodes
+        for depth in range(proven, max_moves + 1):
             finished = True
-            try:
-                self._dfs(state, lbs, (0, 0, 0, 0.0), [], depth)
-            except _Budget:
-                finished = False
-                self.complete = False
+            eligible = [gi for gi in order if self.root_lb[gi] <= depth]
+            # every target gets a share of the depth's budget, so that one hard target cannot starve the
+            # others; a share left unused goes on to the next target
+            left = self.policy.node_limit
+            for n, gi in enumerate(eligible):
+                self.target = gi
+                self.visited: dict[tuple, tuple] = {}
+                self.budget_start = self.nodes
+                self.budget = max(1, left // (len(eligible) - n))
+                try:
+                    self._dfs(state, (0, 0, 0, 0.0), [], depth)
+                except _Budget:
+                    finished = False
+                    self.complete = False
+                left -= self.nodes - self.budget_start
+                if left <= 0:
+                    finished = finished and n == len(eligible) - 1
+                    break
             if self.best is not None:
                 return self.best[1], proven
             if finished and proven == depth and (self.exact or depth == 1):
                 proven = depth + 1
-            depth += 1
         return None, proven
 
     def _tick(self) -> None:
         self.nodes += 1
-        if self.nodes - self.budget_start > self.policy.node_limit:
+        if self.nodes - self.budget_start > self.budget:
             raise _Budget
 
     def _record(self, cost: tuple, path: list) -> None:
         if self.best is None or cost < self.best[0]:
             self.best = (cost, list(path))
 
-    def _dfs(self, state: tuple, lbs: dict[int, float], g: tuple, path: list, depth: int) -> None:
+    def _h(self, content: tuple, moves: int) -> float:
+        return max(self.net.lb(self.req, self.target, content), self.root_lb[self.target] - moves)
+
+    def _dfs(self, state: tuple, g: tuple, path: list, depth: int) -> None:
         self._tick()
-        h = min(lbs.values())
+        h = self._h(state[self.target], g[0])
         if h == 0:
             self._record(g, path)
             return
@@ -235,152 +253,157 @@ class _Search:
         if self.best is not None and (g[0] + h,) + g[1:] >= self.best[0]:
             return
         if r == 1:
-            self._last(state, lbs, g, path)
+            self._last(state, g, path)
             return
-        for cost, child, clbs, move in self._children(state, lbs, g, r):
+        for cost, child, move in self._children(state, g, r):
             if self.best is not None and cost >= self.best[0]:
                 continue
             seen = self.visited.get(child)
             if seen is not None and seen <= cost:
                 continue
             self.visited[child] = cost
+            u, a, sa, b, sb, _ = move
             path.append(move)
-            self._dfs(child, clbs, cost, path, depth)
+            self.touched += (a, b)
+            self.pos[u] = (b, sb)
+            self._dfs(child, cost, path, depth)
+            self.pos[u] = (a, sa)
+            del self.touched[-2:]
             path.pop()
 
     def _move_cost(self, g: tuple, kind: str, u: int, bad: float) -> tuple:
         return (g[0] + 1, g[1] + (kind == COLD), g[2] + self.net.u_data[u], round(g[3] + bad, 6))
 
     def _apply(self, state: tuple, u: int, a: int, sa: int, b: int, sb: int) -> tuple:
-        child = list(state)
-        child[a] = tuple(x for x in state[a] if x[1] != u)
-        child[b] = tuple(sorted(child[b] + ((sb, u),)))
-        return tuple(child)
+        return _apply(self.net, state, u, a, b, sb)
 
-    def _destinations(self, state: tuple, d: int) -> list[tuple[float, int, int]]:
-        """(badness, gpu, start) of every legal place for demand ``d``, best first."""
+    def _destinations(self, state: tuple, d: int):
+        """(badness, gpu, start) of every legal place for demand ``d`` in ``state``, best first: the places
+        of the starting state on GPUs the path has not touched, merged with those of the touched GPUs."""
         net = self.net
-        key = (d, state)
-        got = net._dests.get(key)
-        if got is None:
-            got = []
-            for b in net.d_compat[d]:
-                c = state[b]
-                for s in net.starts(d, b, c):
-                    # any unit of this demand gives the same badness at (b, s); use the first such unit
-                    got.append((0.0, b, s))
-            rep = net.d_rep.get(d)
-            if rep is not None:
-                got = sorted((net.badness(b, state[b], s, rep), b, s) for _, b, s in got)
-            if len(net._dests) > 20_000:
-                net._dests.clear()
-            net._dests[key] = got
-        return got
+        touched = set(self.touched)
+        base = (p for p in net.places_everywhere(d) if p[1] not in touched)
+        if not touched:
+            return base
+        extra = sorted(p for gi in touched if gi in net.d_compat_set[d] for p in net.places(d, gi, state[gi]))
+        return heapq.merge(base, extra)
 
-    def _last(self, state: tuple, lbs: dict[int, float], g: tuple, path: list) -> None:
-        """One move left: it must take the last unit in the way off some target (a move never helps by
+    def _last(self, state: tuple, g: tuple, path: list) -> None:
+        """One move left: it must take the last unit in the way off the target (a move never helps by
         arriving), so only those units are tried, each with its best legal destination."""
-        net = self.net
-        for gi in self.targets:
-            if lbs[gi] != 1:
-                continue
-            content = state[gi]
-            for u in net.sole(self.req, gi, content):
-                sa = next(st for st, x in content if x == u)
-                for bad, b, s in self._destinations(state, net.u_demand[u]):
-                    self._tick()
-                    if b == gi and s == sa:
-                        continue
-                    k = net.kind(u, gi, b)
-                    if k is None:
-                        continue
-                    cost = self._move_cost(g, k[0], u, bad)
-                    if self.best is not None and cost >= self.best[0]:
-                        if k[0] != COLD:
-                            break       # destinations come best first: nothing later beats this one
-                        continue
-                    if b == gi and not net.starts(self.req, gi, self._apply(state, u, gi, sa, b, s)[gi]):
-                        continue
-                    path.append((u, gi, sa, b, s, k))
-                    self._record(cost, path)
-                    path.pop()
-                    if k[0] != COLD:
-                        break
-
-    def _children(self, state: tuple, lbs: dict[int, float], g: tuple, r: int):
-        net = self.net
-        pos: dict[int, tuple[int, int]] = {}
-        for gi, c in enumerate(state):
-            for st, u in c:
-                pos[u] = (gi, st)
-        if self.exact:
-            rel = {u: 0 for u in pos if net.u_movable[u]}
-        else:
-            rel = self._relevant(state, lbs, r, pos)
-        order = sorted(rel, key=lambda u: (rel[u], u))
-        out = []
-        for u in order:
-            a, sa = pos[u]
-            d = net.u_demand[u]
-            dests = self._destinations(state, d)
-            taken = 0
-            for bad, b, s in dests:
-                if b == a and s == sa:
+        net, gi = self.net, self.target
+        for u in net.sole(self.req, gi, state[gi]):
+            sa = self.pos[u][1]
+            for bad, b, s in self._destinations(state, net.u_demand[u]):
+                self._tick()
+                if b == gi and s == sa:
                     continue
+                k = net.kind(u, gi, b)
+                if k is None:
+                    continue
+                cost = self._move_cost(g, k[0], u, bad)
+                if self.best is not None and cost >= self.best[0]:
+                    if k[0] != COLD:
+                        break       # destinations come best first: nothing later beats this one
+                    continue
+                if b == gi and not net.starts(self.req, gi, self._apply(state, u, gi, sa, b, s)[gi]):
+                    continue
+                path.append((u, gi, sa, b, s, k))
+                self._record(cost, path)
+                path.pop()
+                if k[0] != COLD:
+                    break
+
+    def _children(self, state: tuple, g: tuple, r: int):
+        net = self.net
+        if self.exact:
+            rel = {u: 0 for u in self.pos if net.u_movable[u]}
+        elif r == 2:
+            rel = self._relevant2(state)
+        else:
+            rel = self._relevant(state, r, g[0])
+        out = []
+        dests: dict[int, list] = {}
+        for u in sorted(rel, key=lambda u: (rel[u], u)):
+            a, sa = self.pos[u]
+            d = net.u_demand[u]
+            places = dests.get(d)
+            if places is None:
+                places = dests[d] = list(self._destinations(state, d))
+                if net.dominates(d, self.req):
+                    places = dests[d] = [p for p in places if not self.is_target[p[1]]]
+            taken = 0
+            for bad, b, s in places:
                 k = net.kind(u, a, b)
                 if k is None:
                     continue
                 child = self._apply(state, u, a, sa, b, s)
-                clbs = lbs
-                if a in lbs or b in lbs:
-                    clbs = dict(lbs)
-                    for gi in (a, b):
-                        if gi in clbs:
-                            clbs[gi] = net.lb(self.req, gi, child[gi])
-                h = min(clbs.values())
-                if g[0] + 1 + h > g[0] + r:
+                h = self._h(child[self.target], g[0] + 1)
+                if 1 + h > r:
                     continue
                 self._tick()
                 cost = self._move_cost(g, k[0], u, bad)
-                out.append(((g[0] + 1 + h,) + cost[1:], cost, child, clbs, (u, a, sa, b, s, k)))
+                out.append(((g[0] + 1 + h,) + cost[1:], cost, child, (u, a, sa, b, s, k)))
                 taken += 1
                 if not self.exact and taken >= self.policy.destinations:
                     break
         out.sort(key=lambda x: x[0])
-        for _, cost, child, clbs, move in out:
-            yield cost, child, clbs, move
+        for _, cost, child, move in out:
+            yield cost, child, move
 
-    def _relevant(self, state: tuple, lbs: dict[int, float], r: int, pos: dict) -> dict[int, int]:
-        """Units whose move can still matter with ``r`` moves left: those on a target that at most ``r``
-        removals open, then (closure) those on a GPU whose emptying by ``k`` removals gives a relevant unit a
-        destination, at a cost of ``k`` more moves, while the total stays within ``r``."""
-        net = self.net
+    def _relevant2(self, state: tuple) -> dict[int, int]:
+        """Units whose move can matter when two moves are left.  The last move takes a sole blocker ``u`` off
+        the target to a free place, so this one either changes what is on the target GPU (any unit there),
+        or frees a place for some ``u``: it moves a unit whose removal alone opens ``u``'s shape on its GPU.
+        (Moving ``u`` itself first never helps: a place it could reach afterwards was free before, since a
+        profile's places never partly overlap.)"""
+        net, gi = self.net, self.target
+        rel = {u: 0 for _, u in net.cont[state[gi]] if net.u_movable[u]}
+        if net.lb(self.req, gi, state[gi]) == 1:
+            for du in {net.u_demand[u] for u in net.sole(self.req, gi, state[gi])}:
+                dominant = net.dominates(du, self.req)
+                for a in net.d_compat[du]:
+                    if dominant and self.is_target[a]:
+                        continue
+                    if net.lb(du, a, state[a]) == 1:
+                        for w in net.sole(du, a, state[a]):
+                            rel.setdefault(w, 1)
+        return rel
+
+    def _relevant(self, state: tuple, r: int, moves: int) -> dict[int, int]:
+        """Units whose move can still matter with ``r`` moves left: those on the target (if at most ``r``
+        removals open it), then, transitively, those on a GPU whose emptying by ``k`` removals gives a
+        relevant unit a destination, at a cost of ``k`` more moves, while the total stays within ``r``.
+        Removals on the target or on the unit's own GPU may be moves already counted, so they add nothing."""
+        net, root = self.net, self.target
         cost: dict[int, int] = {}
+        v = self._h(state[root], moves)
         heap: list[tuple[int, int]] = []
-        for gi, v in lbs.items():
-            if v <= r:
-                for _, u in state[gi]:
-                    if net.u_movable[u] and cost.get(u, INF) > v:
-                        cost[u] = int(v)
-                        heapq.heappush(heap, (int(v), u))
-        done: set[tuple[int, int]] = set()
+        if v <= r:
+            for _, u in net.cont[state[root]]:
+                if net.u_movable[u]:
+                    cost[u] = int(v)
+                    heap.append((int(v), u))
+        done: set[tuple] = set()
         while heap:
             c, u = heapq.heappop(heap)
             if cost.get(u) != c:
                 continue
             d = net.u_demand[u]
-            own = pos[u][0]
-            key = (d, c)
-            scan = net.d_compat[d] if key not in done else [own]
-            done.add(key)
+            own = self.pos[u][0]
+            dominant = net.dominates(d, self.req)
+            scan = net.d_compat[d] if (d, c) not in done else [own]
+            done.add((d, c))
             for a in scan:
+                if dominant and self.is_target[a]:
+                    continue
                 k = net.lb(d, a, state[a])
                 if k == 0 or k == INF:
                     continue
-                nc = c if (a == own or self.is_target[a]) else c + int(k)
+                nc = c if (a == own or a == root) else c + int(k)
                 if nc > r:
                     continue
-                for _, w in state[a]:
+                for _, w in net.cont[state[a]]:
                     if net.u_movable[w] and cost.get(w, INF) > nc:
                         cost[w] = nc
                         heapq.heappush(heap, (nc, w))
@@ -388,82 +411,6 @@ class _Search:
 
 
 # --- entry points -------------------------------------------------------------------------------------------------
-def _request_demand(net: ClusterIndex, request: Request) -> tuple[int, list[int], str]:
-    """The request as a demand, the GPUs it may go to, and how to name it; raises for a request no GPU model
-    of the cluster knows, or one that means different sizes on different models."""
-    if request.profile_id is None and request.vgpu_type is None:
-        raise UsageError("a request names a GPU-instance profile or a vGPU type")
-    cluster = net.cluster
-    what = (f"vGPU type {request.vgpu_type}" if request.vgpu_type is not None
-            else f"GPU-instance profile {request.profile_id}")
-    groups: dict[tuple, tuple[tuple, list[int]]] = {}
-    known = False
-    for gi, g in enumerate(cluster.gpus):
-        if request.model is not None and g.model.id != request.model:
-            continue
-        t = net.g_tables[gi]
-        if request.vgpu_type is not None:
-            vt = net.g_types[gi].get(request.vgpu_type)
-            if vt is None:
-                continue
-            known = True
-            what = f"vGPU type {vt.name}"
-            if vt.mig_backed:
-                if request.profile_id is not None and request.profile_id != vt.gpu_instance_profile_id:
-                    raise UsageError(f"vGPU type {vt.name} sits on profile {vt.gpu_instance_profile_id}, "
-                                     f"not {request.profile_id}")
-                if t is None:
-                    continue
-                dem: tuple = (t, vt.gpu_instance_profile_id, vt.id)
-            elif t is not None:
-                continue
-            else:
-                dem = (None, None, vt.id)
-        else:
-            prof = g.model.mig.profile(request.profile_id) if g.model.mig is not None and any(
-                p.id == request.profile_id for p in g.model.mig.gi_profiles) else None
-            if prof is None:
-                continue
-            known = True
-            what = f"GPU instance {prof.name}"
-            if t is None:
-                continue
-            dem = (t, request.profile_id, None)
-        key = (id(dem[0]), dem[1], dem[2])
-        groups.setdefault(key, (dem, []))[1].append(gi)
-    if not known:
-        raise NotFoundError(f"no GPU{' of model ' + request.model if request.model else ''} in the cluster "
-                            f"knows {what}")
-    if len(groups) > 1:
-        raise UsageError(f"{what} means different things on different GPU models here; name the model")
-    if not groups:
-        return -1, [], f"no GPU that could hold {what} is in the mode it needs (MIG mode for GPU instances)"
-    (dem, gpus), = groups.values()
-    d = net._demand(*dem)
-    targets = [gi for gi in gpus
-               if (request.hosts is None or cluster.gpus[gi].host in request.hosts)
-               and (request.gpus is None or cluster.gpus[gi].key in request.gpus)]
-    if not targets:
-        return d, [], f"no GPU on the allowed hosts / GPUs can hold {what}"
-    return d, targets, what
-
-
-def _need_and_free(net: ClusterIndex, d: int, state: tuple) -> tuple[int, int, str]:
-    """The request's size and the free capacity of all GPUs that could take it (compute slices, or MiB)."""
-    tables, pid, type_id = net.demands[d]
-    if pid is not None:
-        need = tables.by_id[pid].compute_slices
-        free = sum(net.g_tables[gi].compute_free(net.layout(state[gi])) for gi in net.d_compat[d])  # type: ignore[union-attr]
-        return need, free, "compute slices"
-    gi0 = net.d_compat[d][0] if net.d_compat[d] else None
-    need = net.g_types[gi0][type_id].framebuffer_mib if gi0 is not None else 0
-    free = 0
-    for gi in net.d_compat[d]:
-        used = sum(net.g_types[gi][net.u_type[u]].framebuffer_mib for _, u in state[gi])  # type: ignore[index]
-        free += max(0, net.cluster.gpus[gi].model.memory_mib - used)
-    return need, free, "MiB of framebuffer"
-
-
 def plan_moves(cluster: Cluster, request: Request, policy: MovePolicy = MovePolicy()) -> Plan:
     """The fewest moves (then fewest cold moves, least data, least stranding) after which ``request`` fits.
 
@@ -485,7 +432,7 @@ def plan_moves(cluster: Cluster, request: Request, policy: MovePolicy = MovePoli
     count is nevertheless proven: found at the lower bound).
     """
     net = ClusterIndex(cluster, policy)
-    d, targets, what = _request_demand(net, request)
+    d, targets, what = net.request_demand(request)
     mode = policy.search
     if mode == "auto":
         mode = "exact" if sum(net.u_movable) <= policy.exact_units else "focused"
@@ -495,14 +442,17 @@ def plan_moves(cluster: Cluster, request: Request, policy: MovePolicy = MovePoli
     if any(net.starts(d, gi, state[gi]) for gi in targets):
         return Plan(True, f"{what} fits without moves", target=_target(net, d, targets, state), minimal=True,
                     search=mode)
-    need, free, unit = _need_and_free(net, d, state)
+    need, free, unit = net.need_and_free(d, state)
     if free < need:
         return Plan(False, f"{what} needs {need} {unit}; only {free} are free on the GPUs that could hold it, "
                     "and moves do not add capacity", minimal=True, search=mode)
+    if net.repack_fits(d, state) is False:
+        return Plan(False, f"{what} does not fit even if every instance on the GPUs that could hold it were "
+                    "placed afresh, so no moves make room", minimal=True, search=mode)
     if policy.max_moves == 0:
         return Plan(False, f"{what} does not fit and the policy allows no moves", minimal=True, search=mode)
     search = _Search(net, d, targets, policy, mode == "exact")
-    if min(search.lbs(state).values()) == INF:
+    if min(net.lb(d, gi, state[gi]) for gi in targets) == INF:
         return Plan(False, f"instances that may not move (pinned, or not gpuvirt's) block {what} on every GPU "
                     "that could hold it", minimal=True, search=mode)
     path, proven = search.run(policy.max_moves)
@@ -536,10 +486,7 @@ def _materialise(net: ClusterIndex, path: list) -> tuple[list[PlannedMove], tupl
                                profile_id=unit.placed.profile_id if unit.placed else None,
                                vgpu_type=unit.vgpu_type, data_mib=0 if kind == RECREATE else net.u_data[u],
                                compatibility=compat))
-        child = list(state)
-        child[a] = tuple(x for x in state[a] if x[1] != u)
-        child[b] = tuple(sorted(child[b] + ((sb, u),)))
-        state = tuple(child)
+        state = _apply(net, state, u, a, b, sb)
     return out, state
 
 
@@ -558,8 +505,8 @@ def _target(net: ClusterIndex, d: int, targets: list[int], state: tuple) -> Slot
         gi = next(i for i in fit if g[i].key == dec.gpu_key)
         return Slot(dec.gpu_key, g[gi].host, dec.start)
     boards = [VgpuBoard(g[gi].key, tuple((net.u_type[u], net.g_types[gi][net.u_type[u]].framebuffer_mib)  # type: ignore[index,misc]
-                                         for _, u in state[gi]),
-                        net._board_available(gi, type_id, state[gi])) for gi in fit]
+                                         for _, u in net.cont[state[gi]]),
+                        net._board_available(gi, type_id, net.cont[state[gi]])) for gi in fit]
     key = choose_vgpu_gpu(boards, type_id)
     gi = next(i for i in fit if g[i].key == key)
     return Slot(g[gi].key, g[gi].host, None)
@@ -585,20 +532,25 @@ def _waves(net: ClusterIndex, path: list, max_per_host: int | None) -> tuple[tup
             elif any(path[j][0] == u for j in waves[-1]):
                 ok = False
             else:
-                union = list(base)
+                union = {path[j][3]: net.cont[base[path[j][3]]] for j in cur}
                 for j in cur:
                     union[path[j][3]] = union[path[j][3]] + ((path[j][4], path[j][0]),)
-                ok = all(not net.content_problems(gi, tuple(sorted(union[gi]))) for gi in {path[j][3] for j in cur})
+                ok = all(not net.content_problems(gi, tuple(sorted(c))) for gi, c in union.items())
         if ok:
             waves[-1].append(i)
         else:
             waves.append([i])
             base = state
-        child = list(state)
-        child[a] = tuple(x for x in state[a] if x[1] != u)
-        child[b] = tuple(sorted(child[b] + ((sb, u),)))
-        state = tuple(child)
+        state = _apply(net, state, u, a, b, sb)
     return tuple(tuple(w) for w in waves)
+
+
+def _apply(net: ClusterIndex, state: tuple, u: int, a: int, b: int, sb: int) -> tuple:
+    """The state after unit ``u`` moved from GPU ``a`` to (``b``, ``sb``)."""
+    child = list(state)
+    child[a] = net.intern(tuple(x for x in net.cont[state[a]] if x[1] != u))
+    child[b] = net.intern(tuple(sorted(net.cont[child[b]] + ((sb, u),))))
+    return tuple(child)
 
 
 def replay(cluster: Cluster, moves: Iterable[PlannedMove], rules: MigrationRules | None = None) -> Cluster:
@@ -608,7 +560,7 @@ def replay(cluster: Cluster, moves: Iterable[PlannedMove], rules: MigrationRules
     net = ClusterIndex(cluster, MovePolicy(allow=frozenset(MOVE_KINDS), max_moves=0,
                                    rules=rules or DEFAULT_RULES))
     by_key = {u.key: i for i, u in enumerate(cluster.units)}
-    state = list(net.start)
+    state = [net.cont[c] for c in net.start]
     where = {u: (gi, st) for gi, c in enumerate(state) for st, u in c}
     for n, mv in enumerate(moves, 1):
         u = by_key.get(mv.unit)
