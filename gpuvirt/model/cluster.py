@@ -191,6 +191,7 @@ class ClusterIndex:
         self._parts: dict[tuple, tuple] = {}
         self._near: dict[tuple, list] = {}
         self._host: dict[tuple, tuple] = {}
+        self._land: dict[tuple, bool] = {}
         self._starts: dict[tuple, tuple[int, ...]] = {}
         self._avail: dict[tuple, int] = {}
         self._kind: dict[tuple, tuple[str, Compatibility | None] | None] = {}
@@ -493,6 +494,16 @@ class ClusterIndex:
                  u: int) -> bool:
         """Could unit ``u`` find room on MIG GPU ``gi`` (contents ``c``) once ``blockers`` left and an instance of
         ``need_pid`` took ``mask``?  Used to rule a unit's own GPU in as a free destination; True when unsure."""
+        key = (gi, c, mask, blockers, need_pid, u)
+        got = self._land.get(key)
+        if got is None:
+            got = self._land[key] = self._can_land(gi, c, mask, blockers, need_pid, u)
+            if len(self._land) > 200_000:
+                self._land.clear()
+        return got
+
+    def _can_land(self, gi: int, c: int, mask: int, blockers: tuple[int, ...], need_pid: int | None,
+                  u: int) -> bool:
         t = self.g_tables[gi]
         if t is None:
             return False
@@ -526,8 +537,10 @@ class ClusterIndex:
             return False
         return tu.by_id[pu].memory_slices == tu.geom.memory_slices and (y is None or yu is not None)
 
-    def lb_with_destinations(self, d: int, gi: int, state: tuple, targets: frozenset[int] = frozenset()) -> float:
-        """A stronger lower bound on the moves that free a place for demand ``d`` on GPU ``gi``.
+    def lb_with_destinations(self, d: int, gi: int, state: tuple, targets: frozenset[int] = frozenset(),
+                             cap: float = INF) -> float:
+        """A stronger lower bound on the moves that free a place for demand ``d`` on GPU ``gi`` (values of
+        ``cap`` and above all come back as ``cap``, which saves work).
 
         The units in the way must leave (``lb``), and each needs a destination; the dearest one adds what
         its destination costs, because those are moves of units on other GPUs.  A destination GPU ``a``
@@ -535,15 +548,17 @@ class ClusterIndex:
         GPU.  Each count is of units on a different GPU, so no move is counted twice.  A unit that could
         land on ``gi`` or ``a`` beside what stays there costs nothing more; a blocker that dominates ``d``
         (:meth:`dominates`) may not go to a GPU in ``targets``."""
-        best = INF
+        best = cap
         t = self.g_tables[gi]
         pid = self.demands[d][1]
         for need, blockers, mask in self.lb_parts(d, gi, state[gi]):
+            if need >= best:
+                continue
             extra = 0.0
             for u in blockers:
                 if t is not None and self.can_land(gi, state[gi], mask, blockers, pid, u):
                     continue
-                c = self._dest_cost(u, gi, state, targets, d, mask, blockers, pid)
+                c = self._dest_cost(u, gi, state, targets, d, mask, blockers, pid, best - need)
                 if c > extra:
                     extra = c
                     if need + extra >= best:
@@ -552,11 +567,12 @@ class ClusterIndex:
         return best
 
     def _dest_cost(self, u: int, gi: int, state: tuple, targets: frozenset[int], d: int, mask: int,
-                   blockers: tuple[int, ...], pid: int | None) -> float:
+                   blockers: tuple[int, ...], pid: int | None, cap: float) -> float:
+        """What a destination costs unit ``u`` leaving ``gi`` (at most ``cap``)."""
         du = self.u_demand[u]
         dominant = bool(targets) and self.dominates(du, d)
         land_gi: dict[int, bool] = {}
-        best = INF
+        best = cap
         for v, a in self.ranked(du, state):
             if v >= best:
                 break

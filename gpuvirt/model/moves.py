@@ -77,7 +77,7 @@ class MovePolicy:
     rules: MigrationRules = DEFAULT_RULES
     search: str = "auto"
     exact_units: int = 48
-    node_limit: int = 4_000
+    node_limit: int = 1_500
     destinations: int = 3               # focused search: destinations tried per unit for a move that is not last
 
     def __post_init__(self) -> None:
@@ -183,7 +183,9 @@ class _Search:
         self.root_lb: dict[int, float] = {}
         self.target = -1
         self.touched: list[int] = []            # GPUs changed along the current path
-        self.pos = {u: (gi, st) for gi, c in enumerate(net.start) for st, u in net.cont[c]}
+        self.tset = frozenset(targets)
+        self.pos0 = {u: (gi, st) for gi, c in enumerate(net.start) for st, u in net.cont[c]}
+        self.pos = dict(self.pos0)
         self.budget_start = 0
         self.budget = policy.node_limit
 
@@ -196,22 +198,33 @@ class _Search:
         net, state = self.net, self.net.start
         if any(net.lb(self.req, gi, state[gi]) == 0 for gi in self.targets):
             return [], 0
-        tset = frozenset(self.targets)
-        self.root_lb = {gi: net.lb_with_destinations(self.req, gi, state, tset) for gi in self.targets}
-        order = sorted(self.targets, key=lambda gi: (self.root_lb[gi], net.lb(self.req, gi, state[gi]), gi))
-        h0 = self.root_lb[order[0]] if order else INF
+        tset = self.tset
+        plain = {gi: net.lb(self.req, gi, state[gi]) for gi in self.targets}
+        # the destination-aware bound costs more: it is worked out only for targets a depth could reach
+        self.root_lb = {}
+
+        def root(gi: int) -> float:
+            got = self.root_lb.get(gi)
+            if got is None:
+                got = self.root_lb[gi] = net.lb_with_destinations(self.req, gi, state, tset, max_moves + 1)
+            return got
+        h0 = min(plain.values(), default=INF)
         if h0 > max_moves:
             return None, max_moves + 1 if h0 == INF else int(h0)
         proven = int(h0)
         for depth in range(proven, max_moves + 1):
             finished = True
-            eligible = [gi for gi in order if self.root_lb[gi] <= depth]
-            # every target gets a share of the depth's budget, so that one hard target cannot starve the
-            # others; a share left unused goes on to the next target
-            left = self.policy.node_limit
+            eligible = sorted((gi for gi in self.targets if plain[gi] <= depth and root(gi) <= depth),
+                              key=lambda gi: (self.root_lb[gi], plain[gi], gi))
+            # every target gets a share of what is left of the budget, so that one hard target cannot starve
+            # the others; a share left unused goes on to the next target and the next depth
+            left = self.policy.node_limit - self.nodes
             for n, gi in enumerate(eligible):
                 self.target = gi
                 self.visited: dict[tuple, tuple] = {}
+                # a search cut short by the budget unwinds without undoing its path: start clean
+                self.pos = dict(self.pos0)
+                self.touched = []
                 self.budget_start = self.nodes
                 self.budget = max(1, left // (len(eligible) - n))
                 try:
@@ -227,6 +240,9 @@ class _Search:
                 return self.best[1], proven
             if finished and proven == depth and (self.exact or depth == 1):
                 proven = depth + 1
+            if self.nodes >= self.policy.node_limit and depth < max_moves:
+                self.complete = False           # deeper plans were not looked for
+                break
         return None, proven
 
     def _tick(self) -> None:
@@ -351,6 +367,23 @@ class _Search:
         for _, cost, child, move in out:
             yield cost, child, move
 
+    def _cheap_hosts(self, d: int, state: tuple, most: int):
+        """(removals, GPU) for every GPU where at most ``most`` removals (but at least one) open demand
+        ``d``, in ``state``: the starting state's ranking for GPUs the path has not touched, recomputed for
+        the touched ones."""
+        net = self.net
+        touched = set(self.touched)
+        for v, a in net.ranked(d, net.start):
+            if v > most:
+                break
+            if v >= 1 and a not in touched:
+                yield v, a
+        for a in touched:
+            if a in net.d_compat_set[d]:
+                v = net.lb(d, a, state[a])
+                if 1 <= v <= most:
+                    yield v, a
+
     def _relevant2(self, state: tuple) -> dict[int, int]:
         """Units whose move can matter when two moves are left.  The last move takes a sole blocker ``u`` off
         the target to a free place, so this one either changes what is on the target GPU (any unit there),
@@ -362,12 +395,11 @@ class _Search:
         if net.lb(self.req, gi, state[gi]) == 1:
             for du in {net.u_demand[u] for u in net.sole(self.req, gi, state[gi])}:
                 dominant = net.dominates(du, self.req)
-                for a in net.d_compat[du]:
+                for _, a in self._cheap_hosts(du, state, 1):
                     if dominant and self.is_target[a]:
                         continue
-                    if net.lb(du, a, state[a]) == 1:
-                        for w in net.sole(du, a, state[a]):
-                            rel.setdefault(w, 1)
+                    for w in net.sole(du, a, state[a]):
+                        rel.setdefault(w, 1)
         return rel
 
     def _relevant(self, state: tuple, r: int, moves: int) -> dict[int, int]:
@@ -385,6 +417,12 @@ class _Search:
                     cost[u] = int(v)
                     heap.append((int(v), u))
         done: set[tuple] = set()
+
+        def mark(a: int, nc: int) -> None:
+            for _, w in net.cont[state[a]]:
+                if net.u_movable[w] and cost.get(w, INF) > nc:
+                    cost[w] = nc
+                    heapq.heappush(heap, (nc, w))
         while heap:
             c, u = heapq.heappop(heap)
             if cost.get(u) != c:
@@ -392,21 +430,16 @@ class _Search:
             d = net.u_demand[u]
             own = self.pos[u][0]
             dominant = net.dominates(d, self.req)
-            scan = net.d_compat[d] if (d, c) not in done else [own]
+            for a in {own, root}:
+                if a in net.d_compat_set[d] and not (dominant and self.is_target[a]) and \
+                        1 <= net.lb(d, a, state[a]) < INF:
+                    mark(a, c)
+            if (d, c) in done or c >= r:
+                continue
             done.add((d, c))
-            for a in scan:
-                if dominant and self.is_target[a]:
-                    continue
-                k = net.lb(d, a, state[a])
-                if k == 0 or k == INF:
-                    continue
-                nc = c if (a == own or a == root) else c + int(k)
-                if nc > r:
-                    continue
-                for _, w in net.cont[state[a]]:
-                    if net.u_movable[w] and cost.get(w, INF) > nc:
-                        cost[w] = nc
-                        heapq.heappush(heap, (nc, w))
+            for k, a in self._cheap_hosts(d, state, r - c):
+                if a != own and a != root and not (dominant and self.is_target[a]):
+                    mark(a, c + int(k))
         return cost
 
 
