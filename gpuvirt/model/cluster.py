@@ -543,11 +543,12 @@ class ClusterIndex:
         ``cap`` and above all come back as ``cap``, which saves work).
 
         The units in the way must leave (``lb``), and each needs a destination; the dearest one adds what
-        its destination costs, because those are moves of units on other GPUs.  A destination GPU ``a``
-        costs the units that must leave it, plus (MIG) the dearest destination of one of those on a third
-        GPU.  Each count is of units on a different GPU, so no move is counted twice.  A unit that could
-        land on ``gi`` or ``a`` beside what stays there costs nothing more; a blocker that dominates ``d``
-        (:meth:`dominates`) may not go to a GPU in ``targets``."""
+        its destination costs, because those are moves of other units.  Staying on ``gi`` beside the place
+        costs nothing if there is room, else at least one more unit of ``gi`` must move (none more is
+        counted when ``lb`` already moves units of ``gi`` for compute).  Another GPU ``a`` costs the units
+        that must leave it, plus (MIG) the dearest destination on a third GPU of one of those that cannot
+        shift within ``a`` or onto ``gi``.  Each count is of distinct units, so no move is counted twice.  A
+        blocker that dominates ``d`` (:meth:`dominates`) may not go to a GPU in ``targets``."""
         best = cap
         t = self.g_tables[gi]
         pid = self.demands[d][1]
@@ -556,9 +557,12 @@ class ClusterIndex:
                 continue
             extra = 0.0
             for u in blockers:
-                if t is not None and self.can_land(gi, state[gi], mask, blockers, pid, u):
-                    continue
-                c = self._dest_cost(u, gi, state, targets, d, mask, blockers, pid, best - need)
+                c = INF
+                if t is not None and self._shifts(u, mask):
+                    if self.can_land(gi, state[gi], mask, blockers, pid, u) or need > len(blockers):
+                        continue
+                    c = 1
+                c = min(c, self._dest_cost(u, gi, state, targets, d, mask, min(c, best - need)))
                 if c > extra:
                     extra = c
                     if need + extra >= best:
@@ -566,12 +570,20 @@ class ClusterIndex:
             best = min(best, need + extra)
         return best
 
+    def _shifts(self, u: int, mask: int) -> bool:
+        """Has unit ``u``'s profile a start that does not touch ``mask`` (on a GPU of its model)?"""
+        prof = self.u_prof[u]
+        if prof is None:
+            return False
+        size = (1 << prof.memory_slices) - 1
+        return any(not ((size << s) & mask) for s in prof.starts)
+
     def _dest_cost(self, u: int, gi: int, state: tuple, targets: frozenset[int], d: int, mask: int,
-                   blockers: tuple[int, ...], pid: int | None, cap: float) -> float:
-        """What a destination costs unit ``u`` leaving ``gi`` (at most ``cap``)."""
+                   cap: float) -> float:
+        """What a destination on a GPU other than ``gi`` costs unit ``u`` (at most ``cap``)."""
         du = self.u_demand[u]
         dominant = bool(targets) and self.dominates(du, d)
-        land_gi: dict[int, bool] = {}
+        mig_target = self.g_tables[gi] is not None
         best = cap
         for v, a in self.ranked(du, state):
             if v >= best:
@@ -586,25 +598,19 @@ class ClusterIndex:
                 for w, dw in others:
                     if cost >= best:
                         break
-                    if self.g_tables[gi] is not None:
-                        lg = land_gi.get(w)
-                        if lg is None:
-                            lg = land_gi[w] = self.can_land(gi, state[gi], mask, blockers, pid, w)
-                        if lg:
-                            continue
+                    if mig_target and self._shifts(w, mask):
+                        continue
                     cost = max(cost, need_a + self.nearest(dw, state, (a, gi)))
                 best = min(best, cost)
         return best
 
     def _host_cost(self, du: int, a: int, c: int) -> tuple:
         """For demand ``du`` on MIG GPU ``a`` (contents ``c``): each way to make room, as (units that must
-        leave, the blockers that cannot simply shift aside on ``a`` with their demands)."""
+        leave, those of them that cannot shift aside within ``a``, with their demands)."""
         key = (du, a, c)
         got = self._host.get(key)
         if got is None:
-            upid = self.demands[du][1]
-            got = tuple((need, tuple((w, self.u_demand[w]) for w in blockers
-                                     if not self.can_land(a, c, mask, blockers, upid, w)))
+            got = tuple((need, tuple((w, self.u_demand[w]) for w in blockers if not self._shifts(w, mask)))
                         for need, blockers, mask in self.lb_parts(du, a, c))
             if len(self._host) > 200_000:
                 self._host.clear()
