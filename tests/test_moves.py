@@ -536,3 +536,31 @@ def test_stranded_on_one_gpu():
     assert r.category == "stranded" and r.plan is not None
     assert all(m.src.gpu == m.dst.gpu == "g0" for m in r.plan.moves)
     check_steps(cl, r.plan.moves)
+
+
+def random_board_cluster(rng, n_boards):
+    sizes = (8, 12, 16, 24)
+    gpus = tuple(Gpu(f"b{i}", f"h{i % 2}", L40S, False, enabled_vfs=rng.choice((2, 3, 32))) for i in range(n_boards))
+    units, boards = [], [[] for _ in gpus]
+    for _ in range(rng.randrange(2, 7)):
+        i, t = rng.randrange(n_boards), QTYPE[rng.choice(sizes)]
+        if sim_gpu_ok(gpus[i], [(Unit("x", gpus[i].key, None, v.id), None) for v in boards[i] + [t]]):
+            boards[i].append(t)
+            units.append(Unit(f"v{len(units)}", gpus[i].key, None, t.id, vm=f"vm{len(units)}",
+                              ram_mib=rng.choice((2048, 8192))))
+    return Cluster((Host("h0", S1), Host("h1", S2)), gpus, tuple(units))
+
+
+@FAST
+@given(seed=st.integers(0, 10_000), size=st.sampled_from((12, 16, 24, 48)), allow_cold=st.booleans())
+def test_time_sliced_plans_are_minimal_and_valid(seed, size, allow_cold):
+    rng = random.Random(seed)
+    cl = random_board_cluster(rng, rng.choice((2, 3)))
+    req = Request(vgpu_type=QTYPE[size].id, model="l40s")
+    allow = BOTH if allow_cold else frozenset({LIVE})
+    p = plan_moves(cl, req, MovePolicy(allow=allow, search="exact", node_limit=10**6))
+    got = (len(p.moves), p.kinds().get(COLD, 0)) if p.feasible else None
+    assert got == reference_min(cl, req, allow, MigrationRules())
+    if p.feasible:
+        check_steps(cl, p.moves)
+        replay(cl, p.moves, MigrationRules())

@@ -688,7 +688,8 @@ class ClusterIndex:
         types = {t.id: t for t in spec.types}
         need: dict[int, int] = {}
         cap: dict[int, int] = {}
-        vfs = min((self.g_vf[gi] for gi in pool if self.g_vf[gi] is not None), default=None)
+        # boards may differ in enabled VFs: the most generous one keeps this a lower bound on boards needed
+        vfs = None if any(self.g_vf[gi] is None for gi in pool) else max(self.g_vf[gi] for gi in pool)  # type: ignore[type-var]
         for tid in [type_id] + [self.u_type[u] for gi in pool for _, u in self.cont[state[gi]]]:
             t = types[tid]  # type: ignore[index]
             cls = t.id if spec.policy == "same-type" else t.framebuffer_mib
