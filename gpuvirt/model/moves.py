@@ -185,6 +185,7 @@ class _Search:
         self.target = -1
         self.touched: list[int] = []            # GPUs changed along the current path
         self.tset = frozenset(targets)
+        self._enabler_cache: dict[int, list] = {}
         self.pos0 = {u: (gi, st) for gi, c in enumerate(net.start) for st, u in net.cont[c]}
         self.pos = dict(self.pos0)
         self.budget_start = 0
@@ -394,14 +395,31 @@ class _Search:
         net, gi = self.net, self.target
         rel = {u: 0 for _, u in net.cont[state[gi]] if net.u_movable[u]}
         if net.lb(self.req, gi, state[gi]) == 1:
+            touched = set(self.touched)
             for du in {net.u_demand[u] for u in net.sole(self.req, gi, state[gi])}:
+                for a, ws in self._enablers(du):
+                    if a not in touched:
+                        for w in ws:
+                            rel.setdefault(w, 1)
                 dominant = net.dominates(du, self.req)
-                for _, a in self._cheap_hosts(du, state, 1):
-                    if dominant and self.is_target[a]:
-                        continue
-                    for w in net.sole(du, a, state[a]):
-                        rel.setdefault(w, 1)
+                for a in touched:
+                    if a in net.d_compat_set[du] and not (dominant and self.is_target[a]) and \
+                            net.lb(du, a, state[a]) == 1:
+                        for w in net.sole(du, a, state[a]):
+                            rel.setdefault(w, 1)
         return rel
+
+    def _enablers(self, du: int) -> list[tuple[int, tuple[int, ...]]]:
+        """In the starting state: each GPU where one removal opens demand ``du``, with the units whose
+        removal does it (GPUs the request may use are left out when ``du`` dominates it)."""
+        got = self._enabler_cache.get(du)
+        if got is None:
+            net = self.net
+            dominant = net.dominates(du, self.req)
+            got = [(a, net.sole(du, a, net.start[a])) for v, a in net.ranked(du, net.start)
+                   if v == 1 and not (dominant and self.is_target[a])]
+            self._enabler_cache[du] = got
+        return got
 
     def _relevant(self, state: tuple, r: int, moves: int) -> dict[int, int]:
         """Units whose move can still matter with ``r`` moves left: those on the target (if at most ``r``
