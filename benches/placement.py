@@ -1,8 +1,10 @@
 """Placement planner benchmark: packing (B1), online acceptance (B2a inflation, B2b churn, B2v time-sliced
-vGPU), minimum-move defragmentation (B3) and decision latency, as defined in docs/placement.md.
+vGPU), minimum-move defragmentation (B3), fewest moves across GPUs and hosts against an integer program (B4)
+and decision latency, as defined in docs/placement.md; the move planner's parts live in moves_bench.py.
 
     .venv/bin/python benches/placement.py            # everything, one run, all numbers printed
-    .venv/bin/python benches/placement.py --part B1  # one part (B1, B2a, B2b, B2v, B3, latency)
+    .venv/bin/python benches/placement.py --part B1  # one part (B1, B2a, B2b, B2v, B3, B4, latency)
+    .venv/bin/python benches/placement.py --json     # every figure as one JSON object (docs/benchmarks.md)
 
 Seeded and reproducible.  The reference optima come from integer programs solved by scipy's HiGHS
 (``scipy.optimize.milp``), which share nothing with the planner except the placement rules in

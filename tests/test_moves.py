@@ -289,10 +289,19 @@ def test_make_before_break_within_one_gpu_needs_both_places_at_once():
     assert not p.feasible
     r = analyse_rejection(cl, req, MovePolicy(allow=BOTH, rules=LIVE_MIG))
     assert r.category == "shortage"      # 2g + 2g + 3g + 4g = 11 slices on one 7-slice GPU
-    # one GPU instance shifted within its GPU, its source kept until the target exists (3g@0 -> 3g@4)
+    # one GPU instance shifted within its GPU, its source kept until the target exists (3g@0 -> 3g@4: both
+    # fit at once, 6 of 7 compute slices); then a 4g fits at 0
     cl2 = mig_cluster([[("a", 9, 0)]])
     p2 = plan_moves(cl2, Request(vgpu_type=MIGTYPE[5], model="a100-40gb"), MovePolicy(allow=BOTH, rules=LIVE_MIG))
-    assert p2.feasible and p2.moves == () or p2.target is not None
+    assert p2.feasible and [(m.src, m.dst) for m in p2.moves] == [(Slot("g0", "h0", 0), Slot("g0", "h0", 4))]
+    assert p2.target == Slot("g0", "h0", 0)
+    check_steps(cl2, p2.moves)
+    # with a 1g in slices 4-7 the shift is impossible while the 3g exists, although destroying it first
+    # and recreating it at 4 would "work": the planner never leaves a VM without its device
+    cl3 = mig_cluster([[("a", 9, 0), ("b", 19, 4)]])
+    p3 = plan_moves(cl3, Request(vgpu_type=MIGTYPE[5], model="a100-40gb", gpus=frozenset({"g0"})),
+                    MovePolicy(allow=BOTH, rules=LIVE_MIG, max_moves=1))
+    assert not p3.feasible
 
 
 def test_pinned_vms_and_tenants_never_move():
@@ -335,8 +344,7 @@ def test_max_moves_bounds_the_plan():
 
 
 def test_waves_respect_the_per_host_limit_and_run_safely_at_once():
-    # four 1g instances, one on each of four hosts' GPU 0, must each leave to free those GPUs; a request on
-    # any of them needs one move, so build a 4g request needing two moves on one GPU
+    # a 4g on g0 needs both 1g's there gone (two moves, one host per GPU)
     cl = mig_cluster([[("a", 19, 0), ("b", 19, 2), ("c", 9, 4)], [("d", 9, 4)], [("e", 9, 4)]],
                      stacks=(S1,), gpus_per_host=1)
     req = Request(vgpu_type=MIGTYPE[5], model="a100-40gb", gpus=frozenset({"g0"}))
@@ -345,7 +353,7 @@ def test_waves_respect_the_per_host_limit_and_run_safely_at_once():
     assert sorted(i for w in p.waves for i in w) == list(range(len(p.moves)))
     one = plan_moves(cl, req, MovePolicy(rules=LIVE_MIG, max_per_host=1, search="exact"))
     assert all(len(w) == 1 for w in one.waves)
-    # both moves leave host h0: with two per host at once they share a wave only if their targets fit together
+    # both moves leave host h0: a wave never has more moves on a host than it has moves
     for w in p.waves:
         hosts = Counter(h for i in w for h in {p.moves[i].src.host, p.moves[i].dst.host})
         assert max(hosts.values()) <= len(w)
