@@ -53,11 +53,12 @@ from gpuvirt.sim.nvml_base import (
     _target,
     ci_starts,
 )
+from gpuvirt.sim.nvml_devnodes import DevnodeApi
 from gpuvirt.sim.nvml_mig import MigApi
 from gpuvirt.sim.nvml_vgpu import VgpuApi
 
 
-class FakeNvmlLib(MigApi, VgpuApi):
+class FakeNvmlLib(MigApi, VgpuApi, DevnodeApi):
     """libnvidia-ml for one simulated host (see the module docstring)."""
 
     # === initialisation and system ==========================================================================
