@@ -110,7 +110,9 @@ def render_plan(doc: dict) -> None:
     out = console()
     for g in doc["gpus"]:
         gg = g["gpu"]
-        out.print(f"[bold]{gg['address']}[/bold] ({gg['model']}) -> {doc['profile']}: {g['layout']}")
+        mode = g.get("mode") or {}
+        out.print(f"[bold]{gg['address']}[/bold] ({gg['model']}) -> {doc['profile']}: {g['layout']}"
+                  + escape(f" [mode {mode.get('new') or 'vm'}]"))
         for k in g["keep"]:
             out.print(escape(f"  keep    {k}"))
         for i, o in enumerate(g["operations"], 1):

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gpuvirt.errors import ConflictError, DatabaseLockedError, InventoryError, UsageError
 
-HEAD_REVISION = "0003_intents"          # keep equal to the newest file in migrations/versions (tested)
+HEAD_REVISION = "0005_containers"         # keep equal to the newest file in migrations/versions (tested)
 BUSY_TIMEOUT_MS = int(os.environ.get("GPUVIRT_DB_BUSY_TIMEOUT_MS", "30000"))
 
 

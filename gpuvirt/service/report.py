@@ -276,6 +276,10 @@ def _live_instances(f: GpuFacts, g: Any, rows: list[tuple]) -> None:
         if addr in g.vfs:
             matched.add(r[I_ID])
             f.insts.append(r)
+    for r in rows:
+        if r[I_KIND] == "gpu":              # a whole GPU for a container is there as long as the GPU is
+            matched.add(r[I_ID])
+            f.insts.append(r)
     f.missing = sum(1 for r in rows if r[I_ID] not in matched)
     # the order the inventory view uses (by id), so both views of one host compare equal; foreign last
     f.insts.sort(key=lambda r: (r[I_ID] is None, r[I_ID] or 0))
@@ -310,6 +314,8 @@ class _ModelInfo:
             return "mig-profile", p.name if p else str(r[I_PID])
         if kind == VF:
             return "vf", "vf"
+        if kind == "gpu":                   # a whole GPU handed to a container (inventory.models.GPU)
+            return "whole-gpu", "whole GPU"
         tid = self.tid(r[I_TYPE])
         if tid is None:
             # a generic mdev type is known by its type dir (mtty-2), as attach --mdev names it
@@ -451,7 +457,8 @@ def gpu_entry(f: GpuFacts, stale: bool) -> dict[str, Any]:
             if ik is None:
                 ik = items[ck] = info.item(r)
             allocations.append({"instance": r[I_ID], "kind": kind, "item": ik[1], "vm": r[I_VM],
-                                "tenant": r[I_TENANT], "vm_state": r[I_VMSTATE]})
+                                "tenant": r[I_TENANT], "vm_state": r[I_VMSTATE],
+                                "consumer": r[-1] or "vm"})      # the consumer is the rows' last column
         if kind == MIG:
             if is_mig and r[I_START] is not None and r[I_PID] in info.gi:
                 mig_rows.append(r)
