@@ -566,6 +566,7 @@ def apply(ctx: Context, profile_name: str, selector: str, *, force: bool = False
                                                           "changed": len(changing), "pending_reset": sorted(pending)})
 
         run.finish(on_close=close)
+        _sync_cdi(ctx)
         if progress:
             progress("done", len(order), len(order))
         result.pending_reset = [a for a in order if a in pending]
@@ -579,6 +580,15 @@ def apply(ctx: Context, profile_name: str, selector: str, *, force: bool = False
             f"GPU): stop them and re-run 'gpuvirt apply {spec.name} --gpu {selector} --reset-gpu', or reboot and "
             "run 'gpuvirt reconcile'", pending=result.pending_reset, applied=[a["gpu"] for a in result.applied])
     return result
+
+
+def _sync_cdi(ctx: Context) -> None:
+    """A re-layout may have destroyed (--force) a container's MIG device: its CDI spec goes now, not at the next
+    reconcile.  Best effort: the apply itself is complete, and reconcile repeats this."""
+    from gpuvirt.service import containers
+
+    with contextlib.suppress(GpuvirtError):
+        containers.sync(ctx, actor="apply")
 
 
 class ApplyFailedError(GpuvirtError):
