@@ -204,7 +204,8 @@ def status(ctx: typer.Context, json_out: bool = typer.Option(False, "--json")) -
         mig_s = "" if mig is None else f" MIG {'on' if mig['current'] else 'off'}" + (
             " (pending)" if mig["pending"] != mig["current"] else "")
         out.print(f"[bold]{g['address']}[/bold] {g['model'] or g['name']}{mig_s}  profile: "
-                  f"{g['desired_profile'] or '-'} ({g['profile_state'] or 'none'})")
+                  f"{g['desired_profile'] or '-'} ({g['profile_state'] or 'none'})"
+                  + (f"  mode: {g['mode']}" if g.get("mode") else ""))
         if g["instances"]:
             out.print(table(None, ["id", "kind", "instance", "state", "on host", "VM", "tenant"],
                             [[i["id"], i["kind"], i["label"], i["state"], "yes" if i["on_host"] else "NO",
@@ -213,6 +214,9 @@ def status(ctx: typer.Context, json_out: bool = typer.Option(False, "--json")) -
         for d in g["drift"]:
             out.print("  [yellow]drift:[/yellow] " + escape(f"{d['kind']}: {d['target']}" +
                                                            (f" -> {d['action']}" if d["action"] else "")))
+    for d in doc.get("cdi", []):
+        out.print("  [yellow]CDI:[/yellow] " + escape(f"{d['kind']}: {d['target']}" +
+                                                     (f" -> {d['action']}" if d["action"] else "")))
     out.print("in sync" if doc["in_sync"] else "drift found: run 'gpuvirt reconcile'")
 
 

@@ -164,6 +164,20 @@ def write_spec(path: str | os.PathLike[str], text: str) -> None:
         raise cls(f"cannot write CDI spec {p}: {exc.strerror}", path=str(p)) from exc
 
 
+def remove_leftovers(folder: str | os.PathLike[str], prefix: str) -> None:
+    """Temp files of atomic writes a crash interrupted (``.<name>.<random>.tmp``; runtimes ignore them)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for n in names:
+        if n.startswith(prefix) and n.endswith(".tmp"):
+            try:
+                os.unlink(os.path.join(folder, n))
+            except OSError:
+                pass
+
+
 def remove_spec(path: str | os.PathLike[str]) -> None:
     try:
         os.unlink(path)
@@ -174,4 +188,4 @@ def remove_spec(path: str | os.PathLike[str]) -> None:
         raise cls(f"cannot remove CDI spec {path}: {exc.strerror}", path=str(path)) from exc
 
 
-__all__ = ["DevNodes", "list_specs", "read_spec", "write_spec", "remove_spec", "MIG_MINORS", "PROC_DEVICES"]
+__all__ = ["DevNodes", "list_specs", "read_spec", "write_spec", "remove_spec", "remove_leftovers", "MIG_MINORS", "PROC_DEVICES"]

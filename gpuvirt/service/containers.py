@@ -510,6 +510,7 @@ def sync(ctx: Context, *, actor: str | None = None, view: HostView | None = None
     """Bring gpuvirt's specs in line (reconcile and the boot unit): one forward-only intent of CDI steps, run
     while the caller holds the GPU locks."""
     doc = plan_sync(ctx, view)
+    hostdev.remove_leftovers(config(ctx).spec_dir, "." + cdi.FILE_PREFIX)
     steps = [intent.cdi_step(i["gpu"], i["path"], i["text"], name=i["name"], present=True)
              for i in doc["missing"] + doc["outdated"]]
     steps += [intent.cdi_step(i["gpu"] or "-", i["path"], i["text"], name=i["name"], present=False)
