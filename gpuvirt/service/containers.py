@@ -281,15 +281,16 @@ def attach(ctx: Context, name: str, *, mig: str | None = None, gpu: str | None =
         call = _Call(ctx, name, tenant, persistent, None, run, locks, consumer=CONSUMER_CONTAINER)
         try:
             ids = [(_attach_mig(call, mig, gpu) if mig else _attach_gpu(call, gpu or "")) for _ in range(count)]
-            view = hostview.snapshot(ctx)
-            h = _Host(ctx, cfg, view)
+            with ctx.inventory.unit() as uow:
+                addresses = sorted({uow.instance(i).gpu.address for i in ids})
+            call.lock(addresses)
+            h = _Host(ctx, cfg, hostview.snapshot(ctx))       # read with the GPUs locked: nobody changes them now
             out = []
             for inst_id in ids:
                 with ctx.inventory.unit() as uow:
                     inst = uow.instance(inst_id)
                     sf = spec_for(h, inst)
                     label = inst.label
-                call.lock([sf.gpu])
                 # published only now, after the instance exists; a step of this attach, undone with it
                 run.run(run.add(intent.cdi_step(sf.gpu, sf.path, sf.text, name=sf.name, present=True)))
                 out.append({"name": sf.name, "spec": sf.path, "instance": inst_id, "label": label, "gpu": sf.gpu,
