@@ -43,18 +43,21 @@ DEFAULT_POLICIES: dict[str, Any] = {
 # max_rows; 0 switches a limit off (docs/operator-guide.md "Event pruning")
 DEFAULT_EVENTS: dict[str, Any] = {"max_age_days": 90, "max_rows": 100_000}
 MAX_WAIT_SECONDS = 3600
-CONFIG_KEYS = {"db_url", "sim_dir", "host_id", "root", "policies", "events"}
+CONFIG_KEYS = {"db_url", "sim_dir", "host_id", "root", "policies", "events", "cdi"}
 MAX_XID_LIST = 1000
+# [cdi]: CDI specs for containers (docs/containers.md); paths are absolute, defaults under the root
+CDI_KEYS = {"spec_dir": str, "vendor": str, "nvidia_spec": (str, list), "hook_path": str, "chmod_hook": bool}
 
 
 class Settings:
     # a plain class, not a dataclass: every command builds one, and the dataclasses module's import (inspect,
     # ast, dis) is a sizeable part of a fast ``discover --json`` (docs/benchmarks.md)
-    _FIELDS = ("root", "sim_dir", "db_url", "host_id", "config_path", "config_found", "debug", "policies", "events")
+    _FIELDS = ("root", "sim_dir", "db_url", "host_id", "config_path", "config_found", "debug", "policies", "events",
+               "cdi")
 
     def __init__(self, root: Path, sim_dir: Path | None, db_url: str | None, host_id: str, config_path: Path,
                  config_found: bool, debug: bool = False, policies: dict[str, Any] | None = None,
-                 events: dict[str, Any] | None = None) -> None:
+                 events: dict[str, Any] | None = None, cdi: dict[str, Any] | None = None) -> None:
         self.root = root
         self.sim_dir = sim_dir
         self.db_url = db_url
@@ -64,6 +67,7 @@ class Settings:
         self.debug = debug
         self.policies: dict[str, Any] = dict(DEFAULT_POLICIES) if policies is None else policies
         self.events: dict[str, Any] = dict(DEFAULT_EVENTS) if events is None else events
+        self.cdi: dict[str, Any] = dict(cdi or {})
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and all(getattr(self, k) == getattr(other, k) for k in self._FIELDS)
@@ -156,7 +160,30 @@ def read_config(path: Path, *, required: bool = False) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
             raise ConfigError(f"config file {path}: events.{key} = {value!r} is not valid; expected a whole number "
                               f"from 0 (no limit) to {top}", path=str(path))
+    _check_cdi(path, doc.get("cdi", {}))
     return doc
+
+
+def _check_cdi(path: Path, cdi: Any) -> None:
+    if not isinstance(cdi, dict):
+        raise ConfigError(f"config file {path}: [cdi] must be a table")
+    for key, value in cdi.items():
+        want = CDI_KEYS.get(key)
+        if want is None:
+            raise ConfigError(f"config file {path}: unknown cdi key {key} (known: {', '.join(sorted(CDI_KEYS))})")
+        ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
+        if key == "nvidia_spec" and isinstance(value, list):
+            ok = len(value) <= 16 and all(isinstance(v, str) for v in value)
+        if ok and key in ("spec_dir", "hook_path", "nvidia_spec"):
+            ok = all(str(v).startswith("/") for v in (value if isinstance(value, list) else [value]))
+        if ok and key == "vendor":
+            from gpuvirt.vmm.cdi import vendor_problem
+
+            ok = vendor_problem(value) is None
+        if not ok:
+            raise ConfigError(f"config file {path}: cdi.{key} = {value!r} is not valid (expected "
+                              f"{'true or false' if want is bool else 'an absolute path' if key != 'vendor' else 'a DNS-like vendor name'})",
+                              path=str(path))
 
 
 def _check_policy(path: Path, key: str, value: Any) -> None:
@@ -223,7 +250,7 @@ def resolve_settings(*, root: str | None = None, sim: str | None = None, db: str
     return Settings(root=root_path, sim_dir=Path(sim).absolute() if sim else None,
                     db_url=db or env.get("GPUVIRT_DB") or doc.get("db_url") or None,
                     host_id=hid, config_path=config_path, config_found=config_path.is_file(), debug=debug,
-                    policies=policies, events=events)
+                    policies=policies, events=events, cdi=doc.get("cdi"))
 
 
 class Context:

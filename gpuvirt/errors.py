@@ -16,6 +16,7 @@ Exit statuses are part of the CLI contract (documented in docs/operator-guide.md
  7    partial import: ``profile import`` stored some entries and skipped others (not an error class:
       the command lists the skipped entries and exits 7 after storing the rest)
  8    the inventory's schema is newer than this gpuvirt (upgrade gpuvirt)
+ 9    ``cdi check``: gpuvirt's CDI specs are out of line with the inventory and the host
 ====  =========================================================
 """
 

@@ -395,11 +395,23 @@ def test_migrations_upgrade_from_every_revision_keeping_data(tmp_path):
                               "VALUES ('h1', 'h1', '/', 0, '2026-01-01', '2026-01-01')"))
             conn.execute(text("INSERT INTO profiles (name, kind, spec, source, created_at, updated_at) "
                               "VALUES ('p', 'mig', '{}', 'user', '2026-01-01', '2026-01-01')"))
+            # a GPU with an instance allocated to a VM: revisions that rebuild tables (SQLite batch mode) must
+            # not let ON DELETE CASCADE take the rows that reference them
+            conn.execute(text("INSERT INTO gpus (host_id, address, vendor, memory_mib, mig_capable, present, "
+                              "desired_profile, last_seen_at) VALUES ('h1', '0000:41:00.0', 'nvidia', 1, 1, 1, "
+                              "'p', '2026-01-01')"))
+            conn.execute(text("INSERT INTO instances (host_id, gpu_id, kind, state, origin, persistent, created_at, "
+                              "updated_at) VALUES ('h1', 1, 'mig', 'active', 'profile', 1, '2026-01-01', "
+                              "'2026-01-01')"))
+            conn.execute(text("INSERT INTO allocations (instance_id, host_id, vm_name, persistent, created_at) "
+                              "VALUES (1, 'h1', 'vm-kept', 1, '2026-01-01')"))
         inv.ensure_schema()
         assert inv.current_revision() == HEAD_REVISION
         assert inv.check() == []
         with inv.unit() as uow:
             assert uow.host("h1") is not None and uow.profile("p") is not None
+            assert [a.vm_name for a in uow.allocations(host_id="h1")] == ["vm-kept"], start
+            assert [g.desired_profile for g in uow.gpus("h1")] == ["p"]
         inv.close()
 
 

@@ -226,6 +226,41 @@ def sim_driver(directory: str = typer.Argument(..., metavar="DIR"),
     simulator.driver(directory, loaded)
 
 
+@sim_app.command("bind")
+def sim_bind(directory: str = typer.Argument(..., metavar="DIR"),
+             gpu: str = typer.Argument(..., help="GPU PCI address, UUID or NVML index"),
+             driver: str = typer.Option(..., "--driver", help="nvidia | vfio-pci")) -> None:
+    """Bind a GPU to vfio-pci (NVML loses it, /dev/vfio/<group> appears) or back to nvidia."""
+    from gpuvirt.service import simulator
+
+    r = simulator.bind(directory, gpu, driver)
+    print(f"{r['gpu']} bound to {r['driver']}")
+
+
+@sim_app.command("devnodes")
+def sim_devnodes(directory: str = typer.Argument(..., metavar="DIR"),
+                 mig_minors: Optional[str] = typer.Option(None, "--mig-minors", help="static | instances"),
+                 caps_nodes: Optional[str] = typer.Option(None, "--caps-nodes", help="instances | none"),
+                 caps_major: Optional[int] = typer.Option(None, "--caps-major"),
+                 uvm_major: Optional[int] = typer.Option(None, "--uvm-major"),
+                 drm: Optional[str] = typer.Option(None, "--drm", help="auto | true | false"),
+                 minor: Optional[List[str]] = typer.Option(None, "--minor", metavar="GPU=MINOR",
+                                                           help="Give a GPU another minor number (repeatable).")
+                 ) -> None:
+    """Device-node choices of the simulated driver (docs/simulator-fidelity.md)."""
+    from gpuvirt.errors import UsageError
+    from gpuvirt.service import simulator
+
+    for item in minor or []:
+        gpu, sep, num = item.rpartition("=")
+        if not sep or not num.isdigit():
+            raise UsageError(f"--minor {item!r}: expected GPU=MINOR")
+        simulator.devnodes(directory, minor=(gpu, int(num)))
+    doc = simulator.devnodes(directory, mig_minors=mig_minors, caps_nodes=caps_nodes, caps_major=caps_major,
+                             uvm_major=uvm_major, drm=drm)
+    print(" ".join(f"{k}={v}" for k, v in sorted(doc.items())))
+
+
 @sim_app.command("repair")
 def sim_repair(directory: str = typer.Argument(..., metavar="DIR")) -> None:
     """Rewrite the simulated sysfs tree from the simulator state (undoes deliberate damage)."""
@@ -238,5 +273,6 @@ from gpuvirt.cli import ops_cmd  # noqa: E402,F401
 from gpuvirt.cli import profile_cmd  # noqa: E402,F401
 from gpuvirt.cli import vmm_cmd  # noqa: E402,F401
 from gpuvirt.cli import demo_cmd  # noqa: E402,F401
+from gpuvirt.cli import cdi_cmd  # noqa: E402,F401
 from gpuvirt.cli import report_cmd  # noqa: E402,F401
 from gpuvirt.cli import health_cmd  # noqa: E402,F401

@@ -111,7 +111,9 @@ def render_plan(doc: dict) -> None:
     out = console()
     for g in doc["gpus"]:
         gg = g["gpu"]
-        out.print(f"[bold]{gg['address']}[/bold] ({gg['model']}) -> {doc['profile']}: {g['layout']}")
+        mode = g.get("mode") or {}
+        out.print(f"[bold]{gg['address']}[/bold] ({gg['model']}) -> {doc['profile']}: {g['layout']}"
+                  + escape(f" [mode {mode.get('new') or 'vm'}]"))
         for k in g["keep"]:
             out.print(escape(f"  keep    {k}"))
         for i, o in enumerate(g["operations"], 1):
@@ -203,7 +205,8 @@ def status(ctx: typer.Context, json_out: bool = typer.Option(False, "--json")) -
         mig_s = "" if mig is None else f" MIG {'on' if mig['current'] else 'off'}" + (
             " (pending)" if mig["pending"] != mig["current"] else "")
         out.print(f"[bold]{g['address']}[/bold] {g['model'] or g['name']}{mig_s}  profile: "
-                  f"{g['desired_profile'] or '-'} ({g['profile_state'] or 'none'})" + escape(_scheduler_text(g)))
+                  f"{g['desired_profile'] or '-'} ({g['profile_state'] or 'none'})" + escape(_scheduler_text(g))
+                  + (f"  mode: {g['mode']}" if g.get("mode") else ""))
         if g["instances"]:
             out.print(table(None, ["id", "kind", "instance", "state", "on host", "VM", "tenant"],
                             [[i["id"], i["kind"], i["label"], i["state"], "yes" if i["on_host"] else "NO",
@@ -212,6 +215,9 @@ def status(ctx: typer.Context, json_out: bool = typer.Option(False, "--json")) -
         for d in g["drift"]:
             out.print("  [yellow]drift:[/yellow] " + escape(f"{d['kind']}: {d['target']}" +
                                                            (f" -> {d['action']}" if d["action"] else "")))
+    for d in doc.get("cdi", []):
+        out.print("  [yellow]CDI:[/yellow] " + escape(f"{d['kind']}: {d['target']}" +
+                                                     (f" -> {d['action']}" if d["action"] else "")))
     out.print("in sync" if doc["in_sync"] else "drift found: run 'gpuvirt reconcile'")
 
 

@@ -55,6 +55,8 @@ def create_profile(
                                             help="Read the profile from YAML (gpuvirt format, or a mig-parted / "
                                                  "vgpu-device-manager config holding a config named NAME)."),
     replace: bool = typer.Option(False, "--replace", help="Overwrite an existing profile of that name."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="What the GPUs it is applied to serve: vm (default) or "
+                                       "containers (MIG devices or the whole GPU through CDI)."),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Create a partition profile (validated against the GPU models it can apply to before it is stored)."""
@@ -62,13 +64,14 @@ def create_profile(
 
     doc = svc.create_profile(state(ctx).context(), name, mig=mig or [], vgpu=vgpu or [], mdev=mdev or [],
                              sriov_vfs=sriov_vfs, model=model, description=description, from_file=from_file,
-                             replace=replace, vgpu_scheduler=vgpu_scheduler, timeslice_us=timeslice_us)
+                             replace=replace, vgpu_scheduler=vgpu_scheduler, timeslice_us=timeslice_us,
+                             mode=mode)
     if json_out:
         emit_json(doc)
         return
     verb = "replaced" if doc["replaced"] else "created"
     models = ", ".join(doc["validation"]["models"]) or "no known model"
-    print(f"{verb} profile {doc['name']} ({doc['kind']}"
+    print(f"{verb} profile {doc['name']} ({doc['kind']}" + (f", mode {doc['mode']}" if doc["mode"] != "vm" else "")
           + (f", for {doc['model']}" if doc["model"] else "") + f"): {doc['summary']}")
     print(f"  validated on: {models}")
     _warn(doc["validation"]["warnings"])
@@ -87,9 +90,9 @@ def profile_list(ctx: typer.Context, json_out: bool = typer.Option(False, "--jso
     if not rows:
         print("no profiles")
         return
-    console().print(table(None, ["name", "kind", "model", "source", "stored", "GPUs", "layout"],
-                          [[r["name"], r["kind"], r["model"] or "any", r["source"], "yes" if r["stored"] else "no",
-                            len(r["gpus"]), r["summary"]] for r in rows]))
+    console().print(table(None, ["name", "kind", "mode", "model", "source", "stored", "GPUs", "layout"],
+                          [[r["name"], r["kind"], r.get("mode") or "vm", r["model"] or "any", r["source"],
+                            "yes" if r["stored"] else "no", len(r["gpus"]), r["summary"]] for r in rows]))
 
 
 @profile_app.command("show")
@@ -108,6 +111,7 @@ def profile_show(ctx: typer.Context, name: str = typer.Argument(...),
     flags.append("stored" if doc["stored"] else "not stored")
     print(f"profile {doc['name']} ({', '.join(flags)})")
     print(f"  model: {doc['model'] or 'any it fits'}")
+    print(f"  mode: {doc.get('mode') or 'vm'}")
     if doc["description"]:
         print(f"  description: {doc['description']}")
     print(f"  source: {doc['source']}")

@@ -14,12 +14,12 @@ from gpuvirt.cli.render import console, emit_json, table
 from gpuvirt.cli.state import state
 from gpuvirt.errors import UsageError
 
-FORMATS = ("libvirt", "qemu", "cloud-hypervisor", "json")
+FORMATS = ("libvirt", "qemu", "cloud-hypervisor", "json", "cdi")
 
 
 @app.command()
 def attach(ctx: typer.Context,
-           vm: str = typer.Argument(..., help="VM (libvirt domain) name."),
+           vm: str = typer.Argument(..., help="VM (libvirt domain) name, or the container's name with --format cdi."),
            vgpu: Optional[str] = typer.Option(None, "--vgpu", help="vGPU type, e.g. A2-2Q, A100-4C, nvidia-745."),
            mig: Optional[str] = typer.Option(None, "--mig", help="MIG profile, e.g. 1g.5gb."),
            vf: bool = typer.Option(False, "--vf", help="A whole SR-IOV VF."),
@@ -31,19 +31,29 @@ def attach(ctx: typer.Context,
            persistent: bool = typer.Option(True, "--persistent/--transient",
                                            help="Transient: freed (and destroyed if created now) when the VM stops."),
            vm_uuid: Optional[str] = typer.Option(None, "--vm-uuid", help="VM UUID (QEMU -uuid for NVIDIA vGPU)."),
-           gpu: Optional[str] = typer.Option(None, "--gpu", help="Limit to these GPUs (selector)."),
+           gpu: Optional[str] = typer.Option(None, "--gpu", help="Limit to these GPUs (selector); with --format cdi "
+                                                           "and no --mig, the whole GPU."),
            display: bool = typer.Option(False, "--display", help="mdev: display='on' (needs VNC/SPICE graphics)."),
            ramfb: bool = typer.Option(False, "--ramfb", help="mdev: ramfb='on' boot display (implies --display)."),
-           fmt: str = typer.Option("libvirt", "--format", help="libvirt | qemu | cloud-hypervisor | json"),
+           fmt: str = typer.Option("libvirt", "--format",
+                                   help="libvirt | qemu | cloud-hypervisor | json | cdi (a container: prints the "
+                                        "CDI device name)"),
            domain_xml: Optional[str] = typer.Option(None, "--domain-xml",
                                                     help="Insert the hostdev into this domain XML file in place."),
            ) -> None:
-    """Give a VM a free instance (creating one where the layout allows) and print what the VMM needs."""
+    """Give a VM a free instance (creating one where the layout allows) and print what the VMM needs; with
+    --format cdi, give a container a MIG device or a whole GPU and print its CDI device name."""
     from gpuvirt.service.attach import attach as svc
     from gpuvirt.vmm.handoff import render, warnings_for
 
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}")
+    if fmt == "cdi":
+        got = svc(state(ctx).context(), vm, vgpu=vgpu, mig=mig, vf=vf, instance=instance, mdev=mdev, tenant=tenant,
+                  count=count, persistent=persistent, vm_uuid=vm_uuid, gpu=gpu, display=display, ramfb=ramfb,
+                  domain_xml=domain_xml, fmt=fmt)
+        sys.stdout.write("".join(d["name"] + "\n" for d in got))
+        return
     handoffs = svc(state(ctx).context(), vm, vgpu=vgpu, mig=mig, vf=vf, instance=instance, mdev=mdev,
                    tenant=tenant, count=count, persistent=persistent, vm_uuid=vm_uuid, gpu=gpu,
                    display=display or ramfb, ramfb=ramfb, domain_xml=domain_xml, fmt=fmt)
@@ -83,8 +93,9 @@ def allocations(ctx: typer.Context, vm: Optional[str] = typer.Option(None, "--vm
     if json_out:
         emit_json(rows)
         return
-    console().print(table(None, ["VM", "tenant", "instance", "kind", "GPU", "persistent", "VM state"],
-                          [[r["vm"], r["tenant"], f"{r['instance']} {r['label']}", r["kind"], r["gpu"],
+    console().print(table(None, ["VM / container", "consumer", "tenant", "instance", "kind", "GPU", "persistent",
+                                 "VM state"],
+                          [[r["vm"], r["consumer"], r["tenant"], f"{r['instance']} {r['label']}", r["kind"], r["gpu"],
                             "yes" if r["persistent"] else "no", r["vm_state"]] for r in rows]))
 
 

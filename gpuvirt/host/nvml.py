@@ -611,6 +611,15 @@ class NvmlSession:
                                     creatable=tid in creatable))
         return out
 
+    # --- device nodes -----------------------------------------------------------------------------------------
+    def minor_number(self, index: int) -> int:
+        """The GPU's minor number: ``/dev/nvidia<minor>``, and the ``gpu<N>`` of its MIG capabilities."""
+        h = self._gpu(index).handle
+        try:
+            return int(self._call(pynvml.nvmlDeviceGetMinorNumber, h))
+        except pynvml.NVMLError as exc:
+            raise self._error(exc, f"read the minor number of {self._where(index)}", **self._ctx(index)) from None
+
     # --- events and running vGPUs (host.nvml_events, host.nvml_vgpu) -------------------------------------------
     def events(self, types: int | None = None):
         """A new, not yet opened, NVML event subscription over every GPU (XID critical errors by default)."""

@@ -27,15 +27,39 @@ def alembic_config(url: str | None = None, connection: Any = None):
 def upgrade(engine: Engine, revision: str = "head") -> None:
     from alembic import command
 
-    with engine.begin() as conn:
-        command.upgrade(alembic_config(connection=conn), revision)
+    _migrating(engine, lambda conn: command.upgrade(alembic_config(connection=conn), revision))
 
 
 def downgrade(engine: Engine, revision: str) -> None:
     from alembic import command
 
-    with engine.begin() as conn:
-        command.downgrade(alembic_config(connection=conn), revision)
+    _migrating(engine, lambda conn: command.downgrade(alembic_config(connection=conn), revision))
+
+
+def _migrating(engine: Engine, run: Any) -> None:
+    """Run a migration in one transaction.  On SQLite, foreign keys are off meanwhile: Alembic's batch mode
+    rebuilds a table by copying it and dropping the original, and with foreign keys on, that DROP deletes the
+    rows of every table referencing it with ON DELETE CASCADE (allocations of instances, instances of GPUs).
+    The keys are checked before the transaction commits."""
+    if engine.dialect.name != "sqlite":
+        with engine.begin() as conn:
+            run(conn)
+        return
+    from gpuvirt.errors import InventoryError
+
+    with engine.connect() as conn:
+        raw = conn.connection.dbapi_connection
+        # outside any transaction (the pragma is a no-op inside one): before SQLAlchemy begins on this connection
+        raw.execute("PRAGMA foreign_keys=OFF")
+        try:
+            with conn.begin():
+                run(conn)
+                broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise InventoryError(f"the schema upgrade would leave {len(broken)} broken reference(s) "
+                                         f"(first: {tuple(broken[0])}); nothing was changed")
+        finally:
+            raw.execute("PRAGMA foreign_keys=ON")
 
 
 def head() -> str:

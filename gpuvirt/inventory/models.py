@@ -40,7 +40,14 @@ MIG = "mig"                 # a MIG GPU instance (+ its default compute instance
 MDEV = "mdev"               # a mediated device (NVIDIA classic vGPU, GVT-g, samples)
 VFIO_VGPU = "vfio-vgpu"     # NVIDIA vendor-specific VFIO: a vGPU type set on a VF
 VF = "vf"                   # a whole SR-IOV VF handed to a VM (AMD MxGPU etc.)
-KINDS = (MIG, MDEV, VFIO_VGPU, VF)
+GPU = "gpu"                 # a whole GPU handed to a container (revision 0005)
+KINDS = (MIG, MDEV, VFIO_VGPU, VF, GPU)
+
+# consumers of an allocation, and the per-GPU modes (revision 0005)
+CONSUMER_VM, CONSUMER_CONTAINER = "vm", "container"
+CONSUMERS = (CONSUMER_VM, CONSUMER_CONTAINER)
+MODE_VM, MODE_CONTAINERS = "vm", "containers"
+MODES = (MODE_VM, MODE_CONTAINERS)
 
 # health states (revision 0004)
 HEALTHY, UNHEALTHY = "healthy", "unhealthy"
@@ -97,6 +104,9 @@ class Gpu(Base):
     desired_profile: Mapped[Optional[str]] = mapped_column(
         ForeignKey("profiles.name", ondelete="SET NULL", onupdate="CASCADE"), nullable=True)
     profile_state: Mapped[Optional[str]] = mapped_column(String(32), nullable=True)  # applied|pending-reset|failed
+    # what the GPU serves: vm | containers, recorded by apply from the profile's mode; None = no profile applied
+    # (a GPU without one takes both kinds of attach).  Added in revision 0005.
+    mode: Mapped[Optional[str]] = mapped_column(String(16), nullable=True)
     last_seen_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     # health (revision 0004): see service.health; 'unhealthy' counts only while it is in force there
     health: Mapped[str] = mapped_column(String(16), default=HEALTHY, server_default=text("'healthy'"))
@@ -164,6 +174,8 @@ class Instance(Base):
             return f"{self.type_name or self.type_id} {self.mdev_uuid}"
         if self.kind == VFIO_VGPU:
             return f"{self.type_name or self.type_id} on VF {self.parent}"
+        if self.kind == GPU:
+            return f"whole GPU {self.parent}"
         return f"VF {self.parent}"
 
 
@@ -194,6 +206,9 @@ class Allocation(Base):
     # set by the libvirt hook: running between prepare and release (added in revision 0002)
     vm_state: Mapped[Optional[str]] = mapped_column(String(16), nullable=True)
     vm_state_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime, nullable=True)
+    # who holds it: a VM (vm_name is the libvirt domain) or a container (vm_name is the consumer's name, the
+    # device reaches it through a CDI spec).  Added in revision 0005.
+    consumer: Mapped[str] = mapped_column(String(16), default=CONSUMER_VM, server_default=CONSUMER_VM)
 
     instance: Mapped[Instance] = relationship(back_populates="allocation")
 

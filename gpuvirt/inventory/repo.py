@@ -197,9 +197,9 @@ class Unit:
 
     # --- allocations -------------------------------------------------------------------------------------------
     def allocate(self, inst: Instance, *, vm_name: str, vm_uuid: str | None, tenant: str | None,
-                 persistent: bool) -> Allocation:
+                 persistent: bool, consumer: str = "vm") -> Allocation:
         alloc = Allocation(instance_id=inst.id, host_id=inst.host_id, vm_name=vm_name, vm_uuid=vm_uuid,
-                           tenant=tenant, persistent=persistent)
+                           tenant=tenant, persistent=persistent, consumer=consumer)
         self.session.add(alloc)
         try:
             with self.session.begin_nested():
@@ -218,6 +218,19 @@ class Unit:
         if tenant is not None:
             q = q.where(Allocation.tenant == tenant)
         return list(self.session.scalars(q.order_by(Allocation.id)))
+
+    def container_allocations(self, host_id: str) -> list[Allocation]:
+        """This host's allocations held by containers (their devices reach them through CDI specs), with
+        their instances and GPUs loaded."""
+        q = (select(Allocation).options(selectinload(Allocation.instance).selectinload(Instance.gpu))
+             .where(Allocation.host_id == host_id, Allocation.consumer == "container").order_by(Allocation.id))
+        return list(self.session.scalars(q))
+
+    def gpu_allocations(self, gpu_id: int) -> list[Allocation]:
+        """Every allocation of an instance on one GPU (VMs' and containers')."""
+        q = (select(Allocation).join(Instance, Instance.id == Allocation.instance_id)
+             .where(Instance.gpu_id == gpu_id).order_by(Allocation.id))
+        return list(self.session.scalars(q))
 
     def release(self, alloc: Allocation) -> None:
         self.session.delete(alloc)
@@ -396,12 +409,14 @@ class Unit:
         """(id, gpu_id, kind, state, profile_id, placement_start, type_id, memory_mib, compute_slices,
         backing_instance_id, vm_name, tenant, vm_state) of every instance with its allocation (the last three
         None when free); with ``keys`` also (parent, mdev_uuid, type_name), which match rows with what a
-        host shows.  By id (SQLite reads them in rowid order anyway)."""
+        host shows; last of all the allocation's consumer (vm | container).  By id (SQLite reads them in rowid
+        order anyway)."""
         cols = [Instance.id, Instance.gpu_id, Instance.kind, Instance.state, Instance.profile_id,
                 Instance.placement_start, Instance.type_id, Instance.memory_mib, Instance.compute_slices,
                 Instance.backing_instance_id, Allocation.vm_name, Allocation.tenant, Allocation.vm_state]
         if keys:
             cols += [Instance.parent, Instance.mdev_uuid, Instance.type_name]
+        cols.append(Allocation.consumer)        # always last: vm | container, None when free (revision 0005)
         q = select(*cols).outerjoin(Allocation, Allocation.instance_id == Instance.id)
         if host_ids is not None:
             q = q.where(Instance.host_id.in_(list(host_ids)))

@@ -42,6 +42,7 @@ from gpuvirt.model.vgpu_scheduler import SchedulerSpec, board_problem
 
 SPEC_FORMAT = 1                      # version of the stored JSON (ProfileSpec.to_dict); bump on changes
 KINDS = ("mig", "vgpu", "mdev", "sriov", "mixed")
+MODES = ("vm", "containers")        # what the GPUs a profile is applied to serve (docs/containers.md)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_ALTERNATIVES = 3
 MAX_COUNT_NAMES = 256                # names in one count mapping of an entry
@@ -321,11 +322,26 @@ class ProfileSpec:
     model: str | None = None
     entries: tuple[ProfileEntry, ...] = ()
     source: str = "user"
+    mode: str = "vm"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "entries", tuple(self.entries))
         if not self.entries:
             raise ProfileError(f"profile '{self.name}' has no entries")
+        if self.mode is None:
+            object.__setattr__(self, "mode", "vm")
+        if self.mode not in MODES:
+            raise ProfileError(f"profile '{self.name}': mode must be one of {', '.join(MODES)}, not {self.mode!r}",
+                               field="mode")
+        if self.mode == "containers":
+            for i, e in enumerate(self.entries):
+                vm_only = [k for k, there in (("vGPU types", e.vgpu), ("mdev types", e.mdev),
+                                              ("SR-IOV VFs", e.sriov_vfs is not None)) if there]
+                if vm_only:
+                    where = f" entry {i + 1}" if len(self.entries) > 1 else ""
+                    raise ProfileError(f"profile '{self.name}'{where}: {' and '.join(vm_only)} serve VMs, not "
+                                       "containers; a containers profile holds MIG instances (GPU instance + compute "
+                                       "instance) or MIG off for the whole GPU", field="mode")
 
     @property
     def kind(self) -> str:
@@ -353,7 +369,8 @@ class ProfileSpec:
     def to_dict(self) -> dict[str, Any]:
         """The stored form (``profiles.spec`` JSON column); docs/profile-format.md describes it."""
         return {"format": SPEC_FORMAT, "name": self.name, "description": self.description, "model": self.model,
-                "source": self.source, "kind": self.kind, "entries": [e.to_dict() for e in self.entries]}
+                "source": self.source, "kind": self.kind, "mode": self.mode,
+                "entries": [e.to_dict() for e in self.entries]}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ProfileSpec":
@@ -367,7 +384,8 @@ class ProfileSpec:
         if not isinstance(entries, list):
             raise ProfileError(f"profile '{d.get('name')}': stored spec has no entries list")
         return cls(name=str(d.get("name") or ""), description=d.get("description"), model=d.get("model"),
-                   entries=tuple(ProfileEntry.from_dict(e) for e in entries), source=str(d.get("source") or "user"))
+                   entries=tuple(ProfileEntry.from_dict(e) for e in entries), source=str(d.get("source") or "user"),
+                   mode=d.get("mode") or "vm")
 
 
 # --- layouts -------------------------------------------------------------------------------------------------
@@ -900,7 +918,7 @@ def validate(spec: ProfileSpec, models: Catalog | Iterable[GpuModel] | None = No
 
 
 __all__ = [
-    "Check", "KINDS", "Layout", "NAME_RE", "ProfileEntry", "ProfileSpec", "SPEC_FORMAT", "ValidationReport",
+    "Check", "KINDS", "MODES", "Layout", "NAME_RE", "ProfileEntry", "ProfileSpec", "SPEC_FORMAT", "ValidationReport",
     "candidate_models", "check_name", "find_mdev_type", "mig_problem", "nearest_mig_layouts", "normalise_filter",
     "resolve", "untyped_boards", "validate",
 ]

@@ -194,7 +194,7 @@ def mig_backed_layout(vgpu: Mapping[str, int]) -> dict[str, int]:
     return out
 
 
-_PROFILE_KEYS = ("name", "description", "model", "entries")
+_PROFILE_KEYS = ("name", "description", "model", "mode", "entries")
 
 
 def _gv_counts(value: Any) -> Any:
@@ -231,7 +231,7 @@ def _gv_profile(path: Sequence[Any], d: Any, source: str, default_name: str | No
         check_name(name)
     except ProfileError as exc:
         raise Bad(list(path) + ["name"], exc.message) from None
-    for k in ("description", "model"):
+    for k in ("description", "model", "mode"):
         if d.get(k) is not None and not isinstance(d[k], str):
             raise Bad(list(path) + [k], f"{label}: {k} must be a string")
     short = {k: d[k] for k in _ENTRY_KEYS if k in d}
@@ -250,8 +250,13 @@ def _gv_profile(path: Sequence[Any], d: Any, source: str, default_name: str | No
             entries.append(_gv_entry(list(path) + ["entries", i], f"{label} entry {i + 1}", e))
     else:
         entries = [_gv_entry(path, label, short)]
-    return ProfileSpec(name=name, description=d.get("description"), model=d.get("model"), entries=tuple(entries),
-                       source=source)
+    try:
+        return ProfileSpec(name=name, description=d.get("description"), model=d.get("model"), entries=tuple(entries),
+                           source=source, mode=d.get("mode") or "vm")
+    except ProfileError as exc:
+        if exc.context.get("field") == "mode":
+            raise Bad(list(path) + ["mode"], exc.message) from None
+        raise
 
 
 def from_gpuvirt(doc: Any, source: str = "file", *, default_name: str | None = None,
@@ -345,6 +350,8 @@ def to_gpuvirt(specs: Iterable[ProfileSpec]) -> dict[str, Any]:
             d["description"] = s.description
         if s.model:
             d["model"] = s.model
+        if s.mode != "vm":
+            d["mode"] = s.mode
         if len(s.entries) == 1 and not s.entries[0].device_filter and s.entries[0].devices == "all":
             d.update(_entry_yaml(s.entries[0]))
         else:

@@ -93,13 +93,16 @@ class GpuPlan:
     keep: list[str] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    mode: str = "vm"                   # what the GPU serves once the profile is applied
+    mode_before: str | None = None     # what it serves now (None: no profile applied, takes both)
 
     def to_dict(self) -> dict[str, Any]:
         g = self.gpu
         return {"gpu": {"index": g.nvml_index, "address": g.address, "model": g.model.id if g.model else None,
                         "uuid": g.uuid},
                 "profile": self.profile, "layout": self.layout_text, "operations": [o.to_dict() for o in self.ops],
-                "keep": self.keep, "blocked": self.blocked, "notes": self.notes}
+                "keep": self.keep, "blocked": self.blocked, "notes": self.notes,
+                "mode": {"current": self.mode_before, "new": self.mode}}
 
 
 # --- planning -------------------------------------------------------------------------------------------------
@@ -471,9 +474,34 @@ def make_plans(ctx: Context, profile_name: str, selector: str, *, force: bool = 
                     untouched.append(g.label)
                 continue
             inst = uow.instances(ctx.settings.host_id, gpu_id=rows[g.address].id)
-            plans.append(plan_gpu(g, rows[g.address], spec.name, layout, inst, force,
-                                  policy=ctx.settings.policies.get("mig_placement", "frag-aware")))
+            p = plan_gpu(g, rows[g.address], spec.name, layout, inst, force,
+                         policy=ctx.settings.policies.get("mig_placement", "frag-aware"))
+            _plan_mode(p, rows[g.address], spec.mode, uow.gpu_allocations(rows[g.address].id), inst)
+            plans.append(p)
     return spec, plans
+
+
+def _plan_mode(plan: GpuPlan, gpu_row: Any, mode: str, allocs: list[Any], rows: list[Any]) -> None:
+    """A GPU's mode (vm | containers) changes only through apply, and never under an allocated device: a VM's
+    vGPU or a container's MIG device would be left on a GPU that no longer serves its kind (--force does not
+    override this: detach first).  A whole GPU handed to a container blocks any change of its layout."""
+    from gpuvirt.inventory.models import GPU
+
+    plan.mode, plan.mode_before = mode, gpu_row.mode
+    if gpu_row.mode != mode:
+        plan.notes.append(f"mode: {gpu_row.mode or 'none (takes both)'} -> {mode}")
+        if gpu_row.mode is None:
+            # a GPU without a profile served both kinds: only devices of the other kind are in the way
+            keep = "container" if mode == "containers" else "vm"
+            allocs = [a for a in allocs if (a.consumer or "vm") != keep]
+        if allocs:
+            holders = sorted({f"{a.consumer or 'vm'} {a.vm_name}" for a in allocs})
+            plan.blocked.append(f"{plan.gpu.label}: its mode changes from {gpu_row.mode or 'none'} to {mode} while "
+                                f"devices on it are allocated ({', '.join(holders[:5])}); detach them first")
+    whole = [r for r in rows if r.kind == GPU and r.allocation is not None]
+    if whole and plan.ops:
+        plan.blocked.append(f"{plan.gpu.label} is handed whole to container {whole[0].allocation.vm_name}; detach it "
+                            "first")
 
 
 def _why_no_entry(spec: Any, g: GpuView) -> str:
@@ -492,7 +520,7 @@ def _why_no_entry(spec: Any, g: GpuView) -> str:
 def plan(ctx: Context, profile_name: str, selector: str, *, force: bool = False) -> dict[str, Any]:
     untouched: list[str] = []
     spec, plans = make_plans(ctx, profile_name, selector, force=force, untouched=untouched)
-    return {"profile": spec.name, "gpus": [p.to_dict() for p in plans], "untouched": untouched,
+    return {"profile": spec.name, "mode": spec.mode, "gpus": [p.to_dict() for p in plans], "untouched": untouched,
             "changes": sum(len(p.ops) for p in plans), "blocked": [b for p in plans for b in p.blocked]}
 
 
@@ -538,7 +566,7 @@ def apply(ctx: Context, profile_name: str, selector: str, *, force: bool = False
         gpu_ids = {p.gpu.address: p.gpu_row_id for p in plans}
         if not changing:
             with ctx.inventory.unit(write=True) as uow:
-                _close_marks(uow, spec.name, gpu_ids, set())
+                _close_marks(uow, spec.name, gpu_ids, set(), spec.mode)
                 uow.event("apply", target=spec.name, detail={"gpus": [p.gpu.address for p in plans], "changed": 0,
                                                               "pending_reset": []})
             return result
@@ -546,7 +574,8 @@ def apply(ctx: Context, profile_name: str, selector: str, *, force: bool = False
             before = {p.gpu.address: _marks(uow, p.gpu_row_id) for p in plans}
             steps = [s for p in changing for s in _steps_for(ctx, p, uow, allow_reset)]
             run = intent.Run.begin(ctx, "apply", gpus=[p.gpu.address for p in changing], steps=steps,
-                                   target={"profile": spec.name, "gpus": gpu_ids}, before=before, uow=uow)
+                                   target={"profile": spec.name, "gpus": gpu_ids, "mode": spec.mode}, before=before,
+                                   uow=uow)
         labels = {p.gpu.address: p.gpu.label for p in plans}
         order = [p.gpu.address for p in changing]
         if progress:
@@ -563,6 +592,7 @@ def apply(ctx: Context, profile_name: str, selector: str, *, force: bool = False
                 for p in changing:
                     row = uow.gpu(p.gpu_row_id)
                     row.desired_profile, row.profile_state = spec.name, ROLLBACK_INCOMPLETE
+                    row.mode = spec.mode
 
             failures = run.abort(exc, on_clean=lambda uow: _restore_marks(uow, before), on_incomplete=incomplete)
             with ctx.inventory.unit(write=True) as uow:
@@ -578,11 +608,12 @@ def apply(ctx: Context, profile_name: str, selector: str, *, force: bool = False
             raise err from exc
 
         def close(uow: Any) -> None:
-            _close_marks(uow, spec.name, gpu_ids, pending)
+            _close_marks(uow, spec.name, gpu_ids, pending, spec.mode)
             uow.event("apply", target=spec.name, detail={"gpus": [p.gpu.address for p in plans],
                                                           "changed": len(changing), "pending_reset": sorted(pending)})
 
         run.finish(on_close=close)
+        _sync_cdi(ctx)
         if progress:
             progress("done", len(order), len(order))
         result.pending_reset = [a for a in order if a in pending]
@@ -598,6 +629,15 @@ def apply(ctx: Context, profile_name: str, selector: str, *, force: bool = False
     return result
 
 
+def _sync_cdi(ctx: Context) -> None:
+    """A re-layout may have destroyed (--force) a container's MIG device: its CDI spec goes now, not at the next
+    reconcile.  Best effort: the apply itself is complete, and reconcile repeats this."""
+    from gpuvirt.service import containers
+
+    with contextlib.suppress(GpuvirtError):
+        containers.sync(ctx, actor="apply")
+
+
 class ApplyFailedError(GpuvirtError):
     """An apply step failed; the exit status is the failed step's."""
 
@@ -607,7 +647,8 @@ ROLLBACK_INCOMPLETE = "rollback-incomplete"
 
 def _marks(uow: Any, gpu_id: int) -> dict[str, Any]:
     row = uow.gpu(gpu_id)
-    return {"gpu_id": gpu_id, "desired_profile": row.desired_profile, "profile_state": row.profile_state}
+    return {"gpu_id": gpu_id, "desired_profile": row.desired_profile, "profile_state": row.profile_state,
+            "mode": row.mode}
 
 
 def _restore_marks(uow: Any, before: dict[str, Any]) -> None:
@@ -616,18 +657,21 @@ def _restore_marks(uow: Any, before: dict[str, Any]) -> None:
     for m in before.values():
         row = uow.gpu(m["gpu_id"])
         row.desired_profile, row.profile_state = m["desired_profile"], m["profile_state"]
+        if "mode" in m:
+            row.mode = m["mode"]
 
 
-def _close_marks(uow: Any, profile: str, gpu_ids: dict[str, int], pending: set[str]) -> None:
+def _close_marks(uow: Any, profile: str, gpu_ids: dict[str, int], pending: set[str], mode: str = "vm") -> None:
     for addr, gpu_id in gpu_ids.items():
         row = uow.gpu(gpu_id)
         row.desired_profile = profile
         row.profile_state = "pending-reset" if addr in pending else "applied"
+        row.mode = mode
 
 
 def _recovered_forward(uow: Any, row: Any, pending: set[str]) -> None:
     t = row.target
-    _close_marks(uow, t["profile"], {a: int(i) for a, i in t["gpus"].items()}, pending)
+    _close_marks(uow, t["profile"], {a: int(i) for a, i in t["gpus"].items()}, pending, t.get("mode") or "vm")
     uow.event("apply", target=t["profile"], detail={"finished_by": "reconcile", "pending_reset": sorted(pending)})
 
 

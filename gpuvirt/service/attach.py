@@ -18,7 +18,7 @@ from typing import Any
 from gpuvirt.context import Context
 from gpuvirt.errors import CapacityError, ConflictError, GpuvirtError, NotFoundError, ProfileError, UsageError
 from gpuvirt.host.machine import normalize_uuid
-from gpuvirt.inventory.models import MDEV, MIG, VF, VFIO_VGPU
+from gpuvirt.inventory.models import CONSUMER_VM, GPU, MDEV, MIG, MODE_CONTAINERS, VF, VFIO_VGPU
 from gpuvirt.model.catalog import resolve_gi_profile, resolve_vgpu_type
 from gpuvirt.model.mig import Placed
 from gpuvirt.service import health, hostview
@@ -183,12 +183,13 @@ class _Call:
     vm_uuid: str | None
     run: Any
     locks: contextlib.ExitStack
+    consumer: str = CONSUMER_VM       # vm | container (service.containers)
 
     def alloc(self, *, quota: bool = True) -> dict[str, Any]:
         """The allocation a step gives the VM; ``quota``: the device the tenant is charged for (checked and
         recorded as the attach event), not the GPU instance under a MIG-backed vGPU."""
         return {"vm_name": self.vm, "vm_uuid": self.vm_uuid, "tenant": self.tenant, "persistent": self.persistent,
-                "check_quota": quota, "event": quota}
+                "check_quota": quota, "event": quota, "consumer": self.consumer}
 
     def lock(self, addresses: list[str]) -> None:
         """Hold these GPUs until the attach ends (a rollback must not race another writer).  Always the same
@@ -202,6 +203,17 @@ def attach(ctx: Context, vm: str, *, vgpu: str | None = None, mig: str | None = 
            instance: int | None = None, mdev: str | None = None, tenant: str | None = None, count: int = 1,
            persistent: bool = True, vm_uuid: str | None = None, gpu: str | None = None, display: bool = False,
            ramfb: bool = False, domain_xml: str | None = None, fmt: str | None = None) -> list[Any]:
+    if fmt == "cdi":
+        # a container, not a VM: MIG devices and whole GPUs through CDI specs (service.containers)
+        from gpuvirt.service import containers
+
+        bad = [o for o, v in (("--vgpu", vgpu), ("--vf", vf or None), ("--instance", instance), ("--mdev", mdev),
+                              ("--vm-uuid", vm_uuid), ("--display", display or None), ("--ramfb", ramfb or None),
+                              ("--domain-xml", domain_xml)) if v is not None]
+        if bad:
+            raise UsageError(f"--format cdi hands MIG devices (--mig) and whole GPUs (--gpu) to containers; "
+                             f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} for VMs")
+        return containers.attach(ctx, vm, mig=mig, gpu=gpu, tenant=tenant, count=count, persistent=persistent)
     vm = check_vm_name(vm)
     tenant = check_tenant(tenant)
     if vm_uuid:
@@ -228,6 +240,10 @@ def attach(ctx: Context, vm: str, *, vgpu: str | None = None, mig: str | None = 
         if dom.name != vm:
             raise UsageError(f"--domain-xml {domain_xml} defines domain {dom.name!r}, not {vm!r}")
         vm_uuid = vm_uuid or dom.uuid
+    with ctx.inventory.unit() as uow:
+        from gpuvirt.service.containers import refuse_vm_name_clash
+
+        refuse_vm_name_clash(uow, ctx.settings.host_id, vm, CONSUMER_VM)
     with contextlib.ExitStack() as locks:
         # all or nothing, and journalled: every change of this call is a step of one intent, rolled back as a
         # whole if a later step fails (the Nth of --count, the hand-off, the domain file) or the process dies
@@ -274,6 +290,18 @@ def _attach_one(call: _Call, req: Request, *, gpu_selector: str | None) -> int:
     host_id = ctx.settings.host_id
     view = hostview.snapshot(ctx)
     allowed = health.usable(ctx, {g.address for g in (view.select(gpu_selector) if gpu_selector else view.gpus)})
+    with ctx.inventory.unit() as uow:
+        # GPUs in containers mode hand nothing to VMs (their layout is applied for containers), and a GPU handed
+        # whole to a container nothing at all
+        gpu_rows = uow.gpus(host_id)
+        mode_of = {g.address: g.mode for g in gpu_rows}
+        whole = {g.address for g in gpu_rows
+                 if any(r.allocation is not None for r in uow.instances(host_id, gpu_id=g.id, kinds=[GPU]))}
+    for_containers = {a for a in allowed if mode_of.get(a) == MODE_CONTAINERS or a in whole}
+    if gpu_selector and for_containers and for_containers == allowed:
+        raise ConflictError(f"{', '.join(sorted(for_containers))} serve{'s' if len(for_containers) == 1 else ''} "
+                            "containers (mode containers); VMs get devices of GPUs in mode vm or without a profile")
+    allowed -= for_containers
     models = {g.address: g.model for g in view.gpus}
     # 1. a free instance that already exists
     with ctx.inventory.unit(write=True, action=f"attach {req.describe()} to {vm}") as uow:
@@ -281,6 +309,10 @@ def _attach_one(call: _Call, req: Request, *, gpu_selector: str | None) -> int:
         addr_of = {r.id: a for a, r in rows.items()}
         if req.kind == "instance":
             inst = uow.instance(req.instance_id, host_id)
+            if inst.kind == GPU:
+                raise UsageError(f"instance {inst.id} ({inst.label}) is a whole GPU for containers")
+            if addr_of.get(inst.gpu_id) in for_containers:
+                raise ConflictError(f"instance {inst.id} ({inst.label}) is on a GPU in containers mode")
             if inst.kind == MIG:
                 raise UsageError(f"instance {inst.id} is a MIG instance ({inst.label}): {MIG_NOT_VFIO}")
             if inst.allocation is not None:
@@ -321,7 +353,13 @@ def _attach_one(call: _Call, req: Request, *, gpu_selector: str | None) -> int:
             raise CapacityError("no capacity: no free SR-IOV VF on this host (VFs come from a profile with "
                                 "--sriov-vfs N)")
     # 2. create one where the layout has room
-    return _create_for(call, req, view, allowed)
+    try:
+        return _create_for(call, req, view, allowed)
+    except ProfileError as exc:
+        if for_containers:
+            raise CapacityError(f"no capacity for VMs: {exc} (left out: {', '.join(sorted(for_containers))}, which "
+                                "serve containers)") from exc
+        raise
 
 
 def _mig_backed_type_for(ctx: Context, profile: str, gpu_selector: str | None) -> str:
@@ -650,23 +688,31 @@ def detach(ctx: Context, vm: str, *, instance: int | None = None, force: bool = 
             raise ConflictError(f"VM {vm} is running (recorded by the libvirt hook); stop it first, or use --force")
         ids = [a.instance_id for a in allocs]
         handoffs = [(a.instance.gpu.address, handoff_for(a.instance, a, a.instance.gpu)) for a in allocs
-                    if a.instance.kind != MIG]
+                    if a.instance.kind != MIG and (a.consumer or CONSUMER_VM) == CONSUMER_VM]
+        containers_held = [a.instance_id for a in allocs if (a.consumer or CONSUMER_VM) != CONSUMER_VM]
     xml_steps = []
     if domain_xml is not None:
         xml_steps = [intent.domain_xml_step(addr, domain_xml, h.libvirt_xml(), present=False,
                                             uuid=h.uuid if h.kind == "mdev" else None,
                                             address=h.pci_address if h.kind == "pci" else None)
                      for addr, h in handoffs]
-    return release_instances(ctx, vm, ids, extra_steps=xml_steps)
+    cdi_steps: list[dict[str, Any]] = []
+    if containers_held:
+        from gpuvirt.service.containers import release_steps
+
+        cdi_steps = release_steps(ctx, containers_held)
+    return release_instances(ctx, vm, ids, extra_steps=xml_steps, first_steps=cdi_steps)
 
 
 def release_instances(ctx: Context, vm: str, ids: list[int], *, destroy: bool = False, actor: str | None = None,
-                      extra_steps: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+                      extra_steps: list[dict[str, Any]] | None = None,
+                      first_steps: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Release the VM's allocations of ``ids``; destroy what a transient attach created for it (or everything,
     with ``destroy``).  One journalled intent, finished forward if the process dies; rolled back (the VM keeps
-    its devices) when a step fails now."""
+    its devices) when a step fails now.  ``first_steps`` run before the releases (a container's CDI specs are
+    withdrawn before its devices are given back)."""
     plan, out = _release_plan(ctx, vm, ids, destroy)
-    steps = [s for s in plan if s is not None] + list(extra_steps or [])
+    steps = list(first_steps or []) + [s for s in plan if s is not None] + list(extra_steps or [])
     if not steps:
         return out
     gpus = sorted({s["gpu"] for s in steps})
@@ -703,8 +749,8 @@ def _release_plan(ctx: Context, vm: str, ids: list[int], destroy: bool) -> tuple
             # A transient attach creates its instance non-persistent; that is what goes away with it.  A transient
             # attach that took a free persistent instance (from a profile, or left by an earlier persistent
             # attach) only gives it back: destroying it would silently shrink the layout the operator keeps.
-            gone = destroy or (not inst.persistent and inst.origin == "attach")
-            rec = {"instance": inst.id, "label": inst.label, "vm": vm, "destroyed": gone}
+            gone = destroy or inst.kind == GPU or (not inst.persistent and inst.origin == "attach")
+            rec = {"instance": inst.id, "label": inst.label, "vm": vm, "destroyed": gone and inst.kind != GPU}
             out.append(rec)
             addr = inst.gpu.address
             if alloc is not None and alloc.vm_name == vm:
@@ -737,6 +783,9 @@ def _destroy_step(inst: Any, backing: Any) -> dict[str, Any] | None:
     if inst.kind == MIG:
         return intent.mig_step(addr, inst.gpu_id, inst.gpu.nvml_index, inst.profile_id, inst.placement_start,
                                inst.placement_size, present=False, fields=fields, alloc=alloc)
+    if inst.kind == GPU:
+        # the row only stands for the hand-over; taking it back forgets it (undo brings row and allocation back)
+        return intent.whole_gpu_step(addr, inst.gpu_id, fields, row_allocation(inst), present=False)
     return None
 
 
@@ -744,7 +793,7 @@ def allocations(ctx: Context, vm: str | None = None, tenant: str | None = None) 
     with ctx.inventory.unit() as uow:
         return [{"vm": a.vm_name, "vm_uuid": a.vm_uuid, "tenant": a.tenant, "persistent": a.persistent,
                  "vm_state": a.vm_state, "instance": a.instance_id, "label": a.instance.label,
-                 "gpu": a.instance.gpu.address, "kind": a.instance.kind}
+                 "gpu": a.instance.gpu.address, "kind": a.instance.kind, "consumer": a.consumer or CONSUMER_VM}
                 for a in uow.allocations(host_id=ctx.settings.host_id, vm_name=vm, tenant=tenant)]
 
 

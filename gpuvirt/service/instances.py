@@ -140,7 +140,8 @@ def row_allocation(row: Any) -> dict[str, Any] | None:
     a = row.allocation
     if a is None:
         return None
-    return {"vm_name": a.vm_name, "vm_uuid": a.vm_uuid, "tenant": a.tenant, "persistent": a.persistent}
+    return {"vm_name": a.vm_name, "vm_uuid": a.vm_uuid, "tenant": a.tenant, "persistent": a.persistent,
+            "consumer": a.consumer or "vm"}
 
 
 def instance_fields_for_mig(model: GpuModel | None, profile_id: int, start: int, origin: str,

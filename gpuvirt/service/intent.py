@@ -116,6 +116,17 @@ def domain_xml_step(gpu: str, path: str, hostdev_xml: str, *, uuid: str | None, 
     return _step("domain-xml", gpu, present, path=path, xml=hostdev_xml, uuid=uuid, address=address)
 
 
+def whole_gpu_step(gpu: str, gpu_id: int, fields: dict[str, Any], alloc: dict[str, Any] | None, *,
+                   present: bool) -> dict[str, Any]:
+    """Inventory only: the row that stands for a whole GPU handed to a container, with its allocation."""
+    return _step("whole-gpu", gpu, present, gpu_id=gpu_id, fields=fields, alloc=alloc)
+
+
+def cdi_step(gpu: str, path: str, text: str, *, name: str, present: bool) -> dict[str, Any]:
+    """A CDI spec file gpuvirt owns: present with exactly ``text``, or absent (docs/containers.md)."""
+    return _step("cdi", gpu, present, path=path, text=text, name=name)
+
+
 def _step(op: str, gpu: str, present: bool, **params: Any) -> dict[str, Any]:
     return {"op": op, "gpu": gpu, "present": present, "params": params, "state": PENDING}
 
@@ -181,7 +192,7 @@ def _allocate(uow: Any, row: Any, alloc: dict[str, Any] | None) -> None:
 
         _quota_check(uow, alloc["tenant"], [row])
     uow.allocate(row, vm_name=alloc["vm_name"], vm_uuid=alloc.get("vm_uuid"), tenant=alloc.get("tenant"),
-                 persistent=bool(alloc.get("persistent", True)))
+                 persistent=bool(alloc.get("persistent", True)), consumer=alloc.get("consumer") or "vm")
     if alloc.get("event"):
         uow.event("attach", target=alloc["vm_name"], detail={"instance": row.id, "label": row.label,
                                                                "tenant": alloc.get("tenant"), "created": True})
@@ -647,11 +658,77 @@ class DomainXmlOp(_Op):
         pass
 
 
-INVENTORY_ONLY = ("allocate", "release", "record-vfs")
+class WholeGpuOp(_Op):
+    def describe(self, forward: bool = True) -> str:
+        vm = (self.p.get("alloc") or {}).get("vm_name")
+        add = self.step["present"] == forward
+        return f"{'hand' if add else 'take back'} the whole GPU {self.step['gpu']}" + (
+            f" {'to' if add else 'from'} {vm}" if vm else "")
+
+    def ensure(self, present: bool) -> dict[str, Any]:
+        return {}
+
+    def holds(self, view: Any, present: bool) -> bool:
+        return True
+
+    def record(self, uow: Any, present: bool, facts: dict[str, Any]) -> None:
+        from gpuvirt.inventory.models import GPU
+
+        row = uow.instance_by_parent(self.ctx.settings.host_id, self.step["gpu"], [GPU])
+        if present:
+            if row is None:
+                row = uow.add_instance(host_id=self.ctx.settings.host_id, gpu_id=self.p["gpu_id"], state=ACTIVE,
+                                       **{k: v for k, v in self.p["fields"].items() if k != "gpu_id"})
+            _allocate(uow, row, self.p.get("alloc"))
+        elif row is not None:
+            uow.delete_instance(row)
+
+
+class CdiOp(_Op):
+    """A spec file under the CDI spec folder.  Forward (present): the file holds exactly the rendered text,
+    written atomically; absent: gpuvirt's file is gone.  A file at that path that gpuvirt did not write is
+    never touched: making it present is refused, and for "absent" it does not count as gpuvirt's spec."""
+
+    def describe(self, forward: bool = True) -> str:
+        add = self.step["present"] == forward
+        return f"{'publish' if add else 'remove'} CDI spec {self.p['name']} ({self.p['path']})"
+
+    def _read(self) -> str | None:
+        from gpuvirt.host.devnodes import read_spec
+        from gpuvirt.vmm.cdi import MAX_SPEC_BYTES
+
+        return read_spec(self.p["path"], MAX_SPEC_BYTES)
+
+    def ensure(self, present: bool) -> dict[str, Any]:
+        from gpuvirt.host.devnodes import remove_spec, write_spec
+        from gpuvirt.vmm.cdi import owned
+
+        text = self._read()
+        if text is not None and owned(text) is None:
+            if present:
+                raise ConflictError(f"{self.p['path']} exists and was not written by gpuvirt; it is left as it "
+                                    "is (move it away, or configure another [cdi] vendor)")
+            return {}
+        if present and text != self.p["text"]:
+            write_spec(self.p["path"], self.p["text"])
+        elif not present and text is not None:
+            remove_spec(self.p["path"])
+        return {}
+
+    def holds(self, view: Any, present: bool) -> bool:
+        from gpuvirt.vmm.cdi import owned
+
+        text = self._read()
+        if present:
+            return text == self.p["text"]
+        return text is None or owned(text) is None
+
+
+INVENTORY_ONLY = ("allocate", "release", "record-vfs", "whole-gpu")
 
 OPS: dict[str, type[_Op]] = {"mig": MigOp, "mdev": MdevOp, "vgpu": VgpuOp, "vfs": VfsOp, "mig-mode": MigModeOp,
                              "vgpu-scheduler": VgpuSchedulerOp, "record-vfs": RecordVfsOp, "allocate": AllocateOp,
-                             "release": AllocateOp, "domain-xml": DomainXmlOp}
+                             "release": AllocateOp, "domain-xml": DomainXmlOp, "cdi": CdiOp, "whole-gpu": WholeGpuOp}
 
 
 def op_of(ctx: Context, step: dict[str, Any]) -> _Op:
@@ -673,6 +750,10 @@ def row_id(ctx: Context, step: dict[str, Any]) -> int:
             row = uow.instance_by_mdev(host_id, p["uuid"])
         elif step["op"] == "vgpu":
             row = _find_row(uow, host_id, gpu_id=p["gpu_id"], kind=VFIO_VGPU, parent=p["vf"])
+        elif step["op"] == "whole-gpu":
+            from gpuvirt.inventory.models import GPU
+
+            row = uow.instance_by_parent(host_id, step["gpu"], [GPU])
         else:
             row = None
         if row is None:
@@ -913,8 +994,10 @@ class Run:
 
 
 def _event_name(step: dict[str, Any]) -> str:
-    if step["op"] in ("allocate", "release", "domain-xml", "record-vfs", "mig-mode", "vgpu-scheduler"):
+    if step["op"] in ("allocate", "release", "domain-xml", "record-vfs", "mig-mode", "vgpu-scheduler", "whole-gpu"):
         return step["op"]
+    if step["op"] == "cdi":
+        return "cdi-publish" if step["present"] else "cdi-remove"
     return "create" if step["present"] else "destroy"
 
 
@@ -1056,5 +1139,6 @@ def owner_alive(owner: str | None) -> bool:
 
 
 __all__ = ["Run", "recover", "require_settled", "settle", "open_intents", "register_kind", "mig_step", "mdev_step", "vgpu_step",
-           "vfs_step", "mig_mode_step", "vgpu_scheduler_step", "record_vfs_step", "allocate_step", "release_step", "domain_xml_step",
+           "vfs_step", "mig_mode_step", "vgpu_scheduler_step", "record_vfs_step", "allocate_step", "release_step",
+           "domain_xml_step", "cdi_step", "whole_gpu_step",
            "describe", "describe_open", "IntentFailed", "PENDING", "DONE", "UNDONE", "SKIPPED"]

@@ -74,7 +74,7 @@ def _row_spec(row: Any) -> ProfileSpec:
     """A stored row as a spec; the columns win over the copy inside the JSON (they are what gets edited)."""
     spec = ProfileSpec.from_dict(row.spec)
     return ProfileSpec(name=row.name, description=row.description, model=row.model, entries=spec.entries,
-                       source=row.source)
+                       source=row.source, mode=spec.mode)
 
 
 def _known_names(ctx: Any) -> list[str]:
@@ -123,7 +123,7 @@ def _store(uow: Any, spec: ProfileSpec, *, replace: bool) -> None:
 
 def _summary(spec: ProfileSpec) -> dict[str, Any]:
     return {"name": spec.name, "kind": spec.kind, "model": spec.model, "description": spec.description,
-            "source": spec.source, "summary": spec.summary()}
+            "source": spec.source, "mode": spec.mode, "summary": spec.summary()}
 
 
 def _gpu_refs(gpus: Sequence[Any]) -> list[dict[str, Any]]:
@@ -238,7 +238,7 @@ def create_profile(ctx: Any, name: str, *, mig: Sequence[str] = (), vgpu: Sequen
                    mdev: Sequence[str] = (), sriov_vfs: int | None = None, model: str | None = None,
                    description: str | None = None, from_file: str | None = None,
                    replace: bool = False, vgpu_scheduler: str | None = None,
-                   timeslice_us: int | None = None) -> dict[str, Any]:
+                   timeslice_us: int | None = None, mode: str | None = None) -> dict[str, Any]:
     """Create (or with ``replace`` overwrite) profile ``name`` from options or a file; validated first,
     nothing stored on error."""
     try:
@@ -248,6 +248,10 @@ def create_profile(ctx: Any, name: str, *, mig: Sequence[str] = (), vgpu: Sequen
     model_id = _canonical_model(model)
     if timeslice_us is not None and vgpu_scheduler is None:
         raise UsageError("--timeslice-us needs --vgpu-scheduler equal-share or fixed-share")
+    from gpuvirt.model.profile import MODES
+
+    if mode is not None and mode not in MODES:
+        raise UsageError(f"--mode must be one of {', '.join(MODES)}")
     if from_file is not None:
         if mig or vgpu or mdev or sriov_vfs is not None or vgpu_scheduler is not None:
             raise UsageError("--from-file cannot be combined with --mig, --vgpu, --mdev, --sriov-vfs or "
@@ -255,19 +259,25 @@ def create_profile(ctx: Any, name: str, *, mig: Sequence[str] = (), vgpu: Sequen
         spec = _spec_from_file(from_file, name)
         spec = ProfileSpec(name=name, description=description if description is not None else spec.description,
                            model=model_id if model_id is not None else _canonical_model(spec.model),
-                           entries=spec.entries, source=f"file:{Path(from_file).name}")
+                           entries=spec.entries, source=f"file:{Path(from_file).name}", mode=mode or spec.mode)
     else:
         counts = {"mig": parse_items("--mig", mig), "vgpu": parse_items("--vgpu", vgpu),
                   "mdev": parse_items("--mdev", mdev)}
         if sriov_vfs is not None and sriov_vfs < 0:
             raise UsageError(f"--sriov-vfs {sriov_vfs}: the number of VFs must be 0 or more")
-        if not any(counts.values()) and sriov_vfs is None and vgpu_scheduler is None:
+        whole = mode == "containers" and not any(counts.values()) and sriov_vfs is None and vgpu_scheduler is None
+        if not any(counts.values()) and sriov_vfs is None and vgpu_scheduler is None and not whole:
             raise UsageError("give at least one of --mig, --vgpu, --mdev, --sriov-vfs, --vgpu-scheduler, or "
                              "--from-file")
         sched = _cli_scheduler(vgpu_scheduler, timeslice_us)
+        # a containers profile without MIG instances hands out the whole GPU: MIG off
         entry = ProfileEntry(mig=counts["mig"], vgpu=counts["vgpu"], mdev=counts["mdev"], sriov_vfs=sriov_vfs,
-                             vgpu_scheduler=sched)
-        spec = ProfileSpec(name=name, description=description, model=model_id, entries=(entry,), source="user")
+                             vgpu_scheduler=sched, mig_enabled=False if whole else None)
+        try:
+            spec = ProfileSpec(name=name, description=description, model=model_id, entries=(entry,), source="user",
+                               mode=mode or "vm")
+        except ProfileError as exc:
+            raise UsageError(exc.message) from None
     report = _validated(spec)
     is_builtin = name in builtin_profiles()
     with ctx.inventory.unit(write=True, action="create profile") as uow:

@@ -16,7 +16,7 @@ from typing import Any
 
 from gpuvirt.context import Context
 from gpuvirt.errors import GpuvirtError, ProfileError
-from gpuvirt.inventory.models import ACTIVE, CREATING, DESTROYING, FAILED, MDEV, MIG, VF, VFIO_VGPU
+from gpuvirt.inventory.models import ACTIVE, CREATING, DESTROYING, FAILED, GPU, MDEV, MIG, VF, VFIO_VGPU
 from gpuvirt.service import hostview
 from gpuvirt.service.hostview import GpuView, HostView
 from gpuvirt.service import intent
@@ -198,7 +198,8 @@ def analyze(ctx: Context, view: HostView, uow: Any, adopt: bool = False) -> tupl
         for r in sorted(rows, key=lambda r: (r.kind != MIG, r.id)):
             key = _row_key(r)
             known.add(key)
-            on_host = key in keys if r.kind != VF else (r.parent in g.vfs)
+            # a whole GPU handed to a container is the GPU itself: there whenever the GPU is
+            on_host = True if r.kind == GPU else key in keys if r.kind != VF else (r.parent in g.vfs)
             if r.state == DESTROYING:
                 f = rep.add(g.address, "leftover-destroying", r.label, r.id,
                             action="destroy" if on_host else "forget")
@@ -284,12 +285,17 @@ def status(ctx: Context) -> dict[str, Any]:
                 "profile_state": row.profile_state if row else None,
                 "mig": {"current": g.mig_current, "pending": g.mig_pending} if g.mig_capable else None,
                 "vgpu_scheduler": sched,
-                "instances": [_instance_dict(i, (_row_key(i) in keys) if i.kind != VF else i.parent in g.vfs)
-                              for i in insts],
+                "mode": row.mode if row else None,
+                "instances": [_instance_dict(i, True if i.kind == GPU else (_row_key(i) in keys) if i.kind != VF
+                                             else i.parent in g.vfs) for i in insts],
                 "drift": [f.to_dict() for f in rep.findings if f.gpu == g.address and f.kind != "ids"],
             })
-    return {"host": ctx.settings.host_id, "gpus": gpus,
-            "in_sync": not any(f.kind != "ids" for f in rep.findings)}
+    cdi_doc = _cdi_plan(ctx)
+    cdi_rep = Report()
+    _cdi_findings(cdi_rep, cdi_doc)
+    cdi = [f.to_dict() for f in cdi_rep.findings]
+    return {"host": ctx.settings.host_id, "gpus": gpus, "cdi": cdi,
+            "in_sync": not any(f.kind != "ids" for f in rep.findings) and not cdi}
 
 
 def _instance_dict(i: Any, on_host: bool) -> dict[str, Any]:
@@ -303,7 +309,8 @@ def _instance_dict(i: Any, on_host: bool) -> dict[str, Any]:
         d.update({"uuid": i.mdev_uuid, "parent": i.parent, "type_id": i.type_id, "type_name": i.type_name})
     if i.allocation is not None:
         d["allocation"] = {"vm": i.allocation.vm_name, "vm_uuid": i.allocation.vm_uuid,
-                           "tenant": i.allocation.tenant, "persistent": i.allocation.persistent}
+                           "tenant": i.allocation.tenant, "persistent": i.allocation.persistent,
+                           "consumer": i.allocation.consumer or "vm"}
     return d
 
 
@@ -332,14 +339,64 @@ def reconcile(ctx: Context, *, dry_run: bool = False, adopt: bool = False, only_
             # the hook's restore brings back what its VM had; changing a GPU's layout is not its business
             work = [(f, w) for f, w in work if _touches(w, only_parents) and w[0] != "finish-apply"]
         if dry_run:
+            _cdi_findings(rep, _cdi_plan(ctx))
             return {"dry_run": True, **rep.to_dict()}
         _repair(ctx, rep, work, actor)
+        # last, the CDI specs of container devices: rendered from the host as the repairs left it (a MIG device
+        # re-created after a reboot has a new UUID, so its spec gets a new name)
+        _cdi_sync(ctx, rep, actor)
         with ctx.inventory.unit(write=True) as uow:
             out = rep.to_dict()
             uow.event("reconcile", result="failed" if out["failed"] else "ok", actor=actor,
                       detail={"changed": out["changed"], "failed": len(out["failed"]),
                               "foreign": len(out["foreign"])})
     return rep.to_dict()
+
+
+def _cdi_plan(ctx: Context) -> dict[str, Any] | None:
+    from gpuvirt.service import containers
+
+    try:
+        return containers.plan_sync(ctx)
+    except GpuvirtError as exc:
+        return {"error": str(exc)}
+
+
+def _cdi_findings(rep: Report, doc: dict[str, Any] | None, done: bool = False) -> None:
+    if not doc:
+        return
+    if doc.get("error"):
+        rep.add("-", "cdi", "CDI specs", action=f"cannot check: {doc['error']}", result="failed")
+        return
+    for key, action in (("missing", "publish"), ("outdated", "rewrite"), ("stale", "remove")):
+        for i in doc.get(key, []):
+            rep.add(i.get("gpu") or "-", f"cdi-{key}", f"{i['name']} ({i['path']})", i.get("instance"),
+                    action=action)
+    for i in doc.get("unresolved", []):
+        rep.add(i["gpu"], "cdi-unresolved", f"spec of instance {i['instance']} ({i['consumer']})", i["instance"],
+                action=f"cannot render: {i['error']}")
+    for i in doc.get("conflicts", []):
+        rep.add("-", "cdi-conflict", i["path"], action=f"left alone: {i['why']}")
+
+
+def _cdi_sync(ctx: Context, rep: Report, actor: str | None) -> None:
+    from gpuvirt.service import containers
+
+    try:
+        doc = containers.sync(ctx, actor=actor)
+    except GpuvirtError as exc:
+        rep.add("-", "cdi", "CDI specs", action=f"cannot sync: {exc}", result="failed")
+        return
+    before = len(rep.findings)
+    _cdi_findings(rep, doc)
+    results = iter(doc.get("changes", []))
+    for f in rep.findings[before:]:
+        if f.kind in ("cdi-missing", "cdi-outdated", "cdi-stale"):
+            r = next(results, None)
+            if r is not None:
+                f.result = r["result"]
+                if r.get("error"):
+                    f.action = f"{f.action}: {r['error']}"
 
 
 def _settled_label(s: dict[str, Any]) -> str:

@@ -199,6 +199,8 @@ class _ModelInfo:
             return "mig-profile", p.name if p else str(r[I_PID])
         if kind == VF:
             return "vf", "vf"
+        if kind == "gpu":                   # a whole GPU handed to a container (inventory.models.GPU)
+            return "whole-gpu", "whole GPU"
         tid = self.tid(r[I_TYPE])
         if tid is None:
             # a generic mdev type is known by its type dir (mtty-2), as attach --mdev names it
@@ -341,7 +343,8 @@ def gpu_entry(f: GpuFacts, stale: bool) -> dict[str, Any]:
             if ik is None:
                 ik = items[ck] = info.item(r)
             allocations.append({"instance": r[I_ID], "kind": kind, "item": ik[1], "vm": r[I_VM],
-                                "tenant": r[I_TENANT], "vm_state": r[I_VMSTATE]})
+                                "tenant": r[I_TENANT], "vm_state": r[I_VMSTATE],
+                                "consumer": r[-1] or "vm"})      # the consumer is the rows' last column
         if kind == MIG:
             if is_mig and r[I_START] is not None and r[I_PID] in info.gi:
                 mig_rows.append(r)

@@ -178,6 +178,10 @@ def _live_instances(f: GpuFacts, g: Any, rows: list[tuple]) -> None:
         if addr in g.vfs:
             matched.add(r[I_ID])
             f.insts.append(r)
+    for r in rows:
+        if r[I_KIND] == "gpu":              # a whole GPU for a container is there as long as the GPU is
+            matched.add(r[I_ID])
+            f.insts.append(r)
     f.missing = sum(1 for r in rows if r[I_ID] not in matched)
     # the order the inventory view uses (by id), so both views of one host compare equal; foreign last
     f.insts.sort(key=lambda r: (r[I_ID] is None, r[I_ID] or 0))

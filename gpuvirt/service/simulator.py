@@ -123,3 +123,20 @@ def repair(directory: str) -> None:
 
 def exists(directory: str) -> bool:
     return (Path(directory) / ".gpuvirt-sim" / "state.json").is_file()
+
+
+def bind(directory: str, gpu: str, driver: str) -> dict[str, Any]:
+    from gpuvirt.sim import devctl
+
+    return devctl.bind(control.open_sim(directory), gpu, driver)
+
+
+def devnodes(directory: str, **choices: Any) -> dict[str, Any]:
+    from gpuvirt.sim import devctl
+
+    sim = control.open_sim(directory)
+    if choices.get("minor") is not None:
+        gpu, minor = choices.pop("minor")
+        devctl.set_minor(sim, gpu, minor)
+    choices.pop("minor", None)
+    return devctl.configure(sim, **choices)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from gpuvirt.model.catalog import GpuModel, load_catalog
-from gpuvirt.sim import rules
+from gpuvirt.sim import devnodes, rules
 from gpuvirt.sim.state import atomic_write, behaviour
 
 # the same default the simulated NVML reports (gpuvirt.sim.nvml.DEFAULT_DRIVER_VERSION)
@@ -60,7 +60,7 @@ def _iommu(tree: Tree, dev_dir: str, name: str, group: int | None) -> None:
 
 
 def _pci_device(tree: Tree, model: GpuModel, address: str, group: int | None, *, device_id: int | None = None,
-                pci_class: int | None = None, vf: bool = False) -> str:
+                pci_class: int | None = None, vf: bool = False, driver: str | None = None) -> str:
     d = f"{PCI_ROOT}/{address}"
     _dir(tree, d)
     vendor_id = model.vendor_id or 0
@@ -68,7 +68,7 @@ def _pci_device(tree: Tree, model: GpuModel, address: str, group: int | None, *,
     klass = pci_class if pci_class is not None else (model.pci_class or 0x030000)
     sub_v = model.subsystem_vendor_id or vendor_id
     sub_d = 0 if vf else (model.subsystem_device_id or 0)
-    driver = DRIVER_BY_VENDOR.get(model.vendor, "")
+    driver = driver or DRIVER_BY_VENDOR.get(model.vendor, "")
     _file(tree, f"{d}/vendor", f"0x{vendor_id:04x}\n")
     _file(tree, f"{d}/device", f"0x{dev_id:04x}\n")
     _file(tree, f"{d}/subsystem_vendor", f"0x{sub_v:04x}\n")
@@ -154,7 +154,7 @@ def render_device(state: dict[str, Any], dev: dict[str, Any]) -> Tree:
         _mdev_devices(tree, state, dev["name"], pdir)
         return tree
 
-    pf_dir = _pci_device(tree, model, dev["address"], dev.get("iommu_group"))
+    pf_dir = _pci_device(tree, model, dev["address"], dev.get("iommu_group"), driver=dev.get("driver"))
     if model.mdev:  # GVT-g: the iGPU itself is the parent
         spec = model.mdev
         _mdev_class_link(tree, dev["address"], pf_dir)
@@ -236,6 +236,7 @@ def host_tree(state: dict[str, Any]) -> Tree:
         _dir(tree, "sys/module")
         _dir(tree, "sys/module/nvidia")
         _file(tree, "sys/module/nvidia/version", f"{state.get('driver_version') or DEFAULT_DRIVER_VERSION}\n")
+    tree.update(devnodes.render(state))   # /dev nodes and the driver's /proc files (gpuvirt.sim.devnodes)
     return tree
 
 
