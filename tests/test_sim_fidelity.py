@@ -403,6 +403,7 @@ def test_every_fault_op_is_reachable_and_traced(make_sim):
     vfio = make_sim(["l40s"], name="vfio")
     set_trace(vfio, True)
     hv = host(vfio)
+    hv.nvml().set_vgpu_scheduler(0, "equal-share")        # no vGPU on the board: the set is accepted
     hv.set_vgpu_type(vf(0), 1145)
     hv.clear_vgpu_type(vf(0))
     hv.reset_gpu(PF)
@@ -412,6 +413,13 @@ def test_every_fault_op_is_reachable_and_traced(make_sim):
     t = trace(sim)["ops"]
     assert {"op": "nvml.CreateGpuInstance", "target": f"{PF} profile=19", "k": 0} in t
     assert [x["k"] for x in t if x["op"] == "vgpu.register"] == list(range(20))     # one per A100 VF
+
+
+# NVML event sets are the calling process's own subscription, kept in the state so that another process can
+# deliver to it; creating or freeing one changes nothing on the host's devices (and gpuvirt journals no such
+# step), so these entry points have no fault point of their own
+SUBSCRIPTION_BOOKKEEPING = {"nvmlEventSetCreate", "nvmlDeviceRegisterEvents", "nvmlEventSetFree",
+                            "nvmlEventSetWait", "nvmlEventSetWait_v2"}
 
 
 def test_every_mutating_nvml_entry_point_has_a_fault_point():
@@ -432,6 +440,8 @@ def test_every_mutating_nvml_entry_point_has_a_fault_point():
         helpers = [getattr(FakeNvmlLib, c) for c in seen if c.startswith("_") and hasattr(FakeNvmlLib, c)]
         for hfn in helpers:
             seen |= calls(getattr(hfn, "__wrapped__", hfn))
+        if name in SUBSCRIPTION_BOOKKEEPING:
+            continue
         if "_transact" in seen or "transaction" in seen:
             mutating.append(name)
             assert "_fault" in seen, f"{name} changes the host without a fault point"

@@ -420,7 +420,9 @@ def writable_attrs(state: dict[str, Any]) -> list[tuple[str, str, int]]:
 
 def writable_attrs_drawn(state: dict[str, Any]) -> list[tuple[str, str, int]]:
     """The same list taken from a full :func:`render` (slow; the reference for :func:`writable_attrs`)."""
-    return [(p, e[1], e[2]) for p, e in render(state).items() if e[0] == "file" and e[2] & 0o222]
+    # sysfs attributes only: the device nodes under dev/ stand in for character devices, not for attributes
+    return [(p, e[1], e[2]) for p, e in render(state).items()
+            if e[0] == "file" and e[2] & 0o222 and p.startswith("sys/")]
 
 
 # --- checking and repairing the tree on disk --------------------------------------------------------------------------
