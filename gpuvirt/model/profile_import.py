@@ -24,15 +24,9 @@ from typing import Iterable, Sequence
 
 from gpuvirt.errors import ProfileError
 from gpuvirt.model.catalog import Catalog, GpuModel
-from gpuvirt.model.profile import (
-    ProfileEntry,
-    ProfileSpec,
-    ValidationReport,
-    _model_pool,
-    Check,
-    candidate_models,
-    resolve,
-)
+from gpuvirt.model.profile import ProfileEntry, ProfileSpec
+from gpuvirt.model.profile_resolve import resolve
+from gpuvirt.model.profile_validate import Check, ValidationReport, _model_pool, candidate_models
 
 
 @dataclass(frozen=True)
