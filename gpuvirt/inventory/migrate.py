@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.resources
 from typing import Any
 
 from sqlalchemy.engine import Engine
 
 
 def script_location() -> str:
-    return str(importlib.resources.files("gpuvirt._migrations"))
+    from gpuvirt._data import data_dir
+
+    return data_dir("migrations")
 
 
 def alembic_config(url: str | None = None, connection: Any = None):

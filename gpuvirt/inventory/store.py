@@ -52,11 +52,11 @@ SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal", ".lock")
 
 def known_revisions() -> set[str]:
     """Revision ids this gpuvirt ships (the file names of ``migrations/versions``; tested against Alembic)."""
-    import importlib.resources
+    from gpuvirt._data import data_dir
 
     try:
-        versions = importlib.resources.files("gpuvirt._migrations").joinpath("versions")
-        return {p.name[:-3] for p in versions.iterdir() if p.name.endswith(".py") and p.name[:1].isdigit()}
+        versions = os.path.join(data_dir("migrations"), "versions")
+        return {n[:-3] for n in os.listdir(versions) if n.endswith(".py") and n[:1].isdigit()}
     except (ModuleNotFoundError, OSError):  # pragma: no cover - a broken installation
         return {HEAD_REVISION}
 

@@ -32,9 +32,9 @@ PciRow = Sequence[Any]
 def models_dir() -> str:
     # the package's own directory, without importlib.resources (its import costs more than a cached catalog
     # load): gpuvirt._profiles is a plain package installed as files
-    import gpuvirt._profiles as pkg
+    from gpuvirt._data import data_dir
 
-    return os.path.join(os.path.dirname(pkg.__file__), "models")
+    return os.path.join(data_dir("profiles"), "models")
 
 
 def models_dir_files() -> list[tuple[str, str]]:

@@ -12,13 +12,13 @@ is recorded as an inventory event.  Functions return plain dicts (or text) for t
 from __future__ import annotations
 
 import functools
-import importlib.resources
 import os
 import re
 import stat
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from gpuvirt._data import data_dir
 from gpuvirt.errors import ConflictError, NotFoundError, ProfileError, UsageError
 from gpuvirt.model.catalog import load_catalog
 from gpuvirt.model.profile import ProfileEntry, ProfileSpec, ValidationReport, check_name, validate
@@ -35,15 +35,16 @@ _ITEM_RE = re.compile(r"^\s*(?P<name>\S(?:.*\S)?)\s*=\s*(?P<count>.*?)\s*$")
 @functools.lru_cache(maxsize=1)
 def builtin_profiles() -> dict[str, ProfileSpec]:
     """The shipped profiles by name (read once; they are package data and never change at run time)."""
-    root = importlib.resources.files("gpuvirt._profiles").joinpath("builtin")
+    root = os.path.join(data_dir("profiles"), "builtin")
     out: dict[str, ProfileSpec] = {}
-    for entry in sorted(root.iterdir(), key=lambda e: e.name):
-        if not entry.name.endswith(".yaml"):
+    for name in sorted(os.listdir(root)):
+        if not name.endswith(".yaml"):
             continue
-        _, specs = parse_profiles(entry.read_text(encoding="utf-8"), f"builtin/{entry.name}", source=BUILTIN)
+        with open(os.path.join(root, name), encoding="utf-8") as fh:
+            _, specs = parse_profiles(fh.read(), f"builtin/{name}", source=BUILTIN)
         for s in specs:
             if s.name in out:
-                raise ProfileError(f"built-in profile '{s.name}' is defined twice (builtin/{entry.name})")
+                raise ProfileError(f"built-in profile '{s.name}' is defined twice (builtin/{name})")
             out[s.name] = s
     return out
 
