@@ -474,7 +474,7 @@ def _create_mig_for(call: _Call, profile: str, gpus: list[GpuView], policy: str,
         _quota_precheck(ctx, call.tenant, fields)
     alloc = call.alloc(quota=not backing)
     if backing:
-        alloc["tenant"] = None      # named when the vGPU on it is recorded (see intent._VgpuLike._link_backing)
+        alloc["tenant"] = None      # named when the vGPU on it is recorded (see intent_steps._VgpuLike._link_backing)
     step = intent.mig_step(g.address, ids[g.address], g.nvml_index, pid, d.start, fields["placement_size"],
                            present=True, fields=fields, alloc=alloc,
                            label=f"GPU instance {fields['profile_name']} at {d.start} on {g.label} for {call.vm}")
