@@ -261,6 +261,59 @@ def sim_devnodes(directory: str = typer.Argument(..., metavar="DIR"),
     print(" ".join(f"{k}={v}" for k, v in sorted(doc.items())))
 
 
+@sim_app.command("migration")
+def sim_migration(directory: str = typer.Argument(..., metavar="DIR"),
+                  driver: Optional[str] = typer.Option(None, "--driver", help="Host (vGPU manager) driver version, "
+                                                       "e.g. 550.127.05."),
+                  os_release: Optional[str] = typer.Option(None, "--os", help="Hypervisor release as <os-release "
+                                                           "ID>-<VERSION_ID>, e.g. rhel-9.4, ubuntu-24.04."),
+                  kernel: Optional[str] = typer.Option(None, "--kernel", help="Kernel release (uname -r)."),
+                  qemu: Optional[str] = typer.Option(None, "--qemu", help="QEMU version, e.g. 8.2.0."),
+                  libvirt: Optional[str] = typer.Option(None, "--libvirt", help="libvirt version, e.g. 10.0.0."),
+                  vgpu_supported: Optional[str] = typer.Option(None, "--vgpu-supported", metavar="MIN-MAX",
+                                                               help="vGPU versions the host driver supports."),
+                  vgpu_current: Optional[str] = typer.Option(None, "--vgpu-current", metavar="MIN-MAX",
+                                                             help="vGPU versions it accepts now ('supported': all)."),
+                  pgpu_cap: Optional[bool] = typer.Option(None, "--pgpu-migration-cap/--no-pgpu-migration-cap",
+                                                          help="The GPUs report the migration capability."),
+                  vgpu_cap: Optional[bool] = typer.Option(None, "--vgpu-migration-cap/--no-vgpu-migration-cap",
+                                                          help="The vGPU types report the migration capability."),
+                  mig_backed_live: Optional[bool] = typer.Option(None, "--mig-backed-live/--no-mig-backed-live",
+                                                                 help="Rule: MIG-backed vGPUs may move live "
+                                                                 "(UNVERIFIED; default no)."),
+                  driver_match: Optional[str] = typer.Option(None, "--driver-match",
+                                                             help="Rule: exact | branch | any."),
+                  same_device_id: Optional[bool] = typer.Option(None, "--same-device-id/--any-device-id",
+                                                                help="Rule: live only between GPUs of one PCI "
+                                                                "device id."),
+                  live_os: Optional[str] = typer.Option(None, "--live-os", help="Rule: comma-separated releases "
+                                                        "with live migration, or 'any'."),
+                  live_families: Optional[str] = typer.Option(None, "--live-families",
+                                                              help="Rule: comma-separated GPU architectures with "
+                                                              "live migration, or 'any'."),
+                  json_out: bool = typer.Option(False, "--json")) -> None:
+    """Set (or show) what a simulated host runs for VM moves and the rules its NVML answers compatibility with."""
+    from gpuvirt.service import simulator
+
+    rules = {}
+    for key, value in (("mig_backed_live", mig_backed_live), ("driver_match", driver_match),
+                       ("same_device_id", same_device_id)):
+        if value is not None:
+            rules[key] = value
+    for key, value in (("live_os", live_os), ("live_families", live_families)):
+        if value is not None:
+            rules[key] = None if value.strip() == "any" else [v.strip() for v in value.split(",") if v.strip()]
+    doc = simulator.migration(directory, driver=driver, os=os_release, kernel=kernel, qemu=qemu, libvirt=libvirt,
+                              vgpu_supported=vgpu_supported, vgpu_current=vgpu_current, pgpu_migration_cap=pgpu_cap,
+                              vgpu_migration_cap=vgpu_cap, rules=rules or None)
+    if json_out:
+        emit_json(doc)
+        return
+    print(f"driver {doc['driver']}, {doc['os']}, kernel {doc['kernel']}, QEMU {doc['qemu']}, libvirt "
+          f"{doc['libvirt']}, vGPU versions {doc['vgpu_current'][0]:#x}-{doc['vgpu_current'][1]:#x}")
+    print("rules: " + ", ".join(f"{k}={v}" for k, v in doc["rules"].items()))
+
+
 @sim_app.command("repair")
 def sim_repair(directory: str = typer.Argument(..., metavar="DIR")) -> None:
     """Rewrite the simulated sysfs tree from the simulator state (undoes deliberate damage)."""
