@@ -46,6 +46,7 @@ nvml.VgpuInstanceGetMetadata | nvml.DeviceGetVgpuMetadata | nvml.GetVgpuCompatib
 
 from __future__ import annotations
 
+import ctypes
 import json
 from typing import Any
 
@@ -103,8 +104,16 @@ def _stack_facts(doc: dict[str, Any]) -> dict[str, Any]:
             "l": _short(doc.get("libvirt"), 16)}
 
 
+def _raw(struct: Any, name: str, length: int | None = None) -> bytes:
+    """A char-array field's bytes as stored (nvidia-ml-py's structures decode char fields to str on access,
+    which fails on bytes that are not UTF-8, and opaque data need not be)."""
+    f = getattr(type(struct), name)
+    n = f.size if length is None else max(0, min(int(length), f.size))
+    return ctypes.string_at(ctypes.addressof(struct) + f.offset, n)
+
+
 def _text(field: Any) -> str | None:
-    value = field.decode(errors="replace") if isinstance(field, bytes) else str(field)
+    value = field.split(b"\0", 1)[0].decode(errors="replace") if isinstance(field, bytes) else str(field)
     return value or None
 
 
@@ -148,9 +157,9 @@ class MigrationApi(NvmlBase):
         assert model.vgpu is not None
         vtype = model.vgpu.type_by_id(v["type_id"])
         stack = host_stack_doc(state)
-        facts = {"t": v["type_id"], "n": _short(model.vgpu.name_prefix + vtype.name, 32), "m": model.id,
+        facts = {"t": v["type_id"], "n": _short(vtype.name, 32), "m": model.id,
                  "d": model.device_id, "f": model.architecture, "g": bool(vtype.mig_backed), **_stack_facts(stack)}
-        opaque = _encode_opaque(facts, len(bytes(meta.opaqueData)))
+        opaque = _encode_opaque(facts, type(meta).opaqueData.size)
         _check_buffer(meta, size_ref, len(opaque))
         self._query_fault("VgpuInstanceGetMetadata", f"{dev.get('address')} vgpu={v['id']}")
         guest = v["entry"].get("guest") or {}
@@ -182,7 +191,7 @@ class MigrationApi(NvmlBase):
         meta = _target(meta_ref)
         stack = host_stack_doc(state)
         facts = {"m": model.id, "d": model.device_id, "f": model.architecture, **_stack_facts(stack)}
-        opaque = _encode_opaque(facts, len(bytes(meta.opaqueData)))
+        opaque = _encode_opaque(facts, type(meta).opaqueData.size)
         _check_buffer(meta, size_ref, len(opaque))
         self._query_fault("DeviceGetVgpuMetadata", str(dev.get("address")))
         lo, hi = current_range(stack)
@@ -207,8 +216,8 @@ class MigrationApi(NvmlBase):
         for meta in (vm_meta, pg_meta):
             if int(meta.version) != METADATA_VERSION:
                 raise _Fail(ARGUMENT_VERSION_MISMATCH)
-        vm_facts = _decode_opaque(bytes(vm_meta.opaqueData)[:int(vm_meta.opaqueDataSize) or None])
-        pg_facts = _decode_opaque(bytes(pg_meta.opaqueData)[:int(pg_meta.opaqueDataSize) or None])
+        vm_facts = _decode_opaque(_raw(vm_meta, "opaqueData", vm_meta.opaqueDataSize))
+        pg_facts = _decode_opaque(_raw(pg_meta, "opaqueData", pg_meta.opaqueDataSize))
         vm, pgpu = decode_pair(vm_meta, vm_facts, pg_meta, pg_facts)
         self._query_fault("GetVgpuCompatibility", f"type={vm.type_id} target={pgpu.model}")
         answer = preflight.vgpu_compatibility(vm, pgpu, migration_rules(self.sim.peek()))
@@ -228,18 +237,18 @@ def decode_pair(vm_meta: Any, vm_facts: dict[str, Any], pg_meta: Any,
         catalog = load_catalog()
         target = catalog.get(str(pg_facts["m"]))
         initialized = int(vm_meta.guestInfoState) == GUEST_INITIALIZED
-        guest = preflight.GuestFacts(initialized=initialized, driver=_text(vm_meta.guestDriverVersion),
+        guest = preflight.GuestFacts(initialized=initialized, driver=_text(_raw(vm_meta, "guestDriverVersion")),
                                      vgpu_version=int(vm_meta.guestVgpuVersion) if initialized else None)
         vm = preflight.VgpuMetadata(
             type_id=int(vm_facts["t"]), type_name=vm_facts.get("n"), model=str(vm_facts["m"]),
             device_id=vm_facts.get("d"), family=vm_facts.get("f"), mig_backed=bool(vm_facts.get("g")),
-            stack=_stack(vm_facts, _text(vm_meta.hostDriverVersion), None), guest=guest,
+            stack=_stack(vm_facts, _text(_raw(vm_meta, "hostDriverVersion")), None), guest=guest,
             migration_cap=bool(int(vm_meta.vgpuVirtualizationCaps) & preflight.VIRTUALIZATION_CAP_MIGRATION))
         rng = pg_meta.hostSupportedVgpuRange
         pgpu = preflight.PgpuMetadata(
             model=target.id, device_id=pg_facts.get("d"), family=pg_facts.get("f"),
             supported_types=frozenset(t.id for t in target.vgpu.types) if target.vgpu else frozenset(),
-            stack=_stack(pg_facts, _text(pg_meta.hostDriverVersion), (int(rng.minVersion), int(rng.maxVersion))),
+            stack=_stack(pg_facts, _text(_raw(pg_meta, "hostDriverVersion")), (int(rng.minVersion), int(rng.maxVersion))),
             migration_cap=bool(int(pg_meta.pgpuVirtualizationCaps) & preflight.VIRTUALIZATION_CAP_MIGRATION))
     except (KeyError, TypeError, ValueError, NotFoundError):
         raise _Fail(INVALID_ARGUMENT) from None
