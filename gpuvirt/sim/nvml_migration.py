@@ -133,13 +133,8 @@ class MigrationApi(NvmlBase):
 
     def _query_fault(self, op: str, target: str) -> None:
         # a read takes no lock; only when a fault for this call is pending is one taken to consume it
-        state = self.sim.peek()
-        if not any(f.get("op") == f"nvml.{op}" for f in state.get("faults", [])):
-            return
-        with self.sim.transaction() as st:
-            fault = self.sim.take_fault(st, f"nvml.{op}", target)
-        if fault is not None:
-            raise _Fail(int(fault.get("nvml") or 999))
+        if any(f.get("op") == f"nvml.{op}" for f in self.sim.peek().get("faults", [])):
+            self._transact(lambda state: self._fault(state, op, target))
 
     @_entry()
     def nvmlVgpuInstanceGetMetadata(self, vgpu: Any, meta_ref: Any, size_ref: Any) -> None:
