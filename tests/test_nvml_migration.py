@@ -372,3 +372,118 @@ def test_sim_migration_cli_sets_the_stack_and_refuses_bad_input(make_sim, cli):
     assert sim.load() == before
     r = cli("sim", "vgpu", sim.root, vf(0), "--guest-driver", "five")
     assert r.exit_code == 2 and "--guest-driver 'five'" in r.stderr, r
+
+
+# --- the inventory -----------------------------------------------------------------------------------------------------
+def test_host_stack_is_recorded_with_the_host_and_read_back(make_sim, cli):
+    from gpuvirt.context import Context, resolve_settings
+
+    sim = make_sim(["a100-40gb"], vgpu_interface="vendor-vfio")
+    configure(sim, driver="550.127.05", os="ubuntu-24.04", kernel="6.8.0-45-generic")
+    r = cli("--sim", sim.root, "--host-id", "h1", "reconcile", "--yes")
+    assert r.exit_code == 0, r
+    want = pf.HostStack(driver="550.127.05", os="ubuntu-24.04", kernel="6.8.0-45-generic", qemu="8.2.0",
+                        libvirt="10.0.0", vgpu_range=(0x100000, 0x120000))
+    with Context(resolve_settings(sim=str(sim.root), host_id="h1", env={})) as ctx:
+        with ctx.inventory.unit() as uow:
+            assert uow.host_stacks() == {"h1": want}
+            first = uow.host_stack_recorded_at("h1")
+    configure(sim, driver="570.86.15")
+    assert cli("--sim", sim.root, "--host-id", "h1", "reconcile", "--yes").exit_code == 0
+    with Context(resolve_settings(sim=str(sim.root), host_id="h1", env={})) as ctx:
+        with ctx.inventory.unit() as uow:
+            assert uow.host_stacks(["h1"])["h1"].driver == "570.86.15"
+            assert uow.host_stacks(["elsewhere"]) == {}
+            assert uow.host_stack_recorded_at("h1") >= first
+
+
+def test_record_host_stack_replaces_cuts_and_follows_the_host(tmp_path):
+    from gpuvirt.inventory.store import Inventory
+
+    inv = Inventory.connect(f"sqlite:///{tmp_path / 'i.db'}", "h1")
+    inv.ensure_schema()
+    with inv.unit(write=True) as uow:
+        uow.touch_host("h1", hostname="h1")
+        uow.touch_host("h2", hostname="h2")
+        uow.record_host_stack("h1", pf.HostStack(driver="550.127.05", kernel="k" * 300))
+        uow.record_host_stack("h2", pf.HostStack(os="rhel-9.4", vgpu_range=(1, 2)))
+        uow.record_host_stack("h1", pf.HostStack(driver="570.86.15", kernel="k" * 300))
+    with inv.unit() as uow:
+        got = uow.host_stacks()
+    assert got == {"h1": pf.HostStack(driver="570.86.15", kernel="k" * 128),
+                   "h2": pf.HostStack(os="rhel-9.4", vgpu_range=(1, 2))}
+    with inv.unit(write=True) as uow:
+        uow.purge_host("h2")
+    with inv.unit() as uow:
+        assert set(uow.host_stacks()) == {"h1"}
+    inv.close()
+
+
+def test_revision_0006_upgrades_a_0005_inventory_and_back(tmp_path):
+    from sqlalchemy import text
+
+    from gpuvirt.inventory.migrate import downgrade, upgrade
+    from gpuvirt.inventory.store import HEAD_REVISION, Inventory
+
+    assert HEAD_REVISION == "0006_host_stack"
+    inv = Inventory.connect(f"sqlite:///{tmp_path / 'i.db'}", "h1")
+    inv.upgrade("0005_containers")
+    with inv.engine.begin() as c:
+        c.execute(text("INSERT INTO hosts (id, hostname, root, simulated, created_at, last_seen_at) "
+                       "VALUES ('h1', 'h1', '/', 0, '2026-01-01', '2026-01-01')"))
+    inv.ensure_schema()
+    assert inv.current_revision() == "0006_host_stack" and inv.check() == []
+    with inv.unit(write=True) as uow:
+        uow.record_host_stack("h1", pf.HostStack(driver="550.127.05"))
+    with inv.engine.begin() as c:
+        assert c.execute(text("SELECT host_id, driver FROM host_stack")).all() == [("h1", "550.127.05")]
+    downgrade(inv.engine, "0005_containers")
+    assert inv.current_revision() == "0005_containers"
+    with inv.engine.begin() as c:
+        assert c.execute(text("SELECT id FROM hosts")).all() == [("h1",)]
+    upgrade(inv.engine)
+    assert inv.check() == []
+    inv.close()
+
+
+@pytest.mark.pg
+def test_revision_0006_on_postgresql():
+    import os
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    from gpuvirt.inventory.migrate import downgrade, upgrade
+    from gpuvirt.inventory.store import Inventory
+
+    url = os.environ.get("GPUVIRT_TEST_PG_URL")
+    if not url:
+        pytest.skip("GPUVIRT_TEST_PG_URL is not set")
+    schema = f"gpuvirt_s_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            c.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"PostgreSQL not reachable: {str(exc).splitlines()[0]}")
+    try:
+        sep = "&" if "?" in url else "?"
+        inv = Inventory.connect(f"{url}{sep}options=-csearch_path%3D{schema}", "h1")
+        inv.upgrade("0005_containers")
+        with inv.engine.begin() as c:
+            c.execute(text("INSERT INTO hosts (id, hostname, root, simulated, created_at, last_seen_at) "
+                           "VALUES ('h1', 'h1', '/', false, now(), now())"))
+        inv.ensure_schema()
+        assert inv.current_revision() == "0006_host_stack" and inv.check() == []
+        with inv.unit(write=True) as uow:
+            uow.record_host_stack("h1", pf.HostStack(driver="550.127.05", vgpu_range=(0x100000, 0xFFFFFFFF)))
+        with inv.unit() as uow:
+            assert uow.host_stacks()["h1"].vgpu_range == (0x100000, 0xFFFFFFFF)
+        downgrade(inv.engine, "0005_containers")
+        upgrade(inv.engine)
+        assert inv.check() == []
+        inv.close()
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
