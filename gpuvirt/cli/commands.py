@@ -163,7 +163,9 @@ def sim_fault(directory: str = typer.Argument(..., metavar="DIR"),
                                                "sriov.enable, sriov.disable, pci.reset, vgpu.register, "
                                                "nvml.CreateGpuInstance, nvml.DestroyGpuInstance, "
                                                "nvml.CreateComputeInstance, nvml.DestroyComputeInstance, "
-                                               "nvml.SetMigMode"),
+                                               "nvml.SetMigMode, nvml.SetVgpuSchedulerState; read calls "
+                                               "(fail only): nvml.VgpuInstanceGetMetadata, "
+                                               "nvml.DeviceGetVgpuMetadata, nvml.GetVgpuCompatibility"),
               skip: int = typer.Option(0, "--skip", min=0, max=MAX_FAULT_COUNT,
                                        help="Let this many matching operations succeed first."),
               times: int = typer.Option(1, "--times", min=1, max=MAX_FAULT_COUNT, help="Fail this many operations."),
