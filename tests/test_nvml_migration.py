@@ -370,6 +370,13 @@ def test_sim_migration_cli_sets_the_stack_and_refuses_bad_input(make_sim, cli):
         r = cli("sim", "migration", sim.root, *args)
         assert r.exit_code == 2 and want in r.stderr and r.stderr.count("\n") == 1, (args, r)
     assert sim.load() == before
+    r = cli("sim", "migration", sim.root, "--rule", "min_qemu=9.0", "--rule", 'driver_ranges=[["550.0", "550.999"]]',
+            "--json")
+    assert r.exit_code == 0, r
+    assert r.json()["rules"]["min_qemu"] == "9.0" and r.json()["rules"]["driver_ranges"] == [["550.0", "550.999"]]
+    for bad in ("nonsense=1", "driver_ranges=5", "same_device_id=yes", "norule"):
+        r = cli("sim", "migration", sim.root, "--rule", bad)
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1, (bad, r)
     r = cli("sim", "vgpu", sim.root, vf(0), "--guest-driver", "five")
     assert r.exit_code == 2 and "--guest-driver 'five'" in r.stderr, r
 

@@ -293,11 +293,27 @@ def sim_migration(directory: str = typer.Argument(..., metavar="DIR"),
                   live_families: Optional[str] = typer.Option(None, "--live-families",
                                                               help="Rule: comma-separated GPU architectures with "
                                                               "live migration, or 'any'."),
+                  rule: Optional[List[str]] = typer.Option(None, "--rule", metavar="KEY=VALUE",
+                                                           help="Any other MigrationRules field, VALUE as JSON "
+                                                           "(else text), e.g. min_qemu=8.1 or "
+                                                           "'driver_ranges=[[\"550.0\",\"550.999\"]]'; "
+                                                           "repeatable."),
                   json_out: bool = typer.Option(False, "--json")) -> None:
     """Set (or show) what a simulated host runs for VM moves and the rules its NVML answers compatibility with."""
+    import json
+
+    from gpuvirt.errors import UsageError
     from gpuvirt.service import simulator
 
     rules = {}
+    for item in rule or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--rule '{item}': expected KEY=VALUE")
+        try:
+            rules[key.strip()] = json.loads(value)
+        except ValueError:
+            rules[key.strip()] = value
     for key, value in (("mig_backed_live", mig_backed_live), ("driver_match", driver_match),
                        ("same_device_id", same_device_id)):
         if value is not None:
