@@ -86,6 +86,15 @@ def test_pynvml_wrappers_read_metadata_and_compatibility(pair):
     assert d._call(pynvml.nvmlGetVgpuVersion) == [(0x100000, 0x120000), (0x110000, 0x120000)]
 
 
+def test_the_longest_settings_fit_the_opaque_data(pair):
+    src, dst, hs, hd, vid = pair
+    for sim in (src, dst):
+        configure(sim, os="a" * 24 + "-" + "9" * 16, kernel="k" * 64, qemu="999.999.999", libvirt="999.999.999",
+                  driver="9999.9999.9999.9999")
+    c = answer(hs, vid, hd)
+    assert c.limit_code == pf.VGPU_COMPATIBILITY_LIMIT_OTHER        # an OS outside live_os, nothing else
+
+
 def test_buffer_sizes_and_bad_arguments_answer_like_the_library(pair):
     src, dst, hs, hd, vid = pair
     s = hs.nvml()

@@ -73,7 +73,6 @@ OPAQUE_MAGIC = "gpuvirt-sim-1:"
 GUEST_UNINITIALIZED, GUEST_INITIALIZED = 0, 1
 
 
-
 # --- opaque data ---------------------------------------------------------------------------------------------------
 def _short(text: Any, limit: int = 40) -> str | None:
     return None if text is None else str(text)[:limit]
@@ -100,8 +99,10 @@ def _decode_opaque(raw: bytes) -> dict[str, Any]:
 
 
 def _stack_facts(doc: dict[str, Any]) -> dict[str, Any]:
-    return {"os": _short(doc.get("os"), 24), "k": _short(doc.get("kernel"), 64), "q": _short(doc.get("qemu"), 16),
-            "l": _short(doc.get("libvirt"), 16)}
+    # bounded so that the longest validated values (sim.hoststack.check) fit the 256 opaque bytes; a kernel
+    # release cut after 48 characters keeps the version numbers the rules compare
+    return {"os": _short(doc.get("os"), 41), "k": _short(doc.get("kernel"), 48), "q": _short(doc.get("qemu"), 11),
+            "l": _short(doc.get("libvirt"), 11)}
 
 
 def _raw(struct: Any, name: str, length: int | None = None) -> bytes:
@@ -152,7 +153,7 @@ class MigrationApi(NvmlBase):
         assert model.vgpu is not None
         vtype = model.vgpu.type_by_id(v["type_id"])
         stack = host_stack_doc(state)
-        facts = {"t": v["type_id"], "n": _short(vtype.name, 32), "m": model.id,
+        facts = {"t": v["type_id"], "n": _short(vtype.name, 24), "m": model.id,
                  "d": model.device_id, "f": model.architecture, "g": bool(vtype.mig_backed), **_stack_facts(stack)}
         opaque = _encode_opaque(facts, type(meta).opaqueData.size)
         _check_buffer(meta, size_ref, len(opaque))
