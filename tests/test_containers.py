@@ -522,7 +522,7 @@ def test_every_spec_gpuvirt_writes_validates_against_the_cdi_schema(make_sim, cl
 def test_revision_0005_keeps_data_and_marks_profiled_gpus_vm(tmp_path):
     from sqlalchemy import text
 
-    from gpuvirt.inventory.store import Inventory
+    from gpuvirt.inventory.store import HEAD_REVISION, Inventory
 
     inv = Inventory.connect(f"sqlite:///{tmp_path / 'i.db'}", "h1")
     inv.upgrade("0003_intents")
@@ -540,7 +540,7 @@ def test_revision_0005_keeps_data_and_marks_profiled_gpus_vm(tmp_path):
         c.execute(text("INSERT INTO allocations (instance_id, host_id, vm_name, persistent, created_at) "
                        "VALUES (1, 'h1', 'vm-old', 1, '2026-01-01')"))
     inv.ensure_schema()
-    assert inv.current_revision() == "0005_containers" and inv.check() == []
+    assert inv.current_revision() == HEAD_REVISION and inv.check() == []
     with inv.engine.begin() as c:
         assert c.execute(text("SELECT address, mode FROM gpus ORDER BY address")).all() == [
             ("0000:41:00.0", "vm"), ("0000:42:00.0", None)]
@@ -558,7 +558,7 @@ def test_revision_0005_on_postgresql():
     from sqlalchemy import create_engine, text
 
     from gpuvirt.inventory.migrate import downgrade, upgrade
-    from gpuvirt.inventory.store import Inventory
+    from gpuvirt.inventory.store import HEAD_REVISION, Inventory
 
     schema = f"gpuvirt_c_{uuid.uuid4().hex[:12]}"
     admin = create_engine(url, isolation_level="AUTOCOMMIT")
@@ -583,7 +583,7 @@ def test_revision_0005_on_postgresql():
             c.execute(text("INSERT INTO allocations (instance_id, host_id, vm_name, persistent, created_at) "
                            "SELECT id, 'h1', 'vm-old', true, now() FROM instances"))
         inv.ensure_schema()
-        assert inv.current_revision() == "0005_containers" and inv.check() == []
+        assert inv.current_revision() == HEAD_REVISION and inv.check() == []
         with inv.engine.begin() as c:
             assert c.execute(text("SELECT g.mode, a.consumer FROM allocations a JOIN instances i ON "
                                   "i.id = a.instance_id JOIN gpus g ON g.id = i.gpu_id")).all() == [("vm", "vm")]

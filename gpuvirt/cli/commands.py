@@ -163,7 +163,9 @@ def sim_fault(directory: str = typer.Argument(..., metavar="DIR"),
                                                "sriov.enable, sriov.disable, pci.reset, vgpu.register, "
                                                "nvml.CreateGpuInstance, nvml.DestroyGpuInstance, "
                                                "nvml.CreateComputeInstance, nvml.DestroyComputeInstance, "
-                                               "nvml.SetMigMode"),
+                                               "nvml.SetMigMode, nvml.SetVgpuSchedulerState; read calls "
+                                               "(fail only): nvml.VgpuInstanceGetMetadata, "
+                                               "nvml.DeviceGetVgpuMetadata, nvml.GetVgpuCompatibility"),
               skip: int = typer.Option(0, "--skip", min=0, max=MAX_FAULT_COUNT,
                                        help="Let this many matching operations succeed first."),
               times: int = typer.Option(1, "--times", min=1, max=MAX_FAULT_COUNT, help="Fail this many operations."),
@@ -259,6 +261,75 @@ def sim_devnodes(directory: str = typer.Argument(..., metavar="DIR"),
     doc = simulator.devnodes(directory, mig_minors=mig_minors, caps_nodes=caps_nodes, caps_major=caps_major,
                              uvm_major=uvm_major, drm=drm)
     print(" ".join(f"{k}={v}" for k, v in sorted(doc.items())))
+
+
+@sim_app.command("migration")
+def sim_migration(directory: str = typer.Argument(..., metavar="DIR"),
+                  driver: Optional[str] = typer.Option(None, "--driver", help="Host (vGPU manager) driver version, "
+                                                       "e.g. 550.127.05."),
+                  os_release: Optional[str] = typer.Option(None, "--os", help="Hypervisor release as <os-release "
+                                                           "ID>-<VERSION_ID>, e.g. rhel-9.4, ubuntu-24.04."),
+                  kernel: Optional[str] = typer.Option(None, "--kernel", help="Kernel release (uname -r)."),
+                  qemu: Optional[str] = typer.Option(None, "--qemu", help="QEMU version, e.g. 8.2.0."),
+                  libvirt: Optional[str] = typer.Option(None, "--libvirt", help="libvirt version, e.g. 10.0.0."),
+                  vgpu_supported: Optional[str] = typer.Option(None, "--vgpu-supported", metavar="MIN-MAX",
+                                                               help="vGPU versions the host driver supports."),
+                  vgpu_current: Optional[str] = typer.Option(None, "--vgpu-current", metavar="MIN-MAX",
+                                                             help="vGPU versions it accepts now ('supported': all)."),
+                  pgpu_cap: Optional[bool] = typer.Option(None, "--pgpu-migration-cap/--no-pgpu-migration-cap",
+                                                          help="The GPUs report the migration capability."),
+                  vgpu_cap: Optional[bool] = typer.Option(None, "--vgpu-migration-cap/--no-vgpu-migration-cap",
+                                                          help="The vGPU types report the migration capability."),
+                  mig_backed_live: Optional[bool] = typer.Option(None, "--mig-backed-live/--no-mig-backed-live",
+                                                                 help="Rule: MIG-backed vGPUs may move live "
+                                                                 "(UNVERIFIED; default no)."),
+                  driver_match: Optional[str] = typer.Option(None, "--driver-match",
+                                                             help="Rule: exact | branch | any."),
+                  same_device_id: Optional[bool] = typer.Option(None, "--same-device-id/--any-device-id",
+                                                                help="Rule: live only between GPUs of one PCI "
+                                                                "device id."),
+                  live_os: Optional[str] = typer.Option(None, "--live-os", help="Rule: comma-separated releases "
+                                                        "with live migration, or 'any'."),
+                  live_families: Optional[str] = typer.Option(None, "--live-families",
+                                                              help="Rule: comma-separated GPU architectures with "
+                                                              "live migration, or 'any'."),
+                  rule: Optional[List[str]] = typer.Option(None, "--rule", metavar="KEY=VALUE",
+                                                           help="Any other MigrationRules field, VALUE as JSON "
+                                                           "(else text), e.g. min_qemu=8.1 or "
+                                                           "'driver_ranges=[[\"550.0\",\"550.999\"]]'; "
+                                                           "repeatable."),
+                  json_out: bool = typer.Option(False, "--json")) -> None:
+    """Set (or show) what a simulated host runs for VM moves and the rules its NVML answers compatibility with."""
+    import json
+
+    from gpuvirt.errors import UsageError
+    from gpuvirt.service import simulator
+
+    rules = {}
+    for item in rule or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--rule '{item}': expected KEY=VALUE")
+        try:
+            rules[key.strip()] = json.loads(value)
+        except ValueError:
+            rules[key.strip()] = value
+    for key, value in (("mig_backed_live", mig_backed_live), ("driver_match", driver_match),
+                       ("same_device_id", same_device_id)):
+        if value is not None:
+            rules[key] = value
+    for key, value in (("live_os", live_os), ("live_families", live_families)):
+        if value is not None:
+            rules[key] = None if value.strip() == "any" else [v.strip() for v in value.split(",") if v.strip()]
+    doc = simulator.migration(directory, driver=driver, os=os_release, kernel=kernel, qemu=qemu, libvirt=libvirt,
+                              vgpu_supported=vgpu_supported, vgpu_current=vgpu_current, pgpu_migration_cap=pgpu_cap,
+                              vgpu_migration_cap=vgpu_cap, rules=rules or None)
+    if json_out:
+        emit_json(doc)
+        return
+    print(f"driver {doc['driver']}, {doc['os']}, kernel {doc['kernel']}, QEMU {doc['qemu']}, libvirt "
+          f"{doc['libvirt']}, vGPU versions {doc['vgpu_current'][0]:#x}-{doc['vgpu_current'][1]:#x}")
+    print("rules: " + ", ".join(f"{k}={v}" for k, v in doc["rules"].items()))
 
 
 @sim_app.command("repair")

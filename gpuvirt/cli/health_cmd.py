@@ -129,14 +129,27 @@ def sim_vgpu(directory: str = typer.Argument(..., metavar="DIR"),
              license_expiry: Optional[str] = typer.Option(None, "--license-expiry",
                                                           help="YYYY-MM-DDTHH:MM:SSZ | permanent | "
                                                           "not-applicable | invalid | none"),
+             guest_driver: Optional[str] = typer.Option(None, "--guest-driver",
+                                                        help="Guest driver version the guest reported (its "
+                                                        "guest info state becomes initialized), or none."),
+             guest_vgpu_version: Optional[str] = typer.Option(None, "--guest-vgpu-version",
+                                                              help="Guest vGPU version, e.g. 0x120000."),
              json_out: bool = typer.Option(False, "--json")) -> None:
     """Set what the simulated host driver reports about a running vGPU (NVML vGPU-instance queries)."""
+    from gpuvirt.errors import UsageError
     from gpuvirt.service import simulator
 
     util = {k: v for k, v in (("sm", sm), ("memory", memory), ("encoder", encoder), ("decoder", decoder))
             if v is not None}
+    gver = None
+    if guest_vgpu_version is not None:
+        try:
+            gver = int(guest_vgpu_version, 0)
+        except ValueError:
+            raise UsageError(f"--guest-vgpu-version '{guest_vgpu_version}' is not a number (e.g. 0x120000)") from None
     doc = simulator.vgpu(directory, device, vm_uuid=vm_uuid, fb_used_mib=fb_used_mib, util=util,
-                         license_state=license_state, license_expiry=license_expiry)
+                         license_state=license_state, license_expiry=license_expiry, guest_driver=guest_driver,
+                         guest_vgpu_version=gver)
     if json_out:
         emit_json(doc)
         return

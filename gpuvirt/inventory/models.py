@@ -290,3 +290,22 @@ class HealthEvent(Base):
     vm_uuid: Mapped[Optional[str]] = mapped_column(String(36), nullable=True)
     tenant: Mapped[Optional[str]] = mapped_column(String(128), nullable=True)
     detail: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
+
+
+class HostStackRow(Base):
+    """What a host runs, as far as moving VMs cares (revision 0006; :class:`gpuvirt.model.preflight.HostStack`).
+
+    One row per host, replaced each time the host is recorded with NVML available, so a shared inventory lets
+    one host judge a move to another without asking it (the service layer checks again on both hosts right
+    before a move)."""
+
+    __tablename__ = "host_stack"
+    host_id: Mapped[str] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"), primary_key=True)
+    driver: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    os: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    kernel: Mapped[Optional[str]] = mapped_column(String(128), nullable=True)
+    qemu: Mapped[Optional[str]] = mapped_column(String(32), nullable=True)
+    libvirt: Mapped[Optional[str]] = mapped_column(String(32), nullable=True)
+    vgpu_min: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
+    vgpu_max: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
+    recorded_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)

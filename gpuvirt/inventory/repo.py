@@ -26,6 +26,7 @@ from gpuvirt.inventory.models import (
     Gpu,
     HealthEvent,
     Host,
+    HostStackRow,
     Instance,
     Intent,
     Profile,
@@ -362,6 +363,42 @@ class Unit:
         if host_ids is not None:
             q = q.where(Instance.host_id.in_(list(host_ids)))
         return list(self.session.scalars(q.order_by(Instance.host_id, Instance.gpu_id, Instance.id)))
+
+    # --- host stacks (revision 0006) ---------------------------------------------------------------------------
+    def record_host_stack(self, host_id: str, stack: Any) -> None:
+        """Replace the host's stack (a :class:`gpuvirt.model.preflight.HostStack`) and stamp it now.  The host row
+        must exist (``touch_host`` first); text longer than a column is cut, never refused."""
+        row = self.session.get(HostStackRow, host_id)
+        if row is None:
+            row = HostStackRow(host_id=host_id)
+            self.session.add(row)
+
+        def cut(value: str | None, n: int) -> str | None:
+            return None if value is None else str(value)[:n]
+
+        row.driver, row.os, row.kernel = cut(stack.driver, 64), cut(stack.os, 64), cut(stack.kernel, 128)
+        row.qemu, row.libvirt = cut(stack.qemu, 32), cut(stack.libvirt, 32)
+        row.vgpu_min, row.vgpu_max = (int(stack.vgpu_range[0]), int(stack.vgpu_range[1])) if stack.vgpu_range \
+            else (None, None)
+        row.recorded_at = utcnow()
+
+    def host_stacks(self, host_ids: Iterable[str] | None = None) -> dict[str, Any]:
+        """{host id: HostStack} for every host with a recorded stack (or those of ``host_ids``)."""
+        from gpuvirt.model.preflight import HostStack
+
+        q = select(HostStackRow)
+        if host_ids is not None:
+            q = q.where(HostStackRow.host_id.in_(list(host_ids)))
+        out = {}
+        for r in self.session.scalars(q.order_by(HostStackRow.host_id)):
+            rng = (int(r.vgpu_min), int(r.vgpu_max)) if r.vgpu_min is not None and r.vgpu_max is not None else None
+            out[r.host_id] = HostStack(driver=r.driver, os=r.os, kernel=r.kernel, qemu=r.qemu, libvirt=r.libvirt,
+                                       vgpu_range=rng)
+        return out
+
+    def host_stack_recorded_at(self, host_id: str) -> dt.datetime | None:
+        row = self.session.get(HostStackRow, host_id)
+        return None if row is None else row.recorded_at
 
     def purge_host(self, host_id: str) -> None:
         self.session.execute(delete(Host).where(Host.id == host_id))

@@ -43,7 +43,7 @@ from gpuvirt.errors import (
 if TYPE_CHECKING:  # pragma: no cover
     from gpuvirt.inventory.repo import Unit
 
-HEAD_REVISION = "0005_containers"          # keep equal to the newest file in migrations/versions (tested)
+HEAD_REVISION = "0006_host_stack"          # keep equal to the newest file in migrations/versions (tested)
 BUSY_TIMEOUT_MS = int(os.environ.get("GPUVIRT_DB_BUSY_TIMEOUT_MS", "30000"))
 PRUNE_INTERVAL_S = 600.0
 PRUNE_EVERY_IDS = 100

@@ -197,6 +197,11 @@ def record(ctx: Context, view: HostView, uow: Any) -> dict[str, Any]:
     for row in uow.gpus(s.host_id):
         if row.address not in seen and row.present:
             row.present = False
+    if view.doc.get("nvml", {}).get("available"):
+        # only with NVML: a sysfs-only snapshot knows no driver range and must not blank a recorded one
+        from gpuvirt.host.stack import host_stack
+
+        uow.record_host_stack(s.host_id, host_stack(s.root, ctx.host.nvml()))
     return rows
 
 

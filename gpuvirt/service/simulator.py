@@ -109,6 +109,17 @@ def vgpu(directory: str, device: str, **values: Any) -> dict[str, Any]:
     return control.set_guest(control.open_sim(directory), device, **values)
 
 
+def migration(directory: str, **changes: Any) -> dict[str, Any]:
+    """Set (or, with no changes, show) the simulated host's stack and migration rules."""
+    from gpuvirt.sim import hoststack
+
+    sim = control.open_sim(directory)
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if not changes:
+        return hoststack.describe(sim.peek())
+    return hoststack.configure(sim, **changes)
+
+
 def client(directory: str, gpu: str, name: str, present: bool) -> None:
     control.set_client(control.open_sim(directory), gpu, name, present)
 

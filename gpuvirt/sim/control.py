@@ -30,6 +30,9 @@ FAULT_OPS = (
     "nvml.DestroyComputeInstance", "nvml.SetMigMode",
     "nvml.SetVgpuSchedulerState",
 )
+# Read-only NVML calls that can be made to fail (they change nothing, so there is no crash point to kill at and
+# the crash tests, which walk FAULT_OPS, leave them out): gpuvirt.sim.nvml_migration
+QUERY_FAULT_OPS = ("nvml.VgpuInstanceGetMetadata", "nvml.DeviceGetVgpuMetadata", "nvml.GetVgpuCompatibility")
 MAX_DELAY_S = 600.0
 RESET_MODES = ("function", "gpu-reset")
 UNREGISTERED_VFIO = ("empty", "absent")
@@ -114,8 +117,10 @@ def reboot(sim: SimHost) -> dict[str, Any]:
 
 def add_fault(sim: SimHost, op: str, *, skip: int = 0, times: int = 1, errno: str | None = None,
               nvml: int | None = None, match: str | None = None, kill: str | None = None) -> dict[str, Any]:
-    if op not in FAULT_OPS:
-        raise UsageError(f"unknown fault operation '{op}'; one of: {', '.join(FAULT_OPS)}")
+    if op not in FAULT_OPS and op not in QUERY_FAULT_OPS:
+        raise UsageError(f"unknown fault operation '{op}'; one of: {', '.join(FAULT_OPS + QUERY_FAULT_OPS)}")
+    if op in QUERY_FAULT_OPS and kill is not None:
+        raise UsageError(f"{op} changes nothing: it can fail (--nvml) but not --kill")
     if skip < 0 or times < 1:
         raise UsageError("--skip must be >= 0 and --times >= 1")
     if errno is not None and not hasattr(errno_mod, errno):
@@ -125,7 +130,7 @@ def add_fault(sim: SimHost, op: str, *, skip: int = 0, times: int = 1, errno: st
     if op == "vgpu.register" and errno is None:
         errno = "EIO"
     if op.startswith("nvml.") and nvml is None:
-        nvml = 23 if "Create" in op else 19
+        nvml = 23 if "Create" in op else 3 if op in QUERY_FAULT_OPS else 19
     fault = {"op": op, "skip": skip, "times": times, "errno": errno if not op.startswith("nvml.") else None,
              "nvml": nvml, "match": match, "kill": kill}
     with sim.transaction() as state:
@@ -296,7 +301,8 @@ def inject_xid(sim: SimHost, gpu: str, xid: int, *, gi: int | None = None, ci: i
 
 def set_guest(sim: SimHost, device: str, **values: Any) -> dict[str, Any]:
     """Set what the host driver reports about a vGPU (``guest`` on its entry; sim.nvml_vgpu_instances):
-    vm_uuid, fb_used_mib, util (dict), license_state, license_expiry.  None leaves a value as it is."""
+    vm_uuid, fb_used_mib, util (dict), license_state, license_expiry, guest_driver (a version: the guest driver has
+    loaded and reported, "none": it has not), guest_vgpu_version.  None leaves a value as it is."""
     from gpuvirt.sim.nvml_vgpu_instances import EXPIRY_WORDS, LICENSE_STATES, UTIL_KEYS
 
     if values.get("vm_uuid") is not None:
@@ -322,6 +328,15 @@ def set_guest(sim: SimHost, device: str, **values: Any) -> dict[str, Any]:
         except ValueError:
             raise UsageError(f"--license-expiry '{expiry}' is not YYYY-MM-DDTHH:MM:SSZ, none, "
                              f"{', '.join(EXPIRY_WORDS)}") from None
+    gdriver = values.get("guest_driver")
+    if gdriver is not None and gdriver != "none":
+        import re
+
+        if not re.fullmatch(r"\d{1,4}(\.\d{1,4}){1,3}", gdriver):
+            raise UsageError(f"--guest-driver '{gdriver}': expected a driver version such as 550.127.05, or none")
+    gver = values.get("guest_vgpu_version")
+    if gver is not None and not 0 < gver <= 0xFFFFFFFF:
+        raise UsageError(f"--guest-vgpu-version must be from 1 to 0xffffffff, not {gver}")
     with sim.transaction() as state:
         entry = _device_entry(state, device)
         if entry is None:
@@ -329,6 +344,13 @@ def set_guest(sim: SimHost, device: str, **values: Any) -> dict[str, Any]:
         if entry.get("vgpu_id") is None:
             raise UsageError(f"'{device}' is not an NVIDIA vGPU (no vGPU type on it)")
         guest = entry.setdefault("guest", {})
+        if gdriver is not None:
+            if gdriver == "none":
+                guest.pop("driver", None)
+            else:
+                guest["driver"] = gdriver
+        if gver is not None:
+            guest["vgpu_version"] = gver
         if values.get("vm_uuid") is not None:
             guest["vm_uuid"] = values["vm_uuid"]
         if fb is not None:

@@ -56,12 +56,13 @@ from gpuvirt.sim.nvml_base import (
 from gpuvirt.sim.nvml_events import EventsApi
 from gpuvirt.sim.nvml_devnodes import DevnodeApi
 from gpuvirt.sim.nvml_mig import MigApi
+from gpuvirt.sim.nvml_migration import MigrationApi
 from gpuvirt.sim.nvml_scheduler import SchedulerApi
 from gpuvirt.sim.nvml_vgpu import VgpuApi
 from gpuvirt.sim.nvml_vgpu_instances import VgpuInstanceApi
 
 
-class FakeNvmlLib(MigApi, VgpuApi, VgpuInstanceApi, EventsApi, SchedulerApi, DevnodeApi):
+class FakeNvmlLib(MigApi, VgpuApi, VgpuInstanceApi, MigrationApi, EventsApi, SchedulerApi, DevnodeApi):
     """libnvidia-ml for one simulated host (see the module docstring)."""
 
     # === initialisation and system ==========================================================================

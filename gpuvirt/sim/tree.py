@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from gpuvirt.model.catalog import GpuModel, load_catalog
-from gpuvirt.sim import devnodes, rules
+from gpuvirt.sim import devnodes, hoststack, rules
 from gpuvirt.sim.state import atomic_write, behaviour
 
 # the same default the simulated NVML reports (gpuvirt.sim.nvml.DEFAULT_DRIVER_VERSION)
@@ -237,6 +237,7 @@ def host_tree(state: dict[str, Any]) -> Tree:
         _dir(tree, "sys/module/nvidia")
         _file(tree, "sys/module/nvidia/version", f"{state.get('driver_version') or DEFAULT_DRIVER_VERSION}\n")
     tree.update(devnodes.render(state))   # /dev nodes and the driver's /proc files (gpuvirt.sim.devnodes)
+    tree.update(hoststack.render(state))  # os-release, kernel release, libvirt's QEMU capabilities cache
     return tree
 
 
