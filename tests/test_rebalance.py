@@ -407,3 +407,44 @@ def test_a_kill_at_every_executor_step_is_settled_to_one_device_per_vm(crash_tem
         finally:
             shutil.rmtree(root, ignore_errors=True)
     assert "back" in outcomes and "forward" in outcomes
+
+
+# --- attach --allow-moves -------------------------------------------------------------------------------------------
+def test_attach_with_moves_makes_room_then_attaches(cli, boards):
+    from gpuvirt.errors import CapacityError
+    from gpuvirt.service import rebalance_exec
+
+    res = cli("--sim", boards, "attach", "vm-c", "--vgpu", "A10-24Q")
+    assert res.exit_code == 4 and "no capacity" in res.stderr
+    ctx = _ctx(boards)
+    fake = FakeVirsh()
+    _domains(ctx, fake)
+    before = _placements(ctx)
+    # live only: nothing within one host can move live, so the refusal stands and says why
+    with pytest.raises(CapacityError, match="moving VMs does not help.*--allow live,cold"):
+        rebalance_exec.attach_with_moves(ctx, "vm-c", allow="live", runner=fake, vgpu="A10-24Q")
+    # the budget is the operator's: none allowed, none made
+    ctx.settings.policies["rebalance_max_moves"] = 0
+    with pytest.raises(CapacityError, match="allows no moves"):
+        rebalance_exec.attach_with_moves(ctx, "vm-c", allow="cold", runner=fake, vgpu="A10-24Q")
+    assert _placements(ctx) == before and not [c for c in fake.calls if c[2] in ("define", "migrate")]
+    ctx.settings.policies["rebalance_max_moves"] = 2
+    [h] = rebalance_exec.attach_with_moves(ctx, "vm-c", allow="cold", runner=fake, vgpu="A10-24Q")
+    now = _placements(ctx)
+    assert now["vm-a"][0] == now["vm-b"][0] != now["vm-c"][0]       # the two 12Q share a board now
+    assert len([c for c in fake.calls if c[2] == "define"]) == 1
+    held = _one_device_each(ctx, fake)
+    assert held["vm-c"] == [h.uuid]
+    ctx.close()
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--vf"], "makes room for a --vgpu or --mig request"),
+    (["--vgpu", "A10-24Q", "--count", "2"], "one device at a time"),
+    (["--mig", "1g.5gb", "--format", "cdi"], "does not apply to --format cdi"),
+    (["--vgpu", "A10-24Q", "--allow-moves", "warp"], "unknown move kind warp"),
+])
+def test_attach_allow_moves_bad_input(cli, boards, args, msg):
+    extra = [] if "--allow-moves" in args else ["--allow-moves", "cold"]
+    res = cli("--sim", boards, "attach", "vm-c", *args, *extra)
+    assert res.exit_code == 2 and msg in res.stderr, res

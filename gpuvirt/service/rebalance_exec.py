@@ -195,5 +195,35 @@ def _move(ctx: Context, contexts: Mapping[str, Context], info: UnitInfo, m: dict
         raise
 
 
-__all__ = ["rebalance_and_execute", "execute", "recover", "reach"]
+def attach_with_moves(ctx: Context, vm: str, *, allow: str, runner: Runner | None = None,
+                      peers: Mapping[str, Context] | None = None, **kw: Any) -> Any:
+    """``attach ... --allow-moves KINDS``: attach; when that finds no capacity, plan the fewest moves (within
+    ``policies.rebalance_max_moves``) after which the request fits on this host, carry them out, and attach
+    again.  Only a single ``--vgpu`` or ``--mig`` request can be planned for."""
+    from gpuvirt.errors import CapacityError, UsageError
+    from gpuvirt.service import attach as svc
+    from gpuvirt.service.rebalance import make_policy
+
+    other = [o for o, v in (("--vf", kw.get("vf") or None), ("--instance", kw.get("instance")),
+                            ("--mdev", kw.get("mdev")), ("--format cdi", kw.get("fmt") == "cdi" or None)) if v]
+    if other or not (kw.get("vgpu") or kw.get("mig")):
+        raise UsageError("--allow-moves makes room for a --vgpu or --mig request"
+                         + (f", not {', '.join(other)}" if other else ""))
+    if kw.get("count", 1) != 1:
+        raise UsageError("--allow-moves makes room for one device at a time; drop --count")
+    policy = make_policy(max_moves=int(ctx.settings.policies.get("rebalance_max_moves", 2)), allow=allow)
+    try:
+        return svc.attach(ctx, vm, **kw)
+    except CapacityError as exc:
+        refused = exc
+    # a VM gets a GPU instance as the MIG-backed vGPU on it: room is planned for that vGPU type
+    name = kw.get("vgpu") or svc._mig_backed_type_for(ctx, kw["mig"], kw.get("gpu"))
+    doc = rebalance_and_execute(ctx, name, policy=policy, runner=runner, peers=peers,
+                                hosts=frozenset({ctx.settings.host_id}))
+    if not doc["feasible"]:
+        raise CapacityError(f"{refused}; moving VMs does not help: {doc['reason']}")
+    return svc.attach(ctx, vm, **kw)
+
+
+__all__ = ["rebalance_and_execute", "execute", "recover", "reach", "attach_with_moves"]
 
