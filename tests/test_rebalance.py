@@ -448,3 +448,29 @@ def test_attach_allow_moves_bad_input(cli, boards, args, msg):
     extra = [] if "--allow-moves" in args else ["--allow-moves", "cold"]
     res = cli("--sim", boards, "attach", "vm-c", *args, *extra)
     assert res.exit_code == 2 and msg in res.stderr, res
+
+
+def test_vendor_vfio_target_xml_names_the_vf_chosen_when_the_vgpu_was_created(cli, make_sim):
+    from gpuvirt.service import rebalance, rebalance_exec
+
+    sim = make_sim(["l40s:2"])
+    _attach(cli, sim.root, "vm-a", "L40S-24Q", "0")
+    _attach(cli, sim.root, "vm-b", "L40S-24Q", "1")
+    ctx = _ctx(sim.root)
+    fake = FakeVirsh()
+    _domains(ctx, fake)
+    scope = rebalance.load_scope(ctx)
+    doc = rebalance_exec.rebalance_and_execute(ctx, "L40S-48Q", policy=rebalance.make_policy(allow="cold"),
+                                               runner=fake)
+    [m] = doc["moves"]
+    assert m["target_xml"] is None and "chosen when its vGPU is created" in m["target_xml_error"]
+    assert _placements(ctx) == _replayed(scope, doc)
+    from gpuvirt.vmm.libvirt import parse_domain
+
+    [xml] = fake.xml_files
+    [dev] = parse_domain(xml).hostdevs
+    with ctx.inventory.unit() as uow:
+        [a] = [a for a in uow.allocations(vm_name=m["vm"])]
+        assert dev.kind == "pci" and dev.address == a.instance.parent
+        assert a.instance.gpu.address == m["to"]["gpu"]
+    ctx.close()
