@@ -474,3 +474,11 @@ def test_vendor_vfio_target_xml_names_the_vf_chosen_when_the_vgpu_was_created(cl
         assert dev.kind == "pci" and dev.address == a.instance.parent
         assert a.instance.gpu.address == m["to"]["gpu"]
     ctx.close()
+
+
+@pytest.mark.parametrize("value", ["9", "-1", "true", "'2'"])
+def test_rebalance_max_moves_policy_is_bounded(cli, boards, tmp_path, value):
+    cfg = tmp_path / "gpuvirt.toml"
+    cfg.write_text(f"[policies]\nrebalance_max_moves = {value}\n")
+    res = cli("--sim", boards, "--config", cfg, "attach", "vm-c", "--vgpu", "A10-24Q", "--allow-moves", "cold")
+    assert res.exit_code == 2 and "policies.rebalance_max_moves" in res.stderr, res
