@@ -482,3 +482,17 @@ def test_rebalance_max_moves_policy_is_bounded(cli, boards, tmp_path, value):
     cfg.write_text(f"[policies]\nrebalance_max_moves = {value}\n")
     res = cli("--sim", boards, "--config", cfg, "attach", "vm-c", "--vgpu", "A10-24Q", "--allow-moves", "cold")
     assert res.exit_code == 2 and "policies.rebalance_max_moves" in res.stderr, res
+
+
+def test_a_free_instance_of_the_request_needs_no_move(cli, make_sim):
+    sim = make_sim(["a10:2"])
+    root = sim.root
+    ok(cli("--sim", root, "create-profile", "one24", "--vgpu", "A10-24Q=1", "--model", "a10"))
+    ok(cli("--sim", root, "apply", "one24", "--gpu", "1", "--yes"))
+    _attach(cli, root, "vm-a", "A10-12Q", "0")
+    doc = ok(cli("--sim", root, "rebalance", "--for", "A10-24Q", "--allow", "cold", "--json")).json()
+    assert doc["feasible"] and doc["moves"] == [] and "free already" in doc["reason"]
+    assert doc["unlocks"]["gpu"] == "0000:42:00.0"
+    # the free instance does not move for anything else either (apply owns the profile's layout)
+    res = cli("--sim", root, "rebalance", "--for", "A10-12Q", "--allow", "cold", "--json")
+    assert res.exit_code == 0 and res.json()["moves"] == []      # fits beside vm-a without moves

@@ -251,11 +251,12 @@ def make_policy(*, max_moves: int = DEFAULT_MAX_MOVES, allow: str | Iterable[str
 # --- planning -------------------------------------------------------------------------------------------------
 def _free_match(scope: Scope, req: Request, hosts: frozenset[str] | None) -> Unit | None:
     """A free instance (ours, active, healthy) that already is what the request asks for."""
+    model_of = {g.key: g.model.id for g in scope.cluster.gpus}
     for u in scope.cluster.units:
         info = scope.units[u.key]
         if u.vm is not None or info.instance is None or (hosts is not None and info.host not in hosts):
             continue
-        if scope.cluster.gpus[[g.key for g in scope.cluster.gpus].index(u.gpu)].model.id != req.model:
+        if model_of[u.gpu] != req.model:
             continue
         if req.vgpu_type is not None and u.vgpu_type == req.vgpu_type:
             return u
@@ -303,6 +304,16 @@ def plan_document(scope: Scope, name: str, policy: MovePolicy, *, runner: Runner
                   hosts: frozenset[str] | None = None, cluster: bool = False) -> dict[str, Any]:
     from gpuvirt.service.instances import new_uuid
 
+    # a free instance of the kind asked for is what attach hands out first: nothing needs to move
+    free = next((u for r in requests_for(scope, name) if (u := _free_match(scope, r, hosts)) is not None), None)
+    if free is not None:
+        info = scope.units[free.key]
+        return {"request": name, "feasible": True, "moves": [], "minimal": True, "complete": True, "data_mib": 0,
+                "reason": f"{name} is free already (instance {info.instance} on {info.host}/{info.gpu}); no move "
+                          "needed", "unlocks": {"host": info.host, "gpu": info.gpu,
+                                                "placement": free.placed.start if free.placed else None},
+                "waves": [], "scope": {"cluster": cluster, "hosts": sorted(h.key for h in scope.cluster.hosts)},
+                "policy": {"max_moves": policy.max_moves, "allow": sorted(policy.allow)}, "gpus": []}
     plan, req = best_plan(scope, name, policy, hosts=hosts)
     doc: dict[str, Any] = {
         "request": name, "feasible": plan.feasible, "reason": plan.reason, "moves": [], "unlocks": None,
@@ -327,10 +338,6 @@ def plan_document(scope: Scope, name: str, policy: MovePolicy, *, runner: Runner
                 why = ""
             doc["reason"] += (f"; with cold moves allowed (--allow live,cold) {len(cold.moves)} move(s) would do"
                               + (f" (first move: {why})" if why else ""))
-    free = _free_match(scope, req, hosts) if plan.feasible and not plan.moves else None
-    if free is not None:
-        info = scope.units[free.key]
-        doc["reason"] = f"{name} is free already (instance {info.instance} on {info.host}/{info.gpu}); no move needed"
     if plan.target is not None:
         h, a = scope.gpus[plan.target.gpu]
         doc["unlocks"] = {"host": h, "gpu": a, "placement": plan.target.start}
