@@ -496,3 +496,15 @@ def test_a_free_instance_of_the_request_needs_no_move(cli, make_sim):
     # the free instance does not move for anything else either (apply owns the profile's layout)
     res = cli("--sim", root, "rebalance", "--for", "A10-12Q", "--allow", "cold", "--json")
     assert res.exit_code == 0 and res.json()["moves"] == []      # fits beside vm-a without moves
+
+
+def test_transient_devices_are_never_moved(cli, make_sim):
+    sim = make_sim(["a10:2"])
+    _attach(cli, sim.root, "vm-a", "A10-12Q", "0", )
+    ok(cli("--sim", sim.root, "attach", "vm-b", "--vgpu", "A10-12Q", "--gpu", "1", "--transient"))
+    doc = ok(cli("--sim", sim.root, "rebalance", "--for", "A10-24Q", "--allow", "cold", "--json")).json()
+    assert [m["vm"] for m in doc["moves"]] == ["vm-a"]         # only the persistent one moves
+    ok(cli("--sim", sim.root, "detach", "vm-a"))
+    ok(cli("--sim", sim.root, "attach", "vm-a", "--vgpu", "A10-12Q", "--gpu", "0", "--transient"))
+    res = cli("--sim", sim.root, "rebalance", "--for", "A10-24Q", "--allow", "cold", "--json")
+    assert res.exit_code == 4 and not res.json()["feasible"]

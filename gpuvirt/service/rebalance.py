@@ -12,8 +12,10 @@ is :mod:`gpuvirt.service.rebalance_exec`.
 What moves: a VM's MIG-backed vGPU (with the GPU instance under it) and a VM's time-sliced vGPU, on GPUs
 gpuvirt manages for VMs.  What never moves: anything gpuvirt did not create, instances that are not active
 (half-way through a create or destroy), unhealthy ones, devices held by containers, free instances (they
-are the applied profile's layout, which ``apply`` owns), and everything on unhealthy GPUs, GPUs in
-containers mode and stale hosts (none of these is a place to move to either).
+are the applied profile's layout, which ``apply`` owns), transient devices (they end with the VM's run:
+the libvirt hook frees them, under the GPU lock the executor holds, when a cold move stops the guest), and
+everything on unhealthy GPUs, GPUs in containers mode and stale hosts (none of these is a place to move to
+either).
 """
 
 from __future__ import annotations
@@ -105,11 +107,21 @@ def load_scope(ctx: Context, *, cluster: bool = False) -> Scope:
         stacks = {h.id: _host_stack(uow, h.id) for h in hosts}
         modes = {gpu_key(h.id, g.address): g.mode for h in hosts for g in uow.gpus(h.id)}
         scope = build_scope(hosts, stacks, modes, local)
+        transient = set()
         for info in scope.units.values():
             if info.vm is not None and info.instance is not None and info.kind in (MDEV, VFIO_VGPU):
                 row = uow.instance(info.instance)
                 info.uuid = row.mdev_uuid if info.kind == MDEV else None
                 info.address = row.parent if info.kind == VFIO_VGPU else None
+                if row.allocation is not None and not row.allocation.persistent:
+                    transient.add(info.key)
+    if transient:
+        # a transient device ends with its VM's run: the libvirt hook frees it (under the GPU's lock, which the
+        # executor holds) when a cold move stops the guest, so it is not moved at all
+        from dataclasses import replace
+
+        units = tuple(replace(u, movable=False) if u.key in transient else u for u in scope.cluster.units)
+        scope.cluster = replace(scope.cluster, units=units)
     return scope
 
 
