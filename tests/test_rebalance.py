@@ -1,95 +1,17 @@
-"""gpuvirt rebalance (issue 13 items 4 and 5): plans on the simulator, the executor's libvirt calls through a
-recording runner, plans replayed against what the simulator holds afterwards, and a kill or failure at every
-executor step leaving each VM with exactly one device and the inventory in agreement with the host."""
+"""gpuvirt rebalance and attach --allow-moves (issue 13 items 4 and 5): plans on the simulator, bad input, the
+executor's libvirt calls through a recording runner, target XML validated, and plans replayed against what the
+simulator holds afterwards (kills and failures at every executor step: tests/test_crash_rebalance.py)."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 
-from fake_libvirt import DOMAIN, FakeVirsh
-
-LOCAL = "qemu:///system"
-
-
-def ok(res):
-    assert res.exit_code == 0, res
-    return res
-
-
-def _ctx(root, **kw):
-    from gpuvirt.context import Context, resolve_settings
-
-    return Context(resolve_settings(sim=str(root), **kw))
-
-
-def _attach(cli, root, vm, vgpu, gpu, *extra):
-    ok(cli("--sim", root, *extra, "attach", vm, "--vgpu", vgpu, "--gpu", gpu, "--format", "json"))
-
-
-def _domains(ctx, fake, uri=LOCAL, state="running"):
-    """Define every VM of the inventory in the fake libvirt with the device it holds."""
-    from gpuvirt.vmm.libvirt import insert_hostdev, mdev_hostdev, pci_hostdev
-
-    with ctx.inventory.unit() as uow:
-        for n, a in enumerate(uow.allocations(host_id=ctx.settings.host_id)):
-            i = a.instance
-            if i.kind not in ("mdev", "vfio-vgpu"):
-                continue
-            dev = mdev_hostdev(i.mdev_uuid) if i.kind == "mdev" else pci_hostdev(i.parent)
-            fake.add(uri, a.vm_name, insert_hostdev(DOMAIN.format(name=a.vm_name, uuid=f"6f1b3a52-3c1e-4b8e-9a55-"
-                                                                  f"0c8f2d7a1e{n:02d}"), dev), state)
-
-
-def _placements(ctx, cluster=False):
-    """{vm: (gpu key, start, vGPU type)} as the host (and inventory) show it now."""
-    from gpuvirt.service.rebalance import load_scope
-
-    scope = load_scope(ctx, cluster=cluster)
-    return {u.vm: (u.gpu, u.placed.start if u.placed else None, u.vgpu_type) for u in scope.cluster.units if u.vm}
-
-
-def _replayed(scope, doc):
-    """What the plan says the cluster holds after its moves (the planner's replay, step by step checked)."""
-    from gpuvirt.model.moves import PlannedMove, Slot, replay
-
-    moves = [PlannedMove(m["unit"], m["vm"], m["kind"], Slot(f"{m['from']['host']}/{m['from']['gpu']}",
-                                                              m["from"]["host"], m["from"]["placement"]),
-                         Slot(f"{m['to']['host']}/{m['to']['gpu']}", m["to"]["host"], m["to"]["placement"]),
-                         None, None, m["data_mib"], None) for m in doc["moves"]]
-    after = replay(scope.cluster, moves)
-    return {u.vm: (u.gpu, u.placed.start if u.placed else None, u.vgpu_type) for u in after.units if u.vm}
-
-
-def _one_device_each(ctx, fake, uris=(LOCAL,)):
-    """Every VM's XML names exactly one hostdev, that device exists on the host, and the inventory gives the
-    VM exactly that vGPU (rows = host objects, no intent left open)."""
-    from gpuvirt.service import intent
-    from gpuvirt.vmm.libvirt import parse_domain
-
-    sim = ctx.sim.load()
-    on_host = {m["uuid"] for m in sim["mdevs"]}
-    with ctx.inventory.unit() as uow:
-        rows = uow.instances(ctx.settings.host_id, kinds=["mdev"])
-        held = {}
-        for r in rows:
-            if r.allocation is not None:
-                held.setdefault(r.allocation.vm_name, []).append(r.mdev_uuid)
-        assert sorted(r.mdev_uuid for r in rows) == sorted(on_host)
-        assert all(r.state == "active" for r in rows)
-    assert not intent.open_intents(ctx)
-    for uri in uris:
-        for name, d in fake.domains.get(uri, {}).items():
-            devs = parse_domain(d["xml"]).hostdevs
-            assert len(devs) == 1, (name, devs)
-            assert devs[0].uuid in on_host
-            assert held.get(name) == [devs[0].uuid], (name, held)
-    return held
+from rebalance_support import (LOCAL, FakeVirsh, _allocs, _attach, _ctx, _domains, _one_device_each, _placements,
+                               _replayed, ok)
 
 
 # --- two A10 boards, one 12Q VM on each ---------------------------------------------------------------------------
@@ -187,25 +109,6 @@ def test_target_xml_passes_virt_xml_validate_and_the_virsh_test_driver(boards, t
     ctx.close()
 
 
-def test_a_failed_handover_is_undone_and_the_vm_keeps_its_device(boards):
-    from gpuvirt.errors import HostError
-    from gpuvirt.service import rebalance, rebalance_exec
-
-    ctx = _ctx(boards)
-    fake = FakeVirsh()
-    _domains(ctx, fake)
-    before = _placements(ctx)
-    fake.fail_on = "define"
-    with pytest.raises(HostError, match="move 1 of 1 .*failed and was undone.*injected failure"):
-        rebalance_exec.rebalance_and_execute(ctx, "A10-24Q", policy=rebalance.make_policy(allow="cold"),
-                                             runner=fake)
-    assert _placements(ctx) == before
-    _one_device_each(ctx, fake)
-    # the guest was shut down for the move; undoing it starts it again
-    assert all(d["state"] == "running" for d in fake.domains[LOCAL].values())
-    ctx.close()
-
-
 # --- MIG-backed vGPUs: the GPU instance moves with its vGPU ---------------------------------------------------------
 @pytest.fixture
 def mig_boards(cli, make_sim):
@@ -290,11 +193,6 @@ def test_live_move_between_two_hosts_is_virsh_migrate_live_with_the_target_xml(t
     cb.close()
 
 
-def _allocs(ctx):
-    with ctx.inventory.unit() as uow:
-        return [(a.vm_name, a.instance.host_id) for a in uow.allocations()]
-
-
 def test_a_cluster_plan_needing_an_unreachable_host_is_refused_before_anything_changes(cli, two_hosts):
     ra, rb, url = two_hosts
     args = ("--sim", ra, "--db", url, "--host-id", "ha")
@@ -305,108 +203,6 @@ def test_a_cluster_plan_needing_an_unreachable_host_is_refused_before_anything_c
     plan = ok(cli(*args, "rebalance", "--for", "A10-24Q", "--cluster", "--allow", "cold", "--json")).json()
     assert plan["feasible"] and plan["scope"]["hosts"] == ["ha", "hb"]
     assert plan["moves"][0]["from"]["host"] != plan["moves"][0]["to"]["host"]
-
-
-# --- a kill at every executor step ---------------------------------------------------------------------------------
-class Killed(BaseException):
-    """The process dies here (nothing of gpuvirt's catches it)."""
-
-
-def _killing(monkeypatch, k, after):
-    from gpuvirt.service import intent
-
-    real = intent.op_of
-    seen = [0]
-
-    def op_of(ctx, step):
-        op = real(ctx, step)
-        fwd = op.forward
-
-        def forward():
-            n = seen[0]
-            seen[0] += 1
-            if n == k and not after:
-                raise Killed
-            res = fwd()
-            if n == k and after:
-                raise Killed            # the host changed, its record was never written
-            return res
-        op.forward = forward
-        return op
-    monkeypatch.setattr(intent, "op_of", op_of)
-    return seen
-
-
-def _copy(root):
-    dst = Path(tempfile.mkdtemp(prefix="rebalance-crash-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
-    shutil.rmtree(dst)
-    shutil.copytree(root, dst, symlinks=True)
-    return dst
-
-
-CASES = {"time-sliced": (["a10:2"], "A10-12Q", "A10-24Q", 4),
-         "mig-backed": (["a100-40gb:2"], "A100-3-20C", "7g.40gb", 7)}
-
-
-@pytest.fixture(scope="module", params=sorted(CASES))
-def crash_template(request, tmp_path_factory):
-    from typer.testing import CliRunner
-
-    from gpuvirt.cli.app import app
-    from gpuvirt.sim.control import init_sim
-
-    gpus, vgpu, want, steps = CASES[request.param]
-    root = Path(tempfile.mkdtemp(prefix="rebalance-tpl-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
-    init_sim(root / "h", gpus, seed="crash", mig_enabled=gpus[0].startswith("a100"))
-    for vm, g in (("vm-a", "0"), ("vm-b", "1")):
-        r = CliRunner().invoke(app, ["--sim", str(root / "h"), "attach", vm, "--vgpu", vgpu, "--gpu", g])
-        assert r.exit_code == 0, r.stderr
-    yield root / "h", want, steps
-    shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.mark.parametrize("after", [False, True], ids=["before", "after"])
-def test_a_kill_at_every_executor_step_is_settled_to_one_device_per_vm(crash_template, monkeypatch, after):
-    from gpuvirt.service import intent, rebalance, rebalance_exec
-
-    tpl, want, steps = crash_template
-    outcomes = []
-    for k in range(steps):
-        root = _copy(tpl)
-        try:
-            ctx = _ctx(root)
-            fake = FakeVirsh()
-            _domains(ctx, fake)
-            before = _placements(ctx)
-            seen = _killing(monkeypatch, k, after)
-            with pytest.raises(Killed):
-                rebalance_exec.rebalance_and_execute(ctx, want, policy=rebalance.make_policy(allow="cold"),
-                                                     runner=fake)
-            monkeypatch.undo()
-            assert seen[0] == k + 1
-            with intent._ACTIVE_GUARD:
-                intent._ACTIVE.clear()      # the process that ran the intent is gone
-            [res] = rebalance_exec.recover(ctx, runner=fake)
-            assert res["result"] in ("forward", "back"), res
-            now = _placements(ctx)
-            moved = now != before
-            # the handover is step steps-4+... : a kill once the VM names its target finishes the move
-            handover = steps - (4 if steps == 7 else 2) - 1
-            # killed once the handover is recorded: finished forward; before (even right after libvirt moved
-            # the VM, its record unwritten): undone, the VM handed back to its source device
-            assert moved == (k > handover), (k, after, res)
-            _one_device_each(ctx, fake)
-            assert all(d["state"] == "running" for d in fake.domains[LOCAL].values())
-            outcomes.append(res["result"])
-            # and the next rebalance works from whatever state the recovery left
-            doc = rebalance_exec.rebalance_and_execute(ctx, want, policy=rebalance.make_policy(allow="cold"),
-                                                       runner=fake)
-            assert doc["feasible"]
-            _one_device_each(ctx, fake)
-            ctx.close()
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
-    assert "back" in outcomes and "forward" in outcomes
 
 
 # --- attach --allow-moves -------------------------------------------------------------------------------------------
