@@ -146,3 +146,74 @@ def test_a_failed_handover_is_undone_and_the_vm_keeps_its_device(boards):
     # the guest was shut down for the move; undoing it starts it again
     assert all(d["state"] == "running" for d in fake.domains[LOCAL].values())
     ctx.close()
+
+
+@pytest.fixture(scope="module")
+def two_host_template():
+    """Two simulated hosts sharing one SQLite inventory, one 12Q VM on each host's A10 board."""
+    from typer.testing import CliRunner
+
+    from gpuvirt.cli.app import app
+    from gpuvirt.sim.control import init_sim
+
+    root = Path(tempfile.mkdtemp(prefix="rebalance-2h-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    url = f"sqlite:///{root / 'shared.db'}"
+    for h, vm in (("ha", "vm-a"), ("hb", "vm-b")):
+        init_sim(root / h, ["a10"], seed="crash")
+        if h == "ha":
+            r = CliRunner().invoke(app, ["--sim", str(root / h), "--db", url, "--host-id", h, "db", "init"])
+            assert r.exit_code == 0, r.stderr
+        r = CliRunner().invoke(app, ["--sim", str(root / h), "--db", url, "--host-id", h, "attach", vm, "--vgpu",
+                                     "A10-12Q"])
+        assert r.exit_code == 0, r.stderr
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before", "after"])
+def test_a_kill_during_a_live_move_between_two_hosts_is_settled_on_both(two_host_template, monkeypatch, after):
+    from gpuvirt.model.preflight import HostStack
+    from gpuvirt.service import intent, rebalance, rebalance_exec
+
+    stack = HostStack(driver="550.127.05", os="rhel-9.4", kernel="5.14.0", qemu="8.2.0", libvirt="10.0.0")
+    remote = "qemu+ssh://hb/system"
+    outcomes = []
+    for k in range(4):      # vGPU on hb, handover, release and destroy on ha
+        root = _copy(two_host_template)
+        try:
+            url = f"sqlite:///{root / 'shared.db'}"
+            ca, cb = _ctx(root / "ha", db=url, host_id="ha"), _ctx(root / "hb", db=url, host_id="hb")
+            fake = FakeVirsh()
+            _domains(ca, fake, LOCAL)
+            _domains(cb, fake, remote)
+            monkeypatch.setattr(rebalance, "_host_stack", lambda db, host: stack)
+            before = _placements(ca, cluster=True)
+            _killing(monkeypatch, k, after)
+            with pytest.raises(Killed):
+                rebalance_exec.rebalance_and_execute(ca, "A10-24Q", cluster=True, runner=fake, peers={"hb": cb},
+                                                     policy=rebalance.make_policy(allow="live"))
+            monkeypatch.undo()
+            with intent._ACTIVE_GUARD:
+                intent._ACTIVE.clear()
+            # another process on ha, which cannot reach hb, leaves the move open rather than half-settle it
+            if k == 0 and after:
+                [res] = rebalance_exec.recover(ca, runner=fake)
+                assert res["result"] == "failed" and "cannot reach" in res["error"]
+                with intent._ACTIVE_GUARD:
+                    intent._ACTIVE.clear()
+            [res] = rebalance_exec.recover(ca, runner=fake, peers={"hb": cb})
+            assert res["result"] in ("forward", "back"), res
+            moved = _placements(ca, cluster=True) != before
+            assert moved == (k > 1), (k, after, res)
+            _one_device_each(ca, fake, uris=(LOCAL,))
+            _one_device_each(cb, fake, uris=(remote,))
+            # each VM is defined on exactly one host, running
+            for vm in ("vm-a", "vm-b"):
+                where = fake.where(vm)
+                assert len(where) == 1 and where[0][1]["state"] == "running", (vm, where)
+            outcomes.append(res["result"])
+            ca.close()
+            cb.close()
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    assert "back" in outcomes and "forward" in outcomes
