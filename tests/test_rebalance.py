@@ -142,10 +142,37 @@ def test_mig_backed_vgpu_moves_with_its_gpu_instance_to_the_planned_start(mig_bo
 
 # --- two hosts of one shared inventory: a live move --------------------------------------------------------------
 @pytest.fixture
-def two_hosts(cli, make_sim, tmp_path):
+def shared_url(tmp_path):
+    """One inventory for two hosts: a fresh schema of the PostgreSQL server in GPUVIRT_TEST_PG_URL when set,
+    else one SQLite file."""
     import os
+    import uuid
 
-    url = os.environ.get("GPUVIRT_TEST_PG_URL") or f"sqlite:///{tmp_path / 'shared.db'}"
+    pg = os.environ.get("GPUVIRT_TEST_PG_URL")
+    if not pg:
+        yield f"sqlite:///{tmp_path / 'shared.db'}"
+        return
+    from sqlalchemy import create_engine, text
+
+    schema = f"gpuvirt_rb_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(pg, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            c.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except Exception as exc:  # noqa: BLE001
+        admin.dispose()
+        pytest.skip(f"PostgreSQL at GPUVIRT_TEST_PG_URL is not reachable: {str(exc).splitlines()[0]}")
+    try:
+        yield f"{pg}{'&' if '?' in pg else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture
+def two_hosts(cli, make_sim, shared_url):
+    url = shared_url
     a = make_sim(["a10"], name="ha")
     b = make_sim(["a10"], name="hb")
     ok(cli("--sim", a.root, "--db", url, "--host-id", "ha", "db", "init"))
