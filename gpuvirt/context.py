@@ -38,6 +38,8 @@ DEFAULT_POLICIES: dict[str, Any] = {
     "health_quiet_seconds": 3600,       # other XIDs: healthy again after this long without one (0: never)
     "health_history_days": 30,          # health events older than this are pruned
     "health_history_max": 10000,        # and at most this many are kept per host
+    # attach --allow-moves: the most VM device moves one attach may make to find room (0 to 8)
+    "rebalance_max_moves": 2,
 }
 # the events table (audit log) is pruned per host: rows older than max_age_days, and all but the newest
 # max_rows; 0 switches a limit off (docs/operator-guide.md "Event pruning")
@@ -215,6 +217,10 @@ def _check_policy(path: Path, key: str, value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10_000_000:
             raise ConfigError(f"config file {path}: policies.{key} = {value!r} is not valid; expected an integer "
                               "from 1 to 10000000", path=str(path))
+    elif key == "rebalance_max_moves":
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 8:
+            raise ConfigError(f"config file {path}: policies.{key} = {value!r} is not valid; expected an integer "
+                              "from 0 to 8", path=str(path))
     elif key == "reset_gpu":
         if not isinstance(value, bool):
             raise ConfigError(f"config file {path}: policies.{key} = {value!r} is not valid; expected true or "

@@ -347,3 +347,4 @@ from gpuvirt.cli import demo_cmd  # noqa: E402,F401
 from gpuvirt.cli import cdi_cmd  # noqa: E402,F401
 from gpuvirt.cli import report_cmd  # noqa: E402,F401
 from gpuvirt.cli import health_cmd  # noqa: E402,F401
+from gpuvirt.cli import rebalance_cmd  # noqa: E402,F401

@@ -40,6 +40,9 @@ def attach(ctx: typer.Context,
                                         "CDI device name)"),
            domain_xml: Optional[str] = typer.Option(None, "--domain-xml",
                                                     help="Insert the hostdev into this domain XML file in place."),
+           allow_moves: Optional[str] = typer.Option(None, "--allow-moves",
+                                                     help="When nothing fits, move other VMs' vGPUs first (live, "
+                                                          "cold or live,cold; at most policies.rebalance_max_moves)."),
            ) -> None:
     """Give a VM a free instance (creating one where the layout allows) and print what the VMM needs; with
     --format cdi, give a container a MIG device or a whole GPU and print its CDI device name."""
@@ -49,11 +52,19 @@ def attach(ctx: typer.Context,
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}")
     if fmt == "cdi":
+        if allow_moves is not None:
+            raise UsageError("--allow-moves moves VMs' vGPUs; it does not apply to --format cdi")
         got = svc(state(ctx).context(), vm, vgpu=vgpu, mig=mig, vf=vf, instance=instance, mdev=mdev, tenant=tenant,
                   count=count, persistent=persistent, vm_uuid=vm_uuid, gpu=gpu, display=display, ramfb=ramfb,
                   domain_xml=domain_xml, fmt=fmt)
         sys.stdout.write("".join(d["name"] + "\n" for d in got))
         return
+    if allow_moves is not None:
+        from functools import partial
+
+        from gpuvirt.service.rebalance_exec import attach_with_moves
+
+        svc = partial(attach_with_moves, allow=allow_moves)
     handoffs = svc(state(ctx).context(), vm, vgpu=vgpu, mig=mig, vf=vf, instance=instance, mdev=mdev,
                    tenant=tenant, count=count, persistent=persistent, vm_uuid=vm_uuid, gpu=gpu,
                    display=display or ramfb, ramfb=ramfb, domain_xml=domain_xml, fmt=fmt)

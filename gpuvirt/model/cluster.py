@@ -632,7 +632,10 @@ class ClusterIndex:
 
     def kind(self, u: int, a: int, b: int) -> tuple[str, Compatibility | None] | None:
         """The kind a move of unit ``u`` from GPU ``a`` to ``b`` gets under the policy, with its verdict."""
-        key = (self.u_class[u], self.g_class[a], self.g_class[b])
+        # libvirt refuses to migrate a domain to the host it runs on, so a policy may rule live moves
+        # between two GPUs of one host out (the service does; the benchmarks keep them)
+        same = self.g_host[a] == self.g_host[b] and not getattr(self.policy, "live_same_host", True)
+        key = (self.u_class[u], self.g_class[a], self.g_class[b], same)
         if key in self._kind:
             return self._kind[key]
         unit = self.cluster.units[u]
@@ -646,7 +649,8 @@ class ClusterIndex:
             compat = check_move(vm, pg, (LIVE, COLD), self.policy.rules).compatibility
             res = None if compat.verdict == NONE else (RECREATE, None)
         else:
-            chk = check_move(vm, pg, self.policy.allow, self.policy.rules)
+            allow = self.policy.allow - {LIVE} if same else self.policy.allow
+            chk = check_move(vm, pg, allow, self.policy.rules)
             res = (chk.kind, chk.compatibility) if chk.kind is not None else None
         self._kind[key] = res
         return res

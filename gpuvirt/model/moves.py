@@ -80,6 +80,8 @@ class MovePolicy:
     exact_units: int = 48
     node_limit: int = 1_500
     destinations: int = 3               # focused search: destinations tried per unit for a move that is not last
+    live_same_host: bool = True         # False: a move within one host is never live (libvirt cannot migrate
+                                        # a domain to its own host; gpuvirt's executor moves it cold)
 
     def __post_init__(self) -> None:
         allow = frozenset(self.allow)

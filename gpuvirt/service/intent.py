@@ -188,15 +188,16 @@ class Run:
             step = self.steps[i]
             if step["state"] == SKIPPED:
                 continue
-            op = op_of(self.ctx, step)
+            op = None
             try:
+                op = op_of(self.ctx, step)
                 facts = op.backward()
                 with self.ctx.inventory.unit(write=True, action=f"record: {op.describe(False)}") as uow:
                     op.record(uow, not step["present"], facts)
                     step["state"] = UNDONE if step["state"] in (DONE, UNDONE) else PENDING
                     self._save(uow)
             except GpuvirtError as exc:
-                failures.append(f"{op.describe(False)}: {exc}")
+                failures.append(f"{op.describe(False) if op is not None else 'undoing ' + describe(step)}: {exc}")
         return failures
 
     def verify(self, forward: bool) -> list[str]:
@@ -205,23 +206,25 @@ class Run:
 
         if not any(s["op"] not in INVENTORY_ONLY and s["state"] != SKIPPED for s in self.steps):
             return []               # nothing on the host to look at
-        try:
-            view = hostview.snapshot(self.ctx)
-        except GpuvirtError as exc:
-            return [f"cannot re-read the host: {exc}"]
+        views: dict[str, Any] = {}
         bad = []
         for step in self.steps:
             if step["state"] == SKIPPED or (forward and step["state"] != DONE):
                 continue
-            op = op_of(self.ctx, step)
             want = step["present"] if forward else not step["present"]
             if step["op"] == "mig-mode" and forward and step.get("pending"):
                 continue
+            op = None
             try:
-                if not op.holds(view, want):
+                op = op_of(self.ctx, step)
+                # a step on another host of a shared inventory is checked against that host's view
+                host = op.ctx.settings.host_id
+                if host not in views:
+                    views[host] = hostview.snapshot(op.ctx)
+                if not op.holds(views[host], want):
                     bad.append(f"{op.describe(forward)} does not show on the host")
             except GpuvirtError as exc:
-                bad.append(f"{op.describe(forward)}: {exc}")
+                bad.append(f"{op.describe(forward) if op is not None else describe(step)}: {exc}")
         return bad
 
     # --- closing ----------------------------------------------------------------------------------------------
@@ -260,7 +263,8 @@ class Run:
 
 
 def _event_name(step: dict[str, Any]) -> str:
-    if step["op"] in ("allocate", "release", "domain-xml", "record-vfs", "mig-mode", "vgpu-scheduler", "whole-gpu"):
+    if step["op"] in ("allocate", "release", "domain-xml", "record-vfs", "mig-mode", "vgpu-scheduler", "whole-gpu",
+                      "vm-handover"):
         return step["op"]
     if step["op"] == "cdi":
         return "cdi-publish" if step["present"] else "cdi-remove"

@@ -706,8 +706,26 @@ OPS: dict[str, type[_Op]] = {"mig": MigOp, "mdev": MdevOp, "vgpu": VgpuOp, "vfs"
                              "release": AllocateOp, "domain-xml": DomainXmlOp, "cdi": CdiOp, "whole-gpu": WholeGpuOp}
 
 
+# Contexts of other hosts of a shared inventory that this process may change (the rebalance executor
+# registers them; a step naming a host missing here cannot run from this process).
+PEERS: dict[str, Context] = {}
+
+
 def op_of(ctx: Context, step: dict[str, Any]) -> _Op:
+    host = step.get("host")
+    if host is not None and ctx is not None and host != ctx.settings.host_id:
+        peer = PEERS.get(host)
+        if peer is None:
+            raise ConflictError(f"{describe(step)} is a step on host {host}, which this process cannot reach; "
+                                f"settle it where both hosts are reachable ('gpuvirt reconcile' there)")
+        ctx = peer
     return OPS[step["op"]](ctx, step)
+
+
+def on_host(step: dict[str, Any], host: str) -> dict[str, Any]:
+    """``step`` marked as one on ``host`` (a step of a change that spans hosts of a shared inventory)."""
+    step["host"] = host
+    return step
 
 
 def describe(step: dict[str, Any]) -> str:
@@ -755,3 +773,5 @@ def _next_free_vf(ctx: Context, gpu: str, interface: str, type_id: int | None = 
     raise ConflictError(f"no free VF left on GPU {gpu}")
 
 
+# the step kinds of the rebalance executor register themselves in OPS
+from gpuvirt.service import rebalance_steps  # noqa: E402,F401

@@ -611,6 +611,37 @@ def remove_hostdev(domain_xml: str | bytes, uuid: str | None = None, address: st
     return out.decode("utf-8")
 
 
+def retarget_hostdev(domain_xml: str | bytes, *, old_uuid: str | None = None, old_address: str | None = None,
+                     new_uuid: str | None = None, new_address: str | None = None,
+                     max_bytes: int = MAX_DOMAIN_XML_BYTES) -> str:
+    """``domain_xml`` with the hostdev of the old device (mdev ``old_uuid`` or PCI ``old_address``) replaced
+    by one naming the new device (``new_uuid`` / ``new_address``): the target XML of a VM moved to another
+    GPU (``virsh migrate --xml``, or ``virsh define`` for a cold move).  ``display`` / ``ramfb`` of an mdev
+    carry over.  Idempotent: a document that already names the new device and not the old one comes back
+    unchanged.  Raises ``UsageError`` when the document holds neither device (it is not this VM's XML).
+    """
+    if (old_uuid is None) == (old_address is None) or (new_uuid is None) == (new_address is None):
+        raise UsageError("retarget_hostdev needs one old device and one new device (an mdev UUID or a PCI address)")
+    old = ("mdev", normalize_uuid(old_uuid, "mdev UUID")) if old_uuid is not None else \
+        ("pci", normalize_pci_address(old_address))
+    new = ("mdev", normalize_uuid(new_uuid, "mdev UUID")) if new_uuid is not None else \
+        ("pci", normalize_pci_address(new_address))
+    dom = parse_domain(domain_xml, max_bytes=max_bytes)
+    have = {h.key: h for h in dom.hostdevs}
+    if old not in have:
+        if new in have:
+            return domain_xml.decode("utf-8") if isinstance(domain_xml, bytes) else domain_xml
+        raise UsageError(f"domain {dom.name!r} has no <hostdev> for {old[1]} (nor for {new[1]})")
+    was = have[old]
+    text = remove_hostdev(domain_xml, uuid=old_uuid, address=old_address, max_bytes=max_bytes)
+    if new[0] == "mdev":
+        element = mdev_hostdev(new[1], display=was.display if was.kind == "mdev" else False,
+                               ramfb=was.ramfb if was.kind == "mdev" else False)
+    else:
+        element = pci_hostdev(new[1])
+    return insert_hostdev(text, element, max_bytes=max_bytes)
+
+
 def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644,
                  owner: tuple[int, int] | None = None) -> None:
     """Replace ``path`` with ``data`` atomically: a temp file in the same directory, fsync, rename, fsync dir.
@@ -704,6 +735,6 @@ def rewrite_file_in_place(path: str | os.PathLike[str], fn: Callable[[str], str]
 __all__ = [
     "MAX_DOMAIN_XML_BYTES", "Domain", "Hostdev", "atomic_write", "has_hostdev_quick", "insert_hostdev",
     "mdev_hostdev", "nodedev_name", "nodedev_xml", "normalize_pci_address", "normalize_uuid", "parse_domain",
-    "parse_hostdev", "pci_hostdev", "remove_hostdev", "rewrite_file_in_place", "validate_mdev_type",
+    "parse_hostdev", "pci_hostdev", "remove_hostdev", "retarget_hostdev", "rewrite_file_in_place", "validate_mdev_type",
     "validate_vm_name",
 ]

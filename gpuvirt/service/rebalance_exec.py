@@ -1,0 +1,229 @@
+"""``gpuvirt rebalance --execute``: carry a move plan out, one journalled intent per move.
+
+Each move is one intent (kind ``rebalance``) of the host running gpuvirt, with these steps, in order:
+
+1. on the target host: the GPU instance at the planned start (a MIG-backed vGPU only), allocated to the VM;
+2. on the target host: the vGPU (an mdev with the UUID shown in the plan's target XML, or a vGPU type on a
+   free VF), allocated to the VM - from here until step 3 is settled both devices exist;
+3. ``vm-handover`` (:mod:`gpuvirt.service.rebalance_steps`): the VM's libvirt definition names the target
+   instead of the source (live migration, or shut down / redefine / start for a cold move);
+4. on the source host: the VM's allocations released and the source vGPU (and its GPU instance) destroyed,
+   as a detach would.
+
+Until the handover is done the intent is rolled back after a failure or a kill (the target goes, the VM
+keeps its source device); from then on it is finished forward (the source goes).  So the VM holds exactly
+one device in its XML at every point, and the inventory agrees with the hosts once ``reconcile`` (or the
+next command on those GPUs) settled what a kill left.  Moves run one after another: every plan is valid in
+that order, and a failure stops the rest with the moves before it complete.
+
+Steps on another host of a shared inventory run through that host's :class:`~gpuvirt.context.Context`
+(``peers``); a plan that needs a host this process cannot reach is refused before anything changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Mapping
+
+from gpuvirt.context import Context
+from gpuvirt.errors import ConflictError, GpuvirtError
+from gpuvirt.inventory.models import MDEV
+from gpuvirt.model.moves import MovePolicy
+from gpuvirt.service import intent, intent_steps
+from gpuvirt.service.rebalance import (
+    Runner,
+    Scope,
+    UnitInfo,
+    best_plan,
+    libvirt_uri,
+    load_scope,
+    plan_document,
+    source_device,
+)
+from gpuvirt.service.rebalance_steps import handover_step, set_runner
+
+
+@contextlib.contextmanager
+def reach(ctx: Context, peers: Mapping[str, Context] | None, runner: Runner | None):
+    """Make the other hosts' contexts and the libvirt runner available to the journal's steps."""
+    old_peers = dict(intent_steps.PEERS)
+    intent_steps.PEERS.update({h: c for h, c in (peers or {}).items() if h != ctx.settings.host_id})
+    old_runner = set_runner(runner) if runner is not None else None
+    try:
+        yield
+    finally:
+        intent_steps.PEERS.clear()
+        intent_steps.PEERS.update(old_peers)
+        if runner is not None:
+            set_runner(old_runner)
+
+
+def recover(ctx: Context, *, peers: Mapping[str, Context] | None = None, runner: Runner | None = None,
+            actor: str | None = None) -> list[dict[str, Any]]:
+    """Settle rebalance intents a dead process left (finished forward after the handover, else undone)."""
+    with reach(ctx, peers, runner):
+        return intent.recover(ctx, None, actor=actor, kinds=["rebalance"])
+
+
+def rebalance_and_execute(ctx: Context, name: str, *, cluster: bool = False, policy: MovePolicy,
+                          runner: Runner | None = None, peers: Mapping[str, Context] | None = None,
+                          hosts: frozenset[str] | None = None) -> dict[str, Any]:
+    """Plan for ``name`` and carry the plan out; returns the plan document with each move's ``result``."""
+    scope = load_scope(ctx, cluster=cluster)
+    with reach(ctx, peers, runner):
+        doc = plan_document(scope, name, policy, runner=runner, hosts=hosts, cluster=cluster)
+        if doc["feasible"] and doc["moves"]:
+            execute(ctx, scope, doc, name, policy, peers=peers, hosts=hosts, cluster=cluster)
+    return doc
+
+
+def _contexts(ctx: Context, peers: Mapping[str, Context] | None, doc: dict[str, Any]) -> dict[str, Context]:
+    out = {ctx.settings.host_id: ctx, **{h: c for h, c in (peers or {}).items()}}
+    need = sorted({m[s]["host"] for m in doc["moves"] for s in ("from", "to")} - set(out))
+    if need:
+        raise ConflictError(f"the plan moves devices on {', '.join(need)}, which this process cannot change; run the "
+                            "rebalance there, or plan without --cluster")
+    return out
+
+
+def execute(ctx: Context, scope: Scope, doc: dict[str, Any], name: str, policy: MovePolicy, *,
+            peers: Mapping[str, Context] | None = None, hosts: frozenset[str] | None = None,
+            cluster: bool = False) -> None:
+    """Carry out the moves of ``doc`` (a feasible plan document of ``scope``) in order; each move's entry
+    gets ``result: "done"``.  Raises at the first move that fails (rolled back) with the moves before it
+    done."""
+    from gpuvirt.service.instances import gpu_lock
+
+    contexts = _contexts(ctx, peers, doc)
+    touched = sorted({(m[s]["host"], m[s]["gpu"]) for m in doc["moves"] for s in ("from", "to")})
+    with contextlib.ExitStack() as locks:
+        for h, a in touched:
+            locks.enter_context(gpu_lock(contexts[h], a))
+        for h in sorted({h for h, _ in touched}):
+            intent.require_settled(contexts[h], {a for hh, a in touched if hh == h})
+        # the plan was made before the locks were taken: it still holds only if a fresh plan is the same
+        again, _ = best_plan(load_scope(ctx, cluster=cluster), name, policy, hosts=hosts)
+        same = [(m.unit, m.dst.gpu, m.dst.start) for m in again.moves] == \
+            [(m["unit"], scope_key(m["to"]), m["to"]["placement"]) for m in doc["moves"]]
+        if not same:
+            raise ConflictError("the GPUs changed while the plan was made (another attach, detach or apply); "
+                                "run the rebalance again")
+        for n, m in enumerate(doc["moves"]):
+            try:
+                _move(ctx, contexts, scope.units[m["unit"]], m, name)
+            except GpuvirtError as exc:
+                done = f"; moves 1 to {n} are done" if n else ""
+                raise type(exc)(f"move {n + 1} of {len(doc['moves'])} ({m['kind']} move of VM {m['vm']}) failed and "
+                                f"was undone: {exc}{done}") from exc
+            m["result"] = "done"
+
+
+def scope_key(slot: dict[str, Any]) -> str:
+    return f"{slot['host']}/{slot['gpu']}"
+
+
+def _gpu_row(c: Context, address: str) -> Any:
+    with c.inventory.unit() as uow:
+        g = next((g for g in uow.gpus(c.settings.host_id) if g.address == address), None)
+        if g is None:
+            raise ConflictError(f"GPU {address} of host {c.settings.host_id} is not in the inventory")
+        return g.id, g.nvml_index
+
+
+def _move(ctx: Context, contexts: Mapping[str, Context], info: UnitInfo, m: dict[str, Any], name: str) -> None:
+    from gpuvirt.service.attach import _release_plan
+    from gpuvirt.service.instances import row_fields
+
+    src_host, dst_host = m["from"]["host"], m["to"]["host"]
+    src_ctx, dst_ctx = contexts[src_host], contexts[dst_host]
+    vm = info.vm or ""
+    b = m["to"]["gpu"]
+    gid_b, idx_b = _gpu_row(dst_ctx, b)
+    with src_ctx.inventory.unit() as uow:
+        vg = uow.instance(info.instance)
+        vg_fields, vg_alloc = row_fields(vg), vg.allocation
+        alloc = {"vm_name": vm, "vm_uuid": vg_alloc.vm_uuid, "tenant": vg_alloc.tenant,
+                 "persistent": vg_alloc.persistent, "check_quota": False, "event": False, "consumer": "vm"}
+        gi = uow.instance(info.backing) if info.backing is not None else None
+        gi_fields = row_fields(gi) if gi is not None else None
+    uuid = m["to"].get("uuid") if vg_fields["kind"] == MDEV else None
+    vg_fields.update(mdev_uuid=uuid, parent=None)
+    steps: list[dict[str, Any]] = []
+    backing = None
+    if gi_fields is not None:
+        start = m["to"]["placement"]
+        gi_fields.update(placement_start=start)
+        backing = (gi_fields["profile_id"], start)
+        steps.append(intent_steps.on_host(intent.mig_step(
+            b, gid_b, idx_b, gi_fields["profile_id"], start, gi_fields.get("placement_size"), present=True,
+            fields=gi_fields, alloc=dict(alloc, tenant=None), label=f"GPU instance for VM {vm} (rebalance)"),
+            dst_host))
+    if vg_fields["kind"] == MDEV:
+        create = intent.mdev_step(b, gid_b, None, vg_fields["type_id"], uuid, present=True, fields=vg_fields,
+                                  alloc=alloc, backing=backing, label=f"vGPU {vg_fields.get('type_name')} {uuid} for "
+                                  f"VM {vm} (rebalance)")
+    else:
+        create = intent.vgpu_step(b, gid_b, None, int(vg_fields["type_id"]), present=True, fields=vg_fields,
+                                  alloc=alloc, backing=backing, label=f"vGPU {vg_fields.get('type_name')} for VM "
+                                  f"{vm} (rebalance)")
+    steps.append(intent_steps.on_host(create, dst_host))
+    s_uuid, s_addr = source_device(info)
+    local = ctx.settings.host_id
+    src = {"host": src_host, "uri": libvirt_uri(src_host, local), "uuid": s_uuid, "address": s_addr}
+    dst = {"host": dst_host, "uri": libvirt_uri(dst_host, local), "uuid": uuid, "address": None}
+    steps.append(intent_steps.on_host(handover_step(b, vm=vm, kind=m["kind"], src=src, dst=dst), local))
+    release, _ = _release_plan(src_ctx, vm, [info.instance], destroy=True)
+    steps += [intent_steps.on_host(s, src_host) for s in release if s is not None]
+    run = intent.Run.begin(ctx, "rebalance", gpus=(), recovery="back",
+                           target={"vm": vm, "request": name, "kind": m["kind"], "from": m["from"], "to": m["to"]})
+    handover = len(steps) - len(release) - 1
+    steps[handover]["params"]["intent"] = run.id
+    for s in steps:
+        run.add(s)
+    try:
+        for i in range(len(run.steps)):
+            if i == handover and not run.steps[i]["params"]["dst"]["uuid"]:
+                # a vendor-specific VFIO target: the VF was chosen when step ``handover - 1`` created it
+                run.steps[i]["params"]["dst"]["address"] = run.steps[i - 1]["params"]["vf"]
+            run.run(i)
+        run.finish()
+    except GpuvirtError as exc:
+        failures = run.abort(exc)
+        if failures:
+            raise type(exc)(f"{exc}; undoing the move did not finish ({failures[0]}): run 'gpuvirt reconcile'") \
+                from exc
+        raise
+
+
+def attach_with_moves(ctx: Context, vm: str, *, allow: str, runner: Runner | None = None,
+                      peers: Mapping[str, Context] | None = None, **kw: Any) -> Any:
+    """``attach ... --allow-moves KINDS``: attach; when that finds no capacity, plan the fewest moves (within
+    ``policies.rebalance_max_moves``) after which the request fits on this host, carry them out, and attach
+    again.  Only a single ``--vgpu`` or ``--mig`` request can be planned for."""
+    from gpuvirt.errors import CapacityError, UsageError
+    from gpuvirt.service import attach as svc
+    from gpuvirt.service.rebalance import make_policy
+
+    other = [o for o, v in (("--vf", kw.get("vf") or None), ("--instance", kw.get("instance")),
+                            ("--mdev", kw.get("mdev")), ("--format cdi", kw.get("fmt") == "cdi" or None)) if v]
+    if other or not (kw.get("vgpu") or kw.get("mig")):
+        raise UsageError("--allow-moves makes room for a --vgpu or --mig request"
+                         + (f", not {', '.join(other)}" if other else ""))
+    if kw.get("count", 1) != 1:
+        raise UsageError("--allow-moves makes room for one device at a time; drop --count")
+    policy = make_policy(max_moves=int(ctx.settings.policies.get("rebalance_max_moves", 2)), allow=allow)
+    try:
+        return svc.attach(ctx, vm, **kw)
+    except CapacityError as exc:
+        refused = exc
+    # a VM gets a GPU instance as the MIG-backed vGPU on it: room is planned for that vGPU type
+    name = kw.get("vgpu") or svc._mig_backed_type_for(ctx, kw["mig"], kw.get("gpu"))
+    doc = rebalance_and_execute(ctx, name, policy=policy, runner=runner, peers=peers,
+                                hosts=frozenset({ctx.settings.host_id}))
+    if not doc["feasible"]:
+        raise CapacityError(f"{refused}; moving VMs does not help: {doc['reason']}")
+    return svc.attach(ctx, vm, **kw)
+
+
+__all__ = ["rebalance_and_execute", "execute", "recover", "reach", "attach_with_moves"]
+

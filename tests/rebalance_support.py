@@ -1,0 +1,167 @@
+"""Support for the rebalance tests: a recording stand-in for ``virsh`` (the executor's runner), which keeps
+domains per connection URI as libvirt would for the calls the executor makes and records every argument
+list, and helpers that read what a simulated host and its inventory hold."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from gpuvirt.errors import HostError
+
+LOCAL = "qemu:///system"
+
+DOMAIN = """<domain type='kvm'>
+  <name>{name}</name>
+  <uuid>{uuid}</uuid>
+  <memory unit='KiB'>4194304</memory>
+  <vcpu>2</vcpu>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+  </os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+  </devices>
+</domain>
+"""
+
+
+class FakeVirsh:
+    def __init__(self) -> None:
+        self.domains: dict[str, dict[str, dict]] = {}      # uri -> name -> {"xml", "state"}
+        self.calls: list[list[str]] = []
+        self.xml_files: list[str] = []                     # the --xml / define files, as read when called
+        self.fail_on: str | None = None                    # a verb that fails (exit 1) once
+
+    def add(self, uri: str, name: str, xml: str, state: str = "running") -> None:
+        self.domains.setdefault(uri, {})[name] = {"xml": xml, "state": state}
+
+    def where(self, name: str) -> list[tuple[str, dict]]:
+        return [(u, d[name]) for u, d in self.domains.items() if name in d]
+
+    def __call__(self, argv: Sequence[str]) -> str:
+        argv = list(argv)
+        self.calls.append(argv)
+        assert argv[0] == "-c"
+        uri, verb, rest = argv[1], argv[2], argv[3:]
+        doms = self.domains.setdefault(uri, {})
+        if self.fail_on == verb:
+            self.fail_on = None
+            raise HostError(f"virsh {verb}: injected failure")
+        name = rest[-1] if verb not in ("migrate", "define") else None
+        if verb == "dumpxml":
+            if name not in doms:
+                raise HostError(f"virsh dumpxml: error: failed to get domain '{name}'")
+            return doms[name]["xml"]
+        if verb == "domstate":
+            if name not in doms:
+                raise HostError(f"virsh domstate: error: failed to get domain '{name}'")
+            return doms[name]["state"] + "\n"
+        if verb == "shutdown":
+            doms[name]["state"] = "shut off"
+            return ""
+        if verb == "start":
+            assert doms[name]["state"] == "shut off", argv
+            doms[name]["state"] = "running"
+            return ""
+        if verb == "define":
+            text = Path(rest[0]).read_text()
+            self.xml_files.append(text)
+            from gpuvirt.vmm.libvirt import parse_domain
+
+            n = parse_domain(text).name
+            old = doms.get(n, {"state": "shut off"})
+            assert old["state"] == "shut off", "a running domain is redefined only after its shutdown here"
+            doms[n] = {"xml": text, "state": old["state"]}
+            return ""
+        if verb == "migrate":
+            xml_path = rest[rest.index("--xml") + 1]
+            dom, dest = rest[-2], rest[-1]
+            text = Path(xml_path).read_text()
+            self.xml_files.append(text)
+            cur = doms.pop(dom)
+            if "--live" in rest:
+                assert cur["state"] == "running"
+            self.domains.setdefault(dest, {})[dom] = {"xml": text, "state": cur["state"]}
+            return ""
+        raise AssertionError(f"unexpected virsh call {argv}")
+
+
+def ok(res):
+    assert res.exit_code == 0, res
+    return res
+
+
+def _ctx(root, **kw):
+    from gpuvirt.context import Context, resolve_settings
+
+    return Context(resolve_settings(sim=str(root), **kw))
+
+
+def _attach(cli, root, vm, vgpu, gpu, *extra):
+    ok(cli("--sim", root, *extra, "attach", vm, "--vgpu", vgpu, "--gpu", gpu, "--format", "json"))
+
+
+def _domains(ctx, fake, uri=LOCAL, state="running"):
+    """Define every VM of the inventory in the fake libvirt with the device it holds."""
+    from gpuvirt.vmm.libvirt import insert_hostdev, mdev_hostdev, pci_hostdev
+
+    with ctx.inventory.unit() as uow:
+        for n, a in enumerate(uow.allocations(host_id=ctx.settings.host_id)):
+            i = a.instance
+            if i.kind not in ("mdev", "vfio-vgpu"):
+                continue
+            dev = mdev_hostdev(i.mdev_uuid) if i.kind == "mdev" else pci_hostdev(i.parent)
+            fake.add(uri, a.vm_name, insert_hostdev(DOMAIN.format(name=a.vm_name, uuid=f"6f1b3a52-3c1e-4b8e-9a55-"
+                                                                  f"0c8f2d7a1e{n:02d}"), dev), state)
+
+
+def _placements(ctx, cluster=False):
+    """{vm: (gpu key, start, vGPU type)} as the host (and inventory) show it now."""
+    from gpuvirt.service.rebalance import load_scope
+
+    scope = load_scope(ctx, cluster=cluster)
+    return {u.vm: (u.gpu, u.placed.start if u.placed else None, u.vgpu_type) for u in scope.cluster.units if u.vm}
+
+
+def _replayed(scope, doc):
+    """What the plan says the cluster holds after its moves (the planner's replay, step by step checked)."""
+    from gpuvirt.model.moves import PlannedMove, Slot, replay
+
+    moves = [PlannedMove(m["unit"], m["vm"], m["kind"], Slot(f"{m['from']['host']}/{m['from']['gpu']}",
+                                                              m["from"]["host"], m["from"]["placement"]),
+                         Slot(f"{m['to']['host']}/{m['to']['gpu']}", m["to"]["host"], m["to"]["placement"]),
+                         None, None, m["data_mib"], None) for m in doc["moves"]]
+    after = replay(scope.cluster, moves)
+    return {u.vm: (u.gpu, u.placed.start if u.placed else None, u.vgpu_type) for u in after.units if u.vm}
+
+
+def _one_device_each(ctx, fake, uris=(LOCAL,)):
+    """Every VM's XML names exactly one hostdev, that device exists on the host, and the inventory gives the
+    VM exactly that vGPU (rows = host objects, no intent left open)."""
+    from gpuvirt.service import intent
+    from gpuvirt.vmm.libvirt import parse_domain
+
+    sim = ctx.sim.load()
+    on_host = {m["uuid"] for m in sim["mdevs"]}
+    with ctx.inventory.unit() as uow:
+        rows = uow.instances(ctx.settings.host_id, kinds=["mdev"])
+        held = {}
+        for r in rows:
+            if r.allocation is not None:
+                held.setdefault(r.allocation.vm_name, []).append(r.mdev_uuid)
+        assert sorted(r.mdev_uuid for r in rows) == sorted(on_host)
+        assert all(r.state == "active" for r in rows)
+    assert not intent.open_intents(ctx)
+    for uri in uris:
+        for name, d in fake.domains.get(uri, {}).items():
+            devs = parse_domain(d["xml"]).hostdevs
+            assert len(devs) == 1, (name, devs)
+            assert devs[0].uuid in on_host
+            assert held.get(name) == [devs[0].uuid], (name, held)
+    return held
+
+
+def _allocs(ctx):
+    with ctx.inventory.unit() as uow:
+        return [(a.vm_name, a.instance.host_id) for a in uow.allocations()]

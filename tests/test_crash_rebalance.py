@@ -1,0 +1,219 @@
+"""Crash safety of ``gpuvirt rebalance --execute`` (issue 13 item 4): the executor killed before and after
+every journal step of a move - a time-sliced vGPU (create, handover, release, destroy) and a MIG-backed one
+(GPU instance, vGPU, handover, two releases, two destroys) - and a failed handover.  After recovery each VM's
+libvirt definition names exactly one device, that device exists on the simulated host, the inventory agrees
+with the host with no intent left open, the guest runs as before, and the next rebalance works.  A kill once
+the handover is recorded is finished forward; any earlier kill is undone (even one right after libvirt moved
+the VM, which then moves back)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from rebalance_support import LOCAL, FakeVirsh, _attach, _ctx, _domains, _one_device_each, _placements
+
+pytestmark = pytest.mark.crash
+
+
+# --- a kill at every executor step ---------------------------------------------------------------------------------
+class Killed(BaseException):
+    """The process dies here (nothing of gpuvirt's catches it)."""
+
+
+def _killing(monkeypatch, k, after):
+    from gpuvirt.service import intent
+
+    real = intent.op_of
+    seen = [0]
+
+    def op_of(ctx, step):
+        op = real(ctx, step)
+        fwd = op.forward
+
+        def forward():
+            n = seen[0]
+            seen[0] += 1
+            if n == k and not after:
+                raise Killed
+            res = fwd()
+            if n == k and after:
+                raise Killed            # the host changed, its record was never written
+            return res
+        op.forward = forward
+        return op
+    monkeypatch.setattr(intent, "op_of", op_of)
+    return seen
+
+
+def _copy(root):
+    dst = Path(tempfile.mkdtemp(prefix="rebalance-crash-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    shutil.rmtree(dst)
+    shutil.copytree(root, dst, symlinks=True)
+    return dst
+
+
+CASES = {"time-sliced": (["a10:2"], "A10-12Q", "A10-24Q", 4),
+         "mig-backed": (["a100-40gb:2"], "A100-3-20C", "7g.40gb", 7)}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def crash_template(request, tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from gpuvirt.cli.app import app
+    from gpuvirt.sim.control import init_sim
+
+    gpus, vgpu, want, steps = CASES[request.param]
+    root = Path(tempfile.mkdtemp(prefix="rebalance-tpl-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    init_sim(root / "h", gpus, seed="crash", mig_enabled=gpus[0].startswith("a100"))
+    for vm, g in (("vm-a", "0"), ("vm-b", "1")):
+        r = CliRunner().invoke(app, ["--sim", str(root / "h"), "attach", vm, "--vgpu", vgpu, "--gpu", g])
+        assert r.exit_code == 0, r.stderr
+    yield root / "h", want, steps
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before", "after"])
+def test_a_kill_at_every_executor_step_is_settled_to_one_device_per_vm(crash_template, monkeypatch, after):
+    from gpuvirt.service import intent, rebalance, rebalance_exec
+
+    tpl, want, steps = crash_template
+    outcomes = []
+    for k in range(steps):
+        root = _copy(tpl)
+        try:
+            ctx = _ctx(root)
+            fake = FakeVirsh()
+            _domains(ctx, fake)
+            before = _placements(ctx)
+            seen = _killing(monkeypatch, k, after)
+            with pytest.raises(Killed):
+                rebalance_exec.rebalance_and_execute(ctx, want, policy=rebalance.make_policy(allow="cold"),
+                                                     runner=fake)
+            monkeypatch.undo()
+            assert seen[0] == k + 1
+            with intent._ACTIVE_GUARD:
+                intent._ACTIVE.clear()      # the process that ran the intent is gone
+            [res] = rebalance_exec.recover(ctx, runner=fake)
+            assert res["result"] in ("forward", "back"), res
+            now = _placements(ctx)
+            moved = now != before
+            # the handover is step steps-4+... : a kill once the VM names its target finishes the move
+            handover = steps - (4 if steps == 7 else 2) - 1
+            # killed once the handover is recorded: finished forward; before (even right after libvirt moved
+            # the VM, its record unwritten): undone, the VM handed back to its source device
+            assert moved == (k > handover), (k, after, res)
+            _one_device_each(ctx, fake)
+            assert all(d["state"] == "running" for d in fake.domains[LOCAL].values())
+            outcomes.append(res["result"])
+            # and the next rebalance works from whatever state the recovery left
+            doc = rebalance_exec.rebalance_and_execute(ctx, want, policy=rebalance.make_policy(allow="cold"),
+                                                       runner=fake)
+            assert doc["feasible"]
+            _one_device_each(ctx, fake)
+            ctx.close()
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    assert "back" in outcomes and "forward" in outcomes
+
+
+@pytest.fixture
+def boards(cli, make_sim):
+    sim = make_sim(["a10:2"])
+    _attach(cli, sim.root, "vm-a", "A10-12Q", "0")
+    _attach(cli, sim.root, "vm-b", "A10-12Q", "1")
+    return sim.root
+
+
+def test_a_failed_handover_is_undone_and_the_vm_keeps_its_device(boards):
+    from gpuvirt.errors import HostError
+    from gpuvirt.service import rebalance, rebalance_exec
+
+    ctx = _ctx(boards)
+    fake = FakeVirsh()
+    _domains(ctx, fake)
+    before = _placements(ctx)
+    fake.fail_on = "define"
+    with pytest.raises(HostError, match="move 1 of 1 .*failed and was undone.*injected failure"):
+        rebalance_exec.rebalance_and_execute(ctx, "A10-24Q", policy=rebalance.make_policy(allow="cold"),
+                                             runner=fake)
+    assert _placements(ctx) == before
+    _one_device_each(ctx, fake)
+    # the guest was shut down for the move; undoing it starts it again
+    assert all(d["state"] == "running" for d in fake.domains[LOCAL].values())
+    ctx.close()
+
+
+@pytest.fixture(scope="module")
+def two_host_template():
+    """Two simulated hosts sharing one SQLite inventory, one 12Q VM on each host's A10 board."""
+    from typer.testing import CliRunner
+
+    from gpuvirt.cli.app import app
+    from gpuvirt.sim.control import init_sim
+
+    root = Path(tempfile.mkdtemp(prefix="rebalance-2h-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    url = f"sqlite:///{root / 'shared.db'}"
+    for h, vm in (("ha", "vm-a"), ("hb", "vm-b")):
+        init_sim(root / h, ["a10"], seed="crash")
+        if h == "ha":
+            r = CliRunner().invoke(app, ["--sim", str(root / h), "--db", url, "--host-id", h, "db", "init"])
+            assert r.exit_code == 0, r.stderr
+        r = CliRunner().invoke(app, ["--sim", str(root / h), "--db", url, "--host-id", h, "attach", vm, "--vgpu",
+                                     "A10-12Q"])
+        assert r.exit_code == 0, r.stderr
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before", "after"])
+def test_a_kill_during_a_live_move_between_two_hosts_is_settled_on_both(two_host_template, monkeypatch, after):
+    from gpuvirt.model.preflight import HostStack
+    from gpuvirt.service import intent, rebalance, rebalance_exec
+
+    stack = HostStack(driver="550.127.05", os="rhel-9.4", kernel="5.14.0", qemu="8.2.0", libvirt="10.0.0")
+    remote = "qemu+ssh://hb/system"
+    outcomes = []
+    for k in range(4):      # vGPU on hb, handover, release and destroy on ha
+        root = _copy(two_host_template)
+        try:
+            url = f"sqlite:///{root / 'shared.db'}"
+            ca, cb = _ctx(root / "ha", db=url, host_id="ha"), _ctx(root / "hb", db=url, host_id="hb")
+            fake = FakeVirsh()
+            _domains(ca, fake, LOCAL)
+            _domains(cb, fake, remote)
+            monkeypatch.setattr(rebalance, "_host_stack", lambda db, host: stack)
+            before = _placements(ca, cluster=True)
+            _killing(monkeypatch, k, after)
+            with pytest.raises(Killed):
+                rebalance_exec.rebalance_and_execute(ca, "A10-24Q", cluster=True, runner=fake, peers={"hb": cb},
+                                                     policy=rebalance.make_policy(allow="live"))
+            monkeypatch.undo()
+            with intent._ACTIVE_GUARD:
+                intent._ACTIVE.clear()
+            # another process on ha, which cannot reach hb, leaves the move open rather than half-settle it
+            if k == 0 and after:
+                [res] = rebalance_exec.recover(ca, runner=fake)
+                assert res["result"] == "failed" and "cannot reach" in res["error"]
+                with intent._ACTIVE_GUARD:
+                    intent._ACTIVE.clear()
+            [res] = rebalance_exec.recover(ca, runner=fake, peers={"hb": cb})
+            assert res["result"] in ("forward", "back"), res
+            moved = _placements(ca, cluster=True) != before
+            assert moved == (k > 1), (k, after, res)
+            _one_device_each(ca, fake, uris=(LOCAL,))
+            _one_device_each(cb, fake, uris=(remote,))
+            # each VM is defined on exactly one host, running
+            for vm in ("vm-a", "vm-b"):
+                where = fake.where(vm)
+                assert len(where) == 1 and where[0][1]["state"] == "running", (vm, where)
+            outcomes.append(res["result"])
+            ca.close()
+            cb.close()
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    assert "back" in outcomes and "forward" in outcomes
