@@ -32,9 +32,32 @@ class FakeVirsh:
         self.calls: list[list[str]] = []
         self.xml_files: list[str] = []                     # the --xml / define files, as read when called
         self.fail_on: str | None = None                    # a verb that fails (exit 1) once
+        self.sims: dict[str, Path] = {}                    # uri -> simulated host whose devices QEMU holds
 
-    def add(self, uri: str, name: str, xml: str, state: str = "running") -> None:
+    def add(self, uri: str, name: str, xml: str, state: str = "running", sim: Path | None = None) -> None:
+        if sim is not None:
+            self.sims[uri] = Path(sim)
         self.domains.setdefault(uri, {})[name] = {"xml": xml, "state": state}
+        if state == "running":
+            self._hold(uri, xml, True)
+
+    def _hold(self, uri: str, xml: str, running: bool) -> None:
+        """A running QEMU holds its VFIO devices open, and only then does NVML list a vGPU as active (the live
+        pre-flight needs that; removing an mdev that is held fails with EBUSY)."""
+        sim = self.sims.get(uri)
+        if sim is None:
+            return
+        from gpuvirt.errors import NotFoundError
+        from gpuvirt.sim.control import set_open
+        from gpuvirt.sim.state import SimHost
+        from gpuvirt.vmm.libvirt import parse_domain
+
+        dom = parse_domain(xml)
+        for h in dom.hostdevs:
+            try:
+                set_open(SimHost(sim), h.uuid or h.address, running, vm_uuid=dom.uuid if running else None)
+            except NotFoundError:
+                assert not running, f"a domain started on {uri} names a device the host lacks: {h}"
 
     def where(self, name: str) -> list[tuple[str, dict]]:
         return [(u, d[name]) for u, d in self.domains.items() if name in d]
@@ -59,10 +82,12 @@ class FakeVirsh:
             return doms[name]["state"] + "\n"
         if verb == "shutdown":
             doms[name]["state"] = "shut off"
+            self._hold(uri, doms[name]["xml"], False)
             return ""
         if verb == "start":
             assert doms[name]["state"] == "shut off", argv
             doms[name]["state"] = "running"
+            self._hold(uri, doms[name]["xml"], True)
             return ""
         if verb == "define":
             text = Path(rest[0]).read_text()
@@ -83,6 +108,10 @@ class FakeVirsh:
             if "--live" in rest:
                 assert cur["state"] == "running"
             self.domains.setdefault(dest, {})[dom] = {"xml": text, "state": cur["state"]}
+            if cur["state"] == "running":
+                # the target QEMU opens the new device before the source QEMU exits and lets go of the old one
+                self._hold(dest, text, True)
+                self._hold(uri, cur["xml"], False)
             return ""
         raise AssertionError(f"unexpected virsh call {argv}")
 
@@ -112,8 +141,9 @@ def _domains(ctx, fake, uri=LOCAL, state="running"):
             if i.kind not in ("mdev", "vfio-vgpu"):
                 continue
             dev = mdev_hostdev(i.mdev_uuid) if i.kind == "mdev" else pci_hostdev(i.parent)
-            fake.add(uri, a.vm_name, insert_hostdev(DOMAIN.format(name=a.vm_name, uuid=f"6f1b3a52-3c1e-4b8e-9a55-"
-                                                                  f"0c8f2d7a1e{n:02d}"), dev), state)
+            vm_uuid = f"6f1b3a52-3c1e-4b8e-9a55-0c8f2d7a1e{n:02d}"
+            fake.add(uri, a.vm_name, insert_hostdev(DOMAIN.format(name=a.vm_name, uuid=vm_uuid), dev), state,
+                     sim=ctx.settings.sim_dir)
 
 
 def _placements(ctx, cluster=False):

@@ -43,11 +43,13 @@ DEFAULT_MAX_MOVES = 3
 def _host_stack(db: Any, host: str) -> HostStack:
     """What ``host`` runs, as far as live migration cares (driver, OS, kernel, QEMU, libvirt versions).
 
-    ``db`` is an open inventory unit.  The inventory records none of these yet, so every field is unknown,
-    which makes the pre-flight refuse live moves (``host driver version unknown``, LIMIT_HOST_DRIVER) and
-    allow cold ones: no live migration is planned on facts nobody checked.
+    ``db`` is an open inventory unit.  The facts are those the host recorded the last time it looked at itself
+    (``service.hostview.record``: NVML's driver and vGPU range, os-release, kernel, libvirt's capabilities
+    cache).  A host that never recorded them gets an unknown stack, which makes the pre-flight refuse live
+    moves (``host driver version unknown``, LIMIT_HOST_DRIVER) and allow cold ones: no live migration is
+    planned on facts nobody checked.  The executor asks NVML itself again right before a live move.
     """
-    return HostStack()
+    return db.host_stacks([host]).get(host, HostStack())
 
 
 def libvirt_uri(host: str, local: str) -> str:

@@ -130,6 +130,23 @@ def _gpu_row(c: Context, address: str) -> Any:
         return g.id, g.nvml_index
 
 
+def _check_live(src_ctx: Context, dst_ctx: Context, src_gpu: str, dst_index: int, instance: str | None,
+                vm: str) -> None:
+    """Ask the drivers themselves, right before a live move, what the plan assumed from recorded facts:
+    ``nvmlGetVgpuCompatibility`` on the running vGPU's metadata and the target GPU's.  The recorded stack
+    may be stale (a driver updated since) and the guest driver's vGPU version is known only to NVML."""
+    from gpuvirt.host.nvml_migration import move_compatibility
+
+    if not instance:
+        raise ConflictError(f"VM {vm}: no mdev UUID or VM UUID to find its running vGPU by; not moved live")
+    _, src_index = _gpu_row(src_ctx, src_gpu)
+    compat = move_compatibility(src_ctx.host.nvml(), src_index, instance, dst_ctx.host.nvml(), dst_index)
+    if not compat.allows("live"):
+        raise ConflictError(f"VM {vm}: the drivers refuse a live move from GPU {src_gpu} of host "
+                            f"{src_ctx.settings.host_id} to host {dst_ctx.settings.host_id}: {compat.message()}; "
+                            "nothing was changed")
+
+
 def _move(ctx: Context, contexts: Mapping[str, Context], info: UnitInfo, m: dict[str, Any], name: str) -> None:
     from gpuvirt.service.attach import _release_plan
     from gpuvirt.service.instances import row_fields
@@ -174,6 +191,8 @@ def _move(ctx: Context, contexts: Mapping[str, Context], info: UnitInfo, m: dict
     steps.append(intent_steps.on_host(handover_step(b, vm=vm, kind=m["kind"], src=src, dst=dst), local))
     release, _ = _release_plan(src_ctx, vm, [info.instance], destroy=True)
     steps += [intent_steps.on_host(s, src_host) for s in release if s is not None]
+    if m["kind"] == "live":
+        _check_live(src_ctx, dst_ctx, m["from"]["gpu"], idx_b, s_uuid or alloc["vm_uuid"], vm)
     run = intent.Run.begin(ctx, "rebalance", gpus=(), recovery="back",
                            target={"vm": vm, "request": name, "kind": m["kind"], "from": m["from"], "to": m["to"]})
     handover = len(steps) - len(release) - 1
