@@ -63,6 +63,7 @@ def moves_place(facts: Facts, cl, pid, who, loc, stats):
     t0 = time.process_time()
     plan = plan_moves(c, facts.request(pid), POLICY)
     stats["latency"].append(time.process_time() - t0)
+    stats["plan"] = plan                # the caller files a refusal by why the planner gave up
     if not plan.feasible:
         return None, ()
     replay(c, plan.moves, RULES)        # every step legal under the rules and the pre-flight, or it raises

@@ -38,7 +38,7 @@ def part_b2b(geom, wl, seeds=(0, 1, 2, 3, 4, 5), arrivals=2400, warmup=800, load
     policies = ONLINE_POLICIES + ["frag-aware+defrag", "frag-aware+moves", "repack oracle"]
     results = {p: Counter() for p in policies}
     latencies = []
-    mstats: dict = {"latency": [], "moved": set(), "ran": set(), "running": 0}
+    mstats: dict = {"latency": [], "moved": set(), "ran": set(), "running": 0, "avoidable": Counter()}
     for seed in seeds:
         rng = random.Random(seed)
         t, arr = 0.0, []
@@ -93,8 +93,13 @@ def part_b2b(geom, wl, seeds=(0, 1, 2, 3, 4, 5), arrivals=2400, warmup=800, load
                 else:
                     live = cl.live()
                     live[pid] += 1
-                    r["avoid"] += fits_in(geom, live, N_GPUS)
+                    avoid = fits_in(geom, live, N_GPUS)
+                    r["avoid"] += avoid
                     r["frag"] += cl.frag_rejection(pid)
+                    if avoid and policy == "frag-aware+moves":
+                        plan = mstats["plan"]
+                        why = "proven" if plan.minimal else "budget" if not plan.complete else "not_found"
+                        mstats["avoidable"][why] += 1
             if policy == "frag-aware":
                 latencies.extend(cl.latency)
     rows = []
@@ -127,6 +132,10 @@ def _b2b_moves(results, mstats):
           f"{r['moves']} moves ({r['live']} live, {r['cold']} cold) = {per_acc:.3f} per accepted request; "
           f"{100 * moved_share:.1f}% of the VMs that ran were moved at least once; {r['moves'] / mean_running:.2f} "
           f"moves per running VM over the window (mean {mean_running:.0f} running)")
+    av = mstats["avoidable"]
+    print(f"avoidable refusals of frag-aware+moves (a repack would hold them): {sum(av.values())}; proven to need "
+          f"more than {moves_bench.POLICY.max_moves} moves: {av['proven']}; the focused search ended without a "
+          f"plan: {av['not_found']}; the node budget ran out: {av['budget']}")
     print(f"planning one refused request on 64 GPUs: {len(lat)} plans, CPU time p50 {1000 * p50:.1f} ms, "
           f"p99 {1000 * p99:.1f} ms, max {1000 * lat[-1]:.1f} ms")
     RESULTS["B2b_moves"] = {"acceptance": round(100 * acc, 2), "oracle": round(100 * oracle, 2),
@@ -134,6 +143,8 @@ def _b2b_moves(results, mstats):
                             "moved_vm_share": round(moved_share, 4),
                             "moves_per_running_vm": round(r["moves"] / mean_running, 3),
                             "live_moves": r["live"], "cold_moves": r["cold"],
+                            "avoidable_refusals": {"proven_over_max_moves": av["proven"],
+                                                   "search_ended": av["not_found"], "budget": av["budget"]},
                             "frag_aware": round(100 * results["frag-aware"]["acc"] / results["frag-aware"]["n"], 2),
                             "frag_aware_defrag": round(100 * results["frag-aware+defrag"]["acc"]
                                                        / results["frag-aware+defrag"]["n"], 2)}
