@@ -1,7 +1,7 @@
 """Moves in the placement benchmark: the cluster facts the move planner sees, the "+moves" online policy
 (B2b), the rejection analysis of B2a, and B4 (fewest moves against an independent integer program).
 
-Imported by benches/placement.py; see docs/placement.md ("Rebalancing") and docs/benchmarks.md.
+Imported by benches/placement_parts/ (B2a, B2b, B4); see docs/placement.md ("Rebalancing") and docs/benchmarks.md.
 
 The 64-GPU cluster of B2 is given migration facts: 8 hosts on RHEL 9.4, hosts 0-5 on vGPU host driver
 550.127.05 and hosts 6-7 on 550.144.03 (a rolling upgrade half done), so a move between the two groups is
@@ -63,6 +63,7 @@ def moves_place(facts: Facts, cl, pid, who, loc, stats):
     t0 = time.process_time()
     plan = plan_moves(c, facts.request(pid), POLICY)
     stats["latency"].append(time.process_time() - t0)
+    stats["plan"] = plan                # the caller files a refusal by why the planner gave up
     if not plan.feasible:
         return None, ()
     replay(c, plan.moves, RULES)        # every step legal under the rules and the pre-flight, or it raises

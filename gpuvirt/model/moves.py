@@ -334,24 +334,51 @@ class _Search:
                 if k[0] != COLD:
                     break
 
+    def _places(self, state: tuple, d: int, dests: dict[int, list]) -> list:
+        """Legal places for demand ``d`` in ``state`` (:meth:`_destinations`), without GPUs the request may
+        use when ``d`` dominates it; memoised in ``dests`` for one expansion."""
+        places = dests.get(d)
+        if places is None:
+            places = list(self._destinations(state, d))
+            if self.net.dominates(d, self.req):
+                places = [p for p in places if not self.is_target[p[1]]]
+            dests[d] = places
+        return places
+
+    def _has_place(self, state: tuple, d: int, dests: dict[int, list]) -> bool:
+        """Whether :meth:`_places` is non-empty, without building the list when it is not yet known."""
+        got = dests.get(d)
+        if got is not None:
+            return bool(got)
+        net = self.net
+        dominant = net.dominates(d, self.req)
+        touched = self.touched
+        for p in net.places_everywhere(d):
+            if p[1] not in touched and not (dominant and self.is_target[p[1]]):
+                return True
+        for gi in touched:
+            if gi in net.d_compat_set[d] and not (dominant and self.is_target[gi]) and \
+                    net.places(d, gi, state[gi]):
+                return True
+        dests[d] = []
+        return False
+
     def _children(self, state: tuple, g: tuple, r: int):
         net = self.net
+        dests: dict[int, list] = {}
         if self.exact:
             rel = {u: 0 for u in self.pos if net.u_movable[u]}
         elif r == 2:
-            rel = self._relevant2(state)
+            rel = self._relevant2(state, dests)
         else:
             rel = self._relevant(state, r, g[0])
         out = []
-        dests: dict[int, list] = {}
-        for u in sorted(rel, key=lambda u: (rel[u], u)):
+        demand = net.u_demand
+        # a unit whose shape has no legal place in this state yields no child: leaving it out before ordering
+        # changes nothing else, and on a nearly full cluster it is most of the relevant units
+        for _, u in sorted((c, u) for u, c in rel.items() if self._places(state, demand[u], dests)):
             a, sa = self.pos[u]
-            d = net.u_demand[u]
-            places = dests.get(d)
-            if places is None:
-                places = dests[d] = list(self._destinations(state, d))
-                if net.dominates(d, self.req):
-                    places = dests[d] = [p for p in places if not self.is_target[p[1]]]
+            places = dests[demand[u]]
             taken = 0
             for bad, b, s in places:
                 k = net.kind(u, a, b)
@@ -388,7 +415,7 @@ class _Search:
                 if 1 <= v <= most:
                     yield v, a
 
-    def _relevant2(self, state: tuple) -> dict[int, int]:
+    def _relevant2(self, state: tuple, dests: dict[int, list]) -> dict[int, int]:
         """Units whose move can matter when two moves are left.  The last move takes a sole blocker ``u`` off
         the target to a free place, so this one either changes what is on the target GPU (any unit there),
         or frees a place for some ``u``: it moves a unit whose removal alone opens ``u``'s shape on its GPU.
@@ -399,10 +426,13 @@ class _Search:
         if net.lb(self.req, gi, state[gi]) == 1:
             touched = set(self.touched)
             for du in {net.u_demand[u] for u in net.sole(self.req, gi, state[gi])}:
-                for a, ws in self._enablers(du):
-                    if a not in touched:
-                        for w in ws:
-                            rel.setdefault(w, 1)
+                for dw, group in self._enablers(du):
+                    if not self._has_place(state, dw, dests):
+                        continue        # such a unit has nowhere to go: _children would drop it anyway
+                    for a, ws in group:
+                        if a not in touched:
+                            for w in ws:
+                                rel.setdefault(w, 1)
                 dominant = net.dominates(du, self.req)
                 for a in touched:
                     if a in net.d_compat_set[du] and not (dominant and self.is_target[a]) and \
@@ -411,16 +441,23 @@ class _Search:
                             rel.setdefault(w, 1)
         return rel
 
-    def _enablers(self, du: int) -> list[tuple[int, tuple[int, ...]]]:
+    def _enablers(self, du: int) -> list[tuple[int, list[tuple[int, tuple[int, ...]]]]]:
         """In the starting state: each GPU where one removal opens demand ``du``, with the units whose
-        removal does it (GPUs the request may use are left out when ``du`` dominates it)."""
+        removal does it (GPUs the request may use are left out when ``du`` dominates it), grouped by the
+        units' own demand, so that a shape with nowhere to go is skipped as a whole."""
         got = self._enabler_cache.get(du)
         if got is None:
             net = self.net
             dominant = net.dominates(du, self.req)
-            got = [(a, net.sole(du, a, net.start[a])) for v, a in net.ranked(du, net.start)
-                   if v == 1 and not (dominant and self.is_target[a])]
-            self._enabler_cache[du] = got
+            groups: dict[int, list[tuple[int, tuple[int, ...]]]] = {}
+            for v, a in net.ranked(du, net.start):
+                if v == 1 and not (dominant and self.is_target[a]):
+                    by: dict[int, list[int]] = {}
+                    for w in net.sole(du, a, net.start[a]):
+                        by.setdefault(net.u_demand[w], []).append(w)
+                    for dw, ws in by.items():
+                        groups.setdefault(dw, []).append((a, tuple(ws)))
+            got = self._enabler_cache[du] = sorted(groups.items())
         return got
 
     def _relevant(self, state: tuple, r: int, moves: int) -> dict[int, int]:
@@ -438,10 +475,15 @@ class _Search:
                     cost[u] = int(v)
                     heap.append((int(v), u))
         done: set[tuple] = set()
+        # (demand, GPU) pairs whose own-GPU step is done: units come off the heap by cost, so the first unit
+        # of a demand on a GPU marks that GPU at the lowest cost any later one could
+        near: set[tuple[int, int]] = set()
+        movable = net.u_movable
+        dom: dict[int, bool] = {}
 
         def mark(a: int, nc: int) -> None:
             for _, w in net.cont[state[a]]:
-                if net.u_movable[w] and cost.get(w, INF) > nc:
+                if movable[w] and cost.get(w, INF) > nc:
                     cost[w] = nc
                     heapq.heappush(heap, (nc, w))
         while heap:
@@ -450,8 +492,13 @@ class _Search:
                 continue
             d = net.u_demand[u]
             own = self.pos[u][0]
-            dominant = net.dominates(d, self.req)
-            for a in {own, root}:
+            dominant = dom.get(d)
+            if dominant is None:
+                dominant = dom[d] = net.dominates(d, self.req)
+            for a in (own, root) if own != root else (own,):
+                if (d, a) in near:
+                    continue
+                near.add((d, a))
                 if a in net.d_compat_set[d] and not (dominant and self.is_target[a]) and \
                         1 <= net.lb(d, a, state[a]) < INF:
                     mark(a, c)
