@@ -24,8 +24,9 @@ row of kind ``reconcile`` (recovery ``forward-only``) with ``vfs`` and ``mdev`` 
 each step marked done in the transaction that records its event; the row deleted at the end.  A kill anywhere
 leaves a row that ``intent.recover`` (reconcile, the boot unit, the next command on the GPU) finishes.  It holds
 the per-GPU locks of the VM's GPUs (``instances.gpu_lock``) throughout, as reconcile holds them.  What it leaves
-out is reconcile's refresh of the host's and GPUs' discovered facts (``hostview.record``), which needs NVML; the
-boot unit's reconcile does that.
+out is what needs the full discovery (NVML included): reconcile's refresh of the host's and GPUs' discovered facts
+(``hostview.record``) and its count of foreign objects in the ``reconcile`` event (recorded as None); the boot
+unit's reconcile does both.
 """
 
 from __future__ import annotations
@@ -210,7 +211,7 @@ def _plan(ctx: Context, t: Any, gpu_ids: list[int]) -> tuple[list[dict[str, Any]
             else:
                 steps.append(steps_mod.vgpu_step(g.address, r.gpu_id, r.parent, int(r.type_id), present=True,
                                                  fields=None, needs_mig=False))
-    return (steps, findings) if steps else None
+    return steps, findings
 
 
 def _vfio_type(host: Any, vf: str) -> int | None:
@@ -240,6 +241,11 @@ def _restore(ctx: Context, inv: FastInventory, gpu_ids: list[int], gpu_addrs: se
             if planned is None:
                 return None
             steps, findings = planned
+            if not steps:
+                # another start restored these GPUs while this one waited for their locks; reconcile would
+                # record a run that changed nothing (the caller then checks the devices again)
+                t.event("reconcile", actor=ACTOR, detail={"changed": 0, "failed": 0, "foreign": None})
+                return {"changed": 0, "failed": []}
             intent_id = t.add_intent(kind="reconcile", state="running", recovery="forward-only",
                                      gpus=sorted({s["gpu"] for s in steps}), steps=steps, owner=process_id(),
                                      actor=ACTOR)
@@ -264,8 +270,10 @@ def _restore(ctx: Context, inv: FastInventory, gpu_ids: list[int], gpu_addrs: se
         failed = [f for f in findings if f.get("result") == "failed"]
         changed = sum(1 for f in findings if f.get("result") == "done")
         with inv.tx(write=True) as t:
+            # "foreign": reconcile counts the objects of the whole host it does not know, which takes the full
+            # discovery (NVML included); not counted here (None), the boot unit's reconcile reports them
             t.event("reconcile", result="failed" if failed else "ok", actor=ACTOR,
-                    detail={"changed": changed, "failed": len(failed), "foreign": 0})
+                    detail={"changed": changed, "failed": len(failed), "foreign": None})
     return {"changed": changed, "failed": failed}
 
 
