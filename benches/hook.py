@@ -13,7 +13,9 @@ domain XML on stdin (exactly how libvirtd runs it), on a simulated host on tmpfs
   recreated with the same UUID); the reboot before each run is not timed;
 * release: ``release end destroyed`` for that domain (persistent allocation: recorded as stopped);
 * the peer: ``python3 -I -c 'import sqlalchemy.orm'`` with the hook's interpreter, the yardstick of issue 14
-  (prepare and release at most 0.75x of it; the no-op at most 1.1x the floor).
+  (prepare and release at most 0.75x of it; the no-op at most 1.1x the floor);
+* with ``--full``, prepare (both cases) and release again on the full path (``run_hook(..., fast=False)``:
+  SQLAlchemy, discovery, reconcile), i.e. the hook as it was before its fast path, in the same run.
 
 Median of ``--runs`` (default 15) each, after one untimed warm-up, printed side by side in milliseconds: wall
 time, and the CPU time the process and its children used (user + system, from ``os.wait4``), which a loaded
@@ -131,6 +133,9 @@ def main() -> None:
     ap.add_argument("--importtime", action="store_true",
                     help="show the heaviest imports of a no-op run and of a prepare run")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    ap.add_argument("--full", action="store_true",
+                    help="also time prepare and release on the full path (hook_main.run_hook(..., fast=False): "
+                         "SQLAlchemy, discovery, reconcile), the hook as it was before the fast path")
     opts = ap.parse_args()
 
     base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
@@ -166,10 +171,23 @@ def main() -> None:
                       timed([hook, VM, "prepare", "begin", "-"], with_dev, opts.runs, before=lambda: reboot(sim))))
         cases.append(("release", "hook release end destroyed", timed([hook, VM, "release", "end", "destroyed"],
                                                                       with_dev, opts.runs)))
+        if opts.full:
+            full = [hook_python, "-I", "-c", "import sys; from gpuvirt.cli.hook_main import run_hook; "
+                    "sys.exit(run_hook(sys.argv[2:], sim=sys.argv[1], fast=False))", str(root)]
+            cases.append(("full-exists", "full path: prepare, mdev exists",
+                          timed(full + [VM, "prepare", "begin", "-"], with_dev, opts.runs)))
+            cases.append(("full-recreate", "full path: prepare after reboot",
+                          timed(full + [VM, "prepare", "begin", "-"], with_dev, opts.runs,
+                                before=lambda: reboot(sim))))
+            cases.append(("full-release", "full path: release end destroyed",
+                          timed(full + [VM, "release", "end", "destroyed"], with_dev, opts.runs)))
         med = {key: (statistics.median(w for w, _ in ts), statistics.median(c for _, c in ts))
                for key, _name, ts in cases}
         ratios = {}
-        for key, (yard, most) in TARGETS.items():
+        targets = dict(TARGETS)
+        if opts.full:
+            targets.update({f"full-{k}": v for k, v in TARGETS.items() if k != "noop"})
+        for key, (yard, most) in targets.items():
             ratios[key] = {"vs": yard, "wall": med[key][0] / med[yard][0], "cpu": med[key][1] / med[yard][1],
                            "target": most}
         load = os.getloadavg()
