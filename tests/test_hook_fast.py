@@ -149,10 +149,15 @@ def test_vendor_vfio_restore_matches_the_full_path(cli, make_sim):
     sim = make_sim(["l40s"])
     root = sim.root
     vf = attach(cli, root, "vm1", "--vgpu", "L40S-4Q")["pci_address"]
+    con = sqlite3.connect(str(root / DB_REL))
+    with con:   # an error an earlier run left on the active row: the restore's record clears it on both paths
+        con.execute("UPDATE instances SET error = 'an earlier failure'")
+    con.close()
     ok(cli("sim", "reboot", root))
     [p] = same_on_both_paths(cli, root, [("vm1", "prepare", "begin", "-", live_xml("vm1", pcis=[vf]))])
     assert p.returncode == 0, p.stderr
     assert (vf, 1150) in host_state(root)["vf_types"]
+    assert [r["error"] for r in rows(root)["instances"]] == [None]
 
 
 def _fail_vf_enable(root):

@@ -326,6 +326,12 @@ class Tx:
         self.x("UPDATE instances SET state = 'failed', error = ?, updated_at = ? WHERE id = ? AND state IN "
                "('active', 'failed') AND NOT (state = 'failed' AND error IS ?)", (error, stamp(), instance_id, error))
 
+    def instance_restored(self, instance_id: int) -> None:
+        """What a create step's record makes of an existing active row (``intent_steps._upsert_row``): active,
+        without an error."""
+        self.x("UPDATE instances SET state = 'active', error = NULL, updated_at = ? WHERE id = ? AND "
+               "(state != 'active' OR error IS NOT NULL)", (stamp(), instance_id))
+
     def event(self, action: str, *, target: str | None = None, result: str = "ok",
               detail: dict[str, Any] | None = None, actor: str) -> int:
         cur = self.x("INSERT INTO events (at, host_id, actor, action, target, result, detail) VALUES "

@@ -260,7 +260,9 @@ def _restore(ctx: Context, inv: FastInventory, gpu_ids: list[int], gpu_addrs: se
                 _failed(inv, step, op, f, exc, intent_id)
                 continue
             with inv.tx(write=True, action=f"record: {op.describe()}") as t:
-                # the step's record() has nothing to write here: the row exists, active, with its allocation
+                # the step's record(): the row exists, active, with its allocation; only an old error goes
+                if f["instance"] is not None:
+                    t.instance_restored(f["instance"])
                 step["state"] = steps_mod.DONE
                 t.save_steps(intent_id, [dict(s, params=dict(s["params"])) for s in steps])
                 t.event("create", target=op.describe(), actor=ACTOR, detail={"intent": intent_id})
