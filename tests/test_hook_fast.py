@@ -349,3 +349,57 @@ def test_two_vms_of_one_gpu_started_at_once_after_a_reboot(cli, make_sim):
     assert rows(root)["intents"] == []
     states = {a["vm"]: a["vm_state"] for a in json.loads(ok(cli("--sim", root, "allocations", "--json")).stdout)}
     assert states == {"vm1": "running", "vm2": "running"}
+
+
+RANDOM_TRIALS = 12
+
+
+@pytest.mark.crash
+def test_a_fast_restore_killed_at_a_random_instant_is_finished_by_reconcile(cli, make_sim):
+    # kills between the journal's transactions too, not only at host operations: spread over one restore's time
+    import random
+    import time
+
+    from gpuvirt.sim.control import open_sim, reboot
+
+    sim = make_sim(["a2"])
+    root = sim.root
+    u = attach(cli, root, "vm1", "--vgpu", "A2-2Q")["uuid"]
+    xml = live_xml("vm1", mdevs=[u]).encode()
+    want = host_state(root)
+
+    def start(r: Path) -> subprocess.Popen:
+        p = subprocess.Popen([sys.executable, "-I", "-m", "gpuvirt", "--sim", str(r), "hook", "libvirt-qemu", "vm1",
+                              "prepare", "begin", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env={})
+        p.stdin.write(xml)
+        p.stdin.close()
+        return p
+
+    probe = copy_host(root)
+    reboot(open_sim(probe))
+    t0 = time.monotonic()
+    p = start(probe)
+    assert p.wait(timeout=120) == 0, p.stderr.read()
+    took = time.monotonic() - t0
+    shutil.rmtree(probe.parent, ignore_errors=True)
+    rng = random.Random(14)
+    for n in range(RANDOM_TRIALS):
+        r = copy_host(root)
+        try:
+            reboot(open_sim(r))
+            p = start(r)
+            time.sleep(rng.uniform(0.3, 1.0) * took)
+            p.kill()
+            p.wait(timeout=60)
+            st = ok(cli("--sim", r, "status", "--json")).json()
+            if st["in_sync"]:       # only when the kill came after the restore was complete
+                assert host_state(r) == want and rows(r)["intents"] == [], n
+            out = ok(cli("--sim", r, "reconcile", "--yes", "--json")).json()
+            assert not out["failed"], (n, out)
+            assert rows(r)["intents"] == [] and host_state(r) == want, n
+            assert ok(cli("--sim", r, "status", "--json")).json()["in_sync"], n
+            p = start(r)
+            assert p.wait(timeout=120) == 0, (n, p.stderr.read())
+        finally:
+            shutil.rmtree(r.parent, ignore_errors=True)
