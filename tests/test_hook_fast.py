@@ -403,3 +403,25 @@ def test_a_fast_restore_killed_at_a_random_instant_is_finished_by_reconcile(cli,
             assert p.wait(timeout=120) == 0, (n, p.stderr.read())
         finally:
             shutil.rmtree(r.parent, ignore_errors=True)
+
+
+def test_old_events_are_pruned_as_the_full_path_prunes_them(cli, make_sim):
+    # the first write of a process prunes this host's events older than [events] max_age_days (default 90)
+    sim = make_sim(["a2"])
+    root = sim.root
+    u = attach(cli, root, "vm1", "--vgpu", "A2-2Q")["uuid"]
+    con = sqlite3.connect(str(root / DB_REL))
+    with con:
+        con.execute("UPDATE events SET at = '2020-01-01 00:00:00.000000' WHERE id = (SELECT min(id) FROM events)")
+        old = con.execute("SELECT count(*) FROM events").fetchone()[0]
+    con.close()
+    other = copy_host(root)
+    try:
+        h = install_hook(cli, root)
+        xml = live_xml("vm1", mdevs=[u])
+        assert hook(h, "vm1", "prepare", xml=xml).returncode == 0
+        assert full_hook(other, "vm1", "prepare", xml=xml).returncode == 0
+        assert rows(root) == rows(other)
+        assert len(rows(root)["events"]) == old      # one aged event gone, one hook-prepare event added
+    finally:
+        shutil.rmtree(other.parent, ignore_errors=True)
