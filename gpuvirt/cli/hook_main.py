@@ -62,7 +62,7 @@ def run_hook(args: list[str], *, root: str | None = None, sim: str | None = None
     elif b"<hostdev" not in data:
         return 0  # no host devices at all: nothing of ours, before any heavy import
     try:
-        return _slow_path(domain, op, data, fast, root=root, sim=sim, db=db, host_id=host_id, config=config)
+        return _with_devices(domain, op, data, fast, root=root, sim=sim, db=db, host_id=host_id, config=config)
     except Exception as exc:  # noqa: BLE001 - the hook's error boundary: one line for libvirt's log
         if debug or os.environ.get("GPUVIRT_DEBUG") == "1":
             import traceback
@@ -79,7 +79,7 @@ def run_hook(args: list[str], *, root: str | None = None, sim: str | None = None
         return 0
 
 
-def _slow_path(domain: str, op: str, data: bytes, fast: bool, **opts: str | None) -> int:
+def _with_devices(domain: str, op: str, data: bytes, fast: bool, **opts: str | None) -> int:
     # parse before importing the service layer: a domain whose only hostdevs are USB/SCSI (or none, the
     # string merely appearing in a comment) is answered without loading SQLAlchemy and the inventory
     from gpuvirt.vmm.libvirt import parse_domain
