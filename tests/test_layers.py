@@ -36,3 +36,23 @@ def test_hook_entry_point_stays_light():
     imported = _imports(PKG / "cli" / "hook_main.py", top_only=True)
     top_level = {m for m in imported if not m.startswith("gpuvirt")}
     assert top_level <= {"__future__", "os", "sys"}, top_level
+
+
+def test_only_the_inventory_talks_to_the_database():
+    # the hook's fast path speaks sqlite3 directly (inventory/sqlite_fast.py); that stays inside inventory/ too
+    for path in sorted(PKG.rglob("*.py")):
+        if path.parent.name == "inventory" or "migrations" in path.parts:
+            continue
+        bad = {m for m in _imports(path) if m.split(".")[0] in ("sqlite3", "sqlalchemy", "alembic")}
+        assert not bad, f"{path.relative_to(PKG)} imports {sorted(bad)}"
+
+
+def test_hook_fast_path_modules_stay_off_sqlalchemy_at_import():
+    # what the fast path imports at module level must not pull the ORM in (it is what the fast path avoids)
+    for rel in ("service/hook_fast.py", "service/intent.py", "service/intent_steps.py", "service/instances.py",
+                "inventory/sqlite_fast.py", "inventory/kinds.py", "context.py"):
+        top = _imports(PKG / rel, top_only=True)
+        bad = {m for m in top if m.split(".")[0] in ("sqlalchemy", "typer", "pynvml", "yaml")
+               or m in ("gpuvirt.inventory.models", "gpuvirt.inventory.store", "gpuvirt.inventory.repo",
+                        "gpuvirt.model.catalog", "gpuvirt.service.hostview")}
+        assert not bad, f"{rel} imports {sorted(bad)} at module level"

@@ -3,7 +3,9 @@
 libvirtd runs the hook synchronously for every domain operation.  Most domains have no gpuvirt device, so
 the common case - read the XML, see no ``<hostdev``, exit 0 - must not import the CLI, SQLAlchemy or NVML.
 Only ``prepare`` (make devices exist) and ``release`` (free transient ones) do real work; the other
-documented operations are accepted and ignored.  stdin is bounded: a domain XML larger than the limit is
+documented operations are accepted and ignored.  Those two first try ``service.hook_fast`` (plain sqlite3 and
+single sysfs lookups, no SQLAlchemy: a VM start waits for this) and take the full path of ``service.hook`` for
+whatever it leaves to it (docs/hook-guide.md "Hook latency").  stdin is bounded: a domain XML larger than the limit is
 refused at ``prepare``, ``release`` then works from the domain name alone, and other operations ignore it.
 """
 
@@ -30,7 +32,8 @@ def _show(domain: str) -> str:
 
 def run_hook(args: list[str], *, root: str | None = None, sim: str | None = None, db: str | None = None,
              host_id: str | None = None, config: str | None = None, debug: bool = False,
-             stdin: object = None) -> int:
+             stdin: object = None, fast: bool = True) -> int:
+    """The hook's work for libvirt's argv; ``fast`` False skips the fast path (tests compare the two)."""
     if len(args) < 2 or len(args) > 4:
         _err("error: usage: gpuvirt hook libvirt-qemu <domain> <operation> <sub-operation> <extra> (XML on stdin)")
         return 2
@@ -59,7 +62,7 @@ def run_hook(args: list[str], *, root: str | None = None, sim: str | None = None
     elif b"<hostdev" not in data:
         return 0  # no host devices at all: nothing of ours, before any heavy import
     try:
-        return _slow_path(domain, op, data, root=root, sim=sim, db=db, host_id=host_id, config=config)
+        return _with_devices(domain, op, data, fast, root=root, sim=sim, db=db, host_id=host_id, config=config)
     except Exception as exc:  # noqa: BLE001 - the hook's error boundary: one line for libvirt's log
         if debug or os.environ.get("GPUVIRT_DEBUG") == "1":
             import traceback
@@ -76,7 +79,7 @@ def run_hook(args: list[str], *, root: str | None = None, sim: str | None = None
         return 0
 
 
-def _slow_path(domain: str, op: str, data: bytes, **opts: str | None) -> int:
+def _with_devices(domain: str, op: str, data: bytes, fast: bool, **opts: str | None) -> int:
     # parse before importing the service layer: a domain whose only hostdevs are USB/SCSI (or none, the
     # string merely appearing in a comment) is answered without loading SQLAlchemy and the inventory
     from gpuvirt.vmm.libvirt import parse_domain
@@ -96,14 +99,22 @@ def _slow_path(domain: str, op: str, data: bytes, **opts: str | None) -> int:
     if dom is not None and not dom.hostdevs:
         return 0
     from gpuvirt.context import Context, resolve_settings
-    from gpuvirt.service import hook
 
     settings = resolve_settings(root=opts.get("root"), sim=opts.get("sim"), db=opts.get("db"),
                                 host_id=opts.get("host_id"), config=opts.get("config"))
     with Context(settings) as ctx:
+        notes = None
+        if fast:
+            from gpuvirt.service import hook_fast
+
+            notes = hook_fast.prepare(ctx, domain, dom) if op == "prepare" else hook_fast.release(ctx, domain, dom)
+        if notes is None:
+            # not the fast path's case (a PostgreSQL inventory, another schema revision, a restore that needs
+            # NVML...): the full path, with SQLAlchemy
+            from gpuvirt.service import hook
+
+            notes = hook.prepare(ctx, domain, dom) if op == "prepare" else hook.release(ctx, domain, dom)
         if op == "prepare":
-            for note in hook.prepare(ctx, domain, dom):
+            for note in notes:
                 _err(f"{_show(domain)}: {note}")
-        else:
-            hook.release(ctx, domain, dom)
     return 0

@@ -27,6 +27,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+# the stored values (kinds, states, consumers, modes) live in kinds.py, which the VM-start path imports without
+# SQLAlchemy; re-exported here, where most code looks for them
+from gpuvirt.inventory.kinds import (  # noqa: F401
+    ACTIVE, CONSUMER_CONTAINER, CONSUMER_VM, CONSUMERS, CREATING, DESTROYING, FAILED, GPU, HEALTHY, KINDS, MDEV, MIG,
+    MODE_CONTAINERS, MODE_VM, MODES, STATES, UNHEALTHY, VF, VFIO_VGPU, instance_label, utcnow)
+
 NAMING = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -34,31 +40,6 @@ NAMING = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
-
-# instance kinds
-MIG = "mig"                 # a MIG GPU instance (+ its default compute instance)
-MDEV = "mdev"               # a mediated device (NVIDIA classic vGPU, GVT-g, samples)
-VFIO_VGPU = "vfio-vgpu"     # NVIDIA vendor-specific VFIO: a vGPU type set on a VF
-VF = "vf"                   # a whole SR-IOV VF handed to a VM (AMD MxGPU etc.)
-GPU = "gpu"                 # a whole GPU handed to a container (revision 0005)
-KINDS = (MIG, MDEV, VFIO_VGPU, VF, GPU)
-
-# consumers of an allocation, and the per-GPU modes (revision 0005)
-CONSUMER_VM, CONSUMER_CONTAINER = "vm", "container"
-CONSUMERS = (CONSUMER_VM, CONSUMER_CONTAINER)
-MODE_VM, MODE_CONTAINERS = "vm", "containers"
-MODES = (MODE_VM, MODE_CONTAINERS)
-
-# health states (revision 0004)
-HEALTHY, UNHEALTHY = "healthy", "unhealthy"
-
-# lifecycle states
-CREATING, ACTIVE, DESTROYING, FAILED = "creating", "active", "destroying", "failed"
-STATES = (CREATING, ACTIVE, DESTROYING, FAILED)
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
 class Base(DeclarativeBase):
@@ -168,15 +149,9 @@ class Instance(Base):
 
     @property
     def label(self) -> str:
-        if self.kind == MIG:
-            return f"{self.profile_name}@{self.placement_start}:{self.placement_size}"
-        if self.kind == MDEV:
-            return f"{self.type_name or self.type_id} {self.mdev_uuid}"
-        if self.kind == VFIO_VGPU:
-            return f"{self.type_name or self.type_id} on VF {self.parent}"
-        if self.kind == GPU:
-            return f"whole GPU {self.parent}"
-        return f"VF {self.parent}"
+        return instance_label(self.kind, profile_name=self.profile_name, placement_start=self.placement_start,
+                              placement_size=self.placement_size, type_name=self.type_name, type_id=self.type_id,
+                              mdev_uuid=self.mdev_uuid, parent=self.parent)
 
 
 class Profile(Base):

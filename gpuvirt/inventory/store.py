@@ -31,11 +31,8 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, SQLAlchemy
 from sqlalchemy.orm import Session, sessionmaker
 
 from gpuvirt.errors import (
-    ConflictError,
-    DatabaseLockedError,
     GpuvirtError,
     InventoryError,
-    InventoryNotFoundError,
     InventoryTooNewError,
     UsageError,
 )
@@ -43,11 +40,10 @@ from gpuvirt.errors import (
 if TYPE_CHECKING:  # pragma: no cover
     from gpuvirt.inventory.repo import Unit
 
-HEAD_REVISION = "0006_host_stack"          # keep equal to the newest file in migrations/versions (tested)
-BUSY_TIMEOUT_MS = int(os.environ.get("GPUVIRT_DB_BUSY_TIMEOUT_MS", "30000"))
-PRUNE_INTERVAL_S = 600.0
-PRUNE_EVERY_IDS = 100
-SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal", ".lock")
+# shared with the hook's sqlite3 fast path, which must agree with this module on all of them
+from gpuvirt.inventory.sqlite_fast import (  # noqa: E402,F401
+    BUSY_TIMEOUT_MS, HEAD_REVISION, PRUNE_EVERY_IDS, PRUNE_INTERVAL_S, SQLITE_SIDE_FILES, describe_db_error)
+from gpuvirt.inventory.sqlite_fast import prepare_sqlite_path as _prepare_sqlite_path  # noqa: E402
 
 
 def known_revisions() -> set[str]:
@@ -77,23 +73,7 @@ def too_new(revision: str) -> InventoryTooNewError:
 
 def translate_db_error(exc: BaseException, url: str, action: str = "inventory") -> InventoryError:
     msg = str(getattr(exc, "orig", exc) or exc).strip().splitlines()[0] if str(exc) else type(exc).__name__
-    low = msg.lower()
-    where = _describe(url)
-    if "database is locked" in low or "database table is locked" in low or "lock timeout" in low:
-        return DatabaseLockedError(f"{action}: the inventory {where} is locked by another gpuvirt process "
-                                   f"(waited {BUSY_TIMEOUT_MS / 1000:g}s); retry when it has finished")
-    if "readonly database" in low or "read-only" in low or "permission denied" in low:
-        return InventoryError(f"{action}: the inventory {where} is read-only for this user ({msg})")
-    if "file is not a database" in low or "malformed" in low or "file is encrypted" in low:
-        return InventoryError(f"{action}: the inventory {where} is not a valid database ({msg}); restore it from "
-                              "a backup or move it aside")
-    if "unable to open database" in low:
-        return InventoryError(f"{action}: cannot open the inventory {where} ({msg})")
-    if "could not connect" in low or "connection refused" in low or "connection failed" in low:
-        return InventoryError(f"{action}: cannot connect to the inventory {where} ({msg})")
-    if isinstance(exc, IntegrityError):
-        return ConflictError(f"{action}: concurrent change in the inventory ({msg})")
-    return InventoryError(f"{action}: inventory error on {where}: {msg}")
+    return describe_db_error(msg, _describe(url), action, integrity=isinstance(exc, IntegrityError))
 
 
 def _describe(url: str) -> str:
@@ -104,41 +84,6 @@ def _describe(url: str) -> str:
     if u.get_backend_name() == "sqlite":
         return str(u.database)
     return u.render_as_string(hide_password=True)
-
-
-def _prepare_sqlite_path(path: Path, *, create: bool, state_dir: Path | None = None) -> None:
-    """Check (and with ``create``, make) the SQLite inventory at ``path`` before SQLite opens it.
-
-    SQLite opens the database and its ``-wal``/``-shm``/``-journal`` files itself and follows symbolic links,
-    so the directory must be trusted (nobody else can plant a link there) and none of the files may be a link
-    now.  Without ``create`` a missing database is refused with the command that creates it.
-    """
-    from gpuvirt.safefs import check_file, check_private_dir, ensure_private_dir, open_nofollow
-
-    directory = path.parent
-    what = "state directory" if state_dir is not None and directory == Path(state_dir).absolute() else \
-        "inventory directory"
-    exists = os.path.lexists(path)
-    if not exists and not create:
-        raise InventoryNotFoundError(
-            f"the inventory {path} does not exist; create it with 'gpuvirt db init --db sqlite:///{path}' "
-            "(or correct the path)", path=str(path))
-    if create:
-        ensure_private_dir(directory, what=what)
-    else:
-        check_private_dir(directory, what=what)
-    if os.path.isdir(path) and not os.path.islink(path):
-        raise InventoryError(f"the inventory path {path} is a directory")
-    check_file(path, what="inventory")
-    for suffix in SQLITE_SIDE_FILES:
-        check_file(Path(str(path) + suffix), what="inventory file")
-    if not os.path.lexists(path):
-        try:
-            os.close(open_nofollow(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600, what="inventory"))
-        except FileExistsError:
-            check_file(path, what="inventory")   # another process created it first
-        except OSError as exc:
-            raise InventoryError(f"cannot create the inventory {path}: {exc.strerror}") from exc
 
 
 class Inventory:

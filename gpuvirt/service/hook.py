@@ -22,7 +22,7 @@ from typing import Any
 
 from gpuvirt.context import Context
 from gpuvirt.errors import ConflictError, GpuvirtError, UsageError
-from gpuvirt.inventory.models import MDEV, VF, VFIO_VGPU
+from gpuvirt.inventory.kinds import MDEV, VF, VFIO_VGPU
 
 HOOK_REL = "etc/libvirt/hooks/qemu.d/50-gpuvirt"
 
@@ -110,7 +110,7 @@ def prepare(ctx: Context, domain: str, dom: Any) -> list[str]:
 
 
 def _now():
-    from gpuvirt.inventory.models import utcnow
+    from gpuvirt.inventory.kinds import utcnow
 
     return utcnow()
 

@@ -12,12 +12,14 @@ import os
 import threading
 import uuid as uuid_mod
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from gpuvirt.context import Context
-from gpuvirt.inventory.models import MDEV, MIG, VF, VFIO_VGPU
-from gpuvirt.model.catalog import GpuModel
+from gpuvirt.inventory.kinds import MDEV, MIG, VF, VFIO_VGPU
 from gpuvirt.safefs import open_lock_file
+
+if TYPE_CHECKING:  # pragma: no cover - the catalog is large; the hook's fast path takes locks without it
+    from gpuvirt.model.catalog import GpuModel
 
 
 # --- host primitives ---------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 
 from gpuvirt.context import Context
 from gpuvirt.errors import ConflictError, ResetRequiredError
-from gpuvirt.inventory.models import ACTIVE, MIG, VF, VFIO_VGPU
+from gpuvirt.inventory.kinds import ACTIVE, MIG, VF, VFIO_VGPU
 
 PENDING, DONE, UNDONE, SKIPPED = "pending", "done", "undone", "skipped"
 
