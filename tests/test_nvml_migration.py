@@ -441,14 +441,14 @@ def test_revision_0006_upgrades_a_0005_inventory_and_back(tmp_path):
     from gpuvirt.inventory.migrate import downgrade, upgrade
     from gpuvirt.inventory.store import HEAD_REVISION, Inventory
 
-    assert HEAD_REVISION == "0006_host_stack"
+    assert HEAD_REVISION == "0007_intent_recovery"
     inv = Inventory.connect(f"sqlite:///{tmp_path / 'i.db'}", "h1")
     inv.upgrade("0005_containers")
     with inv.engine.begin() as c:
         c.execute(text("INSERT INTO hosts (id, hostname, root, simulated, created_at, last_seen_at) "
                        "VALUES ('h1', 'h1', '/', 0, '2026-01-01', '2026-01-01')"))
     inv.ensure_schema()
-    assert inv.current_revision() == "0006_host_stack" and inv.check() == []
+    assert inv.current_revision() == HEAD_REVISION and inv.check() == []
     with inv.unit(write=True) as uow:
         uow.record_host_stack("h1", pf.HostStack(driver="550.127.05"))
     with inv.engine.begin() as c:
@@ -470,7 +470,7 @@ def test_revision_0006_on_postgresql():
     from sqlalchemy import create_engine, text
 
     from gpuvirt.inventory.migrate import downgrade, upgrade
-    from gpuvirt.inventory.store import Inventory
+    from gpuvirt.inventory.store import HEAD_REVISION, Inventory
 
     url = os.environ.get("GPUVIRT_TEST_PG_URL")
     if not url:
@@ -490,7 +490,7 @@ def test_revision_0006_on_postgresql():
             c.execute(text("INSERT INTO hosts (id, hostname, root, simulated, created_at, last_seen_at) "
                            "VALUES ('h1', 'h1', '/', false, now(), now())"))
         inv.ensure_schema()
-        assert inv.current_revision() == "0006_host_stack" and inv.check() == []
+        assert inv.current_revision() == HEAD_REVISION and inv.check() == []
         with inv.unit(write=True) as uow:
             uow.record_host_stack("h1", pf.HostStack(driver="550.127.05", vgpu_range=(0x100000, 0xFFFFFFFF)))
         with inv.unit() as uow:
@@ -498,6 +498,73 @@ def test_revision_0006_on_postgresql():
         downgrade(inv.engine, "0005_containers")
         upgrade(inv.engine)
         assert inv.check() == []
+        inv.close()
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def _recovery_round_trip(inv, now: str) -> None:
+    """At head a 'forward-only' intent is stored as written; going back to 0006 settles it as 'forward'."""
+    from sqlalchemy import text
+
+    from gpuvirt.inventory.migrate import downgrade, upgrade
+
+    with inv.engine.begin() as c:
+        c.execute(text("INSERT INTO intents (host_id, kind, state, recovery, gpus, target, before, steps, created_at, "
+                       "updated_at) "
+                       f"VALUES ('h1', 'reconcile', 'running', 'forward-only', '[]', '{{}}', '{{}}', '[]', {now}, {now})"))
+        assert c.execute(text("SELECT recovery FROM intents")).all() == [("forward-only",)]
+    downgrade(inv.engine, "0006_host_stack")
+    with inv.engine.begin() as c:
+        assert c.execute(text("SELECT recovery FROM intents")).all() == [("forward",)]
+    upgrade(inv.engine)
+    assert inv.check() == []
+
+
+def test_revision_0007_stores_forward_only_intents_and_downgrades(tmp_path):
+    from sqlalchemy import text
+
+    from gpuvirt.inventory.store import Inventory
+
+    inv = Inventory.connect(f"sqlite:///{tmp_path / 'i.db'}", "h1")
+    inv.ensure_schema()
+    with inv.engine.begin() as c:
+        c.execute(text("INSERT INTO hosts (id, hostname, root, simulated, created_at, last_seen_at) "
+                       "VALUES ('h1', 'h1', '/', 0, '2026-01-01', '2026-01-01')"))
+    _recovery_round_trip(inv, "'2026-01-01'")
+    inv.close()
+
+
+@pytest.mark.pg
+def test_revision_0007_on_postgresql():
+    # the reason for 0007: PostgreSQL enforces the VARCHAR length that SQLite ignores
+    import os
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    from gpuvirt.inventory.store import Inventory
+
+    url = os.environ.get("GPUVIRT_TEST_PG_URL")
+    if not url:
+        pytest.skip("GPUVIRT_TEST_PG_URL is not set")
+    schema = f"gpuvirt_s_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            c.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"PostgreSQL not reachable: {str(exc).splitlines()[0]}")
+    try:
+        sep = "&" if "?" in url else "?"
+        inv = Inventory.connect(f"{url}{sep}options=-csearch_path%3D{schema}", "h1")
+        inv.ensure_schema()
+        with inv.engine.begin() as c:
+            c.execute(text("INSERT INTO hosts (id, hostname, root, simulated, created_at, last_seen_at) "
+                           "VALUES ('h1', 'h1', '/', false, now(), now())"))
+        _recovery_round_trip(inv, "now()")
         inv.close()
     finally:
         with admin.connect() as c:

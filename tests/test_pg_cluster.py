@@ -275,9 +275,8 @@ def report(url, *, host=None, sim=None, host_id="tester", cluster=True):
 
 def test_the_hook_on_a_postgresql_inventory_takes_the_full_path(pg_schema, make_sim):
     # the hook's fast path speaks SQLite only (inventory/sqlite_fast.py): on PostgreSQL every prepare and release
-    # goes through the ORM and gives what it always gave.  (A restore after a reboot is not run here: reconcile's
-    # intents store recovery 'forward-only', 12 characters, in intents.recovery VARCHAR(8), which PostgreSQL
-    # refuses - a fault of the full path that predates the fast path and wants a schema revision.)
+    # goes through the ORM and gives what it always gave, the restore after a reboot included (a reconcile
+    # intent, recovery 'forward-only': it did not fit intents.recovery before revision 0007)
     url, admin, schema = pg_schema
     sim = make_sim(["a2"])
     root = sim.root
@@ -306,3 +305,10 @@ def test_the_hook_on_a_postgresql_inventory_takes_the_full_path(pg_schema, make_
         [("stopped", "0b5c3e7e-1f0d-4c84-8e41-5b7f2a9d6c10")]
     assert scalar(admin, schema, "SELECT count(*) FROM events WHERE action IN ('hook-prepare', 'hook-release')") \
         == [(2,)]
+    run("sim", "reboot", root)
+    assert dev["uuid"] not in {m["uuid"] for m in SimHost(root).load()["mdevs"]}
+    p = subprocess.run([python, *opts, "hook", "libvirt-qemu", "vm1", "prepare", "begin", "-"], input=xml,
+                       capture_output=True, env={}, timeout=120)
+    assert p.returncode == 0, p.stderr.decode()
+    assert dev["uuid"] in {m["uuid"] for m in SimHost(root).load()["mdevs"]}
+    assert scalar(admin, schema, "SELECT count(*) FROM intents") == [(0,)]

@@ -212,7 +212,7 @@ class Intent(Base):
     host_id: Mapped[str] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(String(32))                  # apply | attach | detach | reconcile | ...
     state: Mapped[str] = mapped_column(String(24), default="running")
-    recovery: Mapped[str] = mapped_column(String(8), default="forward")   # direction tried first after a crash
+    recovery: Mapped[str] = mapped_column(String(16), default="forward")   # direction tried first after a crash
     gpus: Mapped[list[Any]] = mapped_column(JSON, default=list)    # addresses of the GPUs it changes
     target: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     before: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -33,7 +33,7 @@ from typing import Any, Iterator
 
 from gpuvirt.errors import ConflictError, DatabaseLockedError, InventoryError, InventoryNotFoundError
 
-HEAD_REVISION = "0006_host_stack"          # keep equal to the newest file in migrations/versions (tested)
+HEAD_REVISION = "0007_intent_recovery"          # keep equal to the newest file in migrations/versions (tested)
 BUSY_TIMEOUT_MS = int(os.environ.get("GPUVIRT_DB_BUSY_TIMEOUT_MS", "30000"))
 SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal", ".lock")
 PRUNE_INTERVAL_S = 600.0
