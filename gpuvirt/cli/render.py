@@ -8,42 +8,9 @@ from typing import Any, Iterable
 
 
 def emit_json(doc: Any, compact: bool = False) -> None:
-    if not compact:
-        sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
-        return
-    data = compact_json(doc)
-    out = getattr(sys.stdout, "buffer", None)
-    if out is None:                 # a text-only stream (a test's capture): the bytes are ASCII
-        sys.stdout.write(data.decode("ascii") + "\n")
-        return
-    sys.stdout.flush()
-    out.write(data + b"\n")
-    out.flush()
-
-
-def compact_json(doc: Any) -> bytes:
-    """``json.dumps(doc, separators=(",", ":"), default=str)`` as ASCII bytes, the same bytes, faster.
-
-    discover on a large host is a megabyte of JSON: orjson encodes it in a fraction of the json module's
-    time (docs/benchmarks.md). The two agree byte for byte on what the discover document holds (dicts with
-    str keys, lists, str, int, bool, None - no floats: docs/discover-schema.md) when the text is ASCII
-    without DEL: orjson writes other characters as UTF-8 where json escapes them (``ensure_ascii``), so
-    such a document, and anything orjson refuses (non-str keys, ints over 64 bits, lone surrogates), goes
-    through the json module. Datetimes and dataclasses are passed to ``default=str`` as json would.
-    """
-    try:
-        import orjson
-    except ImportError:  # pragma: no cover - orjson is a dependency; keep working without it
-        orjson = None
-    if orjson is not None:
-        try:
-            data = orjson.dumps(doc, default=str,
-                                option=orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS)
-        except TypeError:
-            data = None
-        if data is not None and data.isascii() and b"\x7f" not in data:
-            return data
-    return json.dumps(doc, separators=(",", ":"), default=str).encode("ascii")
+    # compact output goes through the C encoder: discover on a large host is megabytes of JSON
+    text = json.dumps(doc, separators=(",", ":"), default=str) if compact else json.dumps(doc, indent=2, default=str)
+    sys.stdout.write(text + "\n")
 
 
 def console(stderr: bool = False):
