@@ -37,7 +37,7 @@ def _udev_names(addresses: list[str]) -> dict[str, str]:
 def discover(host: Host, *, with_nvml: bool = True) -> dict[str, Any]:
     scanner = host.scanner()
     pci = scanner.pci_devices()
-    parents = scanner.mdev_parents()
+    parents = scanner.mdev_parents(physfn={d.address: d.physfn for d in pci})
     devices = scanner.mdev_devices()
     vfio = scanner.vfio_vfs(pci)
     by_parent: dict[str, list] = {}
