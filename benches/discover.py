@@ -314,7 +314,9 @@ def gpuvirt_python() -> str:
     except OSError:
         return sys.executable
     exe = first[2:].strip().split()[0] if first.startswith("#!") and first[2:].strip() else ""
-    return exe if exe and os.path.isabs(exe) and os.access(exe, os.X_OK) else sys.executable
+    # pip writes '#!/bin/sh' and an exec line when the interpreter's path is too long for a shebang
+    ok = os.path.basename(exe).startswith("python") and os.path.isabs(exe) and os.access(exe, os.X_OK)
+    return exe if ok else sys.executable
 
 
 def profile_gpuvirt(root: Path, runs: int = 5) -> None:
