@@ -319,6 +319,36 @@ def gpuvirt_python() -> str:
     return exe if ok else sys.executable
 
 
+STALE_BYTECODE = (
+    "import importlib.util, os, pkgutil, gpuvirt\n"
+    "stale = []\n"
+    "for m in pkgutil.walk_packages(gpuvirt.__path__, 'gpuvirt.'):\n"
+    "    spec = importlib.util.find_spec(m.name)\n"
+    "    src = spec.origin if spec else None\n"
+    "    if not src or not src.endswith('.py'):\n"
+    "        continue\n"
+    "    pyc = importlib.util.cache_from_source(src)\n"
+    "    if not os.path.exists(pyc) or os.path.getmtime(pyc) < os.path.getmtime(src):\n"
+    "        stale.append(m.name)\n"
+    "print(len(stale), os.path.dirname(gpuvirt.__file__))\n")
+
+
+def bytecode_warning() -> str | None:
+    """A warning when the timed installation's modules have no up-to-date bytecode: each run then compiles
+    them from source (about 20 ms here). 'pip install .' writes bytecode; an editable install gets it from
+    the first run, unless PYTHONDONTWRITEBYTECODE is set (as on some development machines)."""
+    # -I -B: this check itself must neither see the environment's settings nor write bytecode
+    p = subprocess.run([gpuvirt_python(), "-I", "-B", "-c", STALE_BYTECODE], capture_output=True, text=True)
+    if p.returncode or not p.stdout.strip():
+        return None
+    count, where = p.stdout.split(maxsplit=1)
+    if count == "0":
+        return None
+    return (f"warning: {count} gpuvirt modules in {where.strip()} have no up-to-date bytecode, so every run "
+            f"compiles them (PYTHONDONTWRITEBYTECODE and an editable install?); "
+            f"'{gpuvirt_python()} -m compileall -q {where.strip()}' writes it")
+
+
 def profile_gpuvirt(root: Path, runs: int = 5) -> None:
     print("\n--- where gpuvirt's time goes ---")
     # -I: neither the current directory nor the environment adds to sys.path, so the modules are those of
@@ -445,6 +475,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 version = probe.stdout.strip()
         print("check: " + check_outputs(root, shape, skipped is None))
+        stale = bytecode_warning()
+        if stale:
+            print(stale)
         ours_json = [*gpuvirt_cmd(), "--root", str(root), "discover", "--json"]
         ours_table = [*gpuvirt_cmd(), "--root", str(root), "discover"]
         pairs = {"json": (ours_json, ["mdevctl", "types", "--dumpjson"]),
