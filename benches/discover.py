@@ -265,41 +265,99 @@ def check_outputs(root: Path, shape: dict[str, int], with_mdevctl: bool) -> str:
 
 
 PHASES = r"""
-import io, json, sys, time
-t0 = time.perf_counter()
-import gpuvirt.cli.app, gpuvirt.cli.commands, typer._adapters   # what the console script imports
-t1 = time.perf_counter()
-from gpuvirt.model.catalog import load_catalog
-load_catalog()
-t2 = time.perf_counter()
-from gpuvirt.host.scan import Scanner
-s = Scanner(sys.argv[1])
-pci = s.pci_devices(); parents = s.mdev_parents(); devices = s.mdev_devices(); vfs = s.vfio_vfs(pci)
-t3 = time.perf_counter()
-from gpuvirt.host.nvml import NvmlSession
-NvmlSession().open()
-t4 = time.perf_counter()
-from gpuvirt.host.discover import discover
-from gpuvirt.host.machine import Host
-doc = discover(Host(sys.argv[1]))
-t5 = time.perf_counter()
-json.dumps(doc, indent=2, default=str)
-t6 = time.perf_counter()
-ms = lambda a, b: round((b - a) * 1000)
-print(json.dumps({"imports (CLI, typer, pydantic)": ms(t0, t1), "catalog (YAML)": ms(t1, t2),
-                  "sysfs scan": ms(t2, t3), "NVML open": ms(t3, t4), "discover() again (warm)": ms(t4, t5),
-                  "JSON (indent=2)": ms(t5, t6)}))
+import gc, sys, time
+cpu = time.process_time
+marks = [("interpreter start (site, .pth files)", cpu())]
+def mark(name): marks.append((name, cpu()))
+import re                                                   # what the console script imports first
+mark("'import re' (the console script's)")
+from gpuvirt.cli import _settings
+from gpuvirt.context import Context
+from gpuvirt.service.discover import discover
+mark("imports of the fast path (context, host, scan)")
+gc.disable()                                                # as the fast path does
+ctx = Context(_settings({"--root": sys.argv[1]}))
+mark("settings, context")
+doc = discover(ctx)
+mark("discover() (cold: scan, catalog PCI index, NVML probe, document)")
+from gpuvirt.cli.render import emit_json
+import os
+real_stdout, sys.stdout = sys.stdout, open(os.devnull, "w")
+emit_json(doc, compact=True)
+sys.stdout.flush()
+mark("JSON encoding and writing (1.2 MB)")
+sys.stdout = real_stdout
+# the same discovery again, step by step (warm: the code has run once)
+from gpuvirt.model.catalog_cache import pci_index
+sc = ctx.host.scanner()
+pci = sc.pci_devices(); mark("  of which: PCI scan (warm)")
+parents = sc.mdev_parents(physfn={d.address: d.physfn for d in pci}); mark("  of which: mdev parents and types (warm)")
+sc.mdev_devices(); sc.vfio_vfs(pci); mark("  of which: mdev devices, vendor VFIO (warm)")
+pci_index(); ctx.host.nvml_library_missing(); mark("  of which: catalog PCI index, NVML probe (warm)")
+[p.to_dict() for p in parents]; mark("  of which: mdev parents as dicts (warm)")
+import json
+out = {}
+prev = 0.0
+for name, at in marks:
+    out[name] = at - prev
+    prev = at
+print(json.dumps(out))
 """
 
 
-def profile_gpuvirt(root: Path) -> None:
+def gpuvirt_python() -> str:
+    """The interpreter of the console script being timed (its shebang), so that the profile looks at the
+    same installation (a 'pip install .' venv, or the development one)."""
+    try:
+        with open(gpuvirt_cmd()[0], "rb") as fh:
+            first = fh.readline().decode("utf-8", "replace").strip()
+    except OSError:
+        return sys.executable
+    exe = first[2:].strip().split()[0] if first.startswith("#!") and first[2:].strip() else ""
+    # pip writes '#!/bin/sh' and an exec line when the interpreter's path is too long for a shebang
+    ok = os.path.basename(exe).startswith("python") and os.path.isabs(exe) and os.access(exe, os.X_OK)
+    return exe if ok else sys.executable
+
+
+STALE_BYTECODE = (
+    "import importlib.util, os, pkgutil, gpuvirt\n"
+    "stale = []\n"
+    "for m in pkgutil.walk_packages(gpuvirt.__path__, 'gpuvirt.'):\n"
+    "    spec = importlib.util.find_spec(m.name)\n"
+    "    src = spec.origin if spec else None\n"
+    "    if not src or not src.endswith('.py'):\n"
+    "        continue\n"
+    "    pyc = importlib.util.cache_from_source(src)\n"
+    "    if not os.path.exists(pyc) or os.path.getmtime(pyc) < os.path.getmtime(src):\n"
+    "        stale.append(m.name)\n"
+    "print(len(stale), os.path.dirname(gpuvirt.__file__))\n")
+
+
+def bytecode_warning() -> str | None:
+    """A warning when the timed installation's modules have no up-to-date bytecode: each run then compiles
+    them from source (about 20 ms here). 'pip install .' writes bytecode; an editable install gets it from
+    the first run, unless PYTHONDONTWRITEBYTECODE is set (as on some development machines)."""
+    # -I -B: this check itself must neither see the environment's settings nor write bytecode
+    p = subprocess.run([gpuvirt_python(), "-I", "-B", "-c", STALE_BYTECODE], capture_output=True, text=True)
+    if p.returncode or not p.stdout.strip():
+        return None
+    count, where = p.stdout.split(maxsplit=1)
+    if count == "0":
+        return None
+    return (f"warning: {count} gpuvirt modules in {where.strip()} have no up-to-date bytecode, so every run "
+            f"compiles them (PYTHONDONTWRITEBYTECODE and an editable install?); "
+            f"'{gpuvirt_python()} -m compileall -q {where.strip()}' writes it")
+
+
+def profile_gpuvirt(root: Path, runs: int = 5) -> None:
     print("\n--- where gpuvirt's time goes ---")
-    t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "pass"], check=True)
-    print(f"bare interpreter start: {(time.perf_counter() - t) * 1000:.0f} ms")
+    # -I: neither the current directory nor the environment adds to sys.path, so the modules are those of
+    # the installation the console script belongs to
+    py = [gpuvirt_python(), "-I"]
+    print(f"interpreter: {py[0]}")
     # imports of the real command, as -X importtime reports them (top-level modules, cumulative)
-    p = subprocess.run([sys.executable, "-X", "importtime", *gpuvirt_cmd(), "--root", str(root), "discover",
-                        "--json"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = subprocess.run([*py, "-X", "importtime", *gpuvirt_cmd(), "--root", str(root), "discover", "--json"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     rows = []
     for line in p.stderr.splitlines():
         if not line.startswith("import time:") or line.count("|") != 2:
@@ -308,27 +366,32 @@ def profile_gpuvirt(root: Path) -> None:
         # top-level imports are indented by one space; nested ones by more
         if self_us.strip().isdigit() and raw.startswith(" ") and not raw.startswith("  "):
             rows.append((int(cum_us), raw.strip()))
-    print(f"imports of 'gpuvirt --root TREE discover --json' (top level, cumulative): "
-          f"{sum(c for c, _ in rows) / 1000:.0f} ms")
+    print(f"imports of 'gpuvirt --root TREE discover --json' (-X importtime, top level, cumulative; the tool's "
+          f"own overhead inflates them): {sum(c for c, _ in rows) / 1000:.0f} ms")
     for cum, name in sorted(rows, reverse=True)[:8]:
         print(f"  {cum / 1000:7.1f} ms  {name}")
-    # the phases of one run, timed without a profiler
-    p = subprocess.run([sys.executable, "-c", PHASES, str(root)], capture_output=True, text=True)
-    if p.returncode == 0:
-        print("phases (one process, no profiler):")
-        for k, v in json.loads(p.stdout).items():
-            print(f"  {v:7d} ms  {k}")
-    else:
-        print(f"phase timing failed: {p.stderr.strip()[-300:]}")
+    # the phases of the fast path, CPU time of cold processes without a profiler (median of a few)
+    samples: list[dict[str, float]] = []
+    for _ in range(runs):
+        p = subprocess.run([*py, "-c", PHASES, str(root)], capture_output=True, text=True)
+        if p.returncode:
+            print(f"phase timing failed: {p.stderr.strip()[-300:]}")
+            break
+        samples.append(json.loads(p.stdout))
+    if samples:
+        print(f"phases of 'discover --json' (CPU time, cold processes, median of {len(samples)}; "
+              f"load average {load_average()}):")
+        for k in samples[0]:
+            print(f"  {median([s[k] for s in samples]) * 1000:7.1f} ms  {k}")
     # which functions the scan spends its time in
     code = ("import cProfile, pstats, io, sys\n"
             "from gpuvirt.host.machine import Host\nfrom gpuvirt.host.discover import discover\n"
             "discover(Host(sys.argv[1]))\n"
             "pr = cProfile.Profile(); pr.enable(); discover(Host(sys.argv[1])); pr.disable()\n"
-            "s = io.StringIO(); st = pstats.Stats(pr, stream=s); st.sort_stats('cumulative').print_stats(12)\n"
-            "print('cProfile of discover() (warm; profiler overhead roughly doubles the times):')\n"
+            "s = io.StringIO(); st = pstats.Stats(pr, stream=s); st.sort_stats('tottime').print_stats(12)\n"
+            "print('cProfile of discover() (warm, by own time; profiler overhead roughly doubles the times):')\n"
             "print(s.getvalue().split('ncalls', 1)[-1][:2500])\n")
-    p = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True)
+    p = subprocess.run([*py, "-c", code, str(root)], capture_output=True, text=True)
     print(p.stdout.rstrip() or p.stderr.strip())
 
 
@@ -412,6 +475,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 version = probe.stdout.strip()
         print("check: " + check_outputs(root, shape, skipped is None))
+        stale = bytecode_warning()
+        if stale:
+            print(stale)
         ours_json = [*gpuvirt_cmd(), "--root", str(root), "discover", "--json"]
         ours_table = [*gpuvirt_cmd(), "--root", str(root), "discover"]
         pairs = {"json": (ours_json, ["mdevctl", "types", "--dumpjson"]),

@@ -92,8 +92,13 @@ def _discover_fast_path(args: list[str]) -> int | None:
     opts, i = _global_options(args)
     if args[i:] not in (["discover", "--json"], ["discover"]):
         return None
+    import gc
+
     from gpuvirt.cli.errors import report_error
 
+    # this process ends after printing: the cyclic collector would only walk the tens of thousands of
+    # acyclic records and dicts of a vGPU host's document (reference counting frees them all)
+    gc.disable()
     try:
         from gpuvirt.context import Context
         from gpuvirt.service.discover import discover

@@ -8,8 +8,12 @@ from typing import Any, Iterable
 
 
 def emit_json(doc: Any, compact: bool = False) -> None:
-    # compact output goes through the C encoder: discover on a large host is megabytes of JSON
-    text = json.dumps(doc, separators=(",", ":"), default=str) if compact else json.dumps(doc, indent=2, default=str)
+    # compact output goes through the C encoder: discover on a large host is megabytes of JSON. The documents
+    # are trees built fresh for the output (no object appears twice on one path), so the encoder's cycle
+    # check - a dict insert and delete per container, a tenth of the encoding - is left out; a cycle
+    # would still end in an error (RecursionError), only with a different message
+    text = (json.dumps(doc, separators=(",", ":"), default=str, check_circular=False) if compact
+            else json.dumps(doc, indent=2, default=str))
     sys.stdout.write(text + "\n")
 
 

@@ -177,11 +177,11 @@ def _read_at(dir_fd: int, name: str) -> str:
     return data.decode("utf-8", "replace")
 
 
-def _uevent_ids(path: str) -> tuple[int, int, int | None, int | None, str | None] | None:
+def _uevent_ids(dir_fd: int, path: str) -> tuple[int, int, int | None, int | None, str | None] | None:
     """(vendor, device, subsystem vendor, subsystem device, driver) from a PCI device's uevent, or None when
     the file is missing or lacks PCI_ID (then the attribute files are read)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY, dir_fd=dir_fd)
         try:
             text = os.read(fd, 4096).decode("ascii", "replace")
         finally:
@@ -203,6 +203,21 @@ def _link_name(path: str) -> str | None:
         return os.path.basename(os.readlink(path))
     except OSError:
         return None
+
+
+def _link_name_at(dir_fd: int, path: str) -> str | None:
+    try:
+        return os.path.basename(os.readlink(path, dir_fd=dir_fd))
+    except OSError:
+        return None
+
+
+def _exists_at(dir_fd: int, path: str) -> bool:
+    try:
+        os.stat(path, dir_fd=dir_fd)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _int_attr(path: str, base: int = 0) -> int:
@@ -242,64 +257,95 @@ class Scanner:
     # --- PCI -------------------------------------------------------------------------------------------------
     def pci_devices(self, *, gpus_only: bool = True) -> list[PciDevice]:
         base = self.p("sys/bus/pci/devices")
-        out = []
-        for name in self._listdir(base, "PCI device list"):
-            d = os.path.join(base, name)
+        names = self._listdir(base, "PCI device list")
+        if not names:
+            return []
+        try:
+            bfd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            self.warn(base, f"cannot list PCI device list: {exc.strerror}")
+            return []
+        try:
+            # every attribute is opened relative to the list's directory: a path of two names for the kernel
+            # to walk instead of the whole root-prefixed path, on each of ~6 reads per function (a vGPU
+            # host has hundreds of functions; docs/benchmarks.md)
+            return [dev for name in names if (dev := self._pci_device(bfd, base, name, gpus_only)) is not None]
+        finally:
+            os.close(bfd)
+
+    def _pci_device(self, bfd: int, base: str, name: str, gpus_only: bool) -> PciDevice | None:
+        try:
+            klass = int(_read_at(bfd, name + "/class").strip(), 16)
+        except FileNotFoundError:
+            self.warn(os.path.join(base, name, "class"), "PCI device has no class attribute (device removed?)")
+            return None
+        except (OSError, ValueError) as exc:
+            self.warn(os.path.join(base, name, "class"), f"unreadable PCI class ({_why(exc)})")
+            return None
+        if gpus_only and (klass >> 16) != 0x03:
+            return None
+        # the kernel's uevent of a PCI device carries its ids and driver in one read (pci_uevent():
+        # PCI_ID, PCI_SUBSYS_ID, DRIVER); the separate attribute files are the fallback
+        ids = _uevent_ids(bfd, name + "/uevent")
+        d = os.path.join(base, name)
+        if ids is not None:
+            vendor, device, sub_vendor, sub_device, driver = ids
+        else:
             try:
-                klass = _int_attr(os.path.join(d, "class"), 16)
-            except FileNotFoundError:
-                self.warn(os.path.join(d, "class"), "PCI device has no class attribute (device removed?)")
-                continue
+                vendor = _int_attr(os.path.join(d, "vendor"), 16)
+                device = _int_attr(os.path.join(d, "device"), 16)
             except (OSError, ValueError) as exc:
-                self.warn(os.path.join(d, "class"), f"unreadable PCI class ({_why(exc)})")
-                continue
-            if gpus_only and (klass >> 16) != 0x03:
-                continue
-            # the kernel's uevent of a PCI device carries its ids and driver in one read (pci_uevent():
-            # PCI_ID, PCI_SUBSYS_ID, DRIVER); the separate attribute files are the fallback
-            ids = _uevent_ids(os.path.join(d, "uevent"))
-            if ids is not None:
-                vendor, device, sub_vendor, sub_device, driver = ids
-            else:
-                try:
-                    vendor = _int_attr(os.path.join(d, "vendor"), 16)
-                    device = _int_attr(os.path.join(d, "device"), 16)
-                except (OSError, ValueError) as exc:
-                    self.warn(d, f"unreadable PCI vendor/device id ({_why(exc)})")
-                    continue
-                sub_vendor = _opt_hex(os.path.join(d, "subsystem_vendor"))
-                sub_device = _opt_hex(os.path.join(d, "subsystem_device"))
-                driver = _link_name(os.path.join(d, "driver"))
-            physfn = _link_name(os.path.join(d, "physfn"))
-            dev = PciDevice(address=name, vendor_id=vendor, device_id=device, subsystem_vendor_id=sub_vendor,
-                            subsystem_device_id=sub_device, pci_class=klass, driver=driver,
-                            iommu_group=_group(os.path.join(d, "iommu_group")), physfn=physfn)
+                self.warn(d, f"unreadable PCI vendor/device id ({_why(exc)})")
+                return None
+            sub_vendor = _opt_hex(os.path.join(d, "subsystem_vendor"))
+            sub_device = _opt_hex(os.path.join(d, "subsystem_device"))
+            driver = _link_name(os.path.join(d, "driver"))
+        physfn = _link_name_at(bfd, name + "/physfn")
+        group = _link_name_at(bfd, name + "/iommu_group")
+        dev = PciDevice(address=name, vendor_id=vendor, device_id=device, subsystem_vendor_id=sub_vendor,
+                        subsystem_device_id=sub_device, pci_class=klass, driver=driver,
+                        iommu_group=int(group) if group and group.isdigit() else None, physfn=physfn)
+        if physfn is None and _exists_at(bfd, name + "/sriov_totalvfs"):     # a VF is never a PF itself
             total = os.path.join(d, "sriov_totalvfs")
-            if physfn is None and os.path.exists(total):     # a VF is never a PF itself
-                try:
-                    dev.sriov_total_vfs = _int_attr(total, 10)
-                    dev.sriov_num_vfs = _int_attr(os.path.join(d, "sriov_numvfs"), 10)
-                except (OSError, ValueError) as exc:
-                    self.warn(total, f"unreadable SR-IOV attributes ({_why(exc)})")
-                vfs = []
-                for entry in os.listdir(d):
-                    if entry.startswith("virtfn") and entry[6:].isdigit():
-                        target = _link_name(os.path.join(d, entry))
-                        if target:
-                            vfs.append((int(entry[6:]), target))
-                dev.vfs = [a for _, a in sorted(vfs)]
-            out.append(dev)
-        return out
+            try:
+                dev.sriov_total_vfs = int(_read_at(bfd, name + "/sriov_totalvfs").strip(), 10)
+                dev.sriov_num_vfs = int(_read_at(bfd, name + "/sriov_numvfs").strip(), 10)
+            except (OSError, ValueError) as exc:
+                self.warn(total, f"unreadable SR-IOV attributes ({_why(exc)})")
+            vfs = []
+            for entry in os.listdir(d):
+                if entry.startswith("virtfn") and entry[6:].isdigit():
+                    target = _link_name_at(bfd, f"{name}/{entry}")
+                    if target:
+                        vfs.append((int(entry[6:]), target))
+            dev.vfs = [a for _, a in sorted(vfs)]
+        return dev
 
     # --- mdev ----------------------------------------------------------------------------------------------------
-    def mdev_parents(self) -> list[MdevParent]:
+    def mdev_parents(self, physfn: dict[str, str | None] | None = None) -> list[MdevParent]:
+        """The mdev parents and their types. ``physfn``: the PF of each PCI function as :meth:`pci_devices`
+        just read it (its ``physfn`` link), so that it is not read a second time; a parent not in it has
+        its link read here."""
         base = self.p("sys/class/mdev_bus")
         parents = []
         static_by_pf: dict[str, tuple[list[str], dict[str, MdevType]]] = {}
+        known_pf = {} if physfn is None else physfn
         for name in self._listdir(base, "mdev parent list"):
             link = os.path.join(base, name)
-            if not os.path.isdir(link):
-                self.warn(link, "mdev parent link is dangling (parent device removed?)")
+            types_dir = os.path.join(link, "mdev_supported_types")
+            try:
+                dfd = os.open(types_dir, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError as exc:
+                # a parent that is not a directory (removed device) tells first; the check costs a stat, so
+                # it is made only when the types directory cannot be opened
+                if not os.path.isdir(link):
+                    self.warn(link, "mdev parent link is dangling (parent device removed?)")
+                    continue
+                if isinstance(exc, FileNotFoundError):
+                    self.warn(types_dir, "mdev parent has no mdev_supported_types directory")
+                else:
+                    self.warn(types_dir, f"cannot open mdev_supported_types: {exc.strerror}")
+                parents.append(MdevParent(address=name, path=link, is_pci=bool(PCI_ADDR_RE.match(name))))
                 continue
             parent = MdevParent(address=name, path=link, is_pci=bool(PCI_ADDR_RE.match(name)))
             # Sibling VFs of one PF register the same vGPU types with the same name, description and
@@ -307,19 +353,13 @@ class Scanner:
             # differs from VF to VF. They are read on the first VF of each PF and reused for its siblings
             # when the sibling lists the same types - a quarter of the reads on an SR-IOV vGPU host
             # (assumption, not a documented guarantee: docs/discover-schema.md, "Sibling VFs")
-            pf = _link_name(os.path.join(link, "physfn")) if parent.is_pci else None
+            if not parent.is_pci:
+                pf = None
+            elif name in known_pf:
+                pf = known_pf[name]
+            else:
+                pf = _link_name(os.path.join(link, "physfn"))
             static = static_by_pf.get(pf) if pf else None
-            types_dir = os.path.join(link, "mdev_supported_types")
-            try:
-                dfd = os.open(types_dir, os.O_RDONLY | os.O_DIRECTORY)
-            except FileNotFoundError:
-                self.warn(types_dir, "mdev parent has no mdev_supported_types directory")
-                parents.append(parent)
-                continue
-            except OSError as exc:
-                self.warn(types_dir, f"cannot open mdev_supported_types: {exc.strerror}")
-                parents.append(parent)
-                continue
             try:
                 # a 256-parent x 20-type host means 20k attribute reads: open them relative to a directory
                 # fd with raw os.read, several times cheaper than text-mode open() on full paths
@@ -418,14 +458,15 @@ class Scanner:
                 real = os.path.normpath(os.path.join(base, os.readlink(link)))
             except OSError:
                 real = os.path.realpath(link)
-            if not os.path.isdir(real):
-                self.warn(link, "mdev device link is dangling (device being removed?)")
-                continue
             type_link = os.path.join(real, "mdev_type")
             try:
                 type_real = os.path.normpath(os.path.join(real, os.readlink(type_link)))
             except OSError:
                 type_real = ""
+            # a link read inside the device proves the device a directory: its stat only when none was read
+            if not type_real and not os.path.isdir(real):
+                self.warn(link, "mdev device link is dangling (device being removed?)")
+                continue
             if not type_real or not os.path.isdir(type_real):
                 self.warn(type_link, "mdev device has no valid mdev_type link (half-removed device?)")
                 continue
@@ -439,27 +480,41 @@ class Scanner:
         base = self.p("sys/bus/pci/devices")
         names = [d.address for d in pci] if pci is not None else self._listdir(base, "PCI device list")
         out = []
-        for name in names:
-            ndir = os.path.join(base, name, "nvidia")
-            cur_path = os.path.join(ndir, "current_vgpu_type")
-            if not os.path.exists(cur_path):
-                continue
-            try:
-                cur_text = _read(cur_path).strip()
-                current = int(cur_text, 10)
-            except (OSError, ValueError) as exc:
-                self.warn(cur_path, f"unreadable current_vgpu_type ({_why(exc)})")
-                continue
-            creatable: list[VfioVgpuType] = []
-            ct_path = os.path.join(ndir, "creatable_vgpu_types")
-            try:
-                creatable = parse_creatable(_read(ct_path), lambda msg: self.warn(ct_path, msg))
-            except OSError as exc:
-                self.warn(ct_path, f"cannot read creatable_vgpu_types: {exc.strerror}")
-            out.append(VfioVf(address=name, physfn=_link_name(os.path.join(base, name, "physfn")),
-                              current_type=current, creatable_types=creatable,
-                              iommu_group=_group(os.path.join(base, name, "iommu_group"))))
+        try:
+            bfd = os.open(base, os.O_RDONLY | os.O_DIRECTORY) if names else -1
+        except OSError:
+            return out
+        try:
+            for name in names:
+                # one stat per PCI function, relative to the list's directory; the rest only on VFs that have
+                # the vendor-specific interface
+                if _exists_at(bfd, name + "/nvidia/current_vgpu_type"):
+                    vf = self._vfio_vf(base, name)
+                    if vf is not None:
+                        out.append(vf)
+        finally:
+            if bfd >= 0:
+                os.close(bfd)
         return out
+
+    def _vfio_vf(self, base: str, name: str) -> VfioVf | None:
+        ndir = os.path.join(base, name, "nvidia")
+        cur_path = os.path.join(ndir, "current_vgpu_type")
+        try:
+            cur_text = _read(cur_path).strip()
+            current = int(cur_text, 10)
+        except (OSError, ValueError) as exc:
+            self.warn(cur_path, f"unreadable current_vgpu_type ({_why(exc)})")
+            return None
+        creatable: list[VfioVgpuType] = []
+        ct_path = os.path.join(ndir, "creatable_vgpu_types")
+        try:
+            creatable = parse_creatable(_read(ct_path), lambda msg: self.warn(ct_path, msg))
+        except OSError as exc:
+            self.warn(ct_path, f"cannot read creatable_vgpu_types: {exc.strerror}")
+        return VfioVf(address=name, physfn=_link_name(os.path.join(base, name, "physfn")),
+                      current_type=current, creatable_types=creatable,
+                      iommu_group=_group(os.path.join(base, name, "iommu_group")))
 
 
 def parse_creatable(text: str, warn: Any = None) -> list[VfioVgpuType]:
