@@ -466,3 +466,24 @@ def test_guest_memory_from_domain_xml(xml, mib):
 
     doc = f"<domain type='kvm'><name>v</name>{xml}<devices/></domain>"
     assert memory_mib(doc) == mib
+
+
+def test_a_free_instance_on_a_board_whose_vgpus_sit_on_the_board_itself(cli, make_sim):
+    # a T4's vGPUs are mdevs of the board (parent pf), not of SR-IOV VFs: the free 16Q goes on the emptied board
+    from gpuvirt.service import rebalance, rebalance_exec
+
+    sim = make_sim(["t4:2"])
+    _attach(cli, sim.root, "vm-a", "T4-8Q", "0")
+    _attach(cli, sim.root, "vm-b", "T4-8Q", "1")
+    ctx = _ctx(sim.root)
+    fake = FakeVirsh()
+    _domains(ctx, fake)
+    doc = rebalance_exec.rebalance_and_execute(ctx, "T4-16Q", policy=rebalance.make_policy(allow="cold"),
+                                               runner=fake)
+    p = doc["placed"]
+    assert len(doc["moves"]) == 1 and p["created"] is True and p["gpu"] == doc["unlocks"]["gpu"]
+    with ctx.inventory.unit() as uow:
+        row = uow.instance(p["instance"])
+        assert row.type_name == "T4-16Q" and row.parent == p["gpu"] and row.allocation is None
+    _one_device_each(ctx, fake)
+    ctx.close()

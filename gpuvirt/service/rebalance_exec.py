@@ -220,7 +220,17 @@ def _move(ctx: Context, contexts: Mapping[str, Context], info: UnitInfo, m: dict
         gi = uow.instance(info.backing) if info.backing is not None else None
         gi_fields = row_fields(gi) if gi is not None else None
     uuid = m["to"].get("uuid") if vg_fields["kind"] == MDEV else None
-    vg_fields.update(mdev_uuid=uuid, parent=None)
+    parent = None
+    if vg_fields["kind"] == MDEV:
+        # a board whose vGPUs are mdevs of the board itself (T4) has no VF to take at creation: name the parent
+        from gpuvirt.model.vgpu import parse_type_id
+        from gpuvirt.service import hostview
+        from gpuvirt.service.rebalance_place import board_parent
+
+        view_b = hostview.snapshot(dst_ctx).by_address(b)
+        tid = parse_type_id(vg_fields["type_id"])
+        parent = board_parent(view_b, tid) if view_b is not None and tid is not None else None
+    vg_fields.update(mdev_uuid=uuid, parent=parent)
     steps: list[dict[str, Any]] = []
     backing = None
     if gi_fields is not None:
@@ -232,7 +242,7 @@ def _move(ctx: Context, contexts: Mapping[str, Context], info: UnitInfo, m: dict
             fields=gi_fields, alloc=dict(alloc, tenant=None), label=f"GPU instance for VM {vm} (rebalance)"),
             dst_host))
     if vg_fields["kind"] == MDEV:
-        create = intent.mdev_step(b, gid_b, None, vg_fields["type_id"], uuid, present=True, fields=vg_fields,
+        create = intent.mdev_step(b, gid_b, parent, vg_fields["type_id"], uuid, present=True, fields=vg_fields,
                                   alloc=alloc, backing=backing, label=f"vGPU {vg_fields.get('type_name')} {uuid} for "
                                   f"VM {vm} (rebalance)")
     else:

@@ -86,11 +86,23 @@ def _where(ctx: Context, inst_id: int) -> tuple[str, int | None]:
         return row.gpu.address, gi.placement_start if gi.kind == MIG else None
 
 
+def board_parent(g: Any, type_id: int) -> str | None:
+    """The mdev parent for one more vGPU of ``type_id`` on GPU ``g`` (a :class:`GpuView`): None on a board
+    whose vGPUs sit on SR-IOV VFs (the step takes the next free VF right before it makes the device; the GPU
+    instance under a MIG-backed type makes one usable), else the parent with room now (the board itself on
+    a T4)."""
+    from gpuvirt.service.attach import _vgpu_board_room
+
+    m = g.model
+    if m is None or m.vgpu is None or m.vgpu.parent == "vf":
+        return None
+    return _vgpu_board_room(g, type_id, g.interface)[1]
+
+
 def free_steps(g: Any, gpu_id: int, name: str, start: int | None) -> list[dict[str, Any]]:
     """The journal steps that make one free instance of ``name`` on GPU ``g`` (a :class:`GpuView`) at
     ``start``: a GPU instance, or a vGPU (on a GPU instance made for it when the type is MIG-backed)."""
     from gpuvirt.model.catalog import resolve_gi_profile, resolve_vgpu_type
-    from gpuvirt.service.attach import _vgpu_board_room
     from gpuvirt.service.instances import instance_fields_for_mig, instance_fields_for_vgpu, new_uuid
 
     m = g.model
@@ -121,9 +133,7 @@ def free_steps(g: Any, gpu_id: int, name: str, start: int | None) -> list[dict[s
                                      present=True, fields=f,
                                      label=f"GPU instance {prof.name} at {start} on {g.label} for a free {t.name}"))
         backing, slices = (prof.id, start), prof.compute_slices
-    # a board whose vGPUs sit on SR-IOV VFs: the next free VF, chosen right before the device is made (the
-    # GPU instance under a MIG-backed type makes one usable); otherwise the parent with room now
-    parent = None if m.vgpu is not None and m.vgpu.parent == "vf" else _vgpu_board_room(g, t.id, g.interface)[1]
+    parent = board_parent(g, t.id)
     if g.interface == "vendor-vfio":
         f = instance_fields_for_vgpu(m, VFIO_VGPU, str(t.id), t.name, parent or "", None, "attach")
         f["compute_slices"] = slices or f.get("compute_slices")
@@ -165,4 +175,4 @@ def create_free(ctx: Context, name: str, address: str, start: int | None) -> int
     return intent.row_id(ctx, run.steps[-1])
 
 
-__all__ = ["place", "for_vm", "create_free", "free_steps"]
+__all__ = ["place", "for_vm", "create_free", "free_steps", "board_parent", "check_gpu"]
