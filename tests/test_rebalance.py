@@ -487,3 +487,26 @@ def test_a_free_instance_on_a_board_whose_vgpus_sit_on_the_board_itself(cli, mak
         assert row.type_name == "T4-16Q" and row.parent == p["gpu"] and row.allocation is None
     _one_device_each(ctx, fake)
     ctx.close()
+
+
+def test_a_vm_gets_the_gpu_instance_at_the_start_the_moves_unlocked(mig_boards):
+    from gpuvirt.errors import CapacityError
+    from gpuvirt.service import attach, rebalance, rebalance_exec
+
+    ctx = _ctx(mig_boards)
+    fake = FakeVirsh()
+    _domains(ctx, fake)
+    # attach's pin: a start where the profile cannot go is refused, nothing made
+    with ctx.inventory.unit() as uow:
+        a0 = next(g.address for g in uow.gpus(ctx.settings.host_id) if g.nvml_index == 0)
+    with pytest.raises(CapacityError, match="no legal placement"):
+        attach.attach(ctx, "vm-x", mig="3g.20gb", gpu=a0, start=1)
+    doc, [h] = rebalance_exec.execute_for(ctx, "7g.40gb", policy=rebalance.make_policy(allow="cold"), vm="vm-c",
+                                          runner=fake)
+    p, u = doc["placed"], doc["unlocks"]
+    # a profile for a VM is its MIG-backed vGPU type, planned and placed as such
+    assert doc["request"] == "A100-7-40C" and len(doc["moves"]) == 1
+    assert (p["gpu"], p["placement"]) == (u["gpu"], u["placement"]) and p["vm"] == "vm-c"
+    assert _placements(ctx)["vm-c"][1] == u["placement"]
+    _one_device_each(ctx, fake)
+    ctx.close()

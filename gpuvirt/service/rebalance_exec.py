@@ -16,6 +16,10 @@ one device in its XML at every point, and the inventory agrees with the hosts on
 next command on those GPUs) settled what a kill left.  Moves run one after another: every plan is valid in
 that order, and a failure stops the rest with the moves before it complete.
 
+After the moves, still under the GPU locks, the request is placed where the plan made room
+(:mod:`gpuvirt.service.rebalance_place`: attached to a VM as ``attach`` would, or made as a free instance);
+that is an intent of its own, so a failure there leaves the moves done.
+
 Steps on another host of a shared inventory run through that host's :class:`~gpuvirt.context.Context`
 (``peers``); a plan that needs a host this process cannot reach is refused before anything changes.
 """
