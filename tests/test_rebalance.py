@@ -56,6 +56,8 @@ def test_plan_json_names_the_move_the_target_and_the_gpus_before_and_after(cli, 
     (["--for", "A10-4Q", "--execute", "--allow", "cold"], 2, "without --yes"),
     (["--for", "A10-4Q", "--vm", "vm-c"], 2, "needs --execute"),
     (["--for", "A10-4Q", "--tenant", "t1"], 2, "go with --vm"),
+    (["--for", "A10-4Q", "--execute", "--yes", "--vm-uuid", "6f1b3a52-3c1e-4b8e-9a55-0c8f2d7a1e00"], 2,
+     "go with --vm"),
     (["--for", "A10-4Q", "--execute", "--yes", "--vm", "vm-c", "--format", "cdi"], 2, "--format must be"),
     (["--for", "A10-4Q", "--execute", "--yes", "--vm", "bad/vm"], 2, "VM name"),
     (["--for", "A10-4Q", "--execute", "--yes", "--vm", "vm-c", "--tenant", "no tenant"], 2, "invalid tenant"),
@@ -385,10 +387,17 @@ def test_execute_places_the_request_even_without_moves_and_says_where(cli, board
     ok(cli("--sim", boards, "attach", "vm-d", "--vgpu", "A10-12Q"))
     with ctx.inventory.unit() as uow:
         assert uow.instance(p["instance"]).allocation.vm_name == "vm-d"
+    # a hand-off the VMM cannot use (QEMU without the VM UUID for an NVIDIA vGPU) undoes the attach, as attach does
+    res = cli("--sim", boards, "rebalance", "--for", "A10-12Q", "--execute", "--yes", "--vm", "vm-f", "--format",
+              "qemu")
+    assert res.exit_code == 2 and "-uuid" in res.stderr
+    with ctx.inventory.unit() as uow:
+        assert "vm-f" not in {a.vm_name for a in uow.allocations()}
     # with a VM: attached, and the text output says so (and prints the hand-off for --format)
     res = ok(cli("--sim", boards, "rebalance", "--for", "A10-12Q", "--execute", "--yes", "--vm", "vm-e",
-                 "--tenant", "t2", "--format", "json"))
-    assert "placed: A10-12Q attached to VM vm-e" in res.stdout and '"vm": "vm-e"' in res.stdout
+                 "--tenant", "t2", "--format", "qemu", "--vm-uuid", "6f1b3a52-3c1e-4b8e-9a55-0c8f2d7a1e07"))
+    assert "placed: A10-12Q attached to VM vm-e" in res.stdout
+    assert "-uuid 6f1b3a52-3c1e-4b8e-9a55-0c8f2d7a1e07" in res.stdout and "vfio-pci" in res.stdout
     with ctx.inventory.unit() as uow:
         assert ("vm-e", "t2") in {(a.vm_name, a.tenant) for a in uow.allocations()}
     ctx.close()

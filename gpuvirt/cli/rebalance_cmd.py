@@ -27,6 +27,8 @@ def rebalance(ctx: typer.Context,
               vm: Optional[str] = typer.Option(None, "--vm", help="With --execute: attach the request to this VM "
                                                "once there is room (as 'attach VM --vgpu/--mig' would)."),
               tenant: Optional[str] = typer.Option(None, "--tenant", help="With --vm: the VM's tenant."),
+              vm_uuid: Optional[str] = typer.Option(None, "--vm-uuid", help="With --vm: the VM's UUID (QEMU "
+                                                    "needs it for an NVIDIA vGPU), as for attach."),
               fmt: Optional[str] = typer.Option(None, "--format", help="With --vm: print the hand-off for this "
                                                 "VMM (libvirt, qemu, cloud-hypervisor, json), as attach does."),
               json_out: bool = typer.Option(False, "--json")) -> None:
@@ -35,8 +37,8 @@ def rebalance(ctx: typer.Context,
     from gpuvirt.errors import UsageError
     from gpuvirt.service import rebalance as svc
 
-    if vm is None and (tenant is not None or fmt is not None):
-        raise UsageError("--tenant and --format go with --vm")
+    if vm is None and (tenant is not None or fmt is not None or vm_uuid is not None):
+        raise UsageError("--tenant, --vm-uuid and --format go with --vm")
     if vm is not None and not execute:
         raise UsageError("--vm places the request once the moves are done: it needs --execute")
     if fmt is not None and fmt not in ("libvirt", "qemu", "cloud-hypervisor", "json"):
@@ -54,12 +56,14 @@ def rebalance(ctx: typer.Context,
             check_tenant(tenant)
         confirm_or_refuse(f"move VMs' devices to make room for {for_}" + (f" and attach it to {vm}" if vm else ""),
                           yes)
-        doc, handoffs = rebalance_exec.execute_for(c, for_, policy=policy, cluster=cluster, vm=vm, tenant=tenant)
+        doc, handoffs = rebalance_exec.execute_for(c, for_, policy=policy, cluster=cluster, vm=vm, tenant=tenant,
+                                                   vm_uuid=vm_uuid, fmt=fmt)
     else:
         doc = svc.rebalance(c, for_, cluster=cluster, max_moves=max_moves, allow=allow)
     if handoffs and fmt is not None:
         from gpuvirt.vmm.handoff import render as render_handoff
 
+        # attach rendered it once already, inside its all-or-nothing block: what it could not render was undone
         doc["placed"]["handoff"] = render_handoff(handoffs, fmt)
     if json_out:
         emit_json(doc)
@@ -95,7 +99,7 @@ def render(doc: dict) -> None:
         else:
             what = "created as a free instance" if p.get("created") else "is the free instance"
             out.print(escape(f"  placed: {doc['request']} {what} {p['instance']} on {where}; the next attach gets it"))
-    if doc.get("ram_known") is False:
+    if doc.get("ram_known") is False and doc["moves"]:
         out.print("  data moved counts vGPU framebuffer only where libvirt could not say a VM's guest RAM")
     for g in doc.get("gpus", []):
         out.print(escape(f"  {g['host']}/{g['gpu']} ({g['model']}): {g['before']}  ->  {g['after']}"))

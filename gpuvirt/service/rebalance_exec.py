@@ -82,22 +82,24 @@ def rebalance_and_execute(ctx: Context, name: str, *, cluster: bool = False, pol
 
 
 def execute_for(ctx: Context, name: str, *, policy: MovePolicy, cluster: bool = False, vm: str | None = None,
-                tenant: str | None = None, runner: Runner | None = None,
+                tenant: str | None = None, vm_uuid: str | None = None, fmt: str | None = None,
+                runner: Runner | None = None,
                 peers: Mapping[str, Context] | None = None) -> tuple[dict[str, Any], list | None]:
     """``gpuvirt rebalance --execute [--vm VM [--tenant T]]``: the plan document and, for a VM, the attach's
     hand-offs.  With a VM the request is placed as ``attach VM --vgpu/--mig NAME --tenant T`` would place it
-    (a GPU-instance profile as the MIG-backed vGPU on it, so room is planned for that vGPU type)."""
+    (a GPU-instance profile as the MIG-backed vGPU on it, so room is planned for that vGPU type); ``fmt`` is
+    rendered inside the attach, so a hand-off the VMM could not use undoes the attach (the moves stay)."""
     from gpuvirt.service.attach import check_tenant, check_vm_name
     from gpuvirt.service.rebalance_place import for_vm
 
     kw = None
     if vm is not None:
         vm, tenant = check_vm_name(vm), check_tenant(tenant)
-        name, kw = for_vm(ctx, name, {"tenant": tenant})
-    elif tenant is not None:
+        name, kw = for_vm(ctx, name, {"tenant": tenant, "vm_uuid": vm_uuid, "fmt": fmt})
+    elif tenant is not None or vm_uuid is not None or fmt is not None:
         from gpuvirt.errors import UsageError
 
-        raise UsageError("--tenant goes with --vm")
+        raise UsageError("--tenant, --vm-uuid and --format go with --vm")
     return _plan_and_execute(ctx, name, cluster=cluster, policy=policy, runner=runner, peers=peers, hosts=None,
                              place=True, vm=vm, attach_kw=kw)
 
