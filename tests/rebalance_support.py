@@ -131,8 +131,9 @@ def _attach(cli, root, vm, vgpu, gpu, *extra):
     ok(cli("--sim", root, *extra, "attach", vm, "--vgpu", vgpu, "--gpu", gpu, "--format", "json"))
 
 
-def _domains(ctx, fake, uri=LOCAL, state="running"):
-    """Define every VM of the inventory in the fake libvirt with the device it holds."""
+def _domains(ctx, fake, uri=LOCAL, state="running", memory=None):
+    """Define every VM of the inventory in the fake libvirt with the device it holds (``memory``: {vm: the
+    text of its ``<memory>`` element} in place of 4 GiB)."""
     from gpuvirt.vmm.libvirt import insert_hostdev, mdev_hostdev, pci_hostdev
 
     with ctx.inventory.unit() as uow:
@@ -142,8 +143,10 @@ def _domains(ctx, fake, uri=LOCAL, state="running"):
                 continue
             dev = mdev_hostdev(i.mdev_uuid) if i.kind == "mdev" else pci_hostdev(i.parent)
             vm_uuid = f"6f1b3a52-3c1e-4b8e-9a55-0c8f2d7a1e{n:02d}"
-            fake.add(uri, a.vm_name, insert_hostdev(DOMAIN.format(name=a.vm_name, uuid=vm_uuid), dev), state,
-                     sim=ctx.settings.sim_dir)
+            xml = DOMAIN.format(name=a.vm_name, uuid=vm_uuid)
+            if memory and a.vm_name in memory:
+                xml = xml.replace("<memory unit='KiB'>4194304</memory>", memory[a.vm_name])
+            fake.add(uri, a.vm_name, insert_hostdev(xml, dev), state, sim=ctx.settings.sim_dir)
 
 
 def _placements(ctx, cluster=False):

@@ -1,6 +1,7 @@
 """Crash safety of ``gpuvirt rebalance --execute`` (issue 13 item 4): the executor killed before and after
 every journal step of a move - a time-sliced vGPU (create, handover, release, destroy) and a MIG-backed one
-(GPU instance, vGPU, handover, two releases, two destroys) - and a failed handover.  After recovery each VM's
+(GPU instance, vGPU, handover, two releases, two destroys) -, at every step of placing the request after the
+move (a free instance, or the attach of a VM), and a failed handover.  After recovery each VM's
 libvirt definition names exactly one device, that device exists on the simulated host, the inventory agrees
 with the host with no intent left open, the guest runs as before, and the next rebalance works.  A kill once
 the handover is recorded is finished forward; any earlier kill is undone (even one right after libvirt moved
@@ -217,3 +218,69 @@ def test_a_kill_during_a_live_move_between_two_hosts_is_settled_on_both(two_host
         finally:
             shutil.rmtree(root, ignore_errors=True)
     assert "back" in outcomes and "forward" in outcomes
+
+
+# --- a kill while the request is placed after the moves ----------------------------------------------------------
+def _gis(ctx):
+    """(GPU address, profile, start) of every GPU instance, as the simulated host and as the inventory say."""
+    sim = ctx.sim.load()
+    host = sorted((d["address"], g["profile_id"], g["start"]) for d in sim["devices"]
+                  for g in (d.get("mig") or {}).get("gpu_instances", []))
+    with ctx.inventory.unit() as uow:
+        rows = sorted((r.gpu.address, r.profile_id, r.placement_start)
+                      for r in uow.instances(ctx.settings.host_id, kinds=["mig"]))
+    return host, rows
+
+
+@pytest.mark.parametrize("vm", [None, "vm-c"], ids=["free-instance", "attach-vm"])
+def test_a_kill_while_the_request_is_placed_is_settled_and_the_moves_stay_done(crash_template, monkeypatch, vm):
+    from gpuvirt.service import intent, rebalance, rebalance_exec
+
+    tpl, want, steps = crash_template
+    policy = rebalance.make_policy(allow="cold")
+    root = _copy(tpl)
+    try:            # how many journal steps the whole run takes, the move's `steps` first
+        ctx = _ctx(root)
+        fake = FakeVirsh()
+        _domains(ctx, fake)
+        seen = _killing(monkeypatch, -1, False)
+        doc, _ = rebalance_exec.execute_for(ctx, want, policy=policy, vm=vm, runner=fake)
+        monkeypatch.undo()
+        total = seen[0]
+        assert len(doc["moves"]) == 1 and doc["placed"]["vm"] == vm and total > steps
+        ctx.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    for k in range(steps, total):
+        for after in (False, True):
+            root = _copy(tpl)
+            try:
+                ctx = _ctx(root)
+                fake = FakeVirsh()
+                _domains(ctx, fake)
+                before = _placements(ctx)
+                _killing(monkeypatch, k, after)
+                with pytest.raises(Killed):
+                    rebalance_exec.execute_for(ctx, want, policy=policy, vm=vm, runner=fake)
+                monkeypatch.undo()
+                with intent._ACTIVE_GUARD:
+                    intent._ACTIVE.clear()
+                moved = {n: p for n, p in _placements(ctx).items() if n != vm}
+                # what reconcile does first: every intent a dead process left, the placing one (kind rebalance
+                # for a free instance, attach for a VM) rolled back
+                res = intent.recover(ctx, None)
+                assert [r["result"] for r in res] == ["back"], (k, after, res)
+                # the move before it stays done, and nothing of the request is left half made
+                assert moved != before and {n: p for n, p in _placements(ctx).items() if n != vm} == moved
+                assert vm not in _placements(ctx)
+                _one_device_each(ctx, fake)
+                host, rows = _gis(ctx)
+                assert host == rows, (k, after)
+                assert all(d["state"] == "running" for d in fake.domains[LOCAL].values())
+                # placing again needs no move now and works
+                doc, _ = rebalance_exec.execute_for(ctx, want, policy=policy, vm=vm, runner=fake)
+                assert doc["moves"] == [] and doc["placed"]["vm"] == vm and doc["placed"]["instance"]
+                _one_device_each(ctx, fake)
+                ctx.close()
+            finally:
+                shutil.rmtree(root, ignore_errors=True)

@@ -54,6 +54,13 @@ def test_plan_json_names_the_move_the_target_and_the_gpus_before_and_after(cli, 
     (["--for", "A10-4Q", "--max-moves", "-1"], 2, "--max-moves"),
     (["--for", "1g.5gb"], 3, "no GPU in scope offers 1g.5gb"),
     (["--for", "A10-4Q", "--execute", "--allow", "cold"], 2, "without --yes"),
+    (["--for", "A10-4Q", "--vm", "vm-c"], 2, "needs --execute"),
+    (["--for", "A10-4Q", "--tenant", "t1"], 2, "go with --vm"),
+    (["--for", "A10-4Q", "--execute", "--yes", "--vm-uuid", "6f1b3a52-3c1e-4b8e-9a55-0c8f2d7a1e00"], 2,
+     "go with --vm"),
+    (["--for", "A10-4Q", "--execute", "--yes", "--vm", "vm-c", "--format", "cdi"], 2, "--format must be"),
+    (["--for", "A10-4Q", "--execute", "--yes", "--vm", "bad/vm"], 2, "VM name"),
+    (["--for", "A10-4Q", "--execute", "--yes", "--vm", "vm-c", "--tenant", "no tenant"], 2, "invalid tenant"),
 ])
 def test_bad_input_is_one_line_with_its_exit_status_and_changes_nothing(cli, boards, args, code, msg):
     before = json.loads(ok(cli("--sim", boards, "status", "--json")).stdout)
@@ -135,8 +142,17 @@ def test_mig_backed_vgpu_moves_with_its_gpu_instance_to_the_planned_start(mig_bo
     sim = ctx.sim.load()
     gis = {i: sorted((g["profile_id"], g["start"]) for g in d["mig"]["gpu_instances"])
            for i, d in enumerate(sim["devices"])}
-    assert sorted(len(v) for v in gis.values()) == [0, 2]       # one GPU emptied for the 7g.40gb
-    assert rebalance.rebalance(ctx, "7g.40gb", runner=fake)["moves"] == []
+    # one GPU emptied for the 7g.40gb, and the request placed there as a free GPU instance at the unlocked start
+    assert sorted(len(v) for v in gis.values()) == [1, 2]
+    [alone] = [v for v in gis.values() if len(v) == 1]
+    p = doc["placed"]
+    assert p["created"] is True and p["vm"] is None and p["placement"] == doc["unlocks"]["placement"]
+    from gpuvirt.model.catalog import load_catalog, resolve_gi_profile
+
+    seven = resolve_gi_profile(load_catalog().models["a100-40gb"], "7g.40gb").id
+    assert alone == [(seven, p["placement"])] and p["gpu"] == doc["unlocks"]["gpu"]
+    again = rebalance.rebalance(ctx, "7g.40gb", runner=fake)
+    assert again["moves"] == [] and again["unlocks"]["instance"] == p["instance"]      # the next attach gets it
     ctx.close()
 
 
@@ -331,3 +347,175 @@ def test_transient_devices_are_never_moved(cli, make_sim):
     ok(cli("--sim", sim.root, "attach", "vm-a", "--vgpu", "A10-12Q", "--gpu", "0", "--transient"))
     res = cli("--sim", sim.root, "rebalance", "--for", "A10-24Q", "--allow", "cold", "--json")
     assert res.exit_code == 4 and not res.json()["feasible"]
+
+
+# --- placing the request once the moves made room (issue 13 item 4: "then the original request is placed") -------
+def test_execute_with_a_vm_attaches_the_request_where_the_moves_made_room(boards):
+    from gpuvirt.service import rebalance, rebalance_exec
+
+    ctx = _ctx(boards)
+    fake = FakeVirsh()
+    _domains(ctx, fake)
+    scope = rebalance.load_scope(ctx)
+    doc, [h] = rebalance_exec.execute_for(ctx, "A10-24Q", policy=rebalance.make_policy(allow="cold"), vm="vm-c",
+                                          tenant="t1", runner=fake)
+    [m] = doc["moves"]
+    p, u = doc["placed"], doc["unlocks"]
+    assert m["result"] == "done" and p["vm"] == "vm-c" and p["tenant"] == "t1"
+    assert (p["host"], p["gpu"]) == (u["host"], u["gpu"]) and p["device"] == h.uuid and p["instance"] == h.instance
+    now = _placements(ctx)
+    assert {k: v for k, v in now.items() if k != "vm-c"} == _replayed(scope, doc)
+    assert now["vm-c"][0] == f"{u['host']}/{u['gpu']}" != now["vm-a"][0] == now["vm-b"][0]
+    held = _one_device_each(ctx, fake)
+    assert held["vm-c"] == [h.uuid]
+    with ctx.inventory.unit() as uow:
+        assert {(a.vm_name, a.tenant) for a in uow.allocations()} >= {("vm-c", "t1")}
+    ctx.close()
+
+
+def test_execute_places_the_request_even_without_moves_and_says_where(cli, boards):
+    # A10-12Q fits as things are (a 24 GB board holds two): no move, the request is placed all the same
+    doc = json.loads(ok(cli("--sim", boards, "rebalance", "--for", "A10-12Q", "--execute", "--yes",
+                            "--json")).stdout)
+    p = doc["placed"]
+    assert doc["moves"] == [] and p["vm"] is None and p["created"] is True and p["gpu"] == doc["unlocks"]["gpu"]
+    ctx = _ctx(boards)
+    with ctx.inventory.unit() as uow:
+        row = uow.instance(p["instance"])
+        assert row.allocation is None and row.state == "active" and row.type_name == "A10-12Q"
+    # the next attach gets exactly that free instance
+    ok(cli("--sim", boards, "attach", "vm-d", "--vgpu", "A10-12Q"))
+    with ctx.inventory.unit() as uow:
+        assert uow.instance(p["instance"]).allocation.vm_name == "vm-d"
+    # a hand-off the VMM cannot use (QEMU without the VM UUID for an NVIDIA vGPU) undoes the attach, as attach does
+    res = cli("--sim", boards, "rebalance", "--for", "A10-12Q", "--execute", "--yes", "--vm", "vm-f", "--format",
+              "qemu")
+    assert res.exit_code == 2 and "-uuid" in res.stderr
+    with ctx.inventory.unit() as uow:
+        assert "vm-f" not in {a.vm_name for a in uow.allocations()}
+    # with a VM: attached, and the text output says so (and prints the hand-off for --format)
+    res = ok(cli("--sim", boards, "rebalance", "--for", "A10-12Q", "--execute", "--yes", "--vm", "vm-e",
+                 "--tenant", "t2", "--format", "qemu", "--vm-uuid", "6f1b3a52-3c1e-4b8e-9a55-0c8f2d7a1e07"))
+    assert "placed: A10-12Q attached to VM vm-e" in res.stdout
+    assert "-uuid 6f1b3a52-3c1e-4b8e-9a55-0c8f2d7a1e07" in res.stdout and "vfio-pci" in res.stdout
+    with ctx.inventory.unit() as uow:
+        assert ("vm-e", "t2") in {(a.vm_name, a.tenant) for a in uow.allocations()}
+    ctx.close()
+
+
+def test_attach_with_moves_is_refused_before_moving_when_the_room_is_off_its_gpu_selector(boards):
+    from gpuvirt.errors import ConflictError
+    from gpuvirt.service import rebalance, rebalance_exec
+
+    ctx = _ctx(boards)
+    fake = FakeVirsh()
+    _domains(ctx, fake)
+    doc = rebalance.rebalance(ctx, "A10-24Q", allow="cold", runner=fake)
+    with ctx.inventory.unit() as uow:
+        other = next(g.nvml_index for g in uow.gpus(ctx.settings.host_id) if g.address != doc["unlocks"]["gpu"])
+    before = _placements(ctx)
+    with pytest.raises(ConflictError, match="leaves out; nothing was moved"):
+        rebalance_exec.attach_with_moves(ctx, "vm-c", allow="cold", runner=fake, vgpu="A10-24Q", gpu=str(other))
+    assert _placements(ctx) == before and not [c for c in fake.calls if c[2] in ("define", "shutdown")]
+    ctx.close()
+
+
+# --- data moved: guest RAM (from libvirt) + vGPU framebuffer ---------------------------------------------------------
+@pytest.mark.parametrize("small", ["vm-a", "vm-b"])
+def test_plan_moves_the_vm_with_less_guest_ram_when_move_counts_tie(boards, small):
+    from gpuvirt.service import rebalance
+
+    big = "vm-b" if small == "vm-a" else "vm-a"
+    ctx = _ctx(boards)
+    fake = FakeVirsh()
+    # units as libvirt writes them: 2 GiB in bytes, 8 GiB in GiB with a ballooned <currentMemory> of 6 GiB
+    _domains(ctx, fake, memory={small: "<memory unit='bytes'>2147483648</memory>",
+                                big: "<memory unit='GiB'>8</memory><currentMemory unit='MiB'>6144</currentMemory>"})
+    doc = rebalance.rebalance(ctx, "A10-24Q", allow="cold", runner=fake)
+    [m] = doc["moves"]
+    # either VM frees a board for the 24Q: the tie on moves is broken by data moved (RAM + 12 GiB framebuffer)
+    assert m["vm"] == small and m["data_mib"] == 2048 + 12288 == doc["data_mib"] and doc["ram_known"] is True
+    ctx.close()
+
+
+def test_without_libvirt_data_moved_is_the_framebuffer_and_says_ram_unknown(boards):
+    from gpuvirt.errors import HostError
+    from gpuvirt.service import rebalance
+
+    calls = []
+
+    def no_libvirtd(argv):
+        calls.append(argv)
+        raise HostError("virsh: failed to connect to the hypervisor")
+
+    ctx = _ctx(boards)
+    doc = rebalance.rebalance(ctx, "A10-24Q", allow="cold", runner=no_libvirtd)
+    [m] = doc["moves"]
+    assert doc["ram_known"] is False and m["data_mib"] == 12288 and m["target_xml"] is None
+    # one failed call for the guest RAM of every VM on the host (not one per VM), one for the target XML
+    assert len(calls) == 2
+    ctx.close()
+
+
+@pytest.mark.parametrize("xml,mib", [
+    ("<memory>4194304</memory>", 4096),                               # no unit: KiB
+    ("<memory unit='KiB'>1</memory>", 1),                              # rounded up
+    ("<memory unit='G'>3</memory>", 3072),
+    ("<memory unit='GB'>1</memory>", 954),                             # 10^9 bytes
+    ("<memory unit='MiB'>8192</memory><currentMemory unit='MiB'>4096</currentMemory>", 4096),
+    ("<memory unit='TiB'>9999999</memory>", None),                    # over the bound: unknown
+    ("<memory unit='furlong'>3</memory>", None),
+    ("<memory unit='KiB'>-5</memory>", None),
+    ("<memory unit='KiB'>1e9</memory>", None),
+    ("<memory unit='KiB'>1</memory><memory unit='KiB'>2</memory>", None),
+    ("", None),
+])
+def test_guest_memory_from_domain_xml(xml, mib):
+    from gpuvirt.vmm.libvirt import memory_mib
+
+    doc = f"<domain type='kvm'><name>v</name>{xml}<devices/></domain>"
+    assert memory_mib(doc) == mib
+
+
+def test_a_free_instance_on_a_board_whose_vgpus_sit_on_the_board_itself(cli, make_sim):
+    # a T4's vGPUs are mdevs of the board (parent pf), not of SR-IOV VFs: the free 16Q goes on the emptied board
+    from gpuvirt.service import rebalance, rebalance_exec
+
+    sim = make_sim(["t4:2"])
+    _attach(cli, sim.root, "vm-a", "T4-8Q", "0")
+    _attach(cli, sim.root, "vm-b", "T4-8Q", "1")
+    ctx = _ctx(sim.root)
+    fake = FakeVirsh()
+    _domains(ctx, fake)
+    doc = rebalance_exec.rebalance_and_execute(ctx, "T4-16Q", policy=rebalance.make_policy(allow="cold"),
+                                               runner=fake)
+    p = doc["placed"]
+    assert len(doc["moves"]) == 1 and p["created"] is True and p["gpu"] == doc["unlocks"]["gpu"]
+    with ctx.inventory.unit() as uow:
+        row = uow.instance(p["instance"])
+        assert row.type_name == "T4-16Q" and row.parent == p["gpu"] and row.allocation is None
+    _one_device_each(ctx, fake)
+    ctx.close()
+
+
+def test_a_vm_gets_the_gpu_instance_at_the_start_the_moves_unlocked(mig_boards):
+    from gpuvirt.errors import CapacityError
+    from gpuvirt.service import attach, rebalance, rebalance_exec
+
+    ctx = _ctx(mig_boards)
+    fake = FakeVirsh()
+    _domains(ctx, fake)
+    # attach's pin: a start where the profile cannot go is refused, nothing made
+    with ctx.inventory.unit() as uow:
+        a0 = next(g.address for g in uow.gpus(ctx.settings.host_id) if g.nvml_index == 0)
+    with pytest.raises(CapacityError, match="no legal placement"):
+        attach.attach(ctx, "vm-x", mig="3g.20gb", gpu=a0, start=1)
+    doc, [h] = rebalance_exec.execute_for(ctx, "7g.40gb", policy=rebalance.make_policy(allow="cold"), vm="vm-c",
+                                          runner=fake)
+    p, u = doc["placed"], doc["unlocks"]
+    # a profile for a VM is its MIG-backed vGPU type, planned and placed as such
+    assert doc["request"] == "A100-7-40C" and len(doc["moves"]) == 1
+    assert (p["gpu"], p["placement"]) == (u["gpu"], u["placement"]) and p["vm"] == "vm-c"
+    assert _placements(ctx)["vm-c"][1] == u["placement"]
+    _one_device_each(ctx, fake)
+    ctx.close()

@@ -184,6 +184,7 @@ class _Call:
     run: Any
     locks: contextlib.ExitStack
     consumer: str = CONSUMER_VM       # vm | container (service.containers)
+    start: int | None = None          # a new GPU instance goes exactly here (rebalance placing its request)
 
     def alloc(self, *, quota: bool = True) -> dict[str, Any]:
         """The allocation a step gives the VM; ``quota``: the device the tenant is charged for (checked and
@@ -202,7 +203,10 @@ class _Call:
 def attach(ctx: Context, vm: str, *, vgpu: str | None = None, mig: str | None = None, vf: bool = False,
            instance: int | None = None, mdev: str | None = None, tenant: str | None = None, count: int = 1,
            persistent: bool = True, vm_uuid: str | None = None, gpu: str | None = None, display: bool = False,
-           ramfb: bool = False, domain_xml: str | None = None, fmt: str | None = None) -> list[Any]:
+           ramfb: bool = False, domain_xml: str | None = None, fmt: str | None = None,
+           start: int | None = None) -> list[Any]:
+    """``start``: a GPU instance this attach creates goes at that start of the ``gpu`` (the place a
+    rebalance's moves made room at, whose GPU locks the caller holds) or nowhere."""
     if fmt == "cdi":
         # a container, not a VM: MIG devices and whole GPUs through CDI specs (service.containers)
         from gpuvirt.service import containers
@@ -249,7 +253,7 @@ def attach(ctx: Context, vm: str, *, vgpu: str | None = None, mig: str | None = 
         # whole if a later step fails (the Nth of --count, the hand-off, the domain file) or the process dies
         run = intent.Run.begin(ctx, "attach", gpus=(), recovery="back",
                                target={"vm": vm, "request": req.describe(), "count": count, "tenant": tenant})
-        call = _Call(ctx, vm, tenant, persistent, vm_uuid, run, locks)
+        call = _Call(ctx, vm, tenant, persistent, vm_uuid, run, locks, start=start)
         try:
             ids = [_attach_one(call, req, gpu_selector=gpu) for _ in range(count)]
             handoffs = []
@@ -433,7 +437,8 @@ def _run_create(call: _Call, step: dict[str, Any]) -> int:
 def _create_mig_for(call: _Call, profile: str, gpus: list[GpuView], policy: str, *, backing: bool = False) -> int:
     """A new GPU instance of ``profile`` for the call's VM (``backing``: under a MIG-backed vGPU, which carries
     the quota)."""
-    from gpuvirt.model.planner import GpuState, choose_placement
+    from gpuvirt.model.mig import free_starts
+    from gpuvirt.model.planner import Decision, GpuState, choose_placement
 
     ctx = call.ctx
     cands = []
@@ -462,6 +467,9 @@ def _create_mig_for(call: _Call, profile: str, gpus: list[GpuView], policy: str,
                 continue
             states.append(GpuState(g.address, g.model.mig, tuple(fg.layout())))
         d = choose_placement(states, pid, policy)
+        if call.start is not None:
+            ok = [s for s in states if call.start in free_starts(s.geometry, s.layout, s.geometry.profile(pid))]
+            d = Decision(ok[0].key, call.start, pid, 0.0) if ok else None
         if d is not None and (best is None or d.score < best[0].score):
             best = (d, pid)
     if best is None:

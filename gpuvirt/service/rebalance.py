@@ -85,6 +85,7 @@ class Scope:
     interface: dict[str, str | None] = field(default_factory=dict)      # gpu key -> mdev | vendor-vfio
     models: dict[str, GpuModel] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)                # unit key -> "vm (type)"
+    ram: dict[str, int] = field(default_factory=dict)                   # unit key -> guest RAM, MiB (libvirt)
 
 
 def gpu_key(host: str, address: str) -> str:
@@ -325,13 +326,16 @@ def plan_document(scope: Scope, name: str, policy: MovePolicy, *, runner: Runner
         return {"request": name, "feasible": True, "moves": [], "minimal": True, "complete": True, "data_mib": 0,
                 "reason": f"{name} is free already (instance {info.instance} on {info.host}/{info.gpu}); no move "
                           "needed", "unlocks": {"host": info.host, "gpu": info.gpu,
-                                                "placement": free.placed.start if free.placed else None},
-                "waves": [], "scope": {"cluster": cluster, "hosts": sorted(h.key for h in scope.cluster.hosts)},
+                                                "placement": free.placed.start if free.placed else None,
+                                                "instance": info.instance},
+                "ram_known": None, "waves": [], "scope": {"cluster": cluster, "hosts": sorted(h.key for h in scope.cluster.hosts)},
                 "policy": {"max_moves": policy.max_moves, "allow": sorted(policy.allow)}, "gpus": []}
+    xml_cache: dict[tuple[str, str], Any] = {}
+    ram_known = guest_ram(scope, runner, xml_cache)
     plan, req = best_plan(scope, name, policy, hosts=hosts)
     doc: dict[str, Any] = {
         "request": name, "feasible": plan.feasible, "reason": plan.reason, "moves": [], "unlocks": None,
-        "minimal": plan.minimal, "complete": plan.complete, "data_mib": plan.data_mib,
+        "minimal": plan.minimal, "complete": plan.complete, "data_mib": plan.data_mib, "ram_known": ram_known,
         "waves": [list(w) for w in plan.waves],
         "scope": {"cluster": cluster, "hosts": sorted(h.key for h in scope.cluster.hosts)},
         "policy": {"max_moves": policy.max_moves, "allow": sorted(policy.allow)},
@@ -355,7 +359,6 @@ def plan_document(scope: Scope, name: str, policy: MovePolicy, *, runner: Runner
     if plan.target is not None:
         h, a = scope.gpus[plan.target.gpu]
         doc["unlocks"] = {"host": h, "gpu": a, "placement": plan.target.start}
-    xml_cache: dict[tuple[str, str], Any] = {}
     for mv in plan.moves:
         info = scope.units[mv.unit]
         sh, sa = scope.gpus[mv.src.gpu]
@@ -378,6 +381,51 @@ def plan_document(scope: Scope, name: str, policy: MovePolicy, *, runner: Runner
         doc["moves"].append(entry)
     doc["gpus"] = pictures(scope, plan, req)
     return doc
+
+
+def guest_ram(scope: Scope, runner: Runner | None, cache: dict) -> bool:
+    """Give every movable VM's unit its guest RAM (``<currentMemory>`` / ``<memory>`` of ``virsh dumpxml``),
+    so that the planner's "least data moved" and ``data_mib`` count guest RAM + vGPU framebuffer; the
+    inventory does not know guest RAM.  Returns whether it was read for every one of them; a VM whose XML
+    cannot be read counts its framebuffer only.  A connection whose first call fails is not asked again
+    (no libvirtd, an unreachable host): one failed call per host, not one per VM."""
+    from gpuvirt.vmm.libvirt import memory_mib
+
+    known, answered, dead = True, set(), set()
+    for u in scope.cluster.units:
+        if u.vm is None or not u.movable:
+            continue
+        info = scope.units[u.key]
+        uri = libvirt_uri(info.host, scope.local)
+        mib = None
+        if uri not in dead:
+            try:
+                key = (info.host, u.vm)
+                if key not in cache:
+                    cache[key] = domain_xml(runner, uri, u.vm)
+                answered.add(uri)
+                mib = memory_mib(cache[key])
+            except GpuvirtError:
+                if uri not in answered:
+                    dead.add(uri)
+        if mib is None:
+            known = False
+        else:
+            scope.ram[u.key] = mib
+    with_ram(scope, scope)
+    return known
+
+
+def with_ram(scope: Scope, facts: Scope) -> Scope:
+    """``scope`` with the guest RAM ``facts`` read (by unit key: inventory ids), e.g. a scope loaded again
+    under the executor's locks, whose plan must be the one made with those facts."""
+    from dataclasses import replace
+
+    if facts.ram:
+        scope.ram = dict(facts.ram)
+        units = tuple(replace(u, ram_mib=facts.ram[u.key]) if u.key in facts.ram else u for u in scope.cluster.units)
+        scope.cluster = replace(scope.cluster, units=units)
+    return scope
 
 
 def _target_xml(scope: Scope, info: UnitInfo, uuid: str | None, runner: Runner | None,
@@ -481,4 +529,4 @@ def _gi_of(g: Gpu, req: Request) -> int | None:
 
 
 __all__ = ["rebalance", "plan_document", "load_scope", "build_scope", "make_policy", "parse_allow", "requests_for",
-           "best_plan", "libvirt_uri", "domain_xml", "Scope", "UnitInfo", "DEFAULT_MAX_MOVES", "_host_stack"]
+           "best_plan", "libvirt_uri", "domain_xml", "guest_ram", "with_ram", "Scope", "UnitInfo", "DEFAULT_MAX_MOVES", "_host_stack"]

@@ -16,6 +16,10 @@ one device in its XML at every point, and the inventory agrees with the hosts on
 next command on those GPUs) settled what a kill left.  Moves run one after another: every plan is valid in
 that order, and a failure stops the rest with the moves before it complete.
 
+After the moves, still under the GPU locks, the request is placed where the plan made room
+(:mod:`gpuvirt.service.rebalance_place`: attached to a VM as ``attach`` would, or made as a free instance);
+that is an intent of its own, so a failure there leaves the moves done.
+
 Steps on another host of a shared inventory run through that host's :class:`~gpuvirt.context.Context`
 (``peers``); a plan that needs a host this process cannot reach is refused before anything changes.
 """
@@ -37,6 +41,7 @@ from gpuvirt.service.rebalance import (
     best_plan,
     libvirt_uri,
     load_scope,
+    with_ram,
     plan_document,
     source_device,
 )
@@ -67,19 +72,55 @@ def recover(ctx: Context, *, peers: Mapping[str, Context] | None = None, runner:
 
 def rebalance_and_execute(ctx: Context, name: str, *, cluster: bool = False, policy: MovePolicy,
                           runner: Runner | None = None, peers: Mapping[str, Context] | None = None,
-                          hosts: frozenset[str] | None = None) -> dict[str, Any]:
-    """Plan for ``name`` and carry the plan out; returns the plan document with each move's ``result``."""
+                          hosts: frozenset[str] | None = None, place: bool = True, vm: str | None = None,
+                          attach_kw: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Plan for ``name``, carry the plan out, then place the request where it made room (``place``): at
+    the VM ``vm`` as ``attach`` would (with ``attach_kw``), else as a free instance.  Returns the plan
+    document with each move's ``result`` and ``placed`` (docs/placement.md)."""
+    return _plan_and_execute(ctx, name, cluster=cluster, policy=policy, runner=runner, peers=peers, hosts=hosts,
+                             place=place, vm=vm, attach_kw=attach_kw)[0]
+
+
+def execute_for(ctx: Context, name: str, *, policy: MovePolicy, cluster: bool = False, vm: str | None = None,
+                tenant: str | None = None, vm_uuid: str | None = None, fmt: str | None = None,
+                runner: Runner | None = None,
+                peers: Mapping[str, Context] | None = None) -> tuple[dict[str, Any], list | None]:
+    """``gpuvirt rebalance --execute [--vm VM [--tenant T]]``: the plan document and, for a VM, the attach's
+    hand-offs.  With a VM the request is placed as ``attach VM --vgpu/--mig NAME --tenant T`` would place it
+    (a GPU-instance profile as the MIG-backed vGPU on it, so room is planned for that vGPU type); ``fmt`` is
+    rendered inside the attach, so a hand-off the VMM could not use undoes the attach (the moves stay)."""
+    from gpuvirt.service.attach import check_tenant, check_vm_name
+    from gpuvirt.service.rebalance_place import for_vm
+
+    kw = None
+    if vm is not None:
+        vm, tenant = check_vm_name(vm), check_tenant(tenant)
+        name, kw = for_vm(ctx, name, {"tenant": tenant, "vm_uuid": vm_uuid, "fmt": fmt})
+    elif tenant is not None or vm_uuid is not None or fmt is not None:
+        from gpuvirt.errors import UsageError
+
+        raise UsageError("--tenant, --vm-uuid and --format go with --vm")
+    return _plan_and_execute(ctx, name, cluster=cluster, policy=policy, runner=runner, peers=peers, hosts=None,
+                             place=True, vm=vm, attach_kw=kw)
+
+
+def _plan_and_execute(ctx: Context, name: str, *, cluster: bool, policy: MovePolicy, runner: Runner | None,
+                      peers: Mapping[str, Context] | None, hosts: frozenset[str] | None, place: bool,
+                      vm: str | None, attach_kw: dict[str, Any] | None) -> tuple[dict[str, Any], list | None]:
     scope = load_scope(ctx, cluster=cluster)
+    handoffs = None
     with reach(ctx, peers, runner):
         doc = plan_document(scope, name, policy, runner=runner, hosts=hosts, cluster=cluster)
-        if doc["feasible"] and doc["moves"]:
-            execute(ctx, scope, doc, name, policy, peers=peers, hosts=hosts, cluster=cluster)
-    return doc
+        if doc["feasible"] and (doc["moves"] or place):
+            handoffs = execute(ctx, scope, doc, name, policy, peers=peers, hosts=hosts, cluster=cluster,
+                               place=place, vm=vm, attach_kw=attach_kw)
+    return doc, handoffs
 
 
 def _contexts(ctx: Context, peers: Mapping[str, Context] | None, doc: dict[str, Any]) -> dict[str, Context]:
     out = {ctx.settings.host_id: ctx, **{h: c for h, c in (peers or {}).items()}}
-    need = sorted({m[s]["host"] for m in doc["moves"] for s in ("from", "to")} - set(out))
+    need = sorted(({m[s]["host"] for m in doc["moves"] for s in ("from", "to")}
+                   | ({doc["unlocks"]["host"]} if doc.get("unlocks") else set())) - set(out))
     if need:
         raise ConflictError(f"the plan moves devices on {', '.join(need)}, which this process cannot change; run the "
                             "rebalance there, or plan without --cluster")
@@ -88,26 +129,39 @@ def _contexts(ctx: Context, peers: Mapping[str, Context] | None, doc: dict[str, 
 
 def execute(ctx: Context, scope: Scope, doc: dict[str, Any], name: str, policy: MovePolicy, *,
             peers: Mapping[str, Context] | None = None, hosts: frozenset[str] | None = None,
-            cluster: bool = False) -> None:
+            cluster: bool = False, place: bool = False, vm: str | None = None,
+            attach_kw: dict[str, Any] | None = None) -> list[Any] | None:
     """Carry out the moves of ``doc`` (a feasible plan document of ``scope``) in order; each move's entry
     gets ``result: "done"``.  Raises at the first move that fails (rolled back) with the moves before it
-    done."""
+    done.  With ``place`` the request is then placed at ``doc["unlocks"]`` (:mod:`rebalance_place`) under
+    the same GPU locks, and ``doc["placed"]`` says where; returns the attach's hand-offs for a ``vm``."""
     from gpuvirt.service.instances import gpu_lock
+    from gpuvirt.service.rebalance_place import check_gpu, place as place_request
 
     contexts = _contexts(ctx, peers, doc)
-    touched = sorted({(m[s]["host"], m[s]["gpu"]) for m in doc["moves"] for s in ("from", "to")})
+    touched = {(m[s]["host"], m[s]["gpu"]) for m in doc["moves"] for s in ("from", "to")}
+    u = doc.get("unlocks")
+    if place and u is not None:
+        touched.add((u["host"], u["gpu"]))
+    touched_l = sorted(touched)
     with contextlib.ExitStack() as locks:
-        for h, a in touched:
+        for h, a in touched_l:
             locks.enter_context(gpu_lock(contexts[h], a))
-        for h in sorted({h for h, _ in touched}):
-            intent.require_settled(contexts[h], {a for hh, a in touched if hh == h})
-        # the plan was made before the locks were taken: it still holds only if a fresh plan is the same
-        again, _ = best_plan(load_scope(ctx, cluster=cluster), name, policy, hosts=hosts)
-        same = [(m.unit, m.dst.gpu, m.dst.start) for m in again.moves] == \
-            [(m["unit"], scope_key(m["to"]), m["to"]["placement"]) for m in doc["moves"]]
-        if not same:
-            raise ConflictError("the GPUs changed while the plan was made (another attach, detach or apply); "
-                                "run the rebalance again")
+        for h in sorted({h for h, _ in touched_l}):
+            intent.require_settled(contexts[h], {a for hh, a in touched_l if hh == h})
+        if u is None or u.get("instance") is None:
+            # the plan was made before the locks were taken: it still holds only if a fresh plan is the same
+            again, _ = best_plan(with_ram(load_scope(ctx, cluster=cluster), scope), name, policy, hosts=hosts)
+            same = [(m.unit, m.dst.gpu, m.dst.start) for m in again.moves] == \
+                [(m["unit"], scope_key(m["to"]), m["to"]["placement"]) for m in doc["moves"]]
+            if u is not None:
+                same = same and again.target is not None and again.target.gpu == scope_key(u) \
+                    and again.target.start == u["placement"]
+            if not same:
+                raise ConflictError("the GPUs changed while the plan was made (another attach, detach or apply); "
+                                    "run the rebalance again")
+        if place and vm is not None:
+            check_gpu(contexts, doc, attach_kw)
         for n, m in enumerate(doc["moves"]):
             try:
                 _move(ctx, contexts, scope.units[m["unit"]], m, name)
@@ -116,6 +170,14 @@ def execute(ctx: Context, scope: Scope, doc: dict[str, Any], name: str, policy: 
                 raise type(exc)(f"move {n + 1} of {len(doc['moves'])} ({m['kind']} move of VM {m['vm']}) failed and "
                                 f"was undone: {exc}{done}") from exc
             m["result"] = "done"
+        if not place or u is None:
+            return None
+        try:
+            doc["placed"], handoffs = place_request(contexts, doc, vm=vm, attach_kw=attach_kw)
+        except GpuvirtError as exc:
+            done = f"the {len(doc['moves'])} move(s) are done; " if doc["moves"] else ""
+            raise type(exc)(f"{done}placing {name} on {u['host']}/{u['gpu']} failed and was undone: {exc}") from exc
+        return handoffs
 
 
 def scope_key(slot: dict[str, Any]) -> str:
@@ -164,7 +226,17 @@ def _move(ctx: Context, contexts: Mapping[str, Context], info: UnitInfo, m: dict
         gi = uow.instance(info.backing) if info.backing is not None else None
         gi_fields = row_fields(gi) if gi is not None else None
     uuid = m["to"].get("uuid") if vg_fields["kind"] == MDEV else None
-    vg_fields.update(mdev_uuid=uuid, parent=None)
+    parent = None
+    if vg_fields["kind"] == MDEV:
+        # a board whose vGPUs are mdevs of the board itself (T4) has no VF to take at creation: name the parent
+        from gpuvirt.model.vgpu import parse_type_id
+        from gpuvirt.service import hostview
+        from gpuvirt.service.rebalance_place import board_parent
+
+        view_b = hostview.snapshot(dst_ctx).by_address(b)
+        tid = parse_type_id(vg_fields["type_id"])
+        parent = board_parent(view_b, tid) if view_b is not None and tid is not None else None
+    vg_fields.update(mdev_uuid=uuid, parent=parent)
     steps: list[dict[str, Any]] = []
     backing = None
     if gi_fields is not None:
@@ -176,7 +248,7 @@ def _move(ctx: Context, contexts: Mapping[str, Context], info: UnitInfo, m: dict
             fields=gi_fields, alloc=dict(alloc, tenant=None), label=f"GPU instance for VM {vm} (rebalance)"),
             dst_host))
     if vg_fields["kind"] == MDEV:
-        create = intent.mdev_step(b, gid_b, None, vg_fields["type_id"], uuid, present=True, fields=vg_fields,
+        create = intent.mdev_step(b, gid_b, parent, vg_fields["type_id"], uuid, present=True, fields=vg_fields,
                                   alloc=alloc, backing=backing, label=f"vGPU {vg_fields.get('type_name')} {uuid} for "
                                   f"VM {vm} (rebalance)")
     else:
@@ -222,6 +294,7 @@ def attach_with_moves(ctx: Context, vm: str, *, allow: str, runner: Runner | Non
     from gpuvirt.errors import CapacityError, UsageError
     from gpuvirt.service import attach as svc
     from gpuvirt.service.rebalance import make_policy
+    from gpuvirt.service.rebalance_place import for_vm
 
     other = [o for o, v in (("--vf", kw.get("vf") or None), ("--instance", kw.get("instance")),
                             ("--mdev", kw.get("mdev")), ("--format cdi", kw.get("fmt") == "cdi" or None)) if v]
@@ -235,14 +308,14 @@ def attach_with_moves(ctx: Context, vm: str, *, allow: str, runner: Runner | Non
         return svc.attach(ctx, vm, **kw)
     except CapacityError as exc:
         refused = exc
-    # a VM gets a GPU instance as the MIG-backed vGPU on it: room is planned for that vGPU type
-    name = kw.get("vgpu") or svc._mig_backed_type_for(ctx, kw["mig"], kw.get("gpu"))
-    doc = rebalance_and_execute(ctx, name, policy=policy, runner=runner, peers=peers,
-                                hosts=frozenset({ctx.settings.host_id}))
+    # moved and placed as ``rebalance --execute --vm`` does: the attach runs under the locks the moves took
+    name, kw = for_vm(ctx, "", kw)
+    doc, handoffs = _plan_and_execute(ctx, name, cluster=False, policy=policy, runner=runner, peers=peers,
+                                      hosts=frozenset({ctx.settings.host_id}), place=True, vm=vm, attach_kw=kw)
     if not doc["feasible"]:
         raise CapacityError(f"{refused}; moving VMs does not help: {doc['reason']}")
-    return svc.attach(ctx, vm, **kw)
+    return handoffs
 
 
-__all__ = ["rebalance_and_execute", "execute", "recover", "reach", "attach_with_moves"]
+__all__ = ["rebalance_and_execute", "execute_for", "execute", "recover", "reach", "attach_with_moves"]
 

@@ -223,6 +223,7 @@ class Domain:
     name: str
     uuid: str | None  # None when the XML carries no <uuid> (libvirt then generates one at define)
     hostdevs: list[Hostdev] = field(default_factory=list)
+    memory_mib: int | None = None  # guest RAM (see memory_mib()); None when absent or not understood
 
 
 class _Refused(Exception):
@@ -413,7 +414,42 @@ def _domain_from(root: _Node) -> Domain:
                 h = _hostdev_from(child)
                 if h is not None:
                     hostdevs.append(h)
-    return Domain(name=name, uuid=uuid, hostdevs=hostdevs)
+    return Domain(name=name, uuid=uuid, hostdevs=hostdevs, memory_mib=_memory_mib(root))
+
+
+# libvirt's scaled-integer units (formatdomain.html, "Memory Allocation"): no unit means KiB
+_MEM_UNITS = {"b": 1, "bytes": 1, "kb": 10**3, "k": 2**10, "kib": 2**10, "mb": 10**6, "m": 2**20, "mib": 2**20,
+              "gb": 10**9, "g": 2**30, "gib": 2**30, "tb": 10**12, "t": 2**40, "tib": 2**40,
+              "pb": 10**15, "p": 2**50, "pib": 2**50, "eb": 10**18, "e": 2**60, "eib": 2**60}
+MAX_GUEST_MEMORY_MIB = 2**32  # 4 PiB: far above any host; a larger figure is a broken document, not a guest
+
+
+def _memory_mib(root: _Node) -> int | None:
+    """The guest's RAM in MiB (rounded up): ``<currentMemory>`` (what the balloon leaves the guest, which is
+    what a migration copies) where present, else ``<memory>``.  None when neither is there or either is not
+    a plain decimal number with a unit libvirt knows: an unknown size, never a refused domain (the hook
+    parses the same documents)."""
+    sizes = {}
+    for tag in ("memory", "currentMemory"):
+        nodes = [c for c in root.children if c.tag == tag]
+        if len(nodes) != 1:
+            continue
+        text = "".join(nodes[0].text).strip()
+        unit = _MEM_UNITS.get(nodes[0].attrs.get("unit", "KiB").strip().lower())
+        if unit is None or not text.isascii() or not text.isdigit() or len(text) > 24:
+            return None
+        mib = -(-int(text) * unit // 2**20)
+        if mib > MAX_GUEST_MEMORY_MIB:
+            return None
+        sizes[tag] = mib
+    if not sizes:
+        return None
+    return min(sizes.values())
+
+
+def memory_mib(xml_text: str | bytes) -> int | None:
+    """Guest RAM in MiB of a domain XML document (``virsh dumpxml``); None when it does not say."""
+    return parse_domain(xml_text).memory_mib
 
 
 def parse_domain(xml_text: str | bytes, *, max_bytes: int = MAX_DOMAIN_XML_BYTES) -> Domain:
