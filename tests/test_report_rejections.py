@@ -192,6 +192,19 @@ def test_attach_refusal_names_the_move_and_changes_nothing(cli, boards):
     assert json.loads(ok(cli("--sim", boards, "status", "--json")).stdout)["gpus"] == before["gpus"]
 
 
+def test_attach_refusal_with_gpu_plans_for_that_gpu(cli, make_sim):
+    # board 0 holds a 24Q: room there takes two moves (a 12Q joins the other, then the 24Q moves), anywhere one
+    sim = make_sim(["a10:3"])
+    _attach(cli, sim.root, "vm-a", "A10-24Q", "0")
+    _attach(cli, sim.root, "vm-b", "A10-12Q", "1")
+    _attach(cli, sim.root, "vm-c", "A10-12Q", "2")
+    res = cli("--sim", sim.root, "attach", "vm-d", "--vgpu", "A10-24Q", "--gpu", "0")
+    assert res.exit_code == 4 and ("avoidable by 2 cold moves (gpuvirt attach vm-d --vgpu A10-24Q --gpu 0 "
+                                   "--allow-moves cold") in res.stderr, res
+    res = cli("--sim", sim.root, "attach", "vm-d", "--vgpu", "A10-24Q")
+    assert res.exit_code == 4 and "avoidable by 1 cold move (" in res.stderr, res
+
+
 def test_attach_refusal_says_real_shortage(cli, make_sim):
     sim = make_sim(["a10:1"])
     _attach(cli, sim.root, "vm-a", "A10-24Q", "0")

@@ -304,7 +304,7 @@ def explain_refusal(ctx: Context, vm: str, *, vgpu: str | None = None, mig: str 
     n = len(plan.moves)
     what = " ".join(f"{kinds[k]} {k}" for k in ("live", "cold") if kinds.get(k))
     where = f" within GPU {plan.target.gpu.split('/', 1)[-1]}" if rej.category == "stranded" and plan.target else ""
-    flag = f"--vgpu {vgpu}" if vgpu else f"--mig {mig}"
+    flag = (f"--vgpu {vgpu}" if vgpu else f"--mig {mig}") + (f" --gpu {gpu}" if gpu else "")
     return (f"avoidable by {what} move{'s' if n != 1 else ''}{where} (gpuvirt attach {vm} {flag} --allow-moves "
             f"{allow}, or gpuvirt rebalance --for {name}" + ("" if allow == "live" else f" --allow {allow}") + ")")
 
