@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 # report --fit: planner analyses per name and per report (a shortage or a "stop" answers for every further
 # refusal of the name at no cost, see analyse_fit); the rest are counted as not analysed
 MAX_ANALYSED_PER_NAME = 8
-MAX_ANALYSED_TOTAL = 64
+MAX_ANALYSED_TOTAL = 32
 # attach: the search budget of the explanation (nodes per plan_moves call; the default 1,500 is a full plan)
 ATTACH_NODE_LIMIT = 300
 # the least invasive fix first: which answer counts when a name means requests on several GPU models
