@@ -223,6 +223,35 @@ def render_fit(fit: dict[str, Any], out: Any) -> None:
         out.print(line, markup=False, highlight=False)
         if r["missing"]:
             out.print(f"    missing {r['missing']}: {r['reason']}", markup=False, highlight=False)
+        if r.get("rejections"):
+            out.print(f"    {fit_line(r['rejections'])}", markup=False, highlight=False)
+
+
+def fit_line(rej: dict[str, Any]) -> str:
+    """One line per refused name of ``report --fit`` from its ``rejections`` (service.refusals.analyse_fit):
+    ``3 refused: 1 shortage, 2 avoidable (1 by live moves, 1 needing a cold move), ... - see gpuvirt rebalance ...``"""
+    total = rej["analysed"] + rej["not_analysed"]
+    parts = []
+    if rej["shortage"]["count"]:
+        parts.append(f"{rej['shortage']['count']} shortage")
+    av = rej["avoidable"]["count"]
+    if av:
+        how = {"stranded": "by moves within one GPU", "live": "by live moves", "cold": "needing a cold move",
+               "stop": "only by stopping something"}
+        bits = [f"{rej[c]['count']} {how[c]}" for c in ("stranded", "live", "cold", "stop") if rej[c]["count"]]
+        share = rej["avoidable"]["share_of_capacity"]
+        parts.append(f"{av} avoidable ({', '.join(bits)})"
+                     + (f", {100 * share:.1f}% of capacity" if share is not None else ""))
+    if rej["fits"]["count"]:
+        parts.append(f"{rej['fits']['count']} placeable by the planner without moves")
+    if rej["not_analysed"]:
+        parts.append(f"{rej['not_analysed']} not analysed")
+    line = f"{total} refused: " + ", ".join(parts)
+    if av and rej.get("rebalance"):
+        line += f" - see {rej['rebalance']}"
+    return line
+
+
 
 
 # --- tenants ----------------------------------------------------------------------------------------------------------

@@ -65,6 +65,9 @@ def attach(ctx: typer.Context,
         from gpuvirt.service.rebalance_exec import attach_with_moves
 
         svc = partial(attach_with_moves, allow=allow_moves)
+    else:
+        # a refusal for lack of room says whether moves would have made it (docs/operator-guide.md)
+        from gpuvirt.service.refusals import attach_explained as svc
     handoffs = svc(state(ctx).context(), vm, vgpu=vgpu, mig=mig, vf=vf, instance=instance, mdev=mdev,
                    tenant=tenant, count=count, persistent=persistent, vm_uuid=vm_uuid, gpu=gpu,
                    display=display or ramfb, ramfb=ramfb, domain_xml=domain_xml, fmt=fmt)

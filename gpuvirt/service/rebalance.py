@@ -106,6 +106,14 @@ def load_scope(ctx: Context, *, cluster: bool = False) -> Scope:
         others = [h for h in _from_inventory(ctx, None, now, quiet)[0] if h.id != local
                   and h.last_seen_at is not None and (now - h.last_seen_at).total_seconds() <= stale_after]
         hosts = hosts + others
+    return scope_for_hosts(ctx, hosts)
+
+
+def scope_for_hosts(ctx: Context, hosts: list[Any]) -> Scope:
+    """The planner's scope over ``hosts`` (report facts, :class:`gpuvirt.service.report.HostFacts`), with each
+    host's recorded stack, the GPUs' modes and which devices are transient from the inventory.  ``report
+    --fit`` builds it from the very facts its fit simulation used."""
+    local = ctx.settings.host_id
     with ctx.inventory.unit() as uow:
         stacks = {h.id: _host_stack(uow, h.id) for h in hosts}
         modes = {gpu_key(h.id, g.address): g.mode for h in hosts for g in uow.gpus(h.id)}
@@ -529,4 +537,5 @@ def _gi_of(g: Gpu, req: Request) -> int | None:
 
 
 __all__ = ["rebalance", "plan_document", "load_scope", "build_scope", "make_policy", "parse_allow", "requests_for",
-           "best_plan", "libvirt_uri", "domain_xml", "guest_ram", "with_ram", "Scope", "UnitInfo", "DEFAULT_MAX_MOVES", "_host_stack"]
+           "best_plan", "libvirt_uri", "domain_xml", "guest_ram", "with_ram", "Scope", "scope_for_hosts", "UnitInfo",
+           "DEFAULT_MAX_MOVES", "_host_stack"]

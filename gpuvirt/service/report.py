@@ -116,11 +116,18 @@ def report(ctx: Context, *, by: str = "gpu", cluster: bool = False, host: str | 
         else:
             source = "live"
             hosts, tenants, usage, vm_devices = _from_live(ctx, now, quiet)
-        return build_document(hosts, tenants, usage, now=now, stale_after=stale_after, source=source, by=by,
-                              vm_devices=vm_devices,
-                              cluster=cluster, host_filter=host, requests=requests,
-                              mig_policy=str(ctx.settings.policies.get("mig_placement", "frag-aware")),
-                              vgpu_policy=str(ctx.settings.policies.get("vgpu_placement", "consolidate")))
+        doc = build_document(hosts, tenants, usage, now=now, stale_after=stale_after, source=source, by=by,
+                             vm_devices=vm_devices,
+                             cluster=cluster, host_filter=host, requests=requests,
+                             mig_policy=str(ctx.settings.policies.get("mig_placement", "frag-aware")),
+                             vgpu_policy=str(ctx.settings.policies.get("vgpu_placement", "consolidate")))
+        if doc["fit"] is not None and not doc["fit"]["fits"]:
+            # why the refused ones were refused; the planner is imported only here (a plain report never is)
+            from gpuvirt.service.refusals import analyse_fit
+
+            counted = {h["host"] for h in doc["hosts"] if not h["stale"]}
+            analyse_fit(ctx, doc["fit"], [h for h in hosts if h.id in counted], cluster=source == "inventory")
+        return doc
 
 
 @contextlib.contextmanager

@@ -215,7 +215,8 @@ def fit_requests(items: list[tuple[Any, dict[str, Any], GpuFacts]], requests: li
         if missing:
             reason = _missing_reason(gpus, name, kind, offered, missing)
         results[k] = {"request": name, "kind": kind, "count": count, "placed": placed, "missing": missing,
-                      "placements": sorted(where.values(), key=lambda w: (w["host"], w["gpu"])), "reason": reason}
+                      "placements": sorted(where.values(), key=lambda w: (w["host"], w["gpu"])), "reason": reason,
+                      "rejections": None}   # filled in by service.refusals.analyse_fit when refused
     reqs = [results[k] for k in range(len(requests))]
     return {"fits": all(r["missing"] == 0 for r in reqs), "requests": reqs,
             "policies": {"mig": mig_policy, "vgpu": vgpu_policy}}

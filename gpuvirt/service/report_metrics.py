@@ -58,6 +58,8 @@ def to_prometheus(doc: dict[str, Any]) -> bytes:
              ["tenant"])
     fit_req = g("gpuvirt_fit_requested", "Instances asked for with --fit", ["request"])
     fit_placed = g("gpuvirt_fit_placeable", "Of those, how many could be placed now", ["request"])
+    fit_refused = g("gpuvirt_fit_refused", "Of those refused, how many by why (shortage, stranded, live, cold, stop, "
+                    "fits, not_analysed; the categories add up to the refused count)", ["request", "category"])
     generated = g("gpuvirt_report_generated_timestamp_seconds", "When the report was made (Unix time)", [])
 
     for h in doc["hosts"]:
@@ -103,6 +105,11 @@ def to_prometheus(doc: dict[str, Any]) -> bytes:
         for r in doc["fit"]["requests"]:
             fit_req.labels(r["request"]).set(r["count"])
             fit_placed.labels(r["request"]).set(r["placed"])
+            rej = r.get("rejections")
+            if rej:
+                for c in ("shortage", "stranded", "live", "cold", "stop", "fits"):
+                    fit_refused.labels(r["request"], c).set(rej[c]["count"])
+                fit_refused.labels(r["request"], "not_analysed").set(rej["not_analysed"])
     _health_series(g, doc)
     _vm_device_series(g, doc)
     generated.set(_ts(doc["generated_at"]))
