@@ -210,7 +210,7 @@ def test_the_fast_path_imports_no_sqlalchemy(cli, make_sim):
     # (the simulator itself loads the GPU catalog, and YAML when its cache is cold: a real host does neither)
     heavy = {"sqlalchemy", "sqlalchemy.orm", "typer", "pynvml", "alembic", "gpuvirt.inventory.models",
              "gpuvirt.inventory.store", "gpuvirt.inventory.repo", "gpuvirt.service.hook", "gpuvirt.service.hostview",
-             "gpuvirt.service.reconcile", "gpuvirt.service.attach", "gpuvirt.host.nvml"}
+             "gpuvirt.service.reconcile", "gpuvirt.service.attach", "gpuvirt.service.detach", "gpuvirt.host.nvml"}
     for before, argv in ((None, ("vm1", "prepare", "begin", "-")), (_reboot, ("vm1", "prepare", "begin", "-")),
                          (None, ("vm1", "release", "end", "destroyed"))):
         if before:

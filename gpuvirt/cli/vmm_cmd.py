@@ -86,7 +86,7 @@ def detach(ctx: typer.Context,
                                                     help="Remove the hostdev from this domain XML file in place."),
            json_out: bool = typer.Option(False, "--json")) -> None:
     """Free a VM's allocations; transient ones are destroyed."""
-    from gpuvirt.service.attach import detach as svc
+    from gpuvirt.service.detach import detach as svc
 
     out = svc(state(ctx).context(), vm, instance=instance, force=force, domain_xml=domain_xml)
     if json_out:

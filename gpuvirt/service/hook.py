@@ -140,7 +140,7 @@ def _present(ctx: Context, view: Any, inst_id: int) -> bool:
 
 def release(ctx: Context, domain: str, dom: Any | None) -> list[str]:
     """Free transient allocations of the domain (idempotent; safe after a failed or missing prepare)."""
-    from gpuvirt.service.attach import release_instances
+    from gpuvirt.service.detach import release_instances
 
     host_id = ctx.settings.host_id
     notes = []

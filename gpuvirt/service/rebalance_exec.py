@@ -210,7 +210,7 @@ def _check_live(src_ctx: Context, dst_ctx: Context, src_gpu: str, dst_index: int
 
 
 def _move(ctx: Context, contexts: Mapping[str, Context], info: UnitInfo, m: dict[str, Any], name: str) -> None:
-    from gpuvirt.service.attach import _release_plan
+    from gpuvirt.service.detach import _release_plan
     from gpuvirt.service.instances import row_fields
 
     src_host, dst_host = m["from"]["host"], m["to"]["host"]
