@@ -33,9 +33,6 @@ from gpuvirt.errors import (
 from gpuvirt.sim.control import set_client, set_open
 from gpuvirt.sim.kernel import SimKernel
 
-
-
-
 from sim_kernel_support import _reset_pynvml  # noqa: F401  (an autouse fixture: it acts by being imported)
 from sim_kernel_support import (
     U,

@@ -26,9 +26,6 @@ from gpuvirt.sim.control import add_fault, open_sim, reboot, set_client
 from gpuvirt.sim.kernel import SimKernel
 from gpuvirt.sim.state import SimHost
 
-
-
-
 from sim_kernel_support import _reset_pynvml  # noqa: F401  (an autouse fixture: it acts by being imported)
 from sim_kernel_support import (
     U,
