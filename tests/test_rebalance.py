@@ -519,3 +519,22 @@ def test_a_vm_gets_the_gpu_instance_at_the_start_the_moves_unlocked(mig_boards):
     assert _placements(ctx)["vm-c"][1] == u["placement"]
     _one_device_each(ctx, fake)
     ctx.close()
+
+
+def test_execute_for_a_vm_libvirt_does_not_know_is_undone_completely_and_leaves_no_intent(boards):
+    # the VMs were attached but never defined in libvirt (or libvirt is down): the handover step fails in its
+    # resolve, before it touched libvirt; undoing it must be a no-op, not 'names neither device' forever
+    from gpuvirt.errors import NotFoundError
+    from gpuvirt.service import intent, rebalance, rebalance_exec
+
+    ctx = _ctx(boards)
+    before = _placements(ctx)
+    mdevs = sorted(m["uuid"] for m in ctx.sim.load()["mdevs"])
+    with pytest.raises(NotFoundError) as exc:
+        rebalance_exec.rebalance_and_execute(ctx, "A10-24Q", policy=rebalance.make_policy(allow="cold"),
+                                             runner=FakeVirsh())
+    assert "not defined" in str(exc.value) and "did not finish" not in str(exc.value)
+    assert not intent.open_intents(ctx)
+    assert _placements(ctx) == before
+    assert sorted(m["uuid"] for m in ctx.sim.load()["mdevs"]) == mdevs
+    ctx.close()

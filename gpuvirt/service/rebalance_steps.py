@@ -105,6 +105,10 @@ class VmHandoverOp(_Op):
         return self._ensure(self.p["src"], self.p["dst"])
 
     def backward(self) -> dict[str, Any]:
+        if self.p.get("was_running") is None:
+            # resolve never finished (it is saved before forward makes its first libvirt call): this step
+            # changed nothing, and a VM libvirt does not know must not keep the intent open for ever
+            return {}
         return self._ensure(self.p["dst"], self.p["src"])
 
     def ensure(self, present: bool) -> dict[str, Any]:   # pragma: no cover - forward/backward above
@@ -161,6 +165,8 @@ class VmHandoverOp(_Op):
 
     def holds(self, view: Any, present: bool) -> bool:
         want = self.p["dst"] if present else self.p["src"]
+        if not present and self.p.get("was_running") is None:
+            return True             # never started (backward above): nothing of it to show
         if not want.get("uuid") and not want.get("address"):
             return not present
         xml = self._xml(want["uri"], inactive=self.p["kind"] != "live")
