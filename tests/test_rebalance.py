@@ -61,6 +61,9 @@ def test_plan_json_names_the_move_the_target_and_the_gpus_before_and_after(cli, 
     (["--for", "A10-4Q", "--execute", "--yes", "--vm", "vm-c", "--format", "cdi"], 2, "--format must be"),
     (["--for", "A10-4Q", "--execute", "--yes", "--vm", "bad/vm"], 2, "VM name"),
     (["--for", "A10-4Q", "--execute", "--yes", "--vm", "vm-c", "--tenant", "no tenant"], 2, "invalid tenant"),
+    # checked before any move: a UUID attach would refuse after the moves must not leave them made
+    (["--for", "A10-24Q", "--allow", "cold", "--execute", "--yes", "--vm", "vm-c", "--vm-uuid", "zzz"], 2,
+     "invalid UUID"),
 ])
 def test_bad_input_is_one_line_with_its_exit_status_and_changes_nothing(cli, boards, args, code, msg):
     before = json.loads(ok(cli("--sim", boards, "status", "--json")).stdout)
