@@ -249,7 +249,11 @@ def parse_allow(allow: str | Iterable[str]) -> frozenset[str]:
         raise UsageError(f"--allow needs at least one move kind ({', '.join(MOVE_KINDS)})")
     bad = sorted({a for a in items if a not in MOVE_KINDS})
     if bad:
-        raise UsageError(f"unknown move kind {', '.join(bad)} in --allow; choose from {', '.join(MOVE_KINDS)}")
+        # echoed bounded: the option's value is whatever the caller typed (megabytes, escape sequences)
+        shown = [a if len(a) <= 40 and a.isprintable() else repr(a[:40]) + ("..." if len(a) > 40 else "")
+                 for a in bad[:3]]
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise UsageError(f"unknown move kind {', '.join(shown)}{more} in --allow; choose from {', '.join(MOVE_KINDS)}")
     return frozenset(items)
 
 
