@@ -12,7 +12,7 @@ import pytest
 from rebalance_support import _attach, ok
 
 BIG = "9" * 100_000
-DEEP = "[" * 100_000 + "]" * 100_000
+
 
 
 @pytest.fixture
@@ -48,9 +48,49 @@ def test_rebalance_bad_input(cli, boards, args, code, fragment):
     (["--driver", BIG], 2, "--driver"),
     (["--os", BIG], 2, "--os"),
     (["--vgpu-supported", "1-" + BIG], 2, "--vgpu-supported"),
+    (["--driver", "\u0665\u0665\u0660.1"], 2, "--driver"),          # Arabic-Indic digits are not a version
+    (["--qemu", "\u0668.2"], 2, "--qemu"),
+    (["--rule", "min_qemu=" + "[" * 2000 + "]" * 2000], 2, "nested too deeply"),
+    (["--rule", "min_qemu=" + BIG], 2, "longer than 4096"),
+    (["--rule", "min_qemu=abc"], 2, "min_qemu must be a version"),
+    (["--rule", "min_kernel=[1]"], 2, "min_kernel must be a version"),
+    (["--rule", 'min_libvirt={"a":1}'], 2, "min_libvirt must be a version"),
+    (["--rule", "min_qemu=" + "9" * 4000], 2, "min_qemu must be a version"),
+    (["--rule", "driver_ranges=[[1e999,2]]"], 2, "driver_ranges must be a version"),
+    (["--rule", 'driver_ranges=[["550.1"]]'], 2, "driver_ranges must be a list of 2 items"),
+    (["--rule", 'live_os="rhel-9.4"'], 2, "live_os must be a list"),  # not the set of its characters
+    (["--rule", "os_exclusions=[[1,2,3]]"], 2, "os_exclusions must be a list of 2 items"),
+    (["--live-os", "rhel-9.4," + "x" * 100], 2, "is not a release or family name"),
+    (["--live-families", "ampere,\x00"], 2, "is not a release or family name"),
+    (["--live-os", ",".join(f"os{i}-1" for i in range(65))], 2, "at most 64 items"),
 ])
 def test_sim_migration_bad_input(cli, make_sim, args, code, fragment):
     sim = make_sim(["a10"])
     before = ok(cli("sim", "migration", sim.root, "--json")).stdout
     _one_line(cli("sim", "migration", sim.root, *args), code, fragment)
     assert ok(cli("sim", "migration", sim.root, "--json")).stdout == before
+
+
+@pytest.mark.parametrize("args,code,fragment", [
+    (["--guest-driver", "\u0665\u0665\u0660.1"], 2, "--guest-driver"),
+    (["--guest-driver", BIG], 2, "--guest-driver"),
+    (["--guest-vgpu-version", BIG], 2, "--guest-vgpu-version"),
+    (["--guest-vgpu-version", "0x100000000"], 2, "--guest-vgpu-version"),
+])
+def test_sim_vgpu_bad_input(cli, make_sim, args, code, fragment):
+    sim = make_sim(["a10"])
+    ok(cli("--sim", sim.root, "attach", "vm-a", "--vgpu", "A10-12Q", "--format", "json"))
+    [dev] = [m["uuid"] for m in sim.load()["mdevs"]]
+    before = sim.load()
+    _one_line(cli("sim", "vgpu", sim.root, dev, *args), code, fragment)
+    assert sim.load() == before
+
+
+def test_sim_migration_rules_still_take_good_values(cli, make_sim):
+    sim = make_sim(["a10"])
+    doc = ok(cli("sim", "migration", sim.root, "--rule", "min_qemu=8.1", "--rule", 'driver_ranges=[["550.0","550.999"]]',
+                 "--rule", 'os_exclusions=[["rhel-9.4","ubuntu-24.04"]]', "--live-os", "rhel-9.4,ubuntu-24.04",
+                 "--live-families", "ampere,ada", "--rule", "min_kernel=null", "--json")).json()
+    r = doc["rules"]
+    assert r["min_qemu"] == "8.1" and r["driver_ranges"] == [["550.0", "550.999"]] and r["min_kernel"] is None
+    assert r["live_os"] == ["rhel-9.4", "ubuntu-24.04"] and r["live_families"] == ["ada", "ampere"]

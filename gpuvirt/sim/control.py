@@ -332,7 +332,7 @@ def set_guest(sim: SimHost, device: str, **values: Any) -> dict[str, Any]:
     if gdriver is not None and gdriver != "none":
         import re
 
-        if not re.fullmatch(r"\d{1,4}(\.\d{1,4}){1,3}", gdriver):
+        if not re.fullmatch(r"\d{1,4}(\.\d{1,4}){1,3}", gdriver, re.ASCII):
             raise UsageError(f"--guest-driver '{gdriver}': expected a driver version such as 550.127.05, or none")
     gver = values.get("guest_vgpu_version")
     if gver is not None and not 0 < gver <= 0xFFFFFFFF:
