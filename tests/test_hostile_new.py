@@ -94,3 +94,34 @@ def test_sim_migration_rules_still_take_good_values(cli, make_sim):
     r = doc["rules"]
     assert r["min_qemu"] == "8.1" and r["driver_ranges"] == [["550.0", "550.999"]] and r["min_kernel"] is None
     assert r["live_os"] == ["rhel-9.4", "ubuntu-24.04"] and r["live_families"] == ["ada", "ampere"]
+
+
+def test_host_stack_files_that_are_fifos_or_garbage_never_block_and_read_as_unknown(make_sim):
+    import os
+    import subprocess
+    import sys
+
+    sim = make_sim(["a10"])
+    root = sim.root
+    caps = root / "var/cache/libvirt/qemu/capabilities"
+    [xml] = list(caps.glob("*.xml"))
+    # a FIFO at each name opened blocked for ever (no writer); a DOCTYPE with entities, binary and a huge
+    # file in the capabilities cache are read as text, never expanded, at most 4 MiB each
+    for rel in ("etc/os-release", "proc/sys/kernel/osrelease"):
+        (root / rel).unlink()
+        os.mkfifo(root / rel)
+    xml.unlink()
+    os.mkfifo(xml)
+    (caps / "entities.xml").write_text('<?xml version="1.0"?><!DOCTYPE q [<!ENTITY a "aaaaaaaaaa">'
+                                       '<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;">]>\n<qemuCaps>\n<version>&b;</version>\n'
+                                       "  <selfvers>10000000</selfvers>\n</qemuCaps>\n")
+    (caps / "binary.xml").write_bytes(b"\x00\xff<qemuCaps>\n  <version>9002000</version>\n\xfe" + os.urandom(4096))
+    with open(caps / "huge.xml", "wb") as fh:
+        fh.write(b"<qemuCaps>\n" + b" " * (6 << 20) + b"\n  <version>99000000</version>\n</qemuCaps>\n")
+    code = ("import sys; from gpuvirt.host.stack import host_stack; s = host_stack(sys.argv[1]); "
+            "print(s.os, s.kernel, s.qemu, s.libvirt)")
+    out = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    # os-release falls back to nothing (the FIFO is what /etc holds), QEMU from the binary file only (the
+    # huge one's version lies past the 4 MiB read), libvirt from the DOCTYPE file
+    assert out.stdout.split() == ["None", "None", "9.2.0", "10.0.0"]

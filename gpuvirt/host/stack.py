@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,23 @@ _FIELD = re.compile(r"[A-Za-z0-9._+~:-]{1,64}")
 
 
 def _read(path: Path, limit: int = 64 << 10) -> str | None:
+    # O_NONBLOCK and the regular-file check: a FIFO (or a device) planted at one of these names would block the
+    # open or the read for ever, and every command that looks at the host records its stack
     try:
-        with open(path, "rb") as fh:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with os.fdopen(fd, "rb") as fh:
+            fd = -1
             return fh.read(limit).decode(errors="replace")
     except OSError:
         return None
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def os_release(root: str | os.PathLike[str]) -> str | None:
