@@ -86,7 +86,7 @@ def test_cold_move_on_one_host_runs_exactly_these_virsh_calls_and_matches_the_pl
     assert m["result"] == "done"
     vm = m["vm"]
     verbs = [c[2:] for c in fake.calls if c[2] not in ("dumpxml", "domstate")]
-    assert verbs[0] == ["shutdown", vm] and verbs[1][0] == "define" and verbs[2] == ["start", vm]
+    assert verbs[0] == ["shutdown", "--", vm] and verbs[1][0] == "define" and verbs[2] == ["start", "--", vm]
     assert all(c[:2] == ["-c", LOCAL] for c in fake.calls)
     # the XML defined is the plan's target XML: the VM now names the mdev the plan chose
     assert fake.xml_files == [m["target_xml"]] and m["to"]["uuid"] in m["target_xml"]
@@ -226,7 +226,7 @@ def test_live_move_between_two_hosts_is_virsh_migrate_live_with_the_target_xml(t
     [mig] = [c for c in fake.calls if c[2] == "migrate"]
     assert mig[:2] == ["-c", src_uri]
     assert mig[2:7] == ["migrate", "--live", "--persistent", "--undefinesource", "--xml"]
-    assert mig[8:] == [m["vm"], dst_uri]
+    assert mig[8:] == ["--", m["vm"], dst_uri]
     assert not [c for c in fake.calls if c[2] in ("shutdown", "start", "define")]
     assert fake.xml_files == [m["target_xml"]]
     assert m["vm"] in fake.domains[dst_uri] and m["vm"] not in fake.domains[src_uri]
@@ -540,4 +540,23 @@ def test_execute_for_a_vm_libvirt_does_not_know_is_undone_completely_and_leaves_
     assert not intent.open_intents(ctx)
     assert _placements(ctx) == before
     assert sorted(m["uuid"] for m in ctx.sim.load()["mdevs"]) == mdevs
+    ctx.close()
+
+
+def test_a_vm_named_like_a_virsh_option_is_passed_as_a_name(cli, make_sim):
+    # libvirt allows '--domain=vm-b' as a name; without '--' virsh would shut down, redefine and start vm-b
+    from gpuvirt.service import rebalance, rebalance_exec
+
+    sim = make_sim(["a10:2"])
+    ok(cli("--sim", sim.root, "attach", "--vgpu", "A10-12Q", "--gpu", "0", "--format", "json", "--", "--domain=vm-b"))
+    _attach(cli, sim.root, "vm-b", "A10-12Q", "1")
+    ctx = _ctx(sim.root)
+    fake = FakeVirsh()
+    _domains(ctx, fake)
+    doc = rebalance_exec.rebalance_and_execute(ctx, "A10-24Q", policy=rebalance.make_policy(allow="cold"),
+                                               runner=fake)
+    assert doc["moves"] and doc["moves"][0]["result"] == "done"
+    named = [c for c in fake.calls if "--domain=vm-b" in c or "vm-b" in c]
+    assert named and all(c[c.index(n) - 1] == "--" for c in named for n in ("--domain=vm-b", "vm-b") if n in c)
+    _one_device_each(ctx, fake)
     ctx.close()

@@ -454,7 +454,8 @@ def domain_xml(runner: Runner | None, uri: str, vm: str, *, inactive: bool = Fal
     from gpuvirt.host.virsh import VirshRunner
 
     run = runner or VirshRunner()
-    return run(["-c", uri, "dumpxml", "--migratable", *(["--inactive"] if inactive else []), vm])
+    # "--": a VM named like an option (libvirt allows '--domain=other') stays a name (rebalance_steps)
+    return run(["-c", uri, "dumpxml", "--migratable", *(["--inactive"] if inactive else []), "--", vm])
 
 
 def source_device(info: UnitInfo) -> tuple[str | None, str | None]:
