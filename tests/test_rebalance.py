@@ -560,3 +560,29 @@ def test_a_vm_named_like_a_virsh_option_is_passed_as_a_name(cli, make_sim):
     assert named and all(c[c.index(n) - 1] == "--" for c in named for n in ("--domain=vm-b", "vm-b") if n in c)
     _one_device_each(ctx, fake)
     ctx.close()
+
+
+@pytest.mark.parametrize("host", ["x/system?command=/tmp/prog#", "-oProxyCommand=touch /tmp/x", "h:22", "a..b"])
+def test_a_host_id_that_is_not_a_hostname_never_becomes_a_libvirt_uri(host):
+    from gpuvirt.errors import HostError
+    from gpuvirt.service.rebalance import libvirt_uri
+
+    with pytest.raises(HostError, match="not a hostname"):
+        libvirt_uri(host, "here")
+    assert libvirt_uri("node-7.rack_2.example.", "here") == "qemu+ssh://node-7.rack_2.example./system"
+    assert libvirt_uri(host, host) == "qemu:///system"
+
+
+def test_a_cluster_plan_with_a_host_id_that_is_not_a_hostname_asks_libvirt_nothing_there(cli, two_hosts, make_sim):
+    # a third host registered itself as 'he/system?command=/tmp/prog#': planning reads no XML through it
+    from gpuvirt.service import rebalance
+
+    ra, rb, url = two_hosts
+    evil = "he/system?command=/tmp/prog#"
+    _attach(cli, make_sim(["a10"], name="he").root, "vm-e", "A10-12Q", "0", "--db", url, "--host-id", evil)
+    fake = FakeVirsh()
+    ca = _ctx(ra, db=url, host_id="ha")
+    doc = rebalance.rebalance(ca, "A10-24Q", cluster=True, allow="live,cold", runner=fake)
+    assert evil in doc["scope"]["hosts"]
+    assert not [c for c in fake.calls if "command=" in c[1]]
+    ca.close()
