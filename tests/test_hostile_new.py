@@ -125,3 +125,14 @@ def test_host_stack_files_that_are_fifos_or_garbage_never_block_and_read_as_unkn
     # os-release falls back to nothing (the FIFO is what /etc holds), QEMU from the binary file only (the
     # huge one's version lies past the 4 MiB read), libvirt from the DOCTYPE file
     assert out.stdout.split() == ["None", "None", "9.2.0", "10.0.0"]
+
+
+@pytest.mark.parametrize("args,code,fragment", [
+    (["sim", "migration", "x" * 5000], 3, "cannot be opened"),
+    (["sim", "vgpu", "x" * 5000, "dev", "--guest-driver", "550.1"], 3, "cannot be opened"),
+    (["sim", "init", "x" * 5000, "--gpu", "a10"], 2, "File name too long"),
+])
+def test_sim_directory_names_too_long_for_the_file_system(cli, tmp_path, monkeypatch, args, code, fragment):
+    monkeypatch.chdir(tmp_path)
+    _one_line(cli(*args), code, fragment)
+    assert list(tmp_path.iterdir()) == []

@@ -58,7 +58,11 @@ def init_sim(root: str | Path, specs: Sequence[str], *, seed: str | None = None,
     root = Path(root).absolute()
     state = new_state(specs, seed=seed, vgpu_interface=vgpu_interface, enable_vfs=enable_vfs,
                       mig_enabled=mig_enabled, driver_loaded=driver_loaded)
-    if root.exists() and not root.is_dir():
+    try:
+        exists, is_dir = root.exists(), root.is_dir()
+    except OSError as exc:          # e.g. a name too long for the file system
+        raise UsageError(f"{str(root)[:200]!r}: {exc.strerror}") from None
+    if exists and not is_dir:
         raise UsageError(f"{root} exists and is not a directory")
     if (root / STATE_DIR).exists():
         if not force:
