@@ -136,3 +136,25 @@ def test_sim_directory_names_too_long_for_the_file_system(cli, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     _one_line(cli(*args), code, fragment)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("driver", ["9" * 5000, "\u0665\u0665\u0660.1", "550.\x1b[31m127"])
+def test_a_host_stack_another_host_recorded_badly_is_an_unknown_version(cli, make_sim, tmp_path, driver):
+    # the recorded stacks are rows any host of the shared inventory writes: a driver version of thousands of
+    # digits ended planning in an internal ValueError; now it is unknown (no live move) and quoted bounded
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    a, b = make_sim(["a10"], name="ha"), make_sim(["a10"], name="hb")
+    ok(cli("--sim", a.root, "--db", url, "--host-id", "ha", "db", "init"))
+    _attach(cli, a.root, "vm-a", "A10-12Q", "0", "--db", url, "--host-id", "ha")
+    _attach(cli, b.root, "vm-b", "A10-12Q", "0", "--db", url, "--host-id", "hb")
+    ok(cli("--sim", b.root, "--db", url, "--host-id", "hb", "reconcile", "--yes"))     # records hb's stack
+    con = sqlite3.connect(str(tmp_path / "shared.db"))
+    with con:
+        assert con.execute("UPDATE host_stack SET driver = ? WHERE host_id = 'hb'", (driver,)).rowcount == 1
+    con.close()
+    res = cli("--sim", a.root, "--db", url, "--host-id", "ha", "rebalance", "--for", "A10-24Q", "--cluster", "--json")
+    assert res.exit_code == 4, res
+    assert "internal error" not in res.stderr and len(res.stdout) < 20_000
+    assert "\x1b" not in res.stdout.replace("\\u001b", "")
