@@ -161,3 +161,21 @@ def test_a_host_stack_another_host_recorded_badly_is_an_unknown_version(cli, mak
     assert res.exit_code == 4, res
     assert "internal error" not in res.stderr and len(res.stdout) < 20_000
     assert "\x1b" not in res.stdout.replace("\\u001b", "")
+
+
+def test_a_capabilities_file_of_empty_lines_is_read_in_linear_time(make_sim):
+    import subprocess
+    import sys
+
+    sim = make_sim(["a10"])
+    caps = sim.root / "var/cache/libvirt/qemu/capabilities"
+    (caps / "blank.xml").write_text("<qemuCaps>\n" + "\n" * (4 << 20) + "</qemuCaps>\n")
+    # '^\s*' crossing newlines made this quadratic: hours for these 4 MiB; linear it takes well under a second
+    # of CPU (a separate process, so that a regression fails by its timeout instead of hanging the suite)
+    code = ("import resource, sys; from gpuvirt.host.stack import qemu_libvirt; print(*qemu_libvirt(sys.argv[1])); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_utime)")
+    out = subprocess.run([sys.executable, "-c", code, str(sim.root)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    versions, cpu = out.stdout.splitlines()
+    assert versions == "8.2.0 10.0.0"           # the simulator's own file still counts
+    assert float(cpu) < 10
