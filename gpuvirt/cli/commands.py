@@ -310,8 +310,13 @@ def sim_migration(directory: str = typer.Argument(..., metavar="DIR"),
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"--rule '{item}': expected KEY=VALUE")
+        if len(value) > 4096:
+            raise UsageError(f"--rule {key.strip()[:40]!r}: the value is longer than 4096 characters")
         try:
             rules[key.strip()] = json.loads(value)
+        except RecursionError:
+            # nested deeper than the JSON decoder goes: no rule has more than two levels
+            raise UsageError(f"--rule {key.strip()[:40]!r}: the value is nested too deeply") from None
         except ValueError:
             rules[key.strip()] = value
     for key, value in (("mig_backed_live", mig_backed_live), ("driver_match", driver_match),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
+MAX_LINE = 4096         # characters of one error line (the longest real ones, rollback reports, are ~1 KiB)
+
 
 def debug_requested(args: list[str] | None) -> bool:
     return "--debug" in (args or []) or os.environ.get("GPUVIRT_DEBUG") == "1"
@@ -32,5 +34,8 @@ def report_error(exc: BaseException, debug: bool) -> int:
             msg += " (run with --debug for the traceback)"
         code = 1
     line = " ".join(str(msg).split())
+    if len(line) > MAX_LINE:
+        # messages quote what the caller passed; a megabyte option value must not come back as a megabyte line
+        line = f"{line[:MAX_LINE]}... ({len(line) - MAX_LINE} more characters)"
     print(f"gpuvirt: error: {line}", file=sys.stderr)
     return code

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +34,29 @@ from gpuvirt.model.preflight import HostStack
 CAPS_DIR = "var/cache/libvirt/qemu/capabilities"
 MAX_FILE_BYTES = 4 << 20          # a capabilities file is ~200 KiB; never read more than this
 MAX_CACHE_FILES = 64
+_QEMU_VERSION = re.compile(r"^[ \t]*<version>([0-9]{1,10})</version>[ \t\r]*$", re.M)
+_LIBVIRT_VERSION = re.compile(r"^[ \t]*<selfvers>([0-9]{1,10})</selfvers>[ \t\r]*$", re.M)
 _FIELD = re.compile(r"[A-Za-z0-9._+~:-]{1,64}")
 
 
 def _read(path: Path, limit: int = 64 << 10) -> str | None:
+    # O_NONBLOCK and the regular-file check: a FIFO (or a device) planted at one of these names would block the
+    # open or the read for ever, and every command that looks at the host records its stack
     try:
-        with open(path, "rb") as fh:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with os.fdopen(fd, "rb") as fh:
+            fd = -1
             return fh.read(limit).decode(errors="replace")
     except OSError:
         return None
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def os_release(root: str | os.PathLike[str]) -> str | None:
@@ -84,9 +99,10 @@ def qemu_libvirt(root: str | os.PathLike[str]) -> tuple[str | None, str | None]:
         text = _read(base / name, MAX_FILE_BYTES)
         if not text or "<qemuCaps>" not in text:
             continue
-        # the top-level elements are flat lines; hostCPU/machine entries use other element names
-        q = re.search(r"^\s*<version>(\d{1,10})</version>\s*$", text, re.M)
-        s = re.search(r"^\s*<selfvers>(\d{1,10})</selfvers>\s*$", text, re.M)
+        # the top-level elements are flat lines; hostCPU/machine entries use other element names.  Blanks are
+        # spaces and tabs only: '^\s*' also crosses newlines, so a file of 4 MiB of empty lines took hours
+        q = _QEMU_VERSION.search(text)
+        s = _LIBVIRT_VERSION.search(text)
         qemu = max(qemu, int(q.group(1)) if q else 0)
         libvirt = max(libvirt, int(s.group(1)) if s else 0)
     return (_version(qemu) if qemu else None), (_version(libvirt) if libvirt else None)

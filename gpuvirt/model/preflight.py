@@ -78,8 +78,19 @@ def version_key(text: str | None) -> tuple[int, ...] | None:
     """``"550.127.05"`` -> (550, 127, 5); ``"rhel-9.4"`` -> (9, 4); None when no number is in it."""
     if not text:
         return None
-    nums = re.findall(r"\d+", text)
-    return tuple(int(n) for n in nums) if nums else None
+    # ASCII digits, at most 9 each: the text may come from another host's inventory rows, and a number of
+    # thousands of digits does not even convert (ValueError); such a version is unknown, which refuses live moves
+    nums = re.findall(r"[0-9]+", text)
+    if not nums or any(len(n) > 9 for n in nums):
+        return None
+    return tuple(int(n) for n in nums)
+
+
+def _shown(text: str | None) -> str:
+    """A recorded version for a message: another host wrote it, so at most 64 printable characters."""
+    if not text:
+        return "?"
+    return text if len(text) <= 64 and text.isprintable() else repr(text[:64]) + ("..." if len(text) > 64 else "")
 
 
 def _at_least(have: str | None, need: str | None) -> bool:
@@ -240,7 +251,7 @@ def _driver_reasons(src: str | None, dst: str | None, rules: MigrationRules) -> 
     s, d = version_key(src), version_key(dst)
     if s is None or d is None:
         out.append(Reason(COLD, VGPU_COMPATIBILITY_LIMIT_HOST_DRIVER,
-                          f"host driver version unknown (source {src or '?'}, target {dst or '?'})"))
+                          f"host driver version unknown (source {_shown(src)}, target {_shown(dst)})"))
         return out
     if rules.driver_match == "exact" and s != d:
         out.append(Reason(COLD, VGPU_COMPATIBILITY_LIMIT_HOST_DRIVER,

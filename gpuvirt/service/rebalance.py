@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from gpuvirt.context import Context
-from gpuvirt.errors import GpuvirtError, NotFoundError, UsageError
+from gpuvirt.errors import GpuvirtError, HostError, NotFoundError, UsageError
 from gpuvirt.inventory.models import MDEV, MIG, MODE_CONTAINERS, VFIO_VGPU
 from gpuvirt.model import vgpu as vgpu_rules
 from gpuvirt.model.catalog import GpuModel, resolve_gi_profile, resolve_vgpu_type
@@ -35,6 +35,8 @@ from gpuvirt.model.moves import MAX_MOVES_LIMIT, MOVE_KINDS, MovePolicy, Plan, p
 from gpuvirt.model.preflight import HostStack
 
 Runner = Callable[[Sequence[str]], str]
+_HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62}))*\.?",
+                       re.ASCII)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._+:-]{0,127}")
 DEFAULT_MAX_MOVES = 3
 
@@ -56,7 +58,15 @@ def libvirt_uri(host: str, local: str) -> str:
     """The libvirt connection URI of ``host`` as seen from the host ``local`` that runs gpuvirt: the system
     connection for itself, ``qemu+ssh://HOST/system`` for another host of the inventory (host ids are the
     hostnames unless configured otherwise; docs/placement.md)."""
-    return "qemu:///system" if host == local else f"qemu+ssh://{host}/system"
+    if host == local:
+        return "qemu:///system"
+    # host ids come from the shared inventory, which any of its hosts writes; one that is not a plain hostname
+    # ('x/system?command=/tmp/prog#', '-oProxyCommand=...') would add libvirt URI parameters (a program run
+    # in place of ssh) to every virsh call that plans or carries out a move involving it
+    if len(host) > 253 or not _HOSTNAME.fullmatch(host):
+        raise HostError(f"host id {host[:80]!r} is not a hostname, so its libvirt cannot be reached as "
+                        "qemu+ssh://HOST/system")
+    return f"qemu+ssh://{host}/system"
 
 
 # --- the cluster as the planner sees it ---------------------------------------------------------------------
@@ -257,7 +267,11 @@ def parse_allow(allow: str | Iterable[str]) -> frozenset[str]:
         raise UsageError(f"--allow needs at least one move kind ({', '.join(MOVE_KINDS)})")
     bad = sorted({a for a in items if a not in MOVE_KINDS})
     if bad:
-        raise UsageError(f"unknown move kind {', '.join(bad)} in --allow; choose from {', '.join(MOVE_KINDS)}")
+        # echoed bounded: the option's value is whatever the caller typed (megabytes, escape sequences)
+        shown = [a if len(a) <= 40 and a.isprintable() else repr(a[:40]) + ("..." if len(a) > 40 else "")
+                 for a in bad[:3]]
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise UsageError(f"unknown move kind {', '.join(shown)}{more} in --allow; choose from {', '.join(MOVE_KINDS)}")
     return frozenset(items)
 
 
@@ -404,7 +418,11 @@ def guest_ram(scope: Scope, runner: Runner | None, cache: dict) -> bool:
         if u.vm is None or not u.movable:
             continue
         info = scope.units[u.key]
-        uri = libvirt_uri(info.host, scope.local)
+        try:
+            uri = libvirt_uri(info.host, scope.local)
+        except HostError:
+            known = False           # a host id no URI can be made of: its guests' RAM is unknown
+            continue
         mib = None
         if uri not in dead:
             try:
@@ -458,7 +476,8 @@ def domain_xml(runner: Runner | None, uri: str, vm: str, *, inactive: bool = Fal
     from gpuvirt.host.virsh import VirshRunner
 
     run = runner or VirshRunner()
-    return run(["-c", uri, "dumpxml", "--migratable", *(["--inactive"] if inactive else []), vm])
+    # "--": a VM named like an option (libvirt allows '--domain=other') stays a name (rebalance_steps)
+    return run(["-c", uri, "dumpxml", "--migratable", *(["--inactive"] if inactive else []), "--", vm])
 
 
 def source_device(info: UnitInfo) -> tuple[str | None, str | None]:

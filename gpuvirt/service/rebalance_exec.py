@@ -95,6 +95,11 @@ def execute_for(ctx: Context, name: str, *, policy: MovePolicy, cluster: bool = 
     kw = None
     if vm is not None:
         vm, tenant = check_vm_name(vm), check_tenant(tenant)
+        if vm_uuid:
+            from gpuvirt.vmm.libvirt import normalize_uuid
+
+            # attach checks it too, but only after the moves: a bad UUID must change nothing
+            vm_uuid = normalize_uuid(vm_uuid)
         name, kw = for_vm(ctx, name, {"tenant": tenant, "vm_uuid": vm_uuid, "fmt": fmt})
     elif tenant is not None or vm_uuid is not None or fmt is not None:
         from gpuvirt.errors import UsageError

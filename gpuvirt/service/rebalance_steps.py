@@ -12,7 +12,9 @@ and which device its XML names:
 
 Backward is the same with source and target swapped, so a kill at any point is settled by running the step
 again in either direction: the VM's XML always names exactly one of the two devices, both of which exist
-until the handover is settled.  Which libvirt calls are made goes through one *runner* (``argv -> stdout``):
+until the handover is settled.  Every VM name is passed after ``--``: libvirt allows a name such as
+``--domain=other`` (only '/' is out), which virsh would otherwise read as an option and act on another domain.
+Which libvirt calls are made goes through one *runner* (``argv -> stdout``):
 :class:`gpuvirt.host.virsh.VirshRunner` on a real host, a recording one in tests.
 """
 
@@ -77,7 +79,7 @@ class VmHandoverOp(_Op):
     # --- libvirt questions ---
     def _xml(self, uri: str, *, inactive: bool = False, migratable: bool = False) -> str | None:
         argv = ["-c", uri, "dumpxml"] + (["--migratable"] if migratable else []) + \
-            (["--inactive"] if inactive else []) + [self.p["vm"]]
+            (["--inactive"] if inactive else []) + ["--", self.p["vm"]]
         try:
             return runner()(argv)
         except GpuvirtError:
@@ -85,7 +87,7 @@ class VmHandoverOp(_Op):
 
     def _state(self, uri: str) -> str | None:
         try:
-            return runner()(["-c", uri, "domstate", self.p["vm"]]).strip()
+            return runner()(["-c", uri, "domstate", "--", self.p["vm"]]).strip()
         except GpuvirtError:
             return None
 
@@ -105,6 +107,10 @@ class VmHandoverOp(_Op):
         return self._ensure(self.p["src"], self.p["dst"])
 
     def backward(self) -> dict[str, Any]:
+        if self.p.get("was_running") is None:
+            # resolve never finished (it is saved before forward makes its first libvirt call): this step
+            # changed nothing, and a VM libvirt does not know must not keep the intent open for ever
+            return {}
         return self._ensure(self.p["dst"], self.p["src"])
 
     def ensure(self, present: bool) -> dict[str, Any]:   # pragma: no cover - forward/backward above
@@ -120,7 +126,7 @@ class VmHandoverOp(_Op):
         there = self._xml(to["uri"], inactive=cold)
         if there is not None and _names(there, to):
             if cold and p.get("was_running") and self._state(to["uri"]) != "running":
-                run(["-c", to["uri"], "start", vm])
+                run(["-c", to["uri"], "start", "--", vm])
             return {}
         here = self._xml(frm["uri"], inactive=cold, migratable=True)
         if here is None or not _names(here, frm):
@@ -136,22 +142,22 @@ class VmHandoverOp(_Op):
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(target)
             if not cold:
-                run(["-c", frm["uri"], "migrate", "--live", "--persistent", "--undefinesource", "--xml", path, vm,
-                     to["uri"]])
+                run(["-c", frm["uri"], "migrate", "--live", "--persistent", "--undefinesource", "--xml", path, "--",
+                     vm, to["uri"]])
             elif frm["uri"] == to["uri"]:
                 run(["-c", to["uri"], "define", path])
             else:
                 run(["-c", frm["uri"], "migrate", "--offline", "--persistent", "--undefinesource", "--xml", path,
-                     vm, to["uri"]])
+                     "--", vm, to["uri"]])
         finally:
             os.unlink(path)
         if cold and p.get("was_running"):
-            run(["-c", to["uri"], "start", vm])
+            run(["-c", to["uri"], "start", "--", vm])
         return {}
 
     def _shutdown(self, uri: str) -> None:
         vm = self.p["vm"]
-        runner()(["-c", uri, "shutdown", vm])
+        runner()(["-c", uri, "shutdown", "--", vm])
         deadline = time.monotonic() + float(self.p.get("shutdown_timeout") or SHUTDOWN_TIMEOUT_SECONDS)
         while self._state(uri) not in ("shut off", None):
             if time.monotonic() > deadline:
@@ -161,6 +167,8 @@ class VmHandoverOp(_Op):
 
     def holds(self, view: Any, present: bool) -> bool:
         want = self.p["dst"] if present else self.p["src"]
+        if not present and self.p.get("was_running") is None:
+            return True             # never started (backward above): nothing of it to show
         if not want.get("uuid") and not want.get("address"):
             return not present
         xml = self._xml(want["uri"], inactive=self.p["kind"] != "live")

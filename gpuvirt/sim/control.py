@@ -58,7 +58,11 @@ def init_sim(root: str | Path, specs: Sequence[str], *, seed: str | None = None,
     root = Path(root).absolute()
     state = new_state(specs, seed=seed, vgpu_interface=vgpu_interface, enable_vfs=enable_vfs,
                       mig_enabled=mig_enabled, driver_loaded=driver_loaded)
-    if root.exists() and not root.is_dir():
+    try:
+        exists, is_dir = root.exists(), root.is_dir()
+    except OSError as exc:          # e.g. a name too long for the file system
+        raise UsageError(f"{str(root)[:200]!r}: {exc.strerror}") from None
+    if exists and not is_dir:
         raise UsageError(f"{root} exists and is not a directory")
     if (root / STATE_DIR).exists():
         if not force:
@@ -332,7 +336,7 @@ def set_guest(sim: SimHost, device: str, **values: Any) -> dict[str, Any]:
     if gdriver is not None and gdriver != "none":
         import re
 
-        if not re.fullmatch(r"\d{1,4}(\.\d{1,4}){1,3}", gdriver):
+        if not re.fullmatch(r"\d{1,4}(\.\d{1,4}){1,3}", gdriver, re.ASCII):
             raise UsageError(f"--guest-driver '{gdriver}': expected a driver version such as 550.127.05, or none")
     gver = values.get("guest_vgpu_version")
     if gver is not None and not 0 < gver <= 0xFFFFFFFF:

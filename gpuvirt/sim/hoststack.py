@@ -37,7 +37,7 @@ MAX_VGPU_VERSION = 0xFFFFFFFF
 _SET_FIELDS = ("live_os", "live_families")
 _TEXT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~:-]{0,63}")
 _OS = re.compile(r"[a-z0-9][a-z0-9._-]{0,23}-[0-9][0-9.]{0,15}")
-_VERSION = re.compile(r"\d{1,3}(\.\d{1,3}){1,2}")
+_VERSION = re.compile(r"\d{1,3}(\.\d{1,3}){1,2}", re.ASCII)
 # emulator binaries by distribution family: RHEL ships QEMU as /usr/libexec/qemu-kvm only
 _RHEL_LIKE = ("rhel", "centos", "rocky", "almalinux", "ol", "fedora")
 _OS_NAMES = {"rhel": "Red Hat Enterprise Linux", "ubuntu": "Ubuntu", "rocky": "Rocky Linux", "debian": "Debian GNU/Linux"}
@@ -67,6 +67,34 @@ def rules_to_doc(rules: preflight.MigrationRules) -> dict[str, Any]:
             "same_device_id": rules.same_device_id}
 
 
+_RULE_VERSION = re.compile(r"\d{1,6}(\.\d{1,6}){0,3}", re.ASCII)
+MAX_RULE_ITEMS = 64
+
+
+def _items(key: str, value: Any, exactly: int | None = None) -> list[Any]:
+    # a list, not a string (whose characters would silently become the set) nor anything unbounded
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_RULE_ITEMS or \
+            (exactly is not None and len(value) != exactly):
+        size = f"{exactly} items" if exactly is not None else f"at most {MAX_RULE_ITEMS} items"
+        raise ValueError(f"{key} must be a list of {size}, not {str(value)[:60]!r}")
+    return list(value)
+
+
+def _word(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not _TEXT.fullmatch(value):
+        raise ValueError(f"{key}: {str(value)[:60]!r} is not a release or family name")
+    return value
+
+
+def _rule_version(key: str, value: Any) -> str:
+    # versions are compared number by number (preflight.version_key); anything else would never match, or
+    # (thousands of digits) not even convert
+    text = str(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else ""
+    if not _RULE_VERSION.fullmatch(text):
+        raise ValueError(f"{key} must be a version such as 8.1 or 550.127.05, not {str(value)[:60]!r}")
+    return text
+
+
 def rules_from_doc(doc: dict[str, Any] | None) -> preflight.MigrationRules:
     """MigrationRules from the state's ``migration_rules`` (missing keys: the defaults); ValueError for a key
     or value of the wrong kind."""
@@ -80,17 +108,21 @@ def rules_from_doc(doc: dict[str, Any] | None) -> preflight.MigrationRules:
     try:
         for key, value in doc.items():
             if key in _SET_FIELDS:
-                kw[key] = None if value is None else frozenset(str(v) for v in value)
+                kw[key] = None if value is None else frozenset(_word(key, v) for v in _items(key, value))
             elif key == "os_exclusions":
-                kw[key] = frozenset(frozenset(str(v) for v in pair) for pair in value)
+                kw[key] = frozenset(frozenset(_word(key, v) for v in _items(key, pair, 2)) for pair in
+                                    _items(key, value))
             elif key == "driver_ranges":
-                kw[key] = tuple((str(lo), str(hi)) for lo, hi in value)
+                kw[key] = tuple((_rule_version(key, lo), _rule_version(key, hi)) for lo, hi in
+                                (_items(key, r, 2) for r in _items(key, value)))
             elif key in ("mig_backed_live", "same_device_id"):
                 if not isinstance(value, bool):
                     raise ValueError(f"{key} must be true or false, not {value!r}")
                 kw[key] = value
+            elif key == "driver_match":
+                kw[key] = str(value)
             else:
-                kw[key] = None if value is None else str(value)
+                kw[key] = None if value is None else _rule_version(key, value)
     except TypeError as exc:
         raise ValueError(f"migration rule of the wrong shape: {exc}") from None
     return preflight.MigrationRules(**kw)
@@ -164,7 +196,7 @@ def check(*, driver: str | None = None, os: str | None = None, kernel: str | Non
     (one line) for anything malformed, before anything changes."""
     out: dict[str, Any] = {"host_stack": {}, "migration_rules": {}}
     if driver is not None:
-        if not re.fullmatch(r"\d{1,4}(\.\d{1,4}){1,3}", driver):
+        if not re.fullmatch(r"\d{1,4}(\.\d{1,4}){1,3}", driver, re.ASCII):
             raise UsageError(f"--driver '{driver}': expected a driver version such as 550.127.05")
         out["driver_version"] = driver
     if os is not None:

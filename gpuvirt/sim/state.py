@@ -151,10 +151,15 @@ class SimHost:
         return self.state_path.is_file()
 
     def check(self) -> None:
-        if not self.root.is_dir():
+        try:
+            is_dir, is_file = self.root.is_dir(), self.state_path.is_file()
+        except OSError as exc:      # a name too long for the file system, a path through a non-directory...
+            raise SimulatorNotFoundError(f"simulated host {str(self.root)[:200]!r} cannot be opened: {exc.strerror}",
+                                         path=str(self.root)[:200]) from None
+        if not is_dir:
             raise SimulatorNotFoundError(f"simulated host {self.root} does not exist (create it with 'gpuvirt sim init')",
                                  path=str(self.root))
-        if not self.state_path.is_file():
+        if not is_file:
             raise SimulatorNotFoundError(f"{self.root} is not a simulated host: {self.state_path} is missing "
                                  "(create one with 'gpuvirt sim init')", path=str(self.state_path))
 
