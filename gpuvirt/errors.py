@@ -95,6 +95,12 @@ class HostError(GpuvirtError):
     """Something on the machine failed (sysfs, NVML, udev)."""
 
 
+class UnknownStateError(HostError):
+    """The host could not be asked (libvirt unreachable, a query that failed): whether a journaled change holds
+    there is *unknown*, which is neither "done" nor "not done".  Recovery leaves the intent open on it rather
+    than finishing or undoing a change on a guess (a move's undo would destroy the device the VM names)."""
+
+
 class SysfsError(HostError):
     """A sysfs read or write failed; carries ``path`` and ``errno`` in its context."""
 

@@ -26,18 +26,71 @@ DOMAIN = """<domain type='kvm'>
 """
 
 
+# the options of each verb the executor uses, as ``virsh help VERB`` lists them (libvirt 9.0): flags, options
+# taking a value, and the positional order of the latter (what a bare argument fills)
+_VERBS = {
+    "dumpxml": ({"--inactive", "--security-info", "--update-cpu", "--migratable", "--wrap"},
+                {"--domain", "--xpath"}, ["--domain"]),
+    "domstate": ({"--reason"}, {"--domain"}, ["--domain"]),
+    "shutdown": (set(), {"--domain", "--mode"}, ["--domain"]),
+    "start": ({"--console", "--paused", "--autodestroy", "--bypass-cache", "--force-boot", "--reset-nvram"},
+              {"--domain", "--pass-fds"}, ["--domain"]),
+    "define": ({"--validate"}, {"--file"}, ["--file"]),
+    "list": ({"--all", "--name", "--inactive", "--persistent", "--transient"}, set(), []),
+    "migrate": ({"--live", "--offline", "--persistent", "--undefinesource", "--suspend", "--p2p", "--tunnelled"},
+                {"--domain", "--desturi", "--xml", "--persistent-xml", "--dname", "--migrateuri"},
+                ["--domain", "--desturi"]),
+}
+
+
+def _virsh_args(verb: str, rest: list[str]) -> dict[str, object] | None:
+    """The options of ``virsh VERB REST...`` the way virsh reads them: an option that takes a value takes the
+    next argument whatever it is (so ``--domain --help`` names a domain), a bare argument fills the next
+    positional option, ``--help`` anywhere else prints the help (None here).  An unknown ``--option`` fails."""
+    flags, valued, positional = _VERBS[verb]
+    out: dict[str, object] = {}
+    todo = list(positional)
+    i = 0
+    while i < len(rest):
+        a = rest[i]
+        if a in valued:
+            out[a] = rest[i + 1]
+            if a in todo:
+                todo.remove(a)
+            i += 2
+            continue
+        if a == "--help":
+            return None
+        if a in flags:
+            out[a] = True
+        elif a.startswith("--"):
+            raise HostError(f"virsh {verb}: error: command '{verb}' doesn't support option {a}")
+        else:
+            if not todo:
+                raise HostError(f"virsh {verb}: error: unexpected data '{a}'")
+            out[todo.pop(0)] = a
+        i += 1
+    return out
+
+
 class FakeVirsh:
+    """Domains per connection URI, each with its running XML (``xml``: what ``dumpxml`` shows; for a shut off
+    domain its definition), its persistent definition (``inactive``: ``dumpxml --inactive``) and its state,
+    changed as libvirt changes them for the calls the executor makes."""
+
     def __init__(self) -> None:
-        self.domains: dict[str, dict[str, dict]] = {}      # uri -> name -> {"xml", "state"}
+        self.domains: dict[str, dict[str, dict]] = {}      # uri -> name -> {"xml", "inactive", "state"}
         self.calls: list[list[str]] = []
         self.xml_files: list[str] = []                     # the --xml / define files, as read when called
+        self.persistent_xml_files: list[str] = []          # the --persistent-xml files, as read when called
         self.fail_on: str | None = None                    # a verb that fails (exit 1) once
+        self.down = False                                  # libvirt unreachable: every call fails
         self.sims: dict[str, Path] = {}                    # uri -> simulated host whose devices QEMU holds
 
     def add(self, uri: str, name: str, xml: str, state: str = "running", sim: Path | None = None) -> None:
         if sim is not None:
             self.sims[uri] = Path(sim)
-        self.domains.setdefault(uri, {})[name] = {"xml": xml, "state": state}
+        self.domains.setdefault(uri, {})[name] = {"xml": xml, "inactive": xml, "state": state}
         if state == "running":
             self._hold(uri, xml, True)
 
@@ -62,53 +115,84 @@ class FakeVirsh:
     def where(self, name: str) -> list[tuple[str, dict]]:
         return [(u, d[name]) for u, d in self.domains.items() if name in d]
 
+    def _get(self, doms: dict, verb: str, name: object) -> dict:
+        if name not in doms:
+            raise HostError(f"virsh {verb}: error: failed to get domain '{name}'")
+        return doms[name]
+
     def __call__(self, argv: Sequence[str]) -> str:
         argv = list(argv)
         self.calls.append(argv)
         assert argv[0] == "-c"
         uri, verb, rest = argv[1], argv[2], argv[3:]
+        if self.down:
+            raise HostError(f"virsh {verb}: error: failed to connect to the hypervisor")
         doms = self.domains.setdefault(uri, {})
         if self.fail_on == verb:
             self.fail_on = None
             raise HostError(f"virsh {verb}: injected failure")
-        name = rest[-1] if verb not in ("migrate", "define") else None
+        if verb not in _VERBS:
+            raise AssertionError(f"unexpected virsh call {argv}")
+        opt = _virsh_args(verb, rest)
+        if opt is None:
+            return f"  NAME\n    {verb} - (virsh prints its help)\n"
+        name = opt.get("--domain")
+        if verb == "list":
+            return "".join(f"{n}\n" for n in doms) + "\n"
         if verb == "dumpxml":
-            if name not in doms:
-                raise HostError(f"virsh dumpxml: error: failed to get domain '{name}'")
-            return doms[name]["xml"]
+            d = self._get(doms, verb, name)
+            return d["inactive"] if opt.get("--inactive") else d["xml"]
         if verb == "domstate":
-            if name not in doms:
-                raise HostError(f"virsh domstate: error: failed to get domain '{name}'")
-            return doms[name]["state"] + "\n"
+            return self._get(doms, verb, name)["state"] + "\n"
         if verb == "shutdown":
-            doms[name]["state"] = "shut off"
-            self._hold(uri, doms[name]["xml"], False)
+            d = self._get(doms, verb, name)
+            if d["state"] != "running":
+                raise HostError("virsh shutdown: error: Requested operation is not valid: domain is not running")
+            d["state"], d["xml"] = "shut off", d["inactive"]
+            self._hold(uri, d["xml"], False)
             return ""
         if verb == "start":
-            assert doms[name]["state"] == "shut off", argv
-            doms[name]["state"] = "running"
-            self._hold(uri, doms[name]["xml"], True)
+            d = self._get(doms, verb, name)
+            if d["state"] != "shut off":
+                raise HostError("virsh start: error: Requested operation is not valid: domain is already active")
+            d["state"], d["xml"] = "running", d["inactive"]
+            self._hold(uri, d["xml"], True)
             return ""
         if verb == "define":
-            text = Path(rest[0]).read_text()
+            text = Path(str(opt["--file"])).read_text()
             self.xml_files.append(text)
             from gpuvirt.vmm.libvirt import parse_domain
 
             n = parse_domain(text).name
-            old = doms.get(n, {"state": "shut off"})
-            assert old["state"] == "shut off", "a running domain is redefined only after its shutdown here"
-            doms[n] = {"xml": text, "state": old["state"]}
+            d = doms.setdefault(n, {"xml": text, "inactive": text, "state": "shut off"})
+            # a running domain keeps running as it is; the new definition counts from its next boot
+            d["inactive"] = text
+            if d["state"] == "shut off":
+                d["xml"] = text
             return ""
         if verb == "migrate":
-            xml_path = rest[rest.index("--xml") + 1]
-            dom, dest = rest[-2], rest[-1]
-            text = Path(xml_path).read_text()
+            text = Path(str(opt["--xml"])).read_text()
             self.xml_files.append(text)
-            cur = doms.pop(dom)
-            if "--live" in rest:
-                assert cur["state"] == "running"
-            self.domains.setdefault(dest, {})[dom] = {"xml": text, "state": cur["state"]}
-            if cur["state"] == "running":
+            dom, dest = name, str(opt["--desturi"])
+            cur = self._get(doms, verb, dom)
+            assert opt.get("--persistent") and opt.get("--undefinesource"), argv
+            if opt.get("--live"):
+                if cur["state"] != "running":
+                    raise HostError("virsh migrate: error: Requested operation is not valid: domain is not running")
+                # --persistent without --persistent-xml: the destination keeps the source's inactive
+                # definition (libvirt's VIR_MIGRATE_PARAM_PERSIST_XML documentation)
+                kept = cur["inactive"]
+                if "--persistent-xml" in opt:
+                    kept = Path(str(opt["--persistent-xml"])).read_text()
+                    self.persistent_xml_files.append(kept)
+                new = {"xml": text, "inactive": kept, "state": "running"}
+            else:
+                assert opt.get("--offline") and "--persistent-xml" not in opt, argv
+                assert cur["state"] == "shut off", "an offline migration of a running domain"
+                new = {"xml": text, "inactive": text, "state": "shut off"}
+            del doms[dom]
+            self.domains.setdefault(dest, {})[dom] = new
+            if new["state"] == "running":
                 # the target QEMU opens the new device before the source QEMU exits and lets go of the old one
                 self._hold(dest, text, True)
                 self._hold(uri, cur["xml"], False)
@@ -190,6 +274,8 @@ def _one_device_each(ctx, fake, uris=(LOCAL,)):
         for name, d in fake.domains.get(uri, {}).items():
             devs = parse_domain(d["xml"]).hostdevs
             assert len(devs) == 1, (name, devs)
+            # the persistent definition names the same device (the guest's next cold boot uses it)
+            assert parse_domain(d["inactive"]).hostdevs == devs, (name, "persistent definition differs")
             assert devs[0].uuid in on_host
             assert held.get(name) == [devs[0].uuid], (name, held)
     return held

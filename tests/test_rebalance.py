@@ -85,8 +85,10 @@ def test_cold_move_on_one_host_runs_exactly_these_virsh_calls_and_matches_the_pl
     [m] = doc["moves"]
     assert m["result"] == "done"
     vm = m["vm"]
-    verbs = [c[2:] for c in fake.calls if c[2] not in ("dumpxml", "domstate")]
-    assert verbs[0] == ["shutdown", "--", vm] and verbs[1][0] == "define" and verbs[2] == ["start", "--", vm]
+    verbs = [c[2:] for c in fake.calls if c[2] not in ("dumpxml", "domstate", "list")]
+    # the domain always as --domain NAME, the file as --file PATH: a bare argument could be read as an option
+    assert verbs[0] == ["shutdown", "--domain", vm] and verbs[1][:2] == ["define", "--file"]
+    assert verbs[2] == ["start", "--domain", vm] and len(verbs) == 3
     assert all(c[:2] == ["-c", LOCAL] for c in fake.calls)
     # the XML defined is the plan's target XML: the VM now names the mdev the plan chose
     assert fake.xml_files == [m["target_xml"]] and m["to"]["uuid"] in m["target_xml"]
@@ -226,10 +228,17 @@ def test_live_move_between_two_hosts_is_virsh_migrate_live_with_the_target_xml(t
     [mig] = [c for c in fake.calls if c[2] == "migrate"]
     assert mig[:2] == ["-c", src_uri]
     assert mig[2:7] == ["migrate", "--live", "--persistent", "--undefinesource", "--xml"]
-    assert mig[8:] == ["--", m["vm"], dst_uri]
+    assert mig[8] == "--persistent-xml" and mig[10:] == ["--domain", m["vm"], "--desturi", dst_uri]
     assert not [c for c in fake.calls if c[2] in ("shutdown", "start", "define")]
     assert fake.xml_files == [m["target_xml"]]
     assert m["vm"] in fake.domains[dst_uri] and m["vm"] not in fake.domains[src_uri]
+    # review finding 3: the destination's persistent definition names the target too (libvirt would keep the
+    # source's, naming the source device, without --persistent-xml), so the next cold boot finds its vGPU
+    [kept] = fake.persistent_xml_files
+    from gpuvirt.vmm.libvirt import parse_domain
+    d = fake.domains[dst_uri][m["vm"]]
+    assert parse_domain(d["inactive"]).hostdevs == parse_domain(d["xml"]).hostdevs
+    assert [h.uuid for h in parse_domain(kept).hostdevs] == [m["to"]["uuid"]]
     assert _placements(ca, cluster=True) == _replayed(scope, doc)
     for c in (ca, cb):
         _one_device_each(c, FakeVirsh())        # rows = host objects on both hosts, no intent open
@@ -544,7 +553,7 @@ def test_execute_for_a_vm_libvirt_does_not_know_is_undone_completely_and_leaves_
 
 
 def test_a_vm_named_like_a_virsh_option_is_passed_as_a_name(cli, make_sim):
-    # libvirt allows '--domain=vm-b' as a name; without '--' virsh would shut down, redefine and start vm-b
+    # libvirt allows '--domain=vm-b' as a name; as a bare argument virsh would shut down, redefine and start vm-b
     from gpuvirt.service import rebalance, rebalance_exec
 
     sim = make_sim(["a10:2"])
@@ -557,7 +566,7 @@ def test_a_vm_named_like_a_virsh_option_is_passed_as_a_name(cli, make_sim):
                                                runner=fake)
     assert doc["moves"] and doc["moves"][0]["result"] == "done"
     named = [c for c in fake.calls if "--domain=vm-b" in c or "vm-b" in c]
-    assert named and all(c[c.index(n) - 1] == "--" for c in named for n in ("--domain=vm-b", "vm-b") if n in c)
+    assert named and all(c[c.index(n) - 1] == "--domain" for c in named for n in ("--domain=vm-b", "vm-b") if n in c)
     _one_device_each(ctx, fake)
     ctx.close()
 
@@ -586,3 +595,150 @@ def test_a_cluster_plan_with_a_host_id_that_is_not_a_hostname_asks_libvirt_nothi
     assert evil in doc["scope"]["hosts"]
     assert not [c for c in fake.calls if "command=" in c[1]]
     ca.close()
+
+
+# --- the vm-handover step against libvirt (review findings 1 and 3, and the virsh nits) ------------------------------
+SRC_UUID, DST_UUID = "aa618089-8b16-4d01-a136-25a0f3c73123", "3c1f52b0-9d4e-4a7b-8f21-6e0d9b5a7c42"
+REMOTE = "qemu+ssh://hb/system"
+
+
+def _handover(fake, vm="vm-a", kind="cold", dst_uri=LOCAL, state="running"):
+    """A handover step of ``vm`` (defined at LOCAL naming SRC_UUID) to DST_UUID, its libvirt calls going to
+    ``fake``; returns the op."""
+    from rebalance_support import DOMAIN
+
+    from gpuvirt.service.rebalance_steps import VmHandoverOp, handover_step, set_runner
+    from gpuvirt.vmm.libvirt import insert_hostdev, mdev_hostdev
+
+    xml = insert_hostdev(DOMAIN.format(name=vm, uuid="6f1b3a52-3c1e-4b8e-9a55-0c8f2d7a1e00"), mdev_hostdev(SRC_UUID))
+    fake.add(LOCAL, vm, xml, state)
+    set_runner(fake)
+    step = handover_step("0000:41:00.0", vm=vm, kind=kind, src={"host": "ha", "uri": LOCAL, "uuid": SRC_UUID},
+                         dst={"host": "ha" if dst_uri == LOCAL else "hb", "uri": dst_uri, "uuid": DST_UUID})
+    return VmHandoverOp(None, step)
+
+
+@pytest.fixture
+def restore_runner():
+    from gpuvirt.service.rebalance_steps import set_runner
+
+    yield
+    set_runner(None)
+
+
+def _uuids(xml):
+    from gpuvirt.vmm.libvirt import parse_domain
+
+    return [h.uuid for h in parse_domain(xml).hostdevs]
+
+
+@pytest.mark.parametrize("kind", ["cold", "live"])
+def test_handover_check_raises_unknown_state_when_libvirt_cannot_be_asked(restore_runner, kind):
+    """Review finding 1: with virsh failing the check answered "not held", and recovery undid a move the VM had
+    made.  Now it is UnknownStateError (the journal leaves the intent open); "not defined there" is only what
+    ``virsh list --all --name`` does not show."""
+    from gpuvirt.errors import UnknownStateError
+
+    fake = FakeVirsh()
+    op = _handover(fake, kind=kind, dst_uri=LOCAL if kind == "cold" else REMOTE)
+    op.resolve()                # (a step whose resolve never ran changed nothing: it holds nothing to undo)
+    assert op.holds(None, False) is True and op.holds(None, True) is False     # asked: a clear answer
+    fake.down = True
+    for present in (True, False):
+        with pytest.raises(UnknownStateError, match="cannot ask libvirt"):
+            op.holds(None, present)
+    with pytest.raises(UnknownStateError):
+        op.forward()
+    with pytest.raises(UnknownStateError):
+        op.backward()
+    fake.down = False
+    # libvirt answers, but not about a domain it lists: unknown as well, never "not there"
+    fake.fail_on = "dumpxml"
+    with pytest.raises(UnknownStateError, match="virsh dumpxml of VM vm-a"):
+        op.holds(None, False)
+    assert not [c for c in fake.calls if c[2] not in ("dumpxml", "domstate", "list")]
+
+
+def test_live_handover_carries_the_persistent_definition_and_checks_it(restore_runner):
+    """Review finding 3: ``migrate --live --persistent`` without --persistent-xml leaves the source's inactive
+    definition (naming the source device) on the destination, and the check read only the running XML."""
+    fake = FakeVirsh()
+    op = _handover(fake, kind="live", dst_uri=REMOTE)
+    op.resolve()
+    op.forward()
+    d = fake.domains[REMOTE]["vm-a"]
+    assert _uuids(d["xml"]) == _uuids(d["inactive"]) == [DST_UUID] and "vm-a" not in fake.domains[LOCAL]
+    assert op.holds(None, True) and not op.holds(None, False)
+    # what a move without --persistent-xml leaves: running on the target, defined with the source device
+    d["inactive"] = d["inactive"].replace(DST_UUID, SRC_UUID)
+    assert not op.holds(None, True)
+    n = len(fake.calls)
+    op.forward()                    # the ensure repairs the definition only: no second migration
+    assert [c[2] for c in fake.calls[n:] if c[2] not in ("dumpxml", "domstate", "list")] == ["define"]
+    assert _uuids(d["inactive"]) == [DST_UUID] and d["state"] == "running" and op.holds(None, True)
+    # and back: both definitions name the source again, on the source host
+    op.backward()
+    d = fake.domains[LOCAL]["vm-a"]
+    assert _uuids(d["xml"]) == _uuids(d["inactive"]) == [SRC_UUID] and op.holds(None, False)
+    [_, back] = [c for c in fake.calls if c[2] == "migrate"]
+    assert "--persistent-xml" in back and back[-4:] == ["--domain", "vm-a", "--desturi", LOCAL]
+
+
+@pytest.mark.parametrize("vm", ["--help", "-x", "--domain"])
+def test_a_vm_named_like_an_option_is_moved(restore_runner, vm):
+    """A bare name '--help' made virsh print its help (read as the domain's XML and state)."""
+    fake = FakeVirsh()
+    op = _handover(fake, vm=vm)
+    op.resolve()
+    assert op.p["was_running"] is True
+    op.forward()
+    d = fake.domains[LOCAL][vm]
+    assert _uuids(d["xml"]) == _uuids(d["inactive"]) == [DST_UUID] and d["state"] == "running"
+    assert op.holds(None, True)
+    for c in fake.calls:
+        if c[2] not in ("list", "define"):
+            assert c[-2:] == ["--domain", vm], c
+
+
+def test_virsh_reads_the_value_of_domain_as_a_name_even_when_it_looks_like_an_option():
+    """What the fake models, checked against the real virsh (its test driver, no daemon)."""
+    virsh = shutil.which("virsh")
+    if virsh is None:
+        pytest.skip("virsh not installed (apt-get install libvirt-clients)")
+    res = subprocess.run([virsh, "-c", "test:///default", "domstate", "--domain", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 1 and "failed to get domain '--help'" in res.stderr, res
+    res = subprocess.run([virsh, "-c", "test:///default", "domstate", "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0 and "domstate" in res.stdout     # bare: the help, as if the guest's state
+    for verb, opt in (("dumpxml", "--domain"), ("domstate", "--domain"), ("shutdown", "--domain"),
+                      ("start", "--domain"), ("define", "--file"), ("migrate", "--domain"),
+                      ("migrate", "--desturi"), ("migrate", "--persistent-xml"), ("migrate", "--xml")):
+        res = subprocess.run([virsh, "help", verb], capture_output=True, text=True, timeout=60)
+        assert f"{opt} <string>" in res.stdout or f"[{opt}] <string>" in res.stdout, (verb, opt)
+
+
+def test_a_failed_domstate_during_shutdown_fails_the_step_and_redefines_nothing(restore_runner):
+    """The shutdown wait read a failed domstate as "shut off": the running guest was redefined and its start
+    failed (and undoing it cost another reboot)."""
+    from gpuvirt.errors import GpuvirtError
+
+    fake = FakeVirsh()
+    op = _handover(fake)
+    op.resolve()
+    real = fake.__call__
+
+    def slow_guest(argv):
+        if argv[2] == "shutdown":       # accepted; the guest takes its time
+            fake.calls.append(list(argv))
+            fake.fail_on = "domstate"   # and then libvirt fails the next question
+            return ""
+        return real(argv)
+
+    from gpuvirt.service.rebalance_steps import set_runner
+    set_runner(slow_guest)
+    with pytest.raises(GpuvirtError):
+        op.forward()
+    assert [c[2] for c in fake.calls if c[2] not in ("dumpxml", "domstate", "list")] == ["shutdown"]
+    d = fake.domains[LOCAL]["vm-a"]
+    assert _uuids(d["xml"]) == _uuids(d["inactive"]) == [SRC_UUID] and d["state"] == "running"

@@ -359,6 +359,74 @@ def test_remove_only_touches_the_matching_device():
     assert remove_hostdev(out, uuid=U2) == out
 
 
+# --- retarget_hostdev (a moved VM's target XML) -----------------------------------------------------------------
+U3 = "6d2e8c41-0b7a-4f3e-9c15-2a8b7e4d1f60"
+VF = "0000:42:00.5"
+# two vGPUs as a live ``virsh dumpxml --migratable`` shows them: guest PCI slots, aliases, a boot order, a ROM
+TWO_LIVE = dom(name="mover", devices=f"""\
+    <disk type='file' device='disk'>
+      <source file='/srv/mover.img'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <hostdev mode='subsystem' type='mdev' managed='no' model='vfio-pci' display='on'>
+      <source>
+        <address uuid='{U1}'/>
+      </source>
+      <alias name='hostdev0'/>
+      <boot order='2'/>
+      <rom bar='off'/>
+      <address type='pci' domain='0x0000' bus='0x07' slot='0x00' function='0x0'/>
+    </hostdev>
+    <hostdev mode='subsystem' type='mdev' managed='no' model='vfio-pci'>
+      <source>
+        <address uuid='{U2}'/>
+      </source>
+      <alias name='hostdev1'/>
+      <address type='pci' domain='0x0000' bus='0x08' slot='0x00' function='0x0'/>
+    </hostdev>
+    <memballoon model='virtio'/>
+""")
+
+
+def test_retarget_edits_the_hostdev_in_place_and_keeps_its_guest_address():
+    """Review finding 4: the hostdev was rebuilt and appended, so a live move of a two-vGPU VM was refused
+    (libvirt pairs hostdevs by position) and a cold-moved guest found its vGPU at another PCI slot."""
+    out = libvirt.retarget_hostdev(TWO_LIVE, old_uuid=U1, new_uuid=U3)
+    # exactly the UUID changed: order, guest <address>, <alias>, <boot>, <rom>, display='on' all stay
+    assert out == TWO_LIVE.replace(U1, U3)
+    assert [h.uuid for h in parse_domain(out).hostdevs] == [U3, U2]
+    out2 = libvirt.retarget_hostdev(TWO_LIVE, old_uuid=U2, new_uuid=U3)
+    assert out2 == TWO_LIVE.replace(U2, U3)
+    # idempotent, and a document naming neither device is not this VM's
+    assert libvirt.retarget_hostdev(out, old_uuid=U1, new_uuid=U3) == out
+    with pytest.raises(UsageError, match="no <hostdev>"):
+        libvirt.retarget_hostdev(TWO_LIVE, old_uuid=U3, new_uuid="0" * 8 + "-0000-4000-8000-" + "0" * 12)
+
+
+def test_retarget_between_an_mdev_and_a_vf_changes_the_kind_in_place():
+    to_vf = libvirt.retarget_hostdev(TWO_LIVE, old_uuid=U1, new_address=VF)
+    first = to_vf[to_vf.index("<hostdev"):to_vf.index("</hostdev>")]
+    assert first.startswith("<hostdev mode='subsystem' type='pci' managed='no'>")   # no model / display
+    assert "<address domain='0x0000' bus='0x42' slot='0x00' function='0x5'/>" in first
+    for kept in ("<alias name='hostdev0'/>", "<boot order='2'/>", "<rom bar='off'/>",
+                 "<address type='pci' domain='0x0000' bus='0x07' slot='0x00' function='0x0'/>"):
+        assert kept in first
+    assert [h.address or h.uuid for h in parse_domain(to_vf).hostdevs] == [VF, U2]
+    # and back: a VF hostdev as libvirt shows it live (<driver name='vfio'/>, a source attribute only PCI has)
+    live_vf = to_vf.replace("<source>", "<source writeFiltering='no'>", 1).replace(
+        "<alias name='hostdev0'/>", "<driver name='vfio'/>\n      <alias name='hostdev0'/>", 1)
+    back = libvirt.retarget_hostdev(live_vf, old_address=VF, new_uuid=U1)
+    assert back == TWO_LIVE.replace(" display='on'", "", 1)     # display was the old mdev's, not the VF's
+    assert libvirt.retarget_hostdev(back, old_address=VF, new_uuid=U1) == back
+
+
+def test_retarget_of_a_half_edited_document_keeps_the_new_device_where_it_is():
+    both = TWO_LIVE.replace(U2, U3)                 # names old U1 and new U3 already
+    out = libvirt.retarget_hostdev(both, old_uuid=U1, new_uuid=U3)
+    assert [h.uuid for h in parse_domain(out).hostdevs] == [U3]
+    assert "hostdev0" not in out and "hostdev1" in out
+
+
 # --- rewrite_file_in_place ---------------------------------------------------------------------------------------
 def _snapshot(d: Path) -> dict[str, tuple[bytes, int, int]]:
     return {p.name: (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns) for p in d.iterdir()}

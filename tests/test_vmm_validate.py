@@ -12,6 +12,7 @@ Skipped with the reason when a tool is missing (``.ci/run`` installs them).
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -166,3 +167,48 @@ def test_parse_domain_agrees_with_libvirts_parser(tmp_path):
     assert ours == theirs
     assert [h.address or h.uuid for h in ours.hostdevs] == ["0000:41:08.2", "0000:42:1f.7", MDEV_UUID]
     assert ours.uuid == "6f1b3a52-3c1e-4b8e-9a55-0c8f2d7a1e01"
+
+
+def _two_with_guest_slots() -> str:
+    """The golden two-vGPU domain with what a running domain's hostdevs carry: guest PCI slots, aliases
+    (``ua-``: the only ones libvirt keeps in a definition), a boot order and a ROM setting."""
+    text = (GOLDEN / "domain-mdev-two.xml").read_text()
+    extras = ["<alias name='ua-vgpu0'/>\n      <boot order='1'/>\n      <rom bar='off'/>\n"
+              "      <address type='pci' domain='0x0000' bus='0x00' slot='0x07' function='0x0'/>",
+              "<alias name='ua-vgpu1'/>\n"
+              "      <address type='pci' domain='0x0000' bus='0x00' slot='0x08' function='0x0'/>"]
+    parts = text.split("      </source>\n    </hostdev>")
+    assert len(parts) == 3
+    return (parts[0] + "      </source>\n      " + extras[0] + "\n    </hostdev>" + parts[1]
+            + "      </source>\n      " + extras[1] + "\n    </hostdev>" + parts[2])
+
+
+@pytest.mark.parametrize("old,new", [
+    ({"old_uuid": MDEV_UUID}, {"new_uuid": "6d2e8c41-0b7a-4f3e-9c15-2a8b7e4d1f60"}),
+    ({"old_uuid": MDEV_UUID_2}, {"new_uuid": "6d2e8c41-0b7a-4f3e-9c15-2a8b7e4d1f60"}),
+    ({"old_uuid": MDEV_UUID_2}, {"new_address": "0000:42:00.5"}),
+])
+def test_retargeted_two_vgpu_domain_validates_and_libvirt_keeps_order_and_guest_slots(tmp_path, old, new):
+    """Review finding 4, judged by libvirt itself: the retargeted document passes the schema and the parser,
+    and libvirt reads the same hostdevs in the same order at the same guest PCI slots, boot order and ROM
+    setting included (the old code rebuilt the element at the end of <devices> without them)."""
+    text = _two_with_guest_slots()
+    out = libvirt.retarget_hostdev(text, **old, **new)
+    path = tmp_path / "retargeted.xml"
+    path.write_text(out)
+    res = _validate(path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = _virsh_test(f"define {path}; dumpxml golden-mdev-guest")
+    assert res.returncode == 0, res.stdout + res.stderr
+    dumped = res.stdout[res.stdout.index("<domain"):]
+    want = libvirt.parse_domain(text).hostdevs
+    moved = libvirt.parse_domain(out).hostdevs
+    assert libvirt.parse_domain(dumped).hostdevs == moved
+    assert len(moved) == 2 and [h.key for h in moved].index(
+        ("pci", new["new_address"]) if "new_address" in new else ("mdev", new["new_uuid"])) == \
+        [h.key for h in want].index(("mdev", old["old_uuid"]))
+    # each hostdev keeps its guest slot (libvirt's own serialisation, element by element)
+    blocks = re.findall(r"<hostdev .*?</hostdev>", dumped, re.S)
+    assert [re.search(r"<address type='pci' domain='0x0000' bus='0x00' slot='(0x0[78])'", b)[1]
+            for b in blocks] == ["0x07", "0x08"]
+    assert "<boot order='1'/>" in blocks[0] and "<rom bar='off'/>" in blocks[0]

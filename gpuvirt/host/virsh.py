@@ -1,9 +1,10 @@
 """The one place gpuvirt runs ``virsh``: the libvirt calls of the rebalance executor (live and offline
-migration, define, start, shutdown) and its read-only questions (dumpxml, domstate).
+migration, define, start, shutdown) and its read-only questions (dumpxml, domstate, list).
 
 A runner is any callable ``runner(argv) -> stdout`` that raises a :class:`~gpuvirt.errors.HostError` with one
 line when the command fails; the service layer composes the argument lists
-(:mod:`gpuvirt.service.rebalance_libvirt`), so tests replace this runner by one that records them.
+(:mod:`gpuvirt.service.rebalance_steps`, :mod:`gpuvirt.service.rebalance`), so tests replace this runner by
+one that records them.
 """
 
 from __future__ import annotations

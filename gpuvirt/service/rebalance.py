@@ -477,7 +477,7 @@ def domain_xml(runner: Runner | None, uri: str, vm: str, *, inactive: bool = Fal
 
     run = runner or VirshRunner()
     # "--": a VM named like an option (libvirt allows '--domain=other') stays a name (rebalance_steps)
-    return run(["-c", uri, "dumpxml", "--migratable", *(["--inactive"] if inactive else []), "--", vm])
+    return run(["-c", uri, "dumpxml", "--migratable", *(["--inactive"] if inactive else []), "--domain", vm])
 
 
 def source_device(info: UnitInfo) -> tuple[str | None, str | None]:

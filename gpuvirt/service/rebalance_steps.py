@@ -4,28 +4,33 @@ device instead (the middle of a rebalance move, :mod:`gpuvirt.service.rebalance_
 Like every step kind it is an *ensure* in both directions, decided by asking libvirt where the domain is
 and which device its XML names:
 
-* live (two hosts): ``virsh -c SRC migrate --live --persistent --undefinesource --xml TARGET.xml VM DST``;
+* live (two hosts): ``virsh -c SRC migrate --live --persistent --undefinesource --xml T.xml --persistent-xml
+  P.xml --domain VM --desturi DST``, T the running XML (``dumpxml --migratable``) and P the persistent definition
+  (``dumpxml --inactive --migratable``), both retargeted to the target device;
 * cold (one host, or when the pre-flight allows only cold): shut the guest down (``virsh shutdown``, then
-  ``domstate`` until it is shut off), then either ``virsh define TARGET.xml`` on the same host or
-  ``virsh migrate --offline --persistent --undefinesource --xml TARGET.xml VM DST`` to another, then
-  ``virsh start`` when it ran before.
+  ``domstate`` until it is shut off), then either ``virsh define --file T.xml`` on the same host or
+  ``virsh migrate --offline --persistent --undefinesource --xml T.xml --domain VM --desturi DST`` to another
+  (T: the retargeted definition), then ``virsh start --domain VM`` when it ran before.
+
+The step holds when both the running XML and the persistent definition on the device's host name the device.
+When libvirt cannot be asked (no connection, a failed query about a domain it lists) the answer is
+:class:`~gpuvirt.errors.UnknownStateError`, never "not held".
 
 Backward is the same with source and target swapped, so a kill at any point is settled by running the step
 again in either direction: the VM's XML always names exactly one of the two devices, both of which exist
-until the handover is settled.  Every VM name is passed after ``--``: libvirt allows a name such as
-``--domain=other`` (only '/' is out), which virsh would otherwise read as an option and act on another domain.
-Which libvirt calls are made goes through one *runner* (``argv -> stdout``):
+until the handover is settled.  Which libvirt calls are made goes through one *runner* (``argv -> stdout``):
 :class:`gpuvirt.host.virsh.VirshRunner` on a real host, a recording one in tests.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-from gpuvirt.errors import ConflictError, GpuvirtError, NotFoundError
+from gpuvirt.errors import ConflictError, GpuvirtError, HostError, NotFoundError, UnknownStateError, UsageError
 from gpuvirt.service.intent_steps import OPS, _Op, _step
 
 Runner = Callable[[Sequence[str]], str]
@@ -69,6 +74,18 @@ def _names(xml: str, d: dict[str, Any]) -> bool:
     return any(h.key == want for h in parse_domain(xml).hostdevs)
 
 
+@contextlib.contextmanager
+def _xml_file(text: str) -> Iterator[str]:
+    """``text`` in a private temporary file for virsh to read (--xml, --persistent-xml, define --file)."""
+    fd, path = tempfile.mkstemp(prefix="gpuvirt-target-", suffix=".xml")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        yield path
+    finally:
+        os.unlink(path)
+
+
 class VmHandoverOp(_Op):
     def describe(self, forward: bool = True) -> str:
         p = self.p
@@ -77,26 +94,58 @@ class VmHandoverOp(_Op):
                 f"{to['host']}")
 
     # --- libvirt questions ---
-    def _xml(self, uri: str, *, inactive: bool = False, migratable: bool = False) -> str | None:
-        argv = ["-c", uri, "dumpxml"] + (["--migratable"] if migratable else []) + \
-            (["--inactive"] if inactive else []) + ["--", self.p["vm"]]
+    # A failed question is never an answer: "libvirt unreachable" read as "the VM is not there" made recovery
+    # undo a move the VM had already made (review finding 1).  Only a domain that ``virsh list --all --name``
+    # does not show is "not there" (a list, not an error message, which virsh words per locale); every other
+    # failure raises UnknownStateError, which leaves the intent open.  The name always follows ``--domain``:
+    # as a bare argument a VM named '--help' would be read as an option.
+    def _ask(self, uri: str, verb: str, *args: str) -> str | None:
+        vm = self.p["vm"]
         try:
-            return runner()(argv)
-        except GpuvirtError:
-            return None             # no such domain there (or libvirt unreachable: the caller says which)
+            return runner()(["-c", uri, verb, *args, "--domain", vm])
+        except GpuvirtError as exc:
+            failed = exc
+        try:
+            names = runner()(["-c", uri, "list", "--all", "--name"])
+        except GpuvirtError as exc:
+            raise UnknownStateError(f"cannot ask libvirt at {uri} about VM {vm} ({exc}); whether it was moved is "
+                                    "unknown, so the move is left open until libvirt answers") from exc
+        if vm in names.splitlines():
+            raise UnknownStateError(f"virsh {verb} of VM {vm} at {uri} failed ({failed}); whether it was moved "
+                                    "is unknown, so the move is left open until libvirt answers") from failed
+        return None                 # not defined there
+
+    def _xml(self, uri: str, *, inactive: bool = False, migratable: bool = False) -> str | None:
+        """The domain's XML at ``uri`` (running, or with ``inactive`` its persistent definition); None when it
+        is not defined there."""
+        return self._ask(uri, "dumpxml", *(["--migratable"] if migratable else []),
+                         *(["--inactive"] if inactive else []))
 
     def _state(self, uri: str) -> str | None:
-        try:
-            return runner()(["-c", uri, "domstate", "--", self.p["vm"]]).strip()
-        except GpuvirtError:
-            return None
+        st = self._ask(uri, "domstate")
+        return None if st is None else st.strip()
+
+    def _names_both(self, d: dict[str, Any]) -> bool:
+        """Do the running XML and the persistent definition at ``d``'s host both name device ``d``?  (A shut
+        off domain shows its definition as both.)  Checking only one let a live move through whose definition
+        still named the source device, handed back at the guest's next cold boot (review finding 3)."""
+        for inactive in (False, True):
+            xml = self._xml(d["uri"], inactive=inactive)
+            if xml is None or not _names(xml, d):
+                return False
+        return True
 
     def resolve(self) -> bool:
         # whether the guest ran is read once, before anything changes, so that a resumed or undone cold move
         # starts it again exactly when it ran before
         if self.p.get("was_running") is not None:
             return False
-        st = self._state(self.p["src"]["uri"])
+        try:
+            st = self._state(self.p["src"]["uri"])
+        except UnknownStateError as exc:
+            # nothing has been asked of libvirt yet, so nothing of this move happened there: the move is undone
+            # like any other failure (not left open, as an unknown outcome later would be)
+            raise HostError(f"{exc}".split("; whether it was moved")[0] + "; the move was not started") from exc
         if st is None:
             raise NotFoundError(f"VM {self.p['vm']} is not defined on {self.p['src']['host']} "
                                 f"({self.p['src']['uri']}); nothing to move")
@@ -116,63 +165,85 @@ class VmHandoverOp(_Op):
     def ensure(self, present: bool) -> dict[str, Any]:   # pragma: no cover - forward/backward above
         return self.forward() if present else self.backward()
 
-    def _ensure(self, frm: dict[str, Any], to: dict[str, Any]) -> dict[str, Any]:
+    def _retarget(self, xml: str, frm: dict[str, Any], to: dict[str, Any], what: str) -> str:
         from gpuvirt.vmm.libvirt import retarget_hostdev
 
+        try:
+            return retarget_hostdev(xml, old_uuid=frm.get("uuid"), old_address=frm.get("address"),
+                                    new_uuid=to.get("uuid"), new_address=to.get("address"))
+        except UsageError as exc:
+            raise ConflictError(f"VM {self.p['vm']}: its {what} on {frm['host']} cannot be made to name "
+                                f"{_dev(to)} ({exc}); it is left as it is") from exc
+
+    def _ensure(self, frm: dict[str, Any], to: dict[str, Any]) -> dict[str, Any]:
         p, run = self.p, runner()
         vm, cold = p["vm"], p["kind"] != "live"
         if not to.get("uuid") and not to.get("address"):
             raise ConflictError(f"the target device of VM {vm} is not known yet")
-        there = self._xml(to["uri"], inactive=cold)
+        there = self._xml(to["uri"])
         if there is not None and _names(there, to):
+            # the VM is there: its persistent definition must name the device too (a live move made before
+            # --persistent-xml was passed left the source's there), then it runs if it ran before
+            kept = self._xml(to["uri"], inactive=True, migratable=True)
+            if kept is not None and not _names(kept, to):
+                with _xml_file(self._retarget(kept, frm, to, "persistent definition")) as path:
+                    run(["-c", to["uri"], "define", "--file", path])
             if cold and p.get("was_running") and self._state(to["uri"]) != "running":
-                run(["-c", to["uri"], "start", "--", vm])
+                run(["-c", to["uri"], "start", "--domain", vm])
             return {}
         here = self._xml(frm["uri"], inactive=cold, migratable=True)
         if here is None or not _names(here, frm):
             raise ConflictError(f"VM {vm} names neither {_dev(frm)} on {frm['host']} nor {_dev(to)} on {to['host']} "
                                 "in its libvirt definition; it is left as it is (see 'virsh dumpxml')")
-        if cold and self._state(frm["uri"]) not in ("shut off", None):
+        if cold and self._state(frm["uri"]) != "shut off":
             self._shutdown(frm["uri"])
-            here = self._xml(frm["uri"], inactive=True, migratable=True) or here
-        target = retarget_hostdev(here, old_uuid=frm.get("uuid"), old_address=frm.get("address"),
-                                  new_uuid=to.get("uuid"), new_address=to.get("address"))
-        fd, path = tempfile.mkstemp(prefix="gpuvirt-target-", suffix=".xml")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(target)
+            here = self._xml(frm["uri"], inactive=True, migratable=True)
+            if here is None:
+                raise ConflictError(f"VM {vm} left {frm['uri']} while it was shut down for the move")
+        target = self._retarget(here, frm, to, "definition" if cold else "running XML")
+        with _xml_file(target) as path:
             if not cold:
-                run(["-c", frm["uri"], "migrate", "--live", "--persistent", "--undefinesource", "--xml", path, "--",
-                     vm, to["uri"]])
+                # the persistent definition goes along retargeted as well: without --persistent-xml libvirt
+                # keeps the source's inactive definition on the destination, naming the source device
+                kept = self._xml(frm["uri"], inactive=True, migratable=True)
+                if kept is None:
+                    raise ConflictError(f"VM {vm} left {frm['uri']} before it was moved")
+                with _xml_file(self._retarget(kept, frm, to, "persistent definition")) as ppath:
+                    run(["-c", frm["uri"], "migrate", "--live", "--persistent", "--undefinesource", "--xml", path,
+                         "--persistent-xml", ppath, "--domain", vm, "--desturi", to["uri"]])
             elif frm["uri"] == to["uri"]:
-                run(["-c", to["uri"], "define", path])
+                run(["-c", to["uri"], "define", "--file", path])
             else:
+                # offline: the --xml document is the one definition the destination gets
                 run(["-c", frm["uri"], "migrate", "--offline", "--persistent", "--undefinesource", "--xml", path,
-                     "--", vm, to["uri"]])
-        finally:
-            os.unlink(path)
+                     "--domain", vm, "--desturi", to["uri"]])
         if cold and p.get("was_running"):
-            run(["-c", to["uri"], "start", "--", vm])
+            run(["-c", to["uri"], "start", "--domain", vm])
         return {}
 
     def _shutdown(self, uri: str) -> None:
+        # a failed shutdown or domstate fails the step: carrying on would redefine a running guest (whose new
+        # definition only counts at its next boot) and then fail to start it
         vm = self.p["vm"]
-        runner()(["-c", uri, "shutdown", "--", vm])
+        runner()(["-c", uri, "shutdown", "--domain", vm])
         deadline = time.monotonic() + float(self.p.get("shutdown_timeout") or SHUTDOWN_TIMEOUT_SECONDS)
-        while self._state(uri) not in ("shut off", None):
+        while (st := self._state(uri)) != "shut off":
+            if st is None:
+                raise ConflictError(f"VM {vm} left {uri} while it was shut down for the move")
             if time.monotonic() > deadline:
                 raise ConflictError(f"VM {vm} did not shut down within {self.p.get('shutdown_timeout')} s; it keeps "
                                     "its device (shut it down, then run the rebalance again)")
             time.sleep(_POLL_SECONDS)
 
     def holds(self, view: Any, present: bool) -> bool:
+        """Whether the VM names the device of that direction, in its running XML and in its persistent
+        definition; raises UnknownStateError when libvirt cannot be asked (never a guessed False)."""
         want = self.p["dst"] if present else self.p["src"]
         if not present and self.p.get("was_running") is None:
             return True             # never started (backward above): nothing of it to show
         if not want.get("uuid") and not want.get("address"):
             return not present
-        xml = self._xml(want["uri"], inactive=self.p["kind"] != "live")
-        return xml is not None and _names(xml, want)
+        return self._names_both(want)
 
     def record(self, uow: Any, present: bool, facts: dict[str, Any]) -> None:
         # once the VM names its target, finishing the move (releasing the source) is the way out of a crash;

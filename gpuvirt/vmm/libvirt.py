@@ -593,6 +593,18 @@ def _ws_start(data: bytes, pos: int, floor: int) -> int:
     return k
 
 
+def _own_lines(data: bytes, s: int, e: int) -> tuple[int, int]:
+    """The span to cut for the element at [s, e): with the newline and indentation in front of it when the
+    element has its line to itself, so that removing it leaves no blank line."""
+    nxt = data.find(b"\n", e)
+    if _line_indent(data, s) is not None and data[e:nxt if nxt >= 0 else len(data)].strip() == b"":
+        k = data.rfind(b"\n", 0, s)
+        if k > 0 and data[k - 1:k] == b"\r":
+            k -= 1
+        s = max(k, 0)
+    return s, e
+
+
 def remove_hostdev(domain_xml: str | bytes, uuid: str | None = None, address: str | None = None, *,
                    max_bytes: int = MAX_DOMAIN_XML_BYTES) -> str:
     """``domain_xml`` without the mdev hostdev ``uuid`` (or the PCI hostdev ``address``); unchanged if absent.
@@ -614,16 +626,7 @@ def remove_hostdev(domain_xml: str | bytes, uuid: str | None = None, address: st
         h = _hostdev_from(node)
         if h is None or h.key != want:
             continue
-        s, e = node.start, node.end
-        indent = _line_indent(data, s)
-        rest = data[e:data.find(b"\n", e) if data.find(b"\n", e) >= 0 else len(data)]
-        if indent is not None and rest.strip() == b"":
-            # the element owns its lines: drop the newline and indentation in front of it as well
-            s = data.rfind(b"\n", 0, s)
-            if s > 0 and data[s - 1:s] == b"\r":
-                s -= 1
-            s = max(s, 0)
-        spans.append((s, e))
+        spans.append(_own_lines(data, node.start, node.end))
     if not spans:
         return data.decode("utf-8")
     out = data
@@ -635,14 +638,7 @@ def remove_hostdev(domain_xml: str | bytes, uuid: str | None = None, address: st
     if dev is not None and not dev.children and dev.end != dev.tag_end:
         close = out.rindex(b"</", dev.tag_end, dev.end)
         if out[dev.tag_end:close].strip() == b"":
-            s, e = dev.start, dev.end
-            indent = _line_indent(out, s)
-            nxt = out.find(b"\n", e)
-            if indent is not None and out[e:nxt if nxt >= 0 else len(out)].strip() == b"":
-                s = out.rfind(b"\n", 0, s)
-                if s > 0 and out[s - 1:s] == b"\r":
-                    s -= 1
-                s = max(s, 0)
+            s, e = _own_lines(out, dev.start, dev.end)
             out = out[:s] + out[e:]
     return out.decode("utf-8")
 
@@ -650,11 +646,18 @@ def remove_hostdev(domain_xml: str | bytes, uuid: str | None = None, address: st
 def retarget_hostdev(domain_xml: str | bytes, *, old_uuid: str | None = None, old_address: str | None = None,
                      new_uuid: str | None = None, new_address: str | None = None,
                      max_bytes: int = MAX_DOMAIN_XML_BYTES) -> str:
-    """``domain_xml`` with the hostdev of the old device (mdev ``old_uuid`` or PCI ``old_address``) replaced
-    by one naming the new device (``new_uuid`` / ``new_address``): the target XML of a VM moved to another
-    GPU (``virsh migrate --xml``, or ``virsh define`` for a cold move).  ``display`` / ``ramfb`` of an mdev
-    carry over.  Idempotent: a document that already names the new device and not the old one comes back
-    unchanged.  Raises ``UsageError`` when the document holds neither device (it is not this VM's XML).
+    """``domain_xml`` with the hostdev of the old device (mdev ``old_uuid`` or PCI ``old_address``) made to name
+    the new device (``new_uuid`` / ``new_address``): the target XML of a VM moved to another GPU (``virsh
+    migrate --xml`` / ``--persistent-xml``, or ``virsh define`` for a cold move).
+
+    The element is edited where it stands, never rebuilt: libvirt's migration check pairs hostdevs by their
+    position and guest ``<address>``, and the guest must find its vGPU at the same PCI slot after a move.  So
+    only the ``<address>`` inside ``<source>`` is replaced, and every other child (guest ``<address>``,
+    ``<alias>``, ``<boot>``, ``<rom>``, ...) and every other byte stays.  Between an mdev and a PCI device the
+    start tag becomes the new kind's (``type``/``model``; ``display``/``ramfb`` only exist for an mdev) and
+    what only a PCI hostdev may carry (``<driver>``, ``<teaming>``, ``<source>`` attributes) goes.
+    Idempotent: a document that already names the new device and not the old one comes back unchanged.
+    Raises ``UsageError`` when the document holds neither device (it is not this VM's XML).
     """
     if (old_uuid is None) == (old_address is None) or (new_uuid is None) == (new_address is None):
         raise UsageError("retarget_hostdev needs one old device and one new device (an mdev UUID or a PCI address)")
@@ -662,20 +665,44 @@ def retarget_hostdev(domain_xml: str | bytes, *, old_uuid: str | None = None, ol
         ("pci", normalize_pci_address(old_address))
     new = ("mdev", normalize_uuid(new_uuid, "mdev UUID")) if new_uuid is not None else \
         ("pci", normalize_pci_address(new_address))
-    dom = parse_domain(domain_xml, max_bytes=max_bytes)
-    have = {h.key: h for h in dom.hostdevs}
+    data = _to_bytes(domain_xml, max_bytes, "domain XML")
+    root = _parse(data, "domain XML")
+    dom = _domain_from(root)  # validates the whole document, so we never edit something libvirt would refuse
+    have = {h.key for h in dom.hostdevs}
     if old not in have:
         if new in have:
-            return domain_xml.decode("utf-8") if isinstance(domain_xml, bytes) else domain_xml
+            return data.decode("utf-8")
         raise UsageError(f"domain {dom.name!r} has no <hostdev> for {old[1]} (nor for {new[1]})")
-    was = have[old]
-    text = remove_hostdev(domain_xml, uuid=old_uuid, address=old_address, max_bytes=max_bytes)
+    if new in have:  # both named (a half-edited document): the new one stays where it is, the old one goes
+        return remove_hostdev(data, uuid=old_uuid, address=old_address, max_bytes=max_bytes)
+    devices = root.child("devices")
+    assert devices is not None  # a hostdev was found in it
+    node = next(c for c in devices.children if c.tag == "hostdev" and (h := _hostdev_from(c)) is not None
+                and h.key == old)
+    source = node.child("source")
+    addr = source.child("address") if source is not None else None
+    assert source is not None and addr is not None  # _hostdev_from refuses a hostdev without them
+    edits: list[tuple[int, int, bytes]] = []  # (start, end, replacement), spans within the hostdev
     if new[0] == "mdev":
-        element = mdev_hostdev(new[1], display=was.display if was.kind == "mdev" else False,
-                               ramfb=was.ramfb if was.kind == "mdev" else False)
+        edits.append((addr.start, addr.end, f"<address uuid='{new[1]}'/>".encode()))
     else:
-        element = pci_hostdev(new[1])
-    return insert_hostdev(text, element, max_bytes=max_bytes)
+        d, b, rest = new[1].split(":")
+        sl, fn = rest.split(".")
+        edits.append((addr.start, addr.end,
+                      f"<address domain='0x{d}' bus='0x{b}' slot='0x{sl}' function='0x{fn}'/>".encode()))
+    if new[0] != old[0]:
+        # the start tag of the new kind, as attach writes it (managed='no': see mdev_hostdev / pci_hostdev)
+        tag = mdev_hostdev(new[1]) if new[0] == "mdev" else pci_hostdev(new[1])
+        edits.append((node.start, node.tag_end, tag[:tag.index(">") + 1].encode()))
+        if source.attrs:  # startupPolicy / writeFiltering belong to a PCI source only
+            edits.append((source.start, source.tag_end, b"<source>"))
+        for child in node.children:
+            if child.tag in ("driver", "teaming"):
+                edits.append(_own_lines(data, child.start, child.end) + (b"",))
+    out = data
+    for s, e, text in sorted(edits, reverse=True):
+        out = out[:s] + text + out[e:]
+    return out.decode("utf-8")
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644,
