@@ -15,7 +15,7 @@ from typing import Any
 
 from gpuvirt.context import Context
 from gpuvirt.errors import ConflictError, ResetRequiredError
-from gpuvirt.inventory.kinds import ACTIVE, MIG, VF, VFIO_VGPU
+from gpuvirt.inventory.kinds import ACTIVE, MDEV, MIG, VF, VFIO_VGPU
 
 PENDING, DONE, UNDONE, SKIPPED = "pending", "done", "undone", "skipped"
 
@@ -573,18 +573,32 @@ class AllocateOp(_Op):
         return f"allocate instance {self.p['instance_id']} to VM {vm}" if forward else \
             f"release instance {self.p['instance_id']} from VM {vm}"
 
+    def resolve(self) -> bool:
+        # what the instance *is* (its UUID, VF, or GPU instance), read before the release: a rollback that
+        # re-creates the device after it was destroyed records it under a new row id, and must find it by this
+        if self.step["op"] != "release" or self.p.get("key") is not None:
+            return False
+        with self.ctx.inventory.unit() as uow:
+            row = _row_or_none(uow, self.p["instance_id"])
+            self.p["key"] = instance_key(row) if row is not None else None
+        return self.p["key"] is not None
+
     def ensure(self, present: bool) -> dict[str, Any]:
         return {}
 
     def holds(self, view: Any, present: bool) -> bool:
         return True
 
-    def record(self, uow: Any, present: bool, facts: dict[str, Any]) -> None:
-        from gpuvirt.errors import NotFoundError
+    def _row(self, uow: Any) -> Any:
+        row, key = _row_or_none(uow, self.p["instance_id"]), self.p.get("key")
+        if key is None or (row is not None and instance_key(row) == key):
+            return row
+        return next((r for r in uow.instances(self.ctx.settings.host_id, gpu_id=key.get("gpu_id"),
+                                              kinds=[key["kind"]]) if instance_key(r) == key), None)
 
-        try:
-            row = uow.instance(self.p["instance_id"])
-        except NotFoundError:
+    def record(self, uow: Any, present: bool, facts: dict[str, Any]) -> None:
+        row = self._row(uow)
+        if row is None:
             return
         want = present == (self.step["op"] == "allocate")
         a = row.allocation
@@ -592,6 +606,26 @@ class AllocateOp(_Op):
             _allocate(uow, row, self.p["alloc"])
         elif a is not None and a.vm_name == self.p["alloc"]["vm_name"]:
             uow.release(a)
+
+
+def _row_or_none(uow: Any, instance_id: int) -> Any:
+    from gpuvirt.errors import NotFoundError
+
+    try:
+        return uow.instance(instance_id)
+    except NotFoundError:
+        return None
+
+
+def instance_key(row: Any) -> dict[str, Any]:
+    """What identifies an instance on its host whatever its row id: the mdev UUID, the VF (or whole GPU)
+    address, or the GPU instance's profile and start on its GPU."""
+    if row.kind == MDEV:
+        return {"kind": MDEV, "mdev_uuid": row.mdev_uuid}
+    if row.kind == MIG:
+        return {"kind": MIG, "gpu_id": row.gpu_id, "profile_id": row.profile_id,
+                "placement_start": row.placement_start}
+    return {"kind": row.kind, "gpu_id": row.gpu_id, "parent": row.parent}
 
 
 class DomainXmlOp(_Op):
