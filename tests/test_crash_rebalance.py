@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from gpuvirt.errors import HostError
 from rebalance_support import LOCAL, FakeVirsh, _attach, _ctx, _domains, _one_device_each, _placements
 
 pytestmark = pytest.mark.crash
@@ -284,3 +285,180 @@ def test_a_kill_while_the_request_is_placed_is_settled_and_the_moves_stay_done(c
                 ctx.close()
             finally:
                 shutil.rmtree(root, ignore_errors=True)
+
+
+# --- recovery while libvirt cannot be asked (review finding 1) ------------------------------------------------------
+class _Down(FakeVirsh):
+    """libvirt not reachable yet (the boot unit runs before libvirtd): every virsh call fails."""
+
+    down = False
+
+    def __call__(self, argv):
+        if self.down:
+            self.calls.append(list(argv))
+            raise HostError("virsh: error: failed to connect to the hypervisor")
+        return super().__call__(argv)
+
+
+def _killed_after_handover(ctx, fake, monkeypatch):
+    """Run the move of vm-a and kill the executor right after the handover was recorded."""
+    from gpuvirt.service import intent, rebalance, rebalance_exec
+
+    real = intent.op_of
+
+    def op_of(c, step):
+        op = real(c, step)
+        if step["op"] == "release":
+            def boom():
+                raise Killed
+            op.forward = boom
+        return op
+    monkeypatch.setattr(intent, "op_of", op_of)
+    with pytest.raises(Killed):
+        rebalance_exec.rebalance_and_execute(ctx, "A10-24Q", policy=rebalance.make_policy(allow="cold"), runner=fake)
+    monkeypatch.undo()
+    with intent._ACTIVE_GUARD:
+        intent._ACTIVE.clear()
+    # the host rebooted: guests are off, libvirt not up yet
+    for d in fake.domains[LOCAL].values():
+        d["state"] = "shut off"
+        fake._hold(LOCAL, d["xml"], False)
+    fake.down = True
+
+
+def _vm_devices_exist(ctx, fake):
+    """Every VM's XML names devices that exist, and the inventory gives them to that VM."""
+    from gpuvirt.vmm.libvirt import parse_domain
+
+    on_host = {m["uuid"] for m in ctx.sim.load()["mdevs"]}
+    with ctx.inventory.unit() as uow:
+        held = {r.mdev_uuid: r.allocation.vm_name for r in uow.instances(ctx.settings.host_id, kinds=["mdev"])
+                if r.allocation is not None}
+    for name, d in fake.domains[LOCAL].items():
+        for h in parse_domain(d["xml"]).hostdevs:
+            assert h.uuid in on_host and held.get(h.uuid) == name, (name, h.uuid, held)
+
+
+def test_recovery_while_libvirt_is_down_leaves_the_move_open(boards, monkeypatch):
+    """Review finding 1: with the handover done and libvirt unreachable, recovery once fell back to undoing
+    the move, destroyed the target device the VM names and re-created the source under a new row without its
+    allocation.  Now the rollback stops at the handover it cannot undo, the source comes back with its
+    allocation (found by its UUID), and the move is finished forward once libvirt answers."""
+    from gpuvirt.service import intent, rebalance_exec
+
+    ctx = _ctx(boards)
+    fake = _Down()
+    _domains(ctx, fake)
+    before = _placements(ctx)
+    _killed_after_handover(ctx, fake, monkeypatch)
+    [res] = rebalance_exec.recover(ctx, runner=fake)
+    assert res["result"] == "failed", res
+    _vm_devices_exist(ctx, fake)
+    [row] = intent.open_intents(ctx)
+    assert row.recovery == "forward" and [s["state"] for s in row.steps if s["op"] == "vm-handover"] == ["done"]
+    with intent._ACTIVE_GUARD:
+        intent._ACTIVE.clear()
+    fake.down = False
+    for d in fake.domains[LOCAL].values():     # libvirt up, the guests started again
+        d["state"] = "running"
+        fake._hold(LOCAL, d["xml"], True)
+    [res] = rebalance_exec.recover(ctx, runner=fake)
+    assert res["result"] == "forward", res
+    assert _placements(ctx) != before
+    _one_device_each(ctx, fake)
+    ctx.close()
+
+
+def test_a_check_that_cannot_tell_leaves_the_move_open_without_going_back(boards, monkeypatch):
+    """Review finding 1 (b): when the handover's check raises (libvirt cannot be asked: "cannot tell"), the
+    settle does not fall back to undoing the move; it leaves the intent for a later settle."""
+    from gpuvirt.service import intent, rebalance_exec
+    from gpuvirt.service.rebalance_steps import VmHandoverOp
+
+    ctx = _ctx(boards)
+    fake = _Down()
+    _domains(ctx, fake)
+    _killed_after_handover(ctx, fake, monkeypatch)
+    real = VmHandoverOp.holds
+
+    def holds(self, view, present):
+        if fake.down:
+            raise HostError("virsh: error: failed to connect to the hypervisor")
+        return real(self, view, present)
+    monkeypatch.setattr(VmHandoverOp, "holds", holds)
+    n = len(fake.calls)
+    [res] = rebalance_exec.recover(ctx, runner=fake)
+    assert res["result"] == "failed" and "cannot be checked now" in res["error"] and "rolling back" not in res["error"]
+    [row] = intent.open_intents(ctx)
+    assert all(s["state"] == "done" for s in row.steps), row.steps   # nothing undone
+    _vm_devices_exist(ctx, fake)
+    assert len(fake.calls) == n         # virsh was not even tried for a way back
+    with intent._ACTIVE_GUARD:
+        intent._ACTIVE.clear()
+    fake.down = False
+    [res] = rebalance_exec.recover(ctx, runner=fake)
+    assert res["result"] == "forward", res
+    ctx.close()
+
+
+def test_a_failed_source_cleanup_after_the_handover_never_moves_the_vm_back(boards, monkeypatch):
+    """Review finding 2: removing the source mdev failed (EBUSY) after the handover, and the executor aborted
+    backward - shut the guest down and started it again on its source (for a live move: a second migration).
+    Now the move is done: the cleanup is retried once, then left for reconcile to finish forward."""
+    from gpuvirt.service import intent, rebalance, rebalance_exec
+
+    monkeypatch.setattr(rebalance_exec, "CLEANUP_RETRY_SECONDS", 0)
+    ctx = _ctx(boards)
+    fake = FakeVirsh()
+    _domains(ctx, fake)
+    before = _placements(ctx)
+    host, real = ctx.host, ctx.host.remove_mdev
+    fails = [2]
+
+    def remove_mdev(uuid, *a, **k):
+        if fails[0]:
+            fails[0] -= 1
+            raise HostError("injected: remove_mdev EBUSY")
+        return real(uuid, *a, **k)
+    monkeypatch.setattr(host, "remove_mdev", remove_mdev)
+    with pytest.raises(rebalance_exec.CleanupPending, match=r"move 1 of 1 \(cold move of VM vm-a\) is done.*"
+                       r"source cleanup pending: run 'gpuvirt reconcile'") as exc:
+        rebalance_exec.rebalance_and_execute(ctx, "A10-24Q", policy=rebalance.make_policy(allow="cold"), runner=fake)
+    assert exc.value.exit_code == 1
+    verbs = [c[2] for c in fake.calls]
+    assert verbs.count("shutdown") == 1 and verbs.count("start") == 1 and verbs.count("define") == 1, verbs
+    assert _placements(ctx) != before
+    [row] = intent.open_intents(ctx)
+    assert row.recovery == "forward" and row.state == intent.UNFINISHED
+    with intent._ACTIVE_GUARD:
+        intent._ACTIVE.clear()
+    [res] = rebalance_exec.recover(ctx, runner=fake)
+    assert res["result"] == "forward", res
+    _one_device_each(ctx, fake)
+    assert [c[2] for c in fake.calls].count("shutdown") == 1
+    ctx.close()
+
+
+def test_one_failed_source_cleanup_is_retried_and_the_move_finishes(boards, monkeypatch):
+    from gpuvirt.service import intent, rebalance, rebalance_exec
+
+    monkeypatch.setattr(rebalance_exec, "CLEANUP_RETRY_SECONDS", 0)
+    ctx = _ctx(boards)
+    fake = FakeVirsh()
+    _domains(ctx, fake)
+    host, real = ctx.host, ctx.host.remove_mdev
+    fails = [1]
+
+    def remove_mdev(uuid, *a, **k):
+        if fails[0]:
+            fails[0] -= 1
+            raise HostError("injected: remove_mdev EBUSY")
+        return real(uuid, *a, **k)
+    monkeypatch.setattr(host, "remove_mdev", remove_mdev)
+    doc = rebalance_exec.rebalance_and_execute(ctx, "A10-24Q", policy=rebalance.make_policy(allow="cold"),
+                                               runner=fake)
+    assert [m["result"] for m in doc["moves"]] == ["done"] and doc["placed"]
+    assert [c[2] for c in fake.calls].count("shutdown") == 1
+    assert not intent.open_intents(ctx)
+    _one_device_each(ctx, fake)
+    ctx.close()
