@@ -462,3 +462,36 @@ def test_one_failed_source_cleanup_is_retried_and_the_move_finishes(boards, monk
     assert not intent.open_intents(ctx)
     _one_device_each(ctx, fake)
     ctx.close()
+
+
+def test_the_boot_reconcile_leaves_an_unfinished_move_to_the_reconcile_after_libvirt(boards, monkeypatch, cli):
+    """Review finding 1 (d): the boot unit runs before libvirtd, where no move can be checked; it reports the
+    move as unfinished and leaves it; a reconcile once libvirt runs finishes it."""
+    from gpuvirt.service import intent, rebalance_steps
+    from gpuvirt.service.reconcile import reconcile
+    from gpuvirt.service.units import reconcile_unit
+
+    ctx = _ctx(boards)
+    fake = _Down()
+    _domains(ctx, fake)
+    _killed_after_handover(ctx, fake, monkeypatch)
+    assert "reconcile --yes --wait 120 --boot\n" in reconcile_unit(ctx)
+    old = rebalance_steps.set_runner(fake)
+    n = len(fake.calls)
+    try:
+        r = cli("--sim", boards, "reconcile", "--yes", "--boot", "--json")
+        assert r.exit_code == 0, r
+        [f] = [f for f in r.json()["findings"] if f["kind"] == "unfinished-rebalance"][:1]
+        assert "once libvirt runs" in f["action"] and f["result"] is None, f
+        assert len(fake.calls) == n, fake.calls[n:]       # libvirt was not even asked
+        [row] = intent.open_intents(ctx)
+        assert [s["state"] for s in row.steps][-2:] == ["pending", "pending"]     # nothing tried
+        _vm_devices_exist(ctx, fake)
+        fake.down = False
+        doc = reconcile(ctx)
+        assert any(f["kind"] == "unfinished-rebalance" and f["result"] == "done" for f in doc["findings"]), doc
+        assert not intent.open_intents(ctx)
+        _one_device_each(ctx, fake)
+    finally:
+        rebalance_steps.set_runner(old)
+    ctx.close()
