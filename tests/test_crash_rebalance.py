@@ -495,3 +495,76 @@ def test_the_boot_reconcile_leaves_an_unfinished_move_to_the_reconcile_after_lib
     finally:
         rebalance_steps.set_runner(old)
     ctx.close()
+
+
+def test_a_move_between_hosts_records_host_qualified_gpus(two_host_template, monkeypatch):
+    """Review finding 6: the intent of a move between hosts held bare addresses of both hosts under the
+    executing host's id, so a command on the executing host's GPU of the same address as the target took it
+    for its own.  The target's GPU is recorded as host/address; a command holding only the local GPU is refused
+    (the move is settled where both hosts are reachable), and recovery settles the move under both GPUs' locks."""
+    from gpuvirt.errors import ConflictError
+    from gpuvirt.model.preflight import HostStack
+    from gpuvirt.service import intent, rebalance, rebalance_exec
+
+    stack = HostStack(driver="550.127.05", os="rhel-9.4", kernel="5.14.0", qemu="8.2.0", libvirt="10.0.0")
+    remote = "qemu+ssh://hb/system"
+    root = _copy(two_host_template)
+    try:
+        url = f"sqlite:///{root / 'shared.db'}"
+        ca, cb = _ctx(root / "ha", db=url, host_id="ha"), _ctx(root / "hb", db=url, host_id="hb")
+        fake = FakeVirsh()
+        _domains(ca, fake, LOCAL)
+        _domains(cb, fake, remote)
+        monkeypatch.setattr(rebalance, "_host_stack", lambda db, host: stack)
+        _killing(monkeypatch, 0, True)          # the target vGPU made on hb, its record never written
+        with pytest.raises(Killed):
+            rebalance_exec.rebalance_and_execute(ca, "A10-24Q", cluster=True, runner=fake, peers={"hb": cb},
+                                                 policy=rebalance.make_policy(allow="live"))
+        monkeypatch.undo()
+        with intent._ACTIVE_GUARD:
+            intent._ACTIVE.clear()
+        [row] = intent.open_intents(ca)
+        [addr] = sorted(g for g in row.gpus if "/" not in g)
+        assert row.gpus == sorted([addr, f"hb/{addr}"]), row.gpus
+        with pytest.raises(ConflictError, match=f"also touches hb/{addr}"):
+            intent.require_settled(ca, {addr})
+        assert intent.recover(cb, {addr}) == []         # not hb's intent: hb's commands leave it alone
+        [res] = rebalance_exec.recover(ca, runner=fake, peers={"hb": cb})
+        assert res["result"] == "back", res
+        _one_device_each(ca, fake, uris=(LOCAL,))
+        _one_device_each(cb, fake, uris=(remote,))
+        ca.close()
+        cb.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_recover_takes_the_locks_of_the_gpus_it_settles(boards, monkeypatch):
+    """Review nit: rebalance_exec.recover() settled moves without taking their GPUs' locks (an attach could
+    run beside it)."""
+    import contextlib
+
+    from gpuvirt.service import instances, intent, rebalance_exec
+
+    ctx = _ctx(boards)
+    fake = _Down()
+    _domains(ctx, fake)
+    _killed_after_handover(ctx, fake, monkeypatch)
+    fake.down = False
+    [row] = intent.open_intents(ctx)
+    held, seen = [], []
+    real_lock, real_settle = instances.gpu_lock, intent.settle
+
+    @contextlib.contextmanager
+    def gpu_lock(c, address):
+        with real_lock(c, address):
+            held.append(address)
+            try:
+                yield
+            finally:
+                held.remove(address)
+    monkeypatch.setattr(instances, "gpu_lock", gpu_lock)
+    monkeypatch.setattr(intent, "settle", lambda c, r, **kw: seen.append(sorted(held)) or real_settle(c, r, **kw))
+    [res] = rebalance_exec.recover(ctx, runner=fake)
+    assert res["result"] == "forward" and seen == [sorted(row.gpus)], (res, seen)
+    ctx.close()

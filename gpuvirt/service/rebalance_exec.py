@@ -70,9 +70,35 @@ def reach(ctx: Context, peers: Mapping[str, Context] | None, runner: Runner | No
 
 def recover(ctx: Context, *, peers: Mapping[str, Context] | None = None, runner: Runner | None = None,
             actor: str | None = None) -> list[dict[str, Any]]:
-    """Settle rebalance intents a dead process left (finished forward after the handover, else undone)."""
+    """Settle rebalance intents a dead process left (finished forward after the handover, else undone), each
+    under the locks of its GPUs (those of hosts in ``peers`` too), so no attach or apply runs beside it."""
+    from gpuvirt.service.instances import gpu_lock
+
+    contexts = {ctx.settings.host_id: ctx, **{h: c for h, c in (peers or {}).items()}}
+    out: list[dict[str, Any]] = []
     with reach(ctx, peers, runner):
-        return intent.recover(ctx, None, actor=actor, kinds=["rebalance"])
+        for row in intent.open_intents(ctx):
+            if row.kind != "rebalance" or intent.is_active(row.id):
+                continue
+            keys = sorted(_split(ctx, k) for k in row.gpus or [])
+            with contextlib.ExitStack() as locks:
+                for h, a in keys:
+                    if h in contexts:       # another host's lock this process cannot take: settling fails anyway
+                        locks.enter_context(gpu_lock(contexts[h], a))
+                # the row again, under the locks: another process may have settled it meanwhile
+                out += [r for r in intent.recover(ctx, {_key(ctx, h, a) for h, a in keys}, actor=actor,
+                                                  kinds=["rebalance"]) if r["intent"] == row.id]
+    return out
+
+
+def _key(ctx: Context, host: str, address: str) -> str:
+    """The key of a GPU in an intent row of ``ctx``'s host (:func:`gpuvirt.service.intent.gpu_keys`)."""
+    return address if host == ctx.settings.host_id else f"{host}/{address}"
+
+
+def _split(ctx: Context, key: str) -> tuple[str, str]:
+    host, sep, address = key.rpartition("/")
+    return (host, address) if sep else (ctx.settings.host_id, key)
 
 
 def rebalance_and_execute(ctx: Context, name: str, *, cluster: bool = False, policy: MovePolicy,
@@ -149,12 +175,18 @@ def execute(ctx: Context, scope: Scope, doc: dict[str, Any], name: str, policy: 
     u = doc.get("unlocks")
     if place and u is not None:
         touched.add((u["host"], u["gpu"]))
+    # an unfinished move of this host on any of these (host, GPU)s is settled first, under the locks of all its
+    # GPUs: they are taken together with these, in one sorted order
+    for row in intent.open_intents(ctx):
+        keys = {_split(ctx, k) for k in row.gpus or []}
+        if row.kind == "rebalance" and keys & touched:
+            touched |= {(h, a) for h, a in keys if h in contexts}
     touched_l = sorted(touched)
     with contextlib.ExitStack() as locks:
         for h, a in touched_l:
             locks.enter_context(gpu_lock(contexts[h], a))
         for h in sorted({h for h, _ in touched_l}):
-            intent.require_settled(contexts[h], {a for hh, a in touched_l if hh == h})
+            intent.require_settled(contexts[h], {_key(contexts[h], hh, a) for hh, a in touched_l})
         if u is None or u.get("instance") is None:
             # the plan was made before the locks were taken: it still holds only if a fresh plan is the same
             again, _ = best_plan(with_ram(load_scope(ctx, cluster=cluster), scope), name, policy, hosts=hosts)
