@@ -80,9 +80,11 @@ def allocate_step(gpu: str, instance_id: int, alloc: dict[str, Any]) -> dict[str
     return _step("allocate", gpu, True, instance_id=instance_id, alloc=alloc)
 
 
-def release_step(gpu: str, instance_id: int, alloc: dict[str, Any]) -> dict[str, Any]:
-    """Inventory only: a VM's allocation released (undone by allocating it again)."""
-    return _step("release", gpu, True, instance_id=instance_id, alloc=alloc)
+def release_step(gpu: str, instance_id: int, alloc: dict[str, Any],
+                 key: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Inventory only: a VM's allocation released (undone by allocating it again).  ``key``: what the instance
+    is (:func:`instance_key`; read before the release when not given), to find it again under a new row id."""
+    return _step("release", gpu, True, instance_id=instance_id, alloc=alloc, key=key)
 
 
 def domain_xml_step(gpu: str, path: str, hostdev_xml: str, *, uuid: str | None, address: str | None,
