@@ -354,6 +354,11 @@ def test_recovery_while_libvirt_is_down_leaves_the_move_open(boards, monkeypatch
     [res] = rebalance_exec.recover(ctx, runner=fake)
     assert res["result"] == "failed", res
     _vm_devices_exist(ctx, fake)
+    with ctx.inventory.unit() as uow:
+        mine = [r.mdev_uuid for r in uow.instances(ctx.settings.host_id, kinds=["mdev"])
+                if r.allocation is not None and r.allocation.vm_name == "vm-a"]
+    # the target, and the source made again under a new row, found by its UUID and given back to vm-a
+    assert len(mine) == 2, mine
     [row] = intent.open_intents(ctx)
     assert row.recovery == "forward" and [s["state"] for s in row.steps if s["op"] == "vm-handover"] == ["done"]
     with intent._ACTIVE_GUARD:
