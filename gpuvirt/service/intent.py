@@ -21,7 +21,11 @@ A row that exists while nobody holds the GPUs' locks is a change a crash left un
 for changes an operator asked for and nobody waits on (apply, detach, release, reconcile), backward first for
 an attach (its caller never received the device); if that direction fails, the other one; if both fail, the
 row stays, ``status`` shows ``unfinished-<kind>`` and the next reconcile tries again.  A partial layout is
-never adopted and never reported in sync.
+never adopted and never reported in sync.  Two limits on switching direction: a direction whose verify could
+not tell (a step's check raised: the host, e.g. libvirt, could not be asked) leaves the row for a later settle
+instead (:class:`StateUnknown`), and a rollback never goes past a barrier step (a VM handover) it cannot undo,
+since the steps before it made the device the VM may be using.  Intent rows name this host's GPUs by address
+and other hosts' (a move between hosts) as ``host/address``.
 """
 
 from __future__ import annotations
