@@ -10,7 +10,6 @@ already in the wanted state, which is what makes re-running a step after a kill 
 from __future__ import annotations
 
 import abc
-import os
 from typing import Any
 
 from gpuvirt.context import Context
@@ -630,45 +629,6 @@ def instance_key(row: Any) -> dict[str, Any]:
     return {"kind": row.kind, "gpu_id": row.gpu_id, "parent": row.parent}
 
 
-class DomainXmlOp(_Op):
-    def describe(self, forward: bool = True) -> str:
-        add = self.step["present"] == forward
-        return f"{'add' if add else 'remove'} the <hostdev> in {self.p['path']}"
-
-    def _has(self, text: str) -> bool:
-        from gpuvirt.vmm.libvirt import normalize_pci_address, normalize_uuid, parse_domain
-
-        want = ("mdev", normalize_uuid(self.p["uuid"])) if self.p.get("uuid") else \
-            ("pci", normalize_pci_address(self.p["address"]))
-        return any(h.key == want for h in parse_domain(text).hostdevs)
-
-    def ensure(self, present: bool) -> dict[str, Any]:
-        from gpuvirt.vmm.libvirt import insert_hostdev, remove_hostdev, rewrite_file_in_place
-
-        def edit(text: str) -> str:
-            has = self._has(text)
-            if present and not has:
-                return insert_hostdev(text, self.p["xml"])
-            if not present and has:
-                return remove_hostdev(text, uuid=self.p.get("uuid"), address=self.p.get("address"))
-            return text
-
-        if not present and not os.path.exists(self.p["path"]):
-            return {}               # the file is gone: so is the element
-        rewrite_file_in_place(self.p["path"], edit)
-        return {}
-
-    def holds(self, view: Any, present: bool) -> bool:
-        try:
-            with open(self.p["path"], encoding="utf-8") as fh:
-                return self._has(fh.read()) == present
-        except OSError:
-            return not present
-
-    def record(self, uow: Any, present: bool, facts: dict[str, Any]) -> None:
-        pass
-
-
 class WholeGpuOp(_Op):
     def describe(self, forward: bool = True) -> str:
         vm = (self.p.get("alloc") or {}).get("vm_name")
@@ -695,51 +655,11 @@ class WholeGpuOp(_Op):
             uow.delete_instance(row)
 
 
-class CdiOp(_Op):
-    """A spec file under the CDI spec folder.  Forward (present): the file holds exactly the rendered text,
-    written atomically; absent: gpuvirt's file is gone.  A file at that path that gpuvirt did not write is
-    never touched: making it present is refused, and for "absent" it does not count as gpuvirt's spec."""
-
-    def describe(self, forward: bool = True) -> str:
-        add = self.step["present"] == forward
-        return f"{'publish' if add else 'remove'} CDI spec {self.p['name']} ({self.p['path']})"
-
-    def _read(self) -> str | None:
-        from gpuvirt.host.devnodes import read_spec
-        from gpuvirt.vmm.cdi import MAX_SPEC_BYTES
-
-        return read_spec(self.p["path"], MAX_SPEC_BYTES)
-
-    def ensure(self, present: bool) -> dict[str, Any]:
-        from gpuvirt.host.devnodes import remove_spec, write_spec
-        from gpuvirt.vmm.cdi import owned
-
-        text = self._read()
-        if text is not None and owned(text) is None:
-            if present:
-                raise ConflictError(f"{self.p['path']} exists and was not written by gpuvirt; it is left as it "
-                                    "is (move it away, or configure another [cdi] vendor)")
-            return {}
-        if present and text != self.p["text"]:
-            write_spec(self.p["path"], self.p["text"])
-        elif not present and text is not None:
-            remove_spec(self.p["path"])
-        return {}
-
-    def holds(self, view: Any, present: bool) -> bool:
-        from gpuvirt.vmm.cdi import owned
-
-        text = self._read()
-        if present:
-            return text == self.p["text"]
-        return text is None or owned(text) is None
-
-
 INVENTORY_ONLY = ("allocate", "release", "record-vfs", "whole-gpu")
 
 OPS: dict[str, type[_Op]] = {"mig": MigOp, "mdev": MdevOp, "vgpu": VgpuOp, "vfs": VfsOp, "mig-mode": MigModeOp,
                              "vgpu-scheduler": VgpuSchedulerOp, "record-vfs": RecordVfsOp, "allocate": AllocateOp,
-                             "release": AllocateOp, "domain-xml": DomainXmlOp, "cdi": CdiOp, "whole-gpu": WholeGpuOp}
+                             "release": AllocateOp, "whole-gpu": WholeGpuOp}
 
 
 # Contexts of other hosts of a shared inventory that this process may change (the rebalance executor
@@ -809,5 +729,5 @@ def _next_free_vf(ctx: Context, gpu: str, interface: str, type_id: int | None = 
     raise ConflictError(f"no free VF left on GPU {gpu}")
 
 
-# the step kinds of the rebalance executor register themselves in OPS
-from gpuvirt.service import rebalance_steps  # noqa: E402,F401
+# the step kinds on files (domain XML, CDI specs) and of the rebalance executor register themselves in OPS
+from gpuvirt.service import intent_file_steps, rebalance_steps  # noqa: E402,F401
