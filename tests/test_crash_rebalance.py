@@ -573,3 +573,23 @@ def test_recover_takes_the_locks_of_the_gpus_it_settles(boards, monkeypatch):
     [res] = rebalance_exec.recover(ctx, runner=fake)
     assert res["result"] == "forward" and seen == [sorted(row.gpus)], (res, seen)
     ctx.close()
+
+
+def test_the_executor_settles_an_unfinished_move_on_any_gpu_it_touches(boards, monkeypatch):
+    """Review finding 6: the executor's pre-check settled only intents whose GPUs all lay among the plan's; a
+    move left open on the plan's GPU and another one was planned over.  Now it locks that move's GPUs too and
+    settles it first."""
+    from gpuvirt.service import intent, rebalance, rebalance_exec
+
+    ctx = _ctx(boards)
+    fake = _Down()
+    _domains(ctx, fake)
+    _killed_after_handover(ctx, fake, monkeypatch)
+    fake.down = False
+    [row] = intent.open_intents(ctx)
+    doc = rebalance_exec.rebalance_and_execute(ctx, "A10-12Q", policy=rebalance.make_policy(allow="cold"),
+                                               runner=fake)
+    assert doc["moves"] == [] and doc["placed"] and doc["unlocks"]["gpu"] != sorted(row.gpus)[1], doc["unlocks"]
+    assert not intent.open_intents(ctx)     # the move was finished before the request was placed
+    _one_device_each(ctx, fake)
+    ctx.close()
