@@ -427,7 +427,7 @@ def describe_open(row: Any) -> str:
     done = sum(1 for s in row.steps if s.get("state") == DONE)
     what = row.target.get("profile") or row.target.get("vm") or row.kind
     return f"{row.kind} {what}: {done} of {len(row.steps)} steps done" + \
-        (f" (rollback incomplete: {row.error})" if row.state == INCOMPLETE and row.error else "") + \
+        (f" (not settled: {row.error})" if row.state == INCOMPLETE and row.error else "") + \
         (f" (to be finished: {row.error})" if row.state == UNFINISHED and row.error else "")
 
 
