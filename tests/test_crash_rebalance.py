@@ -359,6 +359,11 @@ def test_recovery_while_libvirt_is_down_leaves_the_move_open(boards, monkeypatch
                 if r.allocation is not None and r.allocation.vm_name == "vm-a"]
     # the target, and the source made again under a new row, found by its UUID and given back to vm-a
     assert len(mine) == 2, mine
+    from gpuvirt.service.reconcile import status
+
+    st = status(ctx)        # the move shows as unfinished, and says why it was not settled
+    drift = [f for g in st["gpus"] for f in g["drift"] if f["kind"] == "unfinished-rebalance"]
+    assert not st["in_sync"] and drift and "not settled" in drift[0]["target"], drift
     [row] = intent.open_intents(ctx)
     assert row.recovery == "forward" and [s["state"] for s in row.steps if s["op"] == "vm-handover"] == ["done"]
     with intent._ACTIVE_GUARD:
