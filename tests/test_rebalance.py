@@ -361,6 +361,22 @@ def test_transient_devices_are_never_moved(cli, make_sim):
     assert res.exit_code == 4 and not res.json()["feasible"]
 
 
+
+def test_no_device_of_a_vm_holding_a_transient_one_is_moved(cli, make_sim):
+    """Review finding 5: a VM with a persistent vGPU (movable) and a transient one: the cold move's shutdown
+    runs the hook's release of the transient one, which waits for a GPU lock the executor holds while the
+    executor waits for the guest to stop.  No unit of such a VM is moved."""
+    sim = make_sim(["a10:2"])
+    _attach(cli, sim.root, "vm-a", "A10-12Q", "0")
+    ok(cli("--sim", sim.root, "attach", "vm-a", "--vgpu", "A10-12Q", "--gpu", "1", "--transient"))
+    res = cli("--sim", sim.root, "rebalance", "--for", "A10-24Q", "--allow", "cold", "--json")
+    assert res.exit_code == 4 and not res.json()["feasible"], res.json()["moves"]
+    ok(cli("--sim", sim.root, "detach", "vm-a"))
+    _attach(cli, sim.root, "vm-a", "A10-12Q", "0")
+    _attach(cli, sim.root, "vm-b", "A10-12Q", "1")
+    doc = ok(cli("--sim", sim.root, "rebalance", "--for", "A10-24Q", "--allow", "cold", "--json")).json()
+    assert len(doc["moves"]) == 1                               # the same layout, all persistent: one move
+
 # --- placing the request once the moves made room (issue 13 item 4: "then the original request is placed") -------
 def test_execute_with_a_vm_attaches_the_request_where_the_moves_made_room(boards):
     from gpuvirt.service import rebalance, rebalance_exec

@@ -241,6 +241,8 @@ def reconcile(ctx: typer.Context,
               yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
               wait: float = typer.Option(0, "--wait", help="Wait up to SECONDS for the NVIDIA driver first "
                                                              "(boot ordering without fixed sleeps)."),
+              boot: bool = typer.Option(False, "--boot", help="Run as the boot unit does, before libvirt: "
+                                                                "unfinished VM moves are left for a later reconcile."),
               json_out: bool = typer.Option(False, "--json")) -> None:
     """Converge host and inventory: restore after reboot, finish crashed operations, report foreign instances."""
     from gpuvirt.service.reconcile import reconcile as svc
@@ -255,7 +257,7 @@ def reconcile(ctx: typer.Context,
         pre = svc(c, dry_run=True, adopt=adopt)
         if any(f["action"] for f in pre["findings"] if f["kind"] != "foreign" or adopt):
             confirm_or_refuse("reconcile this host", yes)
-    doc = svc(c, dry_run=dry_run, adopt=adopt)
+    doc = svc(c, dry_run=dry_run, adopt=adopt, boot=boot)
     from rich.markup import escape
 
     if json_out:

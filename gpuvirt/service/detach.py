@@ -80,6 +80,8 @@ def release_instances(ctx: Context, vm: str, ids: list[int], *, destroy: bool = 
 
 
 def _release_plan(ctx: Context, vm: str, ids: list[int], destroy: bool) -> tuple[list[dict[str, Any]], list]:
+    from gpuvirt.service.intent_steps import instance_key
+
     steps: list[dict[str, Any]] = []
     out: list[dict[str, Any]] = []
     seen: set[int] = set()
@@ -99,10 +101,10 @@ def _release_plan(ctx: Context, vm: str, ids: list[int], destroy: bool) -> tuple
             out.append(rec)
             addr = inst.gpu.address
             if alloc is not None and alloc.vm_name == vm:
-                steps.append(intent.release_step(addr, inst.id, row_allocation(inst)))
+                steps.append(intent.release_step(addr, inst.id, row_allocation(inst), instance_key(inst)))
             backing = uow.instance(inst.backing_instance_id) if inst.backing_instance_id is not None else None
             if backing is not None and backing.allocation is not None and backing.allocation.vm_name == vm:
-                steps.append(intent.release_step(addr, backing.id, row_allocation(backing)))
+                steps.append(intent.release_step(addr, backing.id, row_allocation(backing), instance_key(backing)))
                 out.append({"instance": backing.id, "label": backing.label, "vm": vm, "destroyed": gone})
                 seen.add(backing.id)
             if gone:

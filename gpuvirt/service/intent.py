@@ -21,7 +21,11 @@ A row that exists while nobody holds the GPUs' locks is a change a crash left un
 for changes an operator asked for and nobody waits on (apply, detach, release, reconcile), backward first for
 an attach (its caller never received the device); if that direction fails, the other one; if both fail, the
 row stays, ``status`` shows ``unfinished-<kind>`` and the next reconcile tries again.  A partial layout is
-never adopted and never reported in sync.
+never adopted and never reported in sync.  Two limits on switching direction: a direction whose verify could
+not tell (a step's check raised: the host, e.g. libvirt, could not be asked) leaves the row for a later settle
+instead (:class:`StateUnknown`), and a rollback never goes past a barrier step (a VM handover) it cannot undo,
+since the steps before it made the device the VM may be using.  Intent rows name this host's GPUs by address
+and other hosts' (a move between hosts) as ``host/address``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from gpuvirt.context import Context
@@ -40,6 +44,12 @@ from gpuvirt.service.intent_steps import (  # noqa: F401 - the step builders are
     vgpu_scheduler_step, vgpu_step, whole_gpu_step)
 
 RUNNING, ROLLING_BACK, INCOMPLETE = "running", "rolling-back", "rollback-incomplete"
+# left open on purpose, to be finished forward later (a move whose source cleanup failed after the handover)
+UNFINISHED = "unfinished"
+
+# steps a rollback does not go past when it cannot undo them (or cannot tell whether they hold): the steps
+# before a VM handover made the device the VM may still name, so undoing them would take it from the guest
+BARRIERS = ("vm-handover",)
 
 # intents this process is running right now (recover() must not settle its own callers' work)
 _ACTIVE: set[int] = set()
@@ -49,6 +59,17 @@ _ACTIVE_GUARD = threading.Lock()
 # === running an intent ================================================================================================
 class IntentFailed(GpuvirtError):
     """A step failed and the change was rolled back (``clean``) or could not be (``failures``)."""
+
+
+class StateUnknown(ConflictError):
+    """A step's check could not tell whether it holds (libvirt not reachable, ...): neither direction can be
+    judged now, so the intent is left open rather than settled on a guess."""
+
+
+def gpu_keys(host_id: str, steps: Iterable[dict[str, Any]]) -> set[str]:
+    """The intent row's ``gpus`` for ``steps``: bare addresses for this host's GPUs (what every local command
+    locks and settles by), ``host/address`` for a step on another host of a shared inventory."""
+    return {s["gpu"] if s.get("host") in (None, host_id) else f"{s['host']}/{s['gpu']}" for s in steps}
 
 
 @dataclass
@@ -61,6 +82,7 @@ class Run:
     steps: list[dict[str, Any]]
     actor: str | None = None
     progress: Callable[[dict[str, Any], int, int], None] | None = None
+    unknown: list[str] = field(default_factory=list)     # the last verify's "cannot tell" answers
 
     # --- opening ---------------------------------------------------------------------------------------------
     @classmethod
@@ -68,7 +90,7 @@ class Run:
               target: dict[str, Any] | None = None, before: dict[str, Any] | None = None,
               recovery: str = "forward", actor: str | None = None, uow: Any = None) -> "Run":
         fields = dict(host_id=ctx.settings.host_id, kind=kind, state=RUNNING, recovery=recovery,
-                      gpus=sorted(set(gpus) | {s["gpu"] for s in steps or []}), target=target or {},
+                      gpus=sorted(set(gpus) | gpu_keys(ctx.settings.host_id, steps or [])), target=target or {},
                       before=before or {}, steps=list(steps or []), pid=os.getpid(), owner=process_id(),
                       actor=actor)
         def add(u: Any) -> Any:
@@ -103,7 +125,7 @@ class Run:
         if row is None:
             raise ConflictError(f"intent {self.id} vanished from the inventory")
         row.steps = [dict(s, params=dict(s["params"])) for s in self.steps]
-        gpus = sorted(set(row.gpus or []) | {s["gpu"] for s in self.steps})
+        gpus = sorted(set(row.gpus or []) | gpu_keys(self.ctx.settings.host_id, self.steps))
         if gpus != list(row.gpus or []):
             row.gpus = gpus
         for k, v in fields.items():
@@ -174,7 +196,10 @@ class Run:
         return pending_gpus
 
     def rollback(self) -> list[str]:
-        """Bring every step back, newest first (also the one that failed half-way); returns the failures."""
+        """Bring every step back, newest first (also the one that failed half-way); returns the failures.
+
+        A failure is noted and the steps before it are still undone, except at a barrier step (a VM
+        handover): there the rollback stops, since the steps before it made what the VM may still use."""
         failures: list[str] = []
         if not self.steps:
             return failures
@@ -198,12 +223,17 @@ class Run:
                     self._save(uow)
             except GpuvirtError as exc:
                 failures.append(f"{op.describe(False) if op is not None else 'undoing ' + describe(step)}: {exc}")
+                if step["op"] in BARRIERS:
+                    failures[-1] += " (the steps before it are left as they are: the VM may still use what they made)"
+                    break
         return failures
 
     def verify(self, forward: bool) -> list[str]:
-        """Re-read the host: does every step that ran hold in the direction just taken?"""
+        """Re-read the host: does every step that ran hold in the direction just taken?  A check that raises
+        (the host could not be asked) is reported too and noted in ``self.unknown``: "cannot tell"."""
         from gpuvirt.service import hostview
 
+        self.unknown = []
         if not any(s["op"] not in INVENTORY_ONLY and s["state"] != SKIPPED for s in self.steps):
             return []               # nothing on the host to look at
         views: dict[str, Any] = {}
@@ -224,7 +254,8 @@ class Run:
                 if not op.holds(views[host], want):
                     bad.append(f"{op.describe(forward)} does not show on the host")
             except GpuvirtError as exc:
-                bad.append(f"{op.describe(forward) if op is not None else describe(step)}: {exc}")
+                bad.append(f"{op.describe(forward) if op is not None else describe(step)}: cannot tell: {exc}")
+                self.unknown.append(bad[-1])
         return bad
 
     # --- closing ----------------------------------------------------------------------------------------------
@@ -254,11 +285,11 @@ class Run:
         self._release()
         return failures
 
-    def leave(self, error: str) -> None:
-        """Keep the intent for reconcile (neither direction could finish)."""
+    def leave(self, error: str, state: str = INCOMPLETE) -> None:
+        """Keep the intent for reconcile (neither direction could finish, or ``state`` says why it waits)."""
         with contextlib.suppress(GpuvirtError):
             with self.ctx.inventory.unit(write=True) as uow:
-                self._save(uow, state=INCOMPLETE, error=error)
+                self._save(uow, state=state, error=error)
         self._release()
 
 
@@ -290,6 +321,16 @@ def require_settled(ctx: Context, locked: set[str] | None, *, actor: str | None 
     """Settle what a crash left on these GPUs, and refuse to go on where that did not work: a new change is
     never planned over a half-made one."""
     bad = [r for r in recover(ctx, locked, actor=actor) if r["result"] == "failed"]
+    if locked is not None:
+        # a move (kind rebalance) that touches a locked GPU and others this command does not hold cannot be
+        # settled here (its other GPUs may be another command's), and planning over it would build on a
+        # half-made change
+        for row in open_intents(ctx):
+            if row.kind == "rebalance" and not is_active(row.id) and set(row.gpus or []) & locked \
+                    and not set(row.gpus or []) <= locked:
+                raise ConflictError(f"{', '.join(sorted(set(row.gpus) & locked))}: an unfinished move of VM "
+                                    f"{row.target.get('vm')} (intent {row.id}) also touches "
+                                    f"{', '.join(sorted(set(row.gpus) - locked))}; run 'gpuvirt reconcile'")
     if bad:
         r = bad[0]
         raise ConflictError(f"{', '.join(r['gpus'])}: an unfinished {r['kind']} (intent {r['intent']}) could not be "
@@ -303,14 +344,17 @@ def is_active(intent_id: int) -> bool:
 
 
 def recover(ctx: Context, locked: set[str] | None, *, actor: str | None = None,
-            kinds: Iterable[str] | None = None) -> list[dict[str, Any]]:
-    """Settle intents a dead process left behind on GPUs whose locks this process holds.
+            kinds: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Settle intents a dead process left behind on GPUs whose locks this process holds (keys as in the
+    row's ``gpus``: bare addresses of this host, ``host/address`` of others).
 
-    ``locked`` None: every GPU of the host is locked.  Returns one record per intent settled or left."""
+    ``locked`` None: every GPU of the host is locked.  Intents of a kind in ``exclude`` are left alone.
+    Returns one record per intent settled or left."""
     out = []
     wanted = set(kinds) if kinds is not None else None
     for row in open_intents(ctx):
-        if is_active(row.id) or (wanted is not None and row.kind not in wanted) or in_progress(row):
+        if is_active(row.id) or (wanted is not None and row.kind not in wanted) or row.kind in exclude \
+                or in_progress(row):
             continue
         if locked is not None and not set(row.gpus or []) <= locked:
             continue
@@ -334,11 +378,15 @@ def settle(ctx: Context, row: Any, *, actor: str | None = None) -> dict[str, Any
             if direction == "forward":
                 pending = run.run_all(resume=True)
                 bad = run.verify(forward=True)
+                if run.unknown:
+                    raise StateUnknown("; ".join(bad))
                 if bad:
                     raise ConflictError("; ".join(bad))
                 run.finish(on_close=(lambda uow: fwd_close(uow, row, pending)) if fwd_close else None)
             else:
                 failures = run.rollback() or run.verify(forward=False)
+                if run.unknown:
+                    raise StateUnknown("; ".join(failures))
                 if failures:
                     raise ConflictError("; ".join(failures))
                 run.finish(on_close=(lambda uow: back_close(uow, row, set())) if back_close else None)
@@ -347,6 +395,11 @@ def settle(ctx: Context, row: Any, *, actor: str | None = None) -> dict[str, Any
                           detail={"intent": row.id, "direction": direction})
             return {"intent": row.id, "kind": row.kind, "gpus": list(row.gpus or []), "result": direction,
                     "target": row.target}
+        except StateUnknown as exc:
+            # whether the change holds cannot be told now (libvirt down, ...): going the other way on a guess
+            # could take a device from a guest that uses it, so the intent stays for a later settle
+            errors.append(f"{'finishing' if direction == 'forward' else 'rolling back'} cannot be checked now: {exc}")
+            break
         except GpuvirtError as exc:
             errors.append(f"{'finishing' if direction == 'forward' else 'rolling back'} failed: {exc}")
     run.leave("; ".join(errors))
@@ -374,7 +427,8 @@ def describe_open(row: Any) -> str:
     done = sum(1 for s in row.steps if s.get("state") == DONE)
     what = row.target.get("profile") or row.target.get("vm") or row.kind
     return f"{row.kind} {what}: {done} of {len(row.steps)} steps done" + \
-        (f" (rollback incomplete: {row.error})" if row.state == INCOMPLETE and row.error else "")
+        (f" (not settled: {row.error})" if row.state == INCOMPLETE and row.error else "") + \
+        (f" (to be finished: {row.error})" if row.state == UNFINISHED and row.error else "")
 
 
 def process_id(pid: int | None = None) -> str | None:

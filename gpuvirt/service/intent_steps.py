@@ -10,12 +10,11 @@ already in the wanted state, which is what makes re-running a step after a kill 
 from __future__ import annotations
 
 import abc
-import os
 from typing import Any
 
 from gpuvirt.context import Context
 from gpuvirt.errors import ConflictError, ResetRequiredError
-from gpuvirt.inventory.kinds import ACTIVE, MIG, VF, VFIO_VGPU
+from gpuvirt.inventory.kinds import ACTIVE, MDEV, MIG, VF, VFIO_VGPU
 
 PENDING, DONE, UNDONE, SKIPPED = "pending", "done", "undone", "skipped"
 
@@ -80,9 +79,11 @@ def allocate_step(gpu: str, instance_id: int, alloc: dict[str, Any]) -> dict[str
     return _step("allocate", gpu, True, instance_id=instance_id, alloc=alloc)
 
 
-def release_step(gpu: str, instance_id: int, alloc: dict[str, Any]) -> dict[str, Any]:
-    """Inventory only: a VM's allocation released (undone by allocating it again)."""
-    return _step("release", gpu, True, instance_id=instance_id, alloc=alloc)
+def release_step(gpu: str, instance_id: int, alloc: dict[str, Any],
+                 key: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Inventory only: a VM's allocation released (undone by allocating it again).  ``key``: what the instance
+    is (:func:`instance_key`; read before the release when not given), to find it again under a new row id."""
+    return _step("release", gpu, True, instance_id=instance_id, alloc=alloc, key=key)
 
 
 def domain_xml_step(gpu: str, path: str, hostdev_xml: str, *, uuid: str | None, address: str | None,
@@ -573,18 +574,32 @@ class AllocateOp(_Op):
         return f"allocate instance {self.p['instance_id']} to VM {vm}" if forward else \
             f"release instance {self.p['instance_id']} from VM {vm}"
 
+    def resolve(self) -> bool:
+        # what the instance *is* (its UUID, VF, or GPU instance), read before the release: a rollback that
+        # re-creates the device after it was destroyed records it under a new row id, and must find it by this
+        if self.step["op"] != "release" or self.p.get("key") is not None:
+            return False
+        with self.ctx.inventory.unit() as uow:
+            row = _row_or_none(uow, self.p["instance_id"])
+            self.p["key"] = instance_key(row) if row is not None else None
+        return self.p["key"] is not None
+
     def ensure(self, present: bool) -> dict[str, Any]:
         return {}
 
     def holds(self, view: Any, present: bool) -> bool:
         return True
 
-    def record(self, uow: Any, present: bool, facts: dict[str, Any]) -> None:
-        from gpuvirt.errors import NotFoundError
+    def _row(self, uow: Any) -> Any:
+        row, key = _row_or_none(uow, self.p["instance_id"]), self.p.get("key")
+        if key is None or (row is not None and instance_key(row) == key):
+            return row
+        return next((r for r in uow.instances(self.ctx.settings.host_id, gpu_id=key.get("gpu_id"),
+                                              kinds=[key["kind"]]) if instance_key(r) == key), None)
 
-        try:
-            row = uow.instance(self.p["instance_id"])
-        except NotFoundError:
+    def record(self, uow: Any, present: bool, facts: dict[str, Any]) -> None:
+        row = self._row(uow)
+        if row is None:
             return
         want = present == (self.step["op"] == "allocate")
         a = row.allocation
@@ -594,43 +609,24 @@ class AllocateOp(_Op):
             uow.release(a)
 
 
-class DomainXmlOp(_Op):
-    def describe(self, forward: bool = True) -> str:
-        add = self.step["present"] == forward
-        return f"{'add' if add else 'remove'} the <hostdev> in {self.p['path']}"
+def _row_or_none(uow: Any, instance_id: int) -> Any:
+    from gpuvirt.errors import NotFoundError
 
-    def _has(self, text: str) -> bool:
-        from gpuvirt.vmm.libvirt import normalize_pci_address, normalize_uuid, parse_domain
+    try:
+        return uow.instance(instance_id)
+    except NotFoundError:
+        return None
 
-        want = ("mdev", normalize_uuid(self.p["uuid"])) if self.p.get("uuid") else \
-            ("pci", normalize_pci_address(self.p["address"]))
-        return any(h.key == want for h in parse_domain(text).hostdevs)
 
-    def ensure(self, present: bool) -> dict[str, Any]:
-        from gpuvirt.vmm.libvirt import insert_hostdev, remove_hostdev, rewrite_file_in_place
-
-        def edit(text: str) -> str:
-            has = self._has(text)
-            if present and not has:
-                return insert_hostdev(text, self.p["xml"])
-            if not present and has:
-                return remove_hostdev(text, uuid=self.p.get("uuid"), address=self.p.get("address"))
-            return text
-
-        if not present and not os.path.exists(self.p["path"]):
-            return {}               # the file is gone: so is the element
-        rewrite_file_in_place(self.p["path"], edit)
-        return {}
-
-    def holds(self, view: Any, present: bool) -> bool:
-        try:
-            with open(self.p["path"], encoding="utf-8") as fh:
-                return self._has(fh.read()) == present
-        except OSError:
-            return not present
-
-    def record(self, uow: Any, present: bool, facts: dict[str, Any]) -> None:
-        pass
+def instance_key(row: Any) -> dict[str, Any]:
+    """What identifies an instance on its host whatever its row id: the mdev UUID, the VF (or whole GPU)
+    address, or the GPU instance's profile and start on its GPU."""
+    if row.kind == MDEV:
+        return {"kind": MDEV, "mdev_uuid": row.mdev_uuid}
+    if row.kind == MIG:
+        return {"kind": MIG, "gpu_id": row.gpu_id, "profile_id": row.profile_id,
+                "placement_start": row.placement_start}
+    return {"kind": row.kind, "gpu_id": row.gpu_id, "parent": row.parent}
 
 
 class WholeGpuOp(_Op):
@@ -659,51 +655,11 @@ class WholeGpuOp(_Op):
             uow.delete_instance(row)
 
 
-class CdiOp(_Op):
-    """A spec file under the CDI spec folder.  Forward (present): the file holds exactly the rendered text,
-    written atomically; absent: gpuvirt's file is gone.  A file at that path that gpuvirt did not write is
-    never touched: making it present is refused, and for "absent" it does not count as gpuvirt's spec."""
-
-    def describe(self, forward: bool = True) -> str:
-        add = self.step["present"] == forward
-        return f"{'publish' if add else 'remove'} CDI spec {self.p['name']} ({self.p['path']})"
-
-    def _read(self) -> str | None:
-        from gpuvirt.host.devnodes import read_spec
-        from gpuvirt.vmm.cdi import MAX_SPEC_BYTES
-
-        return read_spec(self.p["path"], MAX_SPEC_BYTES)
-
-    def ensure(self, present: bool) -> dict[str, Any]:
-        from gpuvirt.host.devnodes import remove_spec, write_spec
-        from gpuvirt.vmm.cdi import owned
-
-        text = self._read()
-        if text is not None and owned(text) is None:
-            if present:
-                raise ConflictError(f"{self.p['path']} exists and was not written by gpuvirt; it is left as it "
-                                    "is (move it away, or configure another [cdi] vendor)")
-            return {}
-        if present and text != self.p["text"]:
-            write_spec(self.p["path"], self.p["text"])
-        elif not present and text is not None:
-            remove_spec(self.p["path"])
-        return {}
-
-    def holds(self, view: Any, present: bool) -> bool:
-        from gpuvirt.vmm.cdi import owned
-
-        text = self._read()
-        if present:
-            return text == self.p["text"]
-        return text is None or owned(text) is None
-
-
 INVENTORY_ONLY = ("allocate", "release", "record-vfs", "whole-gpu")
 
 OPS: dict[str, type[_Op]] = {"mig": MigOp, "mdev": MdevOp, "vgpu": VgpuOp, "vfs": VfsOp, "mig-mode": MigModeOp,
                              "vgpu-scheduler": VgpuSchedulerOp, "record-vfs": RecordVfsOp, "allocate": AllocateOp,
-                             "release": AllocateOp, "domain-xml": DomainXmlOp, "cdi": CdiOp, "whole-gpu": WholeGpuOp}
+                             "release": AllocateOp, "whole-gpu": WholeGpuOp}
 
 
 # Contexts of other hosts of a shared inventory that this process may change (the rebalance executor
@@ -773,5 +729,5 @@ def _next_free_vf(ctx: Context, gpu: str, interface: str, type_id: int | None = 
     raise ConflictError(f"no free VF left on GPU {gpu}")
 
 
-# the step kinds of the rebalance executor register themselves in OPS
-from gpuvirt.service import rebalance_steps  # noqa: E402,F401
+# the step kinds on files (domain XML, CDI specs) and of the rebalance executor register themselves in OPS
+from gpuvirt.service import intent_file_steps, rebalance_steps  # noqa: E402,F401

@@ -128,17 +128,19 @@ def scope_for_hosts(ctx: Context, hosts: list[Any]) -> Scope:
         stacks = {h.id: _host_stack(uow, h.id) for h in hosts}
         modes = {gpu_key(h.id, g.address): g.mode for h in hosts for g in uow.gpus(h.id)}
         scope = build_scope(hosts, stacks, modes, local)
-        transient = set()
         for info in scope.units.values():
             if info.vm is not None and info.instance is not None and info.kind in (MDEV, VFIO_VGPU):
                 row = uow.instance(info.instance)
                 info.uuid = row.mdev_uuid if info.kind == MDEV else None
                 info.address = row.parent if info.kind == VFIO_VGPU else None
-                if row.allocation is not None and not row.allocation.persistent:
-                    transient.add(info.key)
+        # VMs (per host) that hold any transient allocation, whatever GPU it is on
+        held = {(a.host_id, a.vm_name) for h in hosts for a in uow.allocations(host_id=h.id)
+                if not a.persistent and a.vm_name and (a.consumer or "vm") == "vm"}
+        transient = {info.key for info in scope.units.values() if (info.host, info.vm) in held}
     if transient:
-        # a transient device ends with its VM's run: the libvirt hook frees it (under the GPU's lock, which the
-        # executor holds) when a cold move stops the guest, so it is not moved at all
+        # a transient device ends with its VM's run: the libvirt hook frees it (under the GPU's lock) when a cold
+        # move stops the guest.  No unit of such a VM is moved: the hook would wait for a lock the executor
+        # holds while the executor waits for the guest to stop (and a transient device is not moved at all)
         from dataclasses import replace
 
         units = tuple(replace(u, movable=False) if u.key in transient else u for u in scope.cluster.units)

@@ -11,7 +11,9 @@ Each move is one intent (kind ``rebalance``) of the host running gpuvirt, with t
    as a detach would.
 
 Until the handover is done the intent is rolled back after a failure or a kill (the target goes, the VM
-keeps its source device); from then on it is finished forward (the source goes).  So the VM holds exactly
+keeps its source device); from then on it is finished forward (the source goes), by the executor itself
+too: a failed release or destroy of the source is tried once more, then left open (:class:`CleanupPending`,
+"source cleanup pending") for ``reconcile`` to finish - never undone, which would move the guest back.  So the VM holds exactly
 one device in its XML at every point, and the inventory agrees with the hosts once ``reconcile`` (or the
 next command on those GPUs) settled what a kill left.  Moves run one after another: every plan is valid in
 that order, and a failure stops the rest with the moves before it complete.
@@ -27,10 +29,11 @@ Steps on another host of a shared inventory run through that host's :class:`~gpu
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any, Mapping
 
 from gpuvirt.context import Context
-from gpuvirt.errors import ConflictError, GpuvirtError
+from gpuvirt.errors import ConflictError, GpuvirtError, HostError
 from gpuvirt.inventory.models import MDEV
 from gpuvirt.model.moves import MovePolicy
 from gpuvirt.service import intent, intent_steps
@@ -46,6 +49,8 @@ from gpuvirt.service.rebalance import (
     source_device,
 )
 from gpuvirt.service.rebalance_steps import handover_step, set_runner
+
+CLEANUP_RETRY_SECONDS = 0.5         # pause before the one retry of a move's source cleanup
 
 
 @contextlib.contextmanager
@@ -65,9 +70,35 @@ def reach(ctx: Context, peers: Mapping[str, Context] | None, runner: Runner | No
 
 def recover(ctx: Context, *, peers: Mapping[str, Context] | None = None, runner: Runner | None = None,
             actor: str | None = None) -> list[dict[str, Any]]:
-    """Settle rebalance intents a dead process left (finished forward after the handover, else undone)."""
+    """Settle rebalance intents a dead process left (finished forward after the handover, else undone), each
+    under the locks of its GPUs (those of hosts in ``peers`` too), so no attach or apply runs beside it."""
+    from gpuvirt.service.instances import gpu_lock
+
+    contexts = {ctx.settings.host_id: ctx, **{h: c for h, c in (peers or {}).items()}}
+    out: list[dict[str, Any]] = []
     with reach(ctx, peers, runner):
-        return intent.recover(ctx, None, actor=actor, kinds=["rebalance"])
+        for row in intent.open_intents(ctx):
+            if row.kind != "rebalance" or intent.is_active(row.id):
+                continue
+            keys = sorted(_split(ctx, k) for k in row.gpus or [])
+            with contextlib.ExitStack() as locks:
+                for h, a in keys:
+                    if h in contexts:       # another host's lock this process cannot take: settling fails anyway
+                        locks.enter_context(gpu_lock(contexts[h], a))
+                # the row again, under the locks: another process may have settled it meanwhile
+                out += [r for r in intent.recover(ctx, {_key(ctx, h, a) for h, a in keys}, actor=actor,
+                                                  kinds=["rebalance"]) if r["intent"] == row.id]
+    return out
+
+
+def _key(ctx: Context, host: str, address: str) -> str:
+    """The key of a GPU in an intent row of ``ctx``'s host (:func:`gpuvirt.service.intent.gpu_keys`)."""
+    return address if host == ctx.settings.host_id else f"{host}/{address}"
+
+
+def _split(ctx: Context, key: str) -> tuple[str, str]:
+    host, sep, address = key.rpartition("/")
+    return (host, address) if sep else (ctx.settings.host_id, key)
 
 
 def rebalance_and_execute(ctx: Context, name: str, *, cluster: bool = False, policy: MovePolicy,
@@ -138,7 +169,8 @@ def execute(ctx: Context, scope: Scope, doc: dict[str, Any], name: str, policy: 
             attach_kw: dict[str, Any] | None = None) -> list[Any] | None:
     """Carry out the moves of ``doc`` (a feasible plan document of ``scope``) in order; each move's entry
     gets ``result: "done"``.  Raises at the first move that fails (rolled back) with the moves before it
-    done.  With ``place`` the request is then placed at ``doc["unlocks"]`` (:mod:`rebalance_place`) under
+    done, or with :class:`CleanupPending` at a move that is done but whose source could not be removed
+    (its entry gets ``cleanup: "pending"``; the later moves and the placing are not tried).  With ``place`` the request is then placed at ``doc["unlocks"]`` (:mod:`rebalance_place`) under
     the same GPU locks, and ``doc["placed"]`` says where; returns the attach's hand-offs for a ``vm``."""
     from gpuvirt.service.instances import gpu_lock
     from gpuvirt.service.rebalance_place import check_gpu, place as place_request
@@ -148,12 +180,18 @@ def execute(ctx: Context, scope: Scope, doc: dict[str, Any], name: str, policy: 
     u = doc.get("unlocks")
     if place and u is not None:
         touched.add((u["host"], u["gpu"]))
+    # an unfinished move of this host on any of these (host, GPU)s is settled first, under the locks of all its
+    # GPUs: they are taken together with these, in one sorted order
+    for row in intent.open_intents(ctx):
+        keys = {_split(ctx, k) for k in row.gpus or []}
+        if row.kind == "rebalance" and keys & touched:
+            touched |= {(h, a) for h, a in keys if h in contexts}
     touched_l = sorted(touched)
     with contextlib.ExitStack() as locks:
         for h, a in touched_l:
             locks.enter_context(gpu_lock(contexts[h], a))
         for h in sorted({h for h, _ in touched_l}):
-            intent.require_settled(contexts[h], {a for hh, a in touched_l if hh == h})
+            intent.require_settled(contexts[h], {_key(contexts[h], hh, a) for hh, a in touched_l})
         if u is None or u.get("instance") is None:
             # the plan was made before the locks were taken: it still holds only if a fresh plan is the same
             again, _ = best_plan(with_ram(load_scope(ctx, cluster=cluster), scope), name, policy, hosts=hosts)
@@ -170,6 +208,16 @@ def execute(ctx: Context, scope: Scope, doc: dict[str, Any], name: str, policy: 
         for n, m in enumerate(doc["moves"]):
             try:
                 _move(ctx, contexts, scope.units[m["unit"]], m, name)
+            except CleanupPending as exc:
+                # the room the later moves and the request count on is not free yet: they are not tried
+                m["result"], m["cleanup"] = "done", "pending"
+                rest = [f"moves {n + 2} to {len(doc['moves'])}"] if n + 1 < len(doc["moves"]) else []
+                rest += [f"placing {name}"] if place and u is not None else []
+                raise CleanupPending(
+                    f"move {n + 1} of {len(doc['moves'])} ({m['kind']} move of VM {m['vm']}) is done, but removing "
+                    f"its source failed ({exc}): source cleanup pending: run 'gpuvirt reconcile'"
+                    + (f"; {' and '.join(rest)} not done" if rest else "")
+                    + (f"; moves 1 to {n} are done" if n else "")) from exc
             except GpuvirtError as exc:
                 done = f"; moves 1 to {n} are done" if n else ""
                 raise type(exc)(f"move {n + 1} of {len(doc['moves'])} ({m['kind']} move of VM {m['vm']}) failed and "
@@ -277,18 +325,40 @@ def _move(ctx: Context, contexts: Mapping[str, Context], info: UnitInfo, m: dict
     for s in steps:
         run.add(s)
     try:
-        for i in range(len(run.steps)):
+        for i in range(handover + 1):
             if i == handover and not run.steps[i]["params"]["dst"]["uuid"]:
                 # a vendor-specific VFIO target: the VF was chosen when step ``handover - 1`` created it
                 run.steps[i]["params"]["dst"]["address"] = run.steps[i - 1]["params"]["vf"]
             run.run(i)
-        run.finish()
     except GpuvirtError as exc:
         failures = run.abort(exc)
         if failures:
             raise type(exc)(f"{exc}; undoing the move did not finish ({failures[0]}): run 'gpuvirt reconcile'") \
                 from exc
         raise
+    # the VM names its target now: the move is done, and is never undone from here (that would move the guest
+    # back, a second reboot or migration).  The source's release and destroy are tried again once (a device
+    # QEMU let go of a moment ago may still be busy); if they still fail, the intent stays open to be finished
+    # forward by reconcile or the next command on these GPUs.
+    error: GpuvirtError | None = None
+    for attempt in range(2):
+        if attempt:
+            time.sleep(CLEANUP_RETRY_SECONDS)
+        try:
+            for i in range(handover + 1, len(run.steps)):
+                if run.steps[i]["state"] != intent.DONE:
+                    run.run(i)
+            run.finish()
+            return
+        except GpuvirtError as exc:
+            error = exc
+    run.leave(f"source cleanup pending: {error}", state=intent.UNFINISHED)
+    raise CleanupPending(str(error))
+
+
+class CleanupPending(HostError):
+    """A move is done (the VM uses its target device) but releasing or destroying its source failed twice; the
+    move's intent stays open, to be finished forward by ``gpuvirt reconcile``."""
 
 
 def attach_with_moves(ctx: Context, vm: str, *, allow: str, runner: Runner | None = None,
@@ -322,5 +392,5 @@ def attach_with_moves(ctx: Context, vm: str, *, allow: str, runner: Runner | Non
     return handoffs
 
 
-__all__ = ["rebalance_and_execute", "execute_for", "execute", "recover", "reach", "attach_with_moves"]
+__all__ = ["CleanupPending", "rebalance_and_execute", "execute_for", "execute", "recover", "reach", "attach_with_moves"]
 

@@ -139,7 +139,7 @@ def analyze(ctx: Context, view: HostView, uow: Any, adopt: bool = False) -> tupl
         if intent.is_active(row.id):
             continue
         journal_gpus.update(row.gpus or [])
-        busy = any(lock_busy(ctx, a) for a in row.gpus or [])
+        busy = any(lock_busy(ctx, a) for a in row.gpus or [] if "/" not in a)   # host/address: another host's
         for addr in row.gpus or []:
             rep.add(addr, f"unfinished-{row.kind}", intent.describe_open(row),
                     action="in progress (another gpuvirt holds the GPU)" if busy else
@@ -314,8 +314,15 @@ def _instance_dict(i: Any, on_host: bool) -> dict[str, Any]:
     return d
 
 
+# intents the boot reconcile leaves alone: it runs before libvirt (the unit's Before=libvirtd virqemud), and a
+# move's handover step can only be checked by asking libvirt where the VM is and which device it names
+NEEDS_LIBVIRT = ("rebalance",)
+
+
 def reconcile(ctx: Context, *, dry_run: bool = False, adopt: bool = False, only_parents: set[str] | None = None,
-              actor: str | None = None) -> dict[str, Any]:
+              actor: str | None = None, boot: bool = False) -> dict[str, Any]:
+    """Converge host and inventory (docs/operator-guide.md).  ``boot``: run by the boot unit, before libvirt:
+    unfinished moves (kind rebalance) are reported and left for a reconcile once libvirt runs."""
     addresses = hostview.lock_addresses(ctx)
     with contextlib.ExitStack() as locks:
         for a in addresses:
@@ -325,7 +332,8 @@ def reconcile(ctx: Context, *, dry_run: bool = False, adopt: bool = False, only_
             # first what a crash left half done: finished or rolled back as a whole, never adopted as it is.  The
             # hook's restore leaves an interrupted apply to reconcile and the boot unit (not its business)
             settled = intent.recover(ctx, None, actor=actor,
-                                     kinds=None if only_parents is None else ("attach", "detach", "reconcile"))
+                                     kinds=None if only_parents is None else ("attach", "detach", "reconcile"),
+                                     exclude=NEEDS_LIBVIRT if boot else ())
         view = hostview.snapshot(ctx)
         with ctx.inventory.unit(write=True, action="reconcile") as uow:
             rep, work = analyze(ctx, view, uow, adopt=adopt)
@@ -335,6 +343,11 @@ def reconcile(ctx: Context, *, dry_run: bool = False, adopt: bool = False, only_
                 rep.add(addr, f"unfinished-{s['kind']}", _settled_label(s),
                         action=f"{what}" + (f": {s['error']}" if s.get("error") else ""),
                         result="failed" if s["result"] == "failed" else "done")
+        if boot:
+            for f in rep.findings:
+                if f.kind in {f"unfinished-{k}" for k in NEEDS_LIBVIRT}:
+                    f.action = ("left for later: settled once libvirt runs, by 'gpuvirt reconcile' or the next "
+                                "command on these GPUs")
         if only_parents is not None:
             # the hook's restore brings back what its VM had; changing a GPU's layout is not its business
             work = [(f, w) for f, w in work if _touches(w, only_parents) and w[0] != "finish-apply"]

@@ -66,7 +66,8 @@ Before=libvirtd.service virtqemud.service nova-compute.service pve-guests.servic
 Type=oneshot
 RemainAfterExit=yes
 # --wait polls (bounded) for the NVIDIA driver instead of pausing a fixed time
-{_env_line(ctx)}ExecStart={_cmd(ctx, "reconcile", "--yes", "--wait", "120")}
+# --boot: libvirt is not up yet, so unfinished VM moves (rebalance) are left for a later reconcile
+{_env_line(ctx)}ExecStart={_cmd(ctx, "reconcile", "--yes", "--wait", "120", "--boot")}
 TimeoutStartSec=600
 
 [Install]
