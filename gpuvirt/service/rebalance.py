@@ -478,7 +478,7 @@ def domain_xml(runner: Runner | None, uri: str, vm: str, *, inactive: bool = Fal
     from gpuvirt.host.virsh import VirshRunner
 
     run = runner or VirshRunner()
-    # "--": a VM named like an option (libvirt allows '--domain=other') stays a name (rebalance_steps)
+    # "--domain NAME": a VM named like an option (libvirt allows '--domain=other') stays a name (rebalance_steps)
     return run(["-c", uri, "dumpxml", "--migratable", *(["--inactive"] if inactive else []), "--domain", vm])
 
 
