@@ -100,3 +100,33 @@ def gpuvirt_proc():
         return CliResult(p.returncode, p.stdout, p.stderr)
 
     return _run
+
+
+@pytest.fixture
+def pg_schema():
+    """(url, admin engine, schema) on the PostgreSQL of GPUVIRT_TEST_PG_URL: a fresh schema that the URL makes the
+    default for every connection, dropped afterwards.  Skips when the variable is not set or the server is not
+    usable, so every PostgreSQL test states its need the same way."""
+    import uuid
+
+    pg = os.environ.get("GPUVIRT_TEST_PG_URL")
+    if not pg:
+        pytest.skip("GPUVIRT_TEST_PG_URL is not set: no PostgreSQL server to test against "
+                    "(CI sets it to postgresql+psycopg://postgres@127.0.0.1:5432/test)")
+    from sqlalchemy import create_engine, text
+
+    schema = f"gpuvirt_t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(pg, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            c.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except Exception as exc:  # noqa: BLE001 - the variable is set but the server is not usable
+        admin.dispose()
+        pytest.skip(f"PostgreSQL at GPUVIRT_TEST_PG_URL is not reachable: {str(exc).splitlines()[0]}")
+    url = f"{pg}{'&' if '?' in pg else '?'}options=-csearch_path%3D{schema}"
+    try:
+        yield url, admin, schema
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()

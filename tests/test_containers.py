@@ -549,49 +549,32 @@ def test_revision_0005_keeps_data_and_marks_profiled_gpus_vm(tmp_path):
 
 
 @pytest.mark.pg
-def test_revision_0005_on_postgresql():
-    url = os.environ.get("GPUVIRT_TEST_PG_URL")
-    if not url:
-        pytest.skip("GPUVIRT_TEST_PG_URL is not set")
-    import uuid
-
-    from sqlalchemy import create_engine, text
+def test_revision_0005_on_postgresql(pg_schema):
+    from sqlalchemy import text
 
     from gpuvirt.inventory.migrate import downgrade, upgrade
     from gpuvirt.inventory.store import HEAD_REVISION, Inventory
 
-    schema = f"gpuvirt_c_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as c:
-            c.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"PostgreSQL not reachable: {str(exc).splitlines()[0]}")
-    try:
-        sep = "&" if "?" in url else "?"
-        inv = Inventory.connect(f"{url}{sep}options=-csearch_path%3D{schema}", "h1")
-        inv.upgrade("0003_intents")
-        with inv.engine.begin() as c:
-            c.execute(text("INSERT INTO hosts (id, hostname, root, simulated, created_at, last_seen_at) "
-                           "VALUES ('h1', 'h1', '/', false, now(), now())"))
-            c.execute(text("INSERT INTO profiles (name, kind, spec, source, created_at, updated_at) "
-                           "VALUES ('p', 'mig', '{}', 'user', now(), now())"))
-            c.execute(text("INSERT INTO gpus (host_id, address, vendor, memory_mib, mig_capable, present, "
-                           "desired_profile, last_seen_at) VALUES ('h1', 'a', 'nvidia', 1, true, true, 'p', now())"))
-            c.execute(text("INSERT INTO instances (host_id, gpu_id, kind, state, origin, persistent, created_at, "
-                           "updated_at) SELECT 'h1', id, 'mig', 'active', 'profile', true, now(), now() FROM gpus"))
-            c.execute(text("INSERT INTO allocations (instance_id, host_id, vm_name, persistent, created_at) "
-                           "SELECT id, 'h1', 'vm-old', true, now() FROM instances"))
-        inv.ensure_schema()
-        assert inv.current_revision() == HEAD_REVISION and inv.check() == []
-        with inv.engine.begin() as c:
-            assert c.execute(text("SELECT g.mode, a.consumer FROM allocations a JOIN instances i ON "
-                                  "i.id = a.instance_id JOIN gpus g ON g.id = i.gpu_id")).all() == [("vm", "vm")]
-        downgrade(inv.engine, "0003_intents")
-        upgrade(inv.engine)
-        assert inv.check() == []
-        inv.close()
-    finally:
-        with admin.connect() as c:
-            c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    url = pg_schema[0]
+    inv = Inventory.connect(url, "h1")
+    inv.upgrade("0003_intents")
+    with inv.engine.begin() as c:
+        c.execute(text("INSERT INTO hosts (id, hostname, root, simulated, created_at, last_seen_at) "
+                       "VALUES ('h1', 'h1', '/', false, now(), now())"))
+        c.execute(text("INSERT INTO profiles (name, kind, spec, source, created_at, updated_at) "
+                       "VALUES ('p', 'mig', '{}', 'user', now(), now())"))
+        c.execute(text("INSERT INTO gpus (host_id, address, vendor, memory_mib, mig_capable, present, "
+                       "desired_profile, last_seen_at) VALUES ('h1', 'a', 'nvidia', 1, true, true, 'p', now())"))
+        c.execute(text("INSERT INTO instances (host_id, gpu_id, kind, state, origin, persistent, created_at, "
+                       "updated_at) SELECT 'h1', id, 'mig', 'active', 'profile', true, now(), now() FROM gpus"))
+        c.execute(text("INSERT INTO allocations (instance_id, host_id, vm_name, persistent, created_at) "
+                       "SELECT id, 'h1', 'vm-old', true, now() FROM instances"))
+    inv.ensure_schema()
+    assert inv.current_revision() == HEAD_REVISION and inv.check() == []
+    with inv.engine.begin() as c:
+        assert c.execute(text("SELECT g.mode, a.consumer FROM allocations a JOIN instances i ON "
+                              "i.id = a.instance_id JOIN gpus g ON g.id = i.gpu_id")).all() == [("vm", "vm")]
+    downgrade(inv.engine, "0003_intents")
+    upgrade(inv.engine)
+    assert inv.check() == []
+    inv.close()

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -618,51 +617,35 @@ def test_health_migration_down_and_up_on_sqlite(tmp_path):
     inv.close()
 
 
-PG_URL = os.environ.get("GPUVIRT_TEST_PG_URL")
 
 
 @pytest.mark.pg
-@pytest.mark.skipif(not PG_URL, reason="GPUVIRT_TEST_PG_URL is not set: no PostgreSQL server to test against")
-def test_health_migration_down_and_up_on_postgresql():
-    from sqlalchemy import create_engine, inspect, text
+def test_health_migration_down_and_up_on_postgresql(pg_schema):
+    from sqlalchemy import inspect, text
 
     from gpuvirt.inventory.store import HEAD_REVISION, Inventory
 
-    schema = f"gpuvirt_h_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as c:
-            c.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except Exception as exc:  # noqa: BLE001
-        admin.dispose()
-        pytest.skip(f"PostgreSQL at GPUVIRT_TEST_PG_URL is not reachable: {str(exc).splitlines()[0]}")
-    sep = "&" if "?" in PG_URL else "?"
-    url = f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
-    try:
-        inv = Inventory.connect(url, "h1")
-        inv.upgrade("0002_tenants")
-        with inv.engine.begin() as conn:
-            conn.execute(text("INSERT INTO hosts (id, hostname, root, simulated, created_at, last_seen_at) "
-                              "VALUES ('h1', 'h1', '/', false, now(), now())"))
-            conn.execute(text("INSERT INTO gpus (host_id, address, vendor, memory_mib, mig_capable, present, "
-                              "last_seen_at) VALUES ('h1', '0000:41:00.0', 'nvidia', 40960, true, true, now())"))
-        inv.ensure_schema()
-        assert inv.current_revision() == HEAD_REVISION and inv.check() == []
-        with inv.unit(write=True) as uow:
-            g = uow.gpu_by_address("h1", "0000:41:00.0")
-            assert g.health == "healthy" and g.health_needs_reset is False
-            uow.add_health_event(host_id="h1", kind="xid", gpu_id=g.id, gpu_address=g.address, xid=79,
-                                 gi_id=0xFFFFFFFE, severity="reset", scope="gpu", detail={"consumers": []})
-        with inv.unit(write=True) as uow:
-            assert uow.prune_health_events("h1", before=dt.datetime(2000, 1, 1), keep=0) == 1
-        from gpuvirt.inventory.migrate import downgrade
+    url = pg_schema[0]
+    inv = Inventory.connect(url, "h1")
+    inv.upgrade("0002_tenants")
+    with inv.engine.begin() as conn:
+        conn.execute(text("INSERT INTO hosts (id, hostname, root, simulated, created_at, last_seen_at) "
+                          "VALUES ('h1', 'h1', '/', false, now(), now())"))
+        conn.execute(text("INSERT INTO gpus (host_id, address, vendor, memory_mib, mig_capable, present, "
+                          "last_seen_at) VALUES ('h1', '0000:41:00.0', 'nvidia', 40960, true, true, now())"))
+    inv.ensure_schema()
+    assert inv.current_revision() == HEAD_REVISION and inv.check() == []
+    with inv.unit(write=True) as uow:
+        g = uow.gpu_by_address("h1", "0000:41:00.0")
+        assert g.health == "healthy" and g.health_needs_reset is False
+        uow.add_health_event(host_id="h1", kind="xid", gpu_id=g.id, gpu_address=g.address, xid=79,
+                             gi_id=0xFFFFFFFE, severity="reset", scope="gpu", detail={"consumers": []})
+    with inv.unit(write=True) as uow:
+        assert uow.prune_health_events("h1", before=dt.datetime(2000, 1, 1), keep=0) == 1
+    from gpuvirt.inventory.migrate import downgrade
 
-        downgrade(inv.engine, "0002_tenants")
-        assert "health_events" not in inspect(inv.engine).get_table_names()
-        inv.ensure_schema()
-        assert inv.check() == []
-        inv.close()
-    finally:
-        with admin.connect() as c:
-            c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    downgrade(inv.engine, "0002_tenants")
+    assert "health_events" not in inspect(inv.engine).get_table_names()
+    inv.ensure_schema()
+    assert inv.check() == []
+    inv.close()

@@ -463,46 +463,28 @@ def test_revision_0006_upgrades_a_0005_inventory_and_back(tmp_path):
 
 
 @pytest.mark.pg
-def test_revision_0006_on_postgresql():
-    import os
-    import uuid
-
-    from sqlalchemy import create_engine, text
+def test_revision_0006_on_postgresql(pg_schema):
+    from sqlalchemy import text
 
     from gpuvirt.inventory.migrate import downgrade, upgrade
     from gpuvirt.inventory.store import HEAD_REVISION, Inventory
 
-    url = os.environ.get("GPUVIRT_TEST_PG_URL")
-    if not url:
-        pytest.skip("GPUVIRT_TEST_PG_URL is not set")
-    schema = f"gpuvirt_s_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as c:
-            c.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"PostgreSQL not reachable: {str(exc).splitlines()[0]}")
-    try:
-        sep = "&" if "?" in url else "?"
-        inv = Inventory.connect(f"{url}{sep}options=-csearch_path%3D{schema}", "h1")
-        inv.upgrade("0005_containers")
-        with inv.engine.begin() as c:
-            c.execute(text("INSERT INTO hosts (id, hostname, root, simulated, created_at, last_seen_at) "
-                           "VALUES ('h1', 'h1', '/', false, now(), now())"))
-        inv.ensure_schema()
-        assert inv.current_revision() == HEAD_REVISION and inv.check() == []
-        with inv.unit(write=True) as uow:
-            uow.record_host_stack("h1", pf.HostStack(driver="550.127.05", vgpu_range=(0x100000, 0xFFFFFFFF)))
-        with inv.unit() as uow:
-            assert uow.host_stacks()["h1"].vgpu_range == (0x100000, 0xFFFFFFFF)
-        downgrade(inv.engine, "0005_containers")
-        upgrade(inv.engine)
-        assert inv.check() == []
-        inv.close()
-    finally:
-        with admin.connect() as c:
-            c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    url = pg_schema[0]
+    inv = Inventory.connect(url, "h1")
+    inv.upgrade("0005_containers")
+    with inv.engine.begin() as c:
+        c.execute(text("INSERT INTO hosts (id, hostname, root, simulated, created_at, last_seen_at) "
+                       "VALUES ('h1', 'h1', '/', false, now(), now())"))
+    inv.ensure_schema()
+    assert inv.current_revision() == HEAD_REVISION and inv.check() == []
+    with inv.unit(write=True) as uow:
+        uow.record_host_stack("h1", pf.HostStack(driver="550.127.05", vgpu_range=(0x100000, 0xFFFFFFFF)))
+    with inv.unit() as uow:
+        assert uow.host_stacks()["h1"].vgpu_range == (0x100000, 0xFFFFFFFF)
+    downgrade(inv.engine, "0005_containers")
+    upgrade(inv.engine)
+    assert inv.check() == []
+    inv.close()
 
 
 def _recovery_round_trip(inv, now: str) -> None:
@@ -538,35 +520,17 @@ def test_revision_0007_stores_forward_only_intents_and_downgrades(tmp_path):
 
 
 @pytest.mark.pg
-def test_revision_0007_on_postgresql():
+def test_revision_0007_on_postgresql(pg_schema):
     # the reason for 0007: PostgreSQL enforces the VARCHAR length that SQLite ignores
-    import os
-    import uuid
-
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import text
 
     from gpuvirt.inventory.store import Inventory
 
-    url = os.environ.get("GPUVIRT_TEST_PG_URL")
-    if not url:
-        pytest.skip("GPUVIRT_TEST_PG_URL is not set")
-    schema = f"gpuvirt_s_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as c:
-            c.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"PostgreSQL not reachable: {str(exc).splitlines()[0]}")
-    try:
-        sep = "&" if "?" in url else "?"
-        inv = Inventory.connect(f"{url}{sep}options=-csearch_path%3D{schema}", "h1")
-        inv.ensure_schema()
-        with inv.engine.begin() as c:
-            c.execute(text("INSERT INTO hosts (id, hostname, root, simulated, created_at, last_seen_at) "
-                           "VALUES ('h1', 'h1', '/', false, now(), now())"))
-        _recovery_round_trip(inv, "now()")
-        inv.close()
-    finally:
-        with admin.connect() as c:
-            c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    url = pg_schema[0]
+    inv = Inventory.connect(url, "h1")
+    inv.ensure_schema()
+    with inv.engine.begin() as c:
+        c.execute(text("INSERT INTO hosts (id, hostname, root, simulated, created_at, last_seen_at) "
+                       "VALUES ('h1', 'h1', '/', false, now(), now())"))
+    _recovery_round_trip(inv, "now()")
+    inv.close()

@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -27,29 +26,6 @@ pytestmark = [
     pytest.mark.skipif(not PG_URL, reason="GPUVIRT_TEST_PG_URL is not set: no PostgreSQL server to test against "
                                           "(CI sets it to postgresql+psycopg://postgres@127.0.0.1:5432/test)"),
 ]
-
-
-@pytest.fixture
-def pg_schema():
-    """(url, admin engine, schema): a fresh schema that the URL makes the default for every connection."""
-    from sqlalchemy import create_engine, text
-
-    schema = f"gpuvirt_t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as c:
-            c.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except Exception as exc:  # noqa: BLE001 - the variable is set but the server is not usable
-        admin.dispose()
-        pytest.skip(f"PostgreSQL at GPUVIRT_TEST_PG_URL is not reachable: {str(exc).splitlines()[0]}")
-    sep = "&" if "?" in PG_URL else "?"
-    url = f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
-    try:
-        yield url, admin, schema
-    finally:
-        with admin.connect() as c:
-            c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 def _env() -> dict[str, str]:

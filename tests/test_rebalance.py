@@ -163,32 +163,14 @@ def test_mig_backed_vgpu_moves_with_its_gpu_instance_to_the_planned_start(mig_bo
 
 # --- two hosts of one shared inventory: a live move --------------------------------------------------------------
 @pytest.fixture
-def shared_url(tmp_path):
+def shared_url(tmp_path, request):
     """One inventory for two hosts: a fresh schema of the PostgreSQL server in GPUVIRT_TEST_PG_URL when set,
     else one SQLite file."""
     import os
-    import uuid
 
-    pg = os.environ.get("GPUVIRT_TEST_PG_URL")
-    if not pg:
-        yield f"sqlite:///{tmp_path / 'shared.db'}"
-        return
-    from sqlalchemy import create_engine, text
-
-    schema = f"gpuvirt_rb_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(pg, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as c:
-            c.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except Exception as exc:  # noqa: BLE001
-        admin.dispose()
-        pytest.skip(f"PostgreSQL at GPUVIRT_TEST_PG_URL is not reachable: {str(exc).splitlines()[0]}")
-    try:
-        yield f"{pg}{'&' if '?' in pg else '?'}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.connect() as c:
-            c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    if not os.environ.get("GPUVIRT_TEST_PG_URL"):
+        return f"sqlite:///{tmp_path / 'shared.db'}"
+    return request.getfixturevalue("pg_schema")[0]
 
 
 @pytest.fixture
