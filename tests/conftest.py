@@ -130,3 +130,14 @@ def pg_schema():
         with admin.connect() as c:
             c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+@pytest.fixture
+def boards(cli, make_sim):
+    """The rebalance tests' host: two A10 boards (24 GiB each), one A10-12Q VM on each - an A10-24Q fits only
+    after a (cold) move."""
+    sim = make_sim(["a10:2"])
+    for vm, gpu in (("vm-a", "0"), ("vm-b", "1")):
+        r = cli("--sim", sim.root, "attach", vm, "--vgpu", "A10-12Q", "--gpu", gpu, "--format", "json")
+        assert r.exit_code == 0, r
+    return sim.root

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from gpuvirt.errors import HostError
-from rebalance_support import LOCAL, FakeVirsh, _attach, _ctx, _domains, _one_device_each, _placements
+from rebalance_support import LOCAL, FakeVirsh, _ctx, _domains, _one_device_each, _placements
 
 pytestmark = pytest.mark.crash
 
@@ -121,14 +121,6 @@ def test_a_kill_at_every_executor_step_is_settled_to_one_device_per_vm(crash_tem
         finally:
             shutil.rmtree(root, ignore_errors=True)
     assert "back" in outcomes and "forward" in outcomes
-
-
-@pytest.fixture
-def boards(cli, make_sim):
-    sim = make_sim(["a10:2"])
-    _attach(cli, sim.root, "vm-a", "A10-12Q", "0")
-    _attach(cli, sim.root, "vm-b", "A10-12Q", "1")
-    return sim.root
 
 
 def test_a_failed_handover_is_undone_and_the_vm_keeps_its_device(boards):

@@ -15,14 +15,6 @@ BIG = "9" * 100_000
 
 
 
-@pytest.fixture
-def boards(cli, make_sim):
-    sim = make_sim(["a10:2"])
-    _attach(cli, sim.root, "vm-a", "A10-12Q", "0")
-    _attach(cli, sim.root, "vm-b", "A10-12Q", "1")
-    return sim.root
-
-
 def _one_line(res, code, fragment):
     assert res.exit_code == code, res
     lines = res.stderr.strip().splitlines()

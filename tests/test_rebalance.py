@@ -15,14 +15,6 @@ from rebalance_support import (LOCAL, FakeVirsh, _allocs, _attach, _ctx, _domain
 
 
 # --- two A10 boards, one 12Q VM on each ---------------------------------------------------------------------------
-@pytest.fixture
-def boards(cli, make_sim):
-    sim = make_sim(["a10:2"])
-    _attach(cli, sim.root, "vm-a", "A10-12Q", "0")
-    _attach(cli, sim.root, "vm-b", "A10-12Q", "1")
-    return sim.root
-
-
 def test_plan_json_names_the_move_the_target_and_the_gpus_before_and_after(cli, boards):
     before = json.loads(ok(cli("--sim", boards, "status", "--json")).stdout)
     res = ok(cli("--sim", boards, "rebalance", "--for", "A10-24Q", "--allow", "live,cold", "--json"))

@@ -15,15 +15,6 @@ from rebalance_support import _attach, _ctx, ok
 CATS = ("fits", "shortage", "stranded", "live", "cold", "stop")
 
 
-@pytest.fixture
-def boards(cli, make_sim):
-    """Two A10 boards (24 GiB each), one A10-12Q VM on each: an A10-24Q fits only after a (cold) move."""
-    sim = make_sim(["a10:2"])
-    _attach(cli, sim.root, "vm-a", "A10-12Q", "0")
-    _attach(cli, sim.root, "vm-b", "A10-12Q", "1")
-    return sim.root
-
-
 def _fit(cli, root, *args):
     res = cli("--sim", root, "report", *args, "--format", "json")
     assert res.exit_code in (0, 4), res
