@@ -598,3 +598,23 @@ def test_output_to_missing_directory_is_a_usage_error(busy_host, cli, tmp_path):
     assert r.exit_code == 2
     r = cli("--sim", busy_host.root, "report", "--by", "rack")
     assert r.exit_code == 2
+
+
+def test_a_garbage_last_seen_at_is_one_line_naming_host_and_column(make_sim, cli, tmp_path):
+    """qa: a damaged hosts.last_seen_at in a shared SQLite inventory was a bare ValueError (internal error)."""
+    import sqlite3
+
+    path = tmp_path / "shared.db"
+    db = f"sqlite:///{path}"
+    assert cli("--db", db, "db", "init").exit_code == 0
+    h1 = make_sim(["a10"], name="h1")
+    h2 = make_sim(["a10"], name="h2")
+    for sim, hid in ((h1, "h1"), (h2, "h2")):
+        assert cli("--sim", sim.root, "--db", db, "--host-id", hid, "report").exit_code == 0
+    with sqlite3.connect(path) as con:
+        con.execute("UPDATE hosts SET last_seen_at='garbage' WHERE id='h2'")
+    for args in (("report", "--cluster"), ("rebalance", "--for", "A10-24Q", "--cluster")):
+        r = cli("--sim", h1.root, "--db", db, "--host-id", "h1", *args)
+        assert r.exit_code == 1, (args, r)
+        assert "corrupt" in r.stderr and "hosts.last_seen_at" in r.stderr and "'h2'" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and "internal" not in r.stderr.lower()
