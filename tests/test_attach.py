@@ -536,3 +536,35 @@ def test_a_board_that_refuses_vfs_does_not_stop_the_attach(cli, make_sim):
     doc = attach_json(cli, root, "vm1", "--mig", "1g.5gb")
     assert mdevs(sim)[doc["uuid"]][0].startswith("0000:42:")
     assert [d["sriov"]["numvfs"] > 0 for d in sim.load()["devices"]] == [False, True, False]
+
+
+def test_attach_takes_the_free_instance_a_racing_writer_made_while_it_waited_for_the_gpu_lock(cli, make_sim,
+                                                                                                monkeypatch):
+    """qa (1 in 6 runs): attach racing 'rebalance --execute' for the same type exited 4 "no capacity" although
+    the rebalance had just created a free instance.  Attach saw no free instance, went to create one, waited
+    for the GPU lock the rebalance held, and then found the board full - of the very free instance it wants.
+    The interleaving is forced here: the other writer fills the board at the moment attach asks for the lock."""
+    from gpuvirt.context import Context, resolve_settings
+    from gpuvirt.service import attach as svc
+
+    sim = make_sim(["a2"])
+    root = sim.root
+    ok(cli("--sim", root, "create-profile", "full", "--vgpu", "A2-16Q=1", "--model", "a2"))
+    real_lock = svc._Call.lock
+    raced = []
+
+    def lock_after_the_other_writer(self, addresses):
+        if not raced:
+            raced.append(addresses)
+            # the racing writer: takes the GPU lock first and leaves a free A2-16Q filling the board
+            ok(cli("--sim", root, "apply", "full", "--gpu", "a2", "--yes"))
+        return real_lock(self, addresses)
+
+    monkeypatch.setattr(svc._Call, "lock", lock_after_the_other_writer)
+    with Context(resolve_settings(sim=str(root))) as ctx:
+        [h] = svc.attach(ctx, "vm1", vgpu="A2-16Q")
+    assert raced, "the create path was not reached: the test forces nothing"
+    [(uuid, (_parent, _type))] = mdevs(sim).items()       # the racer's instance, handed out; none created
+    assert h.uuid == uuid
+    [row] = instances(cli, root)
+    assert row["origin"] != "attach" and row["allocation"]["vm"] == "vm1"

@@ -598,3 +598,56 @@ def test_output_to_missing_directory_is_a_usage_error(busy_host, cli, tmp_path):
     assert r.exit_code == 2
     r = cli("--sim", busy_host.root, "report", "--by", "rack")
     assert r.exit_code == 2
+
+
+def test_a_garbage_last_seen_at_is_one_line_naming_host_and_column(make_sim, cli, tmp_path):
+    """qa: a damaged hosts.last_seen_at in a shared SQLite inventory was a bare ValueError (internal error)."""
+    import sqlite3
+
+    path = tmp_path / "shared.db"
+    db = f"sqlite:///{path}"
+    assert cli("--db", db, "db", "init").exit_code == 0
+    h1 = make_sim(["a10"], name="h1")
+    h2 = make_sim(["a10"], name="h2")
+    for sim, hid in ((h1, "h1"), (h2, "h2")):
+        assert cli("--sim", sim.root, "--db", db, "--host-id", hid, "report").exit_code == 0
+    with sqlite3.connect(path) as con:
+        con.execute("UPDATE hosts SET last_seen_at='garbage' WHERE id='h2'")
+    for args in (("report", "--cluster"), ("rebalance", "--for", "A10-24Q", "--cluster")):
+        r = cli("--sim", h1.root, "--db", db, "--host-id", "h1", *args)
+        assert r.exit_code == 1, (args, r)
+        assert "corrupt" in r.stderr and "hosts.last_seen_at" in r.stderr and "'h2'" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and "internal" not in r.stderr.lower()
+
+
+def test_a_host_seen_in_the_future_is_stale_with_a_warning_in_report_and_rebalance(make_sim, cli, tmp_path):
+    """qa: a last_seen_at ahead of this clock (clock skew) never went stale; both --cluster views now share
+    one rule (report.staleness): more than the stale window ahead is stale, and a warning says why."""
+    db = f"sqlite:///{tmp_path}/shared.db"
+    assert cli("--db", db, "db", "init").exit_code == 0
+    h1 = make_sim(["a10"], name="h1")
+    h2 = make_sim(["a10"], name="h2")
+    for sim, hid in ((h1, "h1"), (h2, "h2")):
+        assert cli("--sim", sim.root, "--db", db, "--host-id", hid, "report").exit_code == 0
+    _backdate(db, "h2", -600)                       # within the window ahead: an ordinary small skew, fresh
+    args = ("--sim", h1.root, "--db", db, "--host-id", "h1")
+    r = cli(*args, "report", "--cluster", "--format", "json")
+    assert {h["host"]: h["stale"] for h in r.json()["hosts"]} == {"h1": False, "h2": False}
+    assert "warning" not in r.stderr and r.json()["warnings"] == []
+    _backdate(db, "h2", -3000)                      # now ~3600 s ahead: more than the 900 s window
+    r = cli(*args, "report", "--cluster", "--format", "json")
+    doc = r.json()
+    h2doc = next(h for h in doc["hosts"] if h["host"] == "h2")
+    assert h2doc["stale"] and "in the future" in h2doc["stale_reason"]
+    assert doc["totals"]["hosts"] == 1 and doc["totals"]["stale_hosts"] == 1
+    assert r.stderr.count("gpuvirt: warning: host h2: last seen") == 1 and "treated as stale" in r.stderr
+    text = cli(*args, "report", "--cluster")
+    assert "in the future" in text.stdout and "STALE" in text.stdout
+    plan = cli(*args, "rebalance", "--for", "A10-24Q", "--cluster", "--json")
+    assert plan.exit_code in (0, 4), plan
+    assert plan.json()["scope"]["hosts"] == ["h1"]
+    assert "host h2: last seen" in plan.stderr and "treated as stale" in plan.stderr
+    # an old timestamp stays the quiet, ordinary kind of stale: no warning
+    _backdate(db, "h2", 3600 + 3600)
+    r = cli(*args, "report", "--cluster", "--format", "json")
+    assert next(h for h in r.json()["hosts"] if h["host"] == "h2")["stale"] and "warning" not in r.stderr

@@ -233,7 +233,7 @@ def test_report_without_fit_is_unchanged_and_never_imports_the_planner(boards):
     out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert out["heavy"] == [] and out["fit"] is None
     assert out["keys"] == ["fit", "generated_at", "groups", "hosts", "models", "schema_version", "scope", "source",
-                           "stale_after_seconds", "tenants", "totals", "vm_devices"]
+                           "stale_after_seconds", "tenants", "totals", "vm_devices", "warnings"]
 
 
 def test_requests_that_fit_carry_no_rejections(cli, boards):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-
+import sys
 from typing import Optional
 
 import typer
@@ -60,6 +60,8 @@ def rebalance(ctx: typer.Context,
                                                    vm_uuid=vm_uuid, fmt=fmt)
     else:
         doc = svc.rebalance(c, for_, cluster=cluster, max_moves=max_moves, allow=allow)
+    for w in doc.get("warnings", ()):
+        print(f"gpuvirt: warning: {w}", file=sys.stderr)
     if handoffs and fmt is not None:
         from gpuvirt.vmm.handoff import render as render_handoff
 

@@ -32,6 +32,8 @@ def report(ctx: typer.Context,
     if fmt not in svc.FORMATS:
         raise UsageError(f"unknown --format '{fmt}'; choose one of {', '.join(svc.FORMATS)}")
     doc = svc.report(state(ctx).context(), by=by, cluster=cluster, host=host, fit=fit)
+    for w in doc["warnings"]:
+        print(f"gpuvirt: warning: {w}", file=sys.stderr)
     if fmt in ("json", "csv", "prometheus"):
         # JSON is compact unless a person is reading: a cluster document has thousands of GPUs
         _emit(svc.render_machine(doc, fmt, pretty=fmt == "json" and output is None and sys.stdout.isatty()),
@@ -125,7 +127,7 @@ def render_report(doc: dict[str, Any], out: Any) -> None:
     if by == "gpu":
         for h in doc["hosts"]:
             age = f", last seen {h['age_seconds']:.0f}s ago" if h["age_seconds"] is not None else ""
-            stale = " [red]STALE - not counted[/red]" if h["stale"] else ""
+            stale = f" [red]STALE ({h['stale_reason']}) - not counted[/red]" if h["stale"] else ""
             out.print(f"\n[bold]{h['host']}[/bold] ({h['hostname']}{age}){stale}")
             if not h["gpus"]:
                 out.print("  no GPUs recorded")

@@ -4,7 +4,9 @@ An attach first looks for a free instance of the requested kind (locked rows on 
 on SQLite, plus a unique constraint on the allocation: two VMs never get the same instance).  When none is
 free it creates one where the GPU's layout still has room - MIG instances at the planner's placement,
 vGPUs on a free VF or parent - and allocates it in the same transaction that makes it active, so no other
-attach can take it in between.  Transient attachments (``--transient``) destroy what they created when the
+attach can take it in between.  The create path decides under the GPU locks; when it finds no room there it
+looks for a free instance once more (a writer it waited for, such as ``rebalance --execute``, may have left
+one) before refusing with exit 4.  Transient attachments (``--transient``) destroy what they created when the
 VM lets go.
 """
 
@@ -306,55 +308,62 @@ def _attach_one(call: _Call, req: Request, *, gpu_selector: str | None) -> int:
     allowed -= for_containers
     models = {g.address: g.model for g in view.gpus}
     # 1. a free instance that already exists
-    with ctx.inventory.unit(write=True, action=f"attach {req.describe()} to {vm}") as uow:
-        rows = hostview.record(ctx, view, uow)
-        addr_of = {r.id: a for a, r in rows.items()}
-        if req.kind == "instance":
-            inst = uow.instance(req.instance_id, host_id)
-            if inst.kind == GPU:
-                raise UsageError(f"instance {inst.id} ({inst.label}) is a whole GPU for containers")
-            if addr_of.get(inst.gpu_id) in for_containers:
-                raise ConflictError(f"instance {inst.id} ({inst.label}) is on a GPU in containers mode")
-            if inst.kind == MIG:
-                raise UsageError(f"instance {inst.id} is a MIG instance ({inst.label}): {MIG_NOT_VFIO}")
-            if inst.allocation is not None:
-                raise ConflictError(f"instance {inst.id} ({inst.label}) is already allocated to VM "
-                                    f"{inst.allocation.vm_name}")
-            if inst.state != "active":
-                raise ConflictError(f"instance {inst.id} is {inst.state}, not active")
-            candidates = [inst]
-        else:
-            kinds = {"mig": [MIG], "vgpu": [MDEV, VFIO_VGPU], "vf": [VF], "mdev": [MDEV]}[req.kind]
-            candidates = [i for i in uow.free_instances(host_id, kinds)
-                          if addr_of.get(i.gpu_id) in allowed and _matches(req, i, models.get(addr_of.get(i.gpu_id)))
-                          and not _backs_a_vgpu(uow, i)]
-        for inst in candidates:
-            present = _on_host(view, addr_of.get(inst.gpu_id), inst)
-            if not present:
-                continue  # missing after a reboot: reconcile/prepare will restore it; do not hand it out now
-            if not uow.try_lock_instance(inst):
-                continue  # another attach is taking this one right now: try the next candidate
-            _quota_check(uow, call.tenant, [inst])
-            addr = addr_of[inst.gpu_id]
-            # allocated and journalled in one transaction: a rollback of this call gives it back
-            uow.allocate(inst, vm_name=vm, vm_uuid=call.vm_uuid, tenant=call.tenant, persistent=call.persistent)
-            call.run.add_done(uow, intent.allocate_step(addr, inst.id, call.alloc(quota=False)))
-            if inst.backing_instance_id is not None:
-                # a free MIG-backed vGPU: its GPU instance is held with it, as when attach creates both
-                gi = uow.instance(inst.backing_instance_id)
-                if gi.allocation is None:
-                    uow.allocate(gi, vm_name=vm, vm_uuid=call.vm_uuid, tenant=call.tenant,
-                                 persistent=call.persistent)
-                    call.run.add_done(uow, intent.allocate_step(addr, gi.id, call.alloc(quota=False)))
-            uow.event("attach", target=vm, detail={"instance": inst.id, "label": inst.label, "tenant": call.tenant})
-            return inst.id
-        if req.kind == "instance":
-            raise CapacityError(f"no capacity: instance {req.instance_id} is not present on the host now "
-                                "(run 'gpuvirt reconcile' to restore it)")
-        if req.kind == "vf":
-            raise CapacityError("no capacity: no free SR-IOV VF on this host (VFs come from a profile with "
-                                "--sriov-vfs N)")
+    def take_free(view: Any) -> int | None:
+        with ctx.inventory.unit(write=True, action=f"attach {req.describe()} to {vm}") as uow:
+            rows = hostview.record(ctx, view, uow)
+            addr_of = {r.id: a for a, r in rows.items()}
+            if req.kind == "instance":
+                inst = uow.instance(req.instance_id, host_id)
+                if inst.kind == GPU:
+                    raise UsageError(f"instance {inst.id} ({inst.label}) is a whole GPU for containers")
+                if addr_of.get(inst.gpu_id) in for_containers:
+                    raise ConflictError(f"instance {inst.id} ({inst.label}) is on a GPU in containers mode")
+                if inst.kind == MIG:
+                    raise UsageError(f"instance {inst.id} is a MIG instance ({inst.label}): {MIG_NOT_VFIO}")
+                if inst.allocation is not None:
+                    raise ConflictError(f"instance {inst.id} ({inst.label}) is already allocated to VM "
+                                        f"{inst.allocation.vm_name}")
+                if inst.state != "active":
+                    raise ConflictError(f"instance {inst.id} is {inst.state}, not active")
+                candidates = [inst]
+            else:
+                kinds = {"mig": [MIG], "vgpu": [MDEV, VFIO_VGPU], "vf": [VF], "mdev": [MDEV]}[req.kind]
+                candidates = [i for i in uow.free_instances(host_id, kinds)
+                              if addr_of.get(i.gpu_id) in allowed and _matches(req, i, models.get(addr_of.get(i.gpu_id)))
+                              and not _backs_a_vgpu(uow, i)]
+            for inst in candidates:
+                present = _on_host(view, addr_of.get(inst.gpu_id), inst)
+                if not present:
+                    continue  # missing after a reboot: reconcile/prepare will restore it; do not hand it out now
+                if not uow.try_lock_instance(inst):
+                    continue  # another attach is taking this one right now: try the next candidate
+                _quota_check(uow, call.tenant, [inst])
+                addr = addr_of[inst.gpu_id]
+                # allocated and journalled in one transaction: a rollback of this call gives it back
+                uow.allocate(inst, vm_name=vm, vm_uuid=call.vm_uuid, tenant=call.tenant, persistent=call.persistent)
+                call.run.add_done(uow, intent.allocate_step(addr, inst.id, call.alloc(quota=False)))
+                if inst.backing_instance_id is not None:
+                    # a free MIG-backed vGPU: its GPU instance is held with it, as when attach creates both
+                    gi = uow.instance(inst.backing_instance_id)
+                    if gi.allocation is None:
+                        uow.allocate(gi, vm_name=vm, vm_uuid=call.vm_uuid, tenant=call.tenant,
+                                     persistent=call.persistent)
+                        call.run.add_done(uow, intent.allocate_step(addr, gi.id, call.alloc(quota=False)))
+                uow.event("attach", target=vm, detail={"instance": inst.id, "label": inst.label, "tenant": call.tenant})
+                return inst.id
+            if req.kind == "instance":
+                raise CapacityError(f"no capacity: instance {req.instance_id} is not present on the host now "
+                                    "(run 'gpuvirt reconcile' to restore it)")
+            if req.kind == "vf":
+                raise CapacityError("no capacity: no free SR-IOV VF on this host (VFs come from a profile with "
+                                    "--sriov-vfs N)")
+        return None
+
+    got = take_free(view)
+    if got is not None:
+        return got
     # 2. create one where the layout has room
+    journalled = len(call.run.steps)
     try:
         return _create_for(call, req, view, allowed)
     except ProfileError as exc:
@@ -362,6 +371,18 @@ def _attach_one(call: _Call, req: Request, *, gpu_selector: str | None) -> int:
             raise CapacityError(f"no capacity for VMs: {exc} (left out: {', '.join(sorted(for_containers))}, which "
                                 "serve containers)") from exc
         raise
+    except CapacityError:
+        # Step 1 read the host before the create path waited for the GPU locks; whoever held them (a
+        # 'rebalance --execute' placing its request as a free instance, a detach) may have left a free
+        # instance of this very kind, which is why the layout now has no room.  Look once more, under the
+        # locks now held, before refusing - unless the create path already journalled steps of its own
+        # (those are this call's to undo, not to mix with a found instance).
+        if len(call.run.steps) != journalled:
+            raise
+        got = take_free(hostview.snapshot(ctx))
+        if got is None:
+            raise
+        return got
 
 
 def _mig_backed_type_for(ctx: Context, profile: str, gpu_selector: str | None) -> str:

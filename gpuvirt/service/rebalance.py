@@ -96,6 +96,7 @@ class Scope:
     models: dict[str, GpuModel] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)                # unit key -> "vm (type)"
     ram: dict[str, int] = field(default_factory=dict)                   # unit key -> guest RAM, MiB (libvirt)
+    warnings: list[str] = field(default_factory=list)                   # hosts left out for a suspect clock
 
 
 def gpu_key(host: str, address: str) -> str:
@@ -104,19 +105,27 @@ def gpu_key(host: str, address: str) -> str:
 
 def load_scope(ctx: Context, *, cluster: bool = False) -> Scope:
     """This host (live view), or with ``cluster`` every fresh host of the inventory (this one live)."""
-    from gpuvirt.service.report import _stale_after, _utcnow
+    from gpuvirt.service.report import _stale_after, _utcnow, skew_warning, staleness
     from gpuvirt.service.report_sources import _from_inventory, _from_live
 
     now = _utcnow()
     quiet = float(ctx.settings.policies.get("health_quiet_seconds", 3600))
     local = ctx.settings.host_id
-    hosts = _from_live(ctx, now, quiet)[0]
+    hosts = list(_from_live(ctx, now, quiet)[0])
+    warnings: list[str] = []
     if cluster:
         stale_after = _stale_after(ctx)
-        others = [h for h in _from_inventory(ctx, None, now, quiet)[0] if h.id != local
-                  and h.last_seen_at is not None and (now - h.last_seen_at).total_seconds() <= stale_after]
-        hosts = hosts + others
-    return scope_for_hosts(ctx, hosts)
+        for h in _from_inventory(ctx, None, now, quiet)[0]:
+            if h.id == local:
+                continue
+            why = staleness(h.last_seen_at, now, stale_after)      # the report's rule: same hosts count
+            if why is None:
+                hosts.append(h)
+            elif (w := skew_warning(h.id, why)) is not None:
+                warnings.append(w)
+    scope = scope_for_hosts(ctx, hosts)
+    scope.warnings = warnings
+    return scope
 
 
 def scope_for_hosts(ctx: Context, hosts: list[Any]) -> Scope:
@@ -353,6 +362,7 @@ def plan_document(scope: Scope, name: str, policy: MovePolicy, *, runner: Runner
                                                 "placement": free.placed.start if free.placed else None,
                                                 "instance": info.instance},
                 "ram_known": None, "waves": [], "scope": {"cluster": cluster, "hosts": sorted(h.key for h in scope.cluster.hosts)},
+                "warnings": list(scope.warnings),
                 "policy": {"max_moves": policy.max_moves, "allow": sorted(policy.allow)}, "gpus": []}
     xml_cache: dict[tuple[str, str], Any] = {}
     ram_known = guest_ram(scope, runner, xml_cache)
@@ -362,6 +372,7 @@ def plan_document(scope: Scope, name: str, policy: MovePolicy, *, runner: Runner
         "minimal": plan.minimal, "complete": plan.complete, "data_mib": plan.data_mib, "ram_known": ram_known,
         "waves": [list(w) for w in plan.waves],
         "scope": {"cluster": cluster, "hosts": sorted(h.key for h in scope.cluster.hosts)},
+        "warnings": list(scope.warnings),
         "policy": {"max_moves": policy.max_moves, "allow": sorted(policy.allow)},
         "gpus": [],
     }

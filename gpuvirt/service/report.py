@@ -160,6 +160,29 @@ def _stale_after(ctx: Context) -> int | float:
     return raw
 
 
+def staleness(last_seen_at: dt.datetime | None, now: dt.datetime, stale_after: int | float) -> str | None:
+    """Why a host's inventory rows are not current capacity, or None when they are.
+
+    The one rule for ``report --cluster|--host`` and ``rebalance --cluster``.  A ``last_seen_at`` more than the
+    stale window *ahead* of this clock is as untrustworthy as one that far behind: one of the two clocks is
+    wrong, and a host whose clock runs fast would otherwise never go stale however long it is silent."""
+    if last_seen_at is None:
+        return "never seen"
+    age = (now - last_seen_at).total_seconds()
+    if age > stale_after:
+        return f"not seen for {age:.0f}s"
+    if -age > stale_after:
+        return f"last seen {-age:.0f}s in the future (clock skew?)"
+    return None
+
+
+def skew_warning(host: str, reason: str | None) -> str | None:
+    """The warning line for a host treated as stale because its timestamp is in the future, else None."""
+    if reason is None or not reason.startswith("last seen"):
+        return None
+    return f"host {host}: {reason}; treated as stale"
+
+
 def _model_of(model_id: str | None) -> GpuModel | None:
     if not model_id:
         return None
@@ -576,10 +599,14 @@ def build_document(hosts: list[HostFacts], tenants: dict[str, Any], usage: dict[
     live_items: list[tuple[HostFacts, dict[str, Any], GpuFacts]] = []
     models: dict[str, GpuModel] = {}
     stale_hosts = 0
+    warnings: list[str] = []
     for h in hosts:
         age = (now - h.last_seen_at).total_seconds() if h.last_seen_at is not None else None
         # a live report looked at the host a moment ago; only the inventory view can be out of date
-        stale = source == "inventory" and (age is None or age > stale_after)
+        why = staleness(h.last_seen_at, now, stale_after) if source == "inventory" else None
+        stale = why is not None
+        if (w := skew_warning(h.id, why)) is not None:
+            warnings.append(w)
         stale_hosts += stale
         acc = _Totals()
         entries = []
@@ -608,7 +635,7 @@ def build_document(hosts: list[HostFacts], tenants: dict[str, Any], usage: dict[
         host_docs.append({"host": h.id, "hostname": h.hostname, "simulated": h.simulated,
                           "last_seen_at": _iso(h.last_seen_at),
                           "age_seconds": None if age is None else round(max(age, 0.0), 1), "stale": stale,
-                          "totals": htot, "gpus": entries})
+                          "stale_reason": why, "totals": htot, "gpus": entries})
     totals["hosts"] = len(hosts) - stale_hosts
     totals["stale_hosts"] = stale_hosts
     doc: dict[str, Any] = {
@@ -617,6 +644,7 @@ def build_document(hosts: list[HostFacts], tenants: dict[str, Any], usage: dict[
         "source": source,
         "scope": {"cluster": bool(cluster), "host": host_filter, "by": by},
         "stale_after_seconds": stale_after,
+        "warnings": warnings,
         "models": models_section(models.values()),
         "hosts": host_docs,
         "tenants": _tenant_entries(held, tenants, usage),
