@@ -47,7 +47,7 @@ class DomainXmlOp(_Op):
             return not present
 
     def record(self, uow: Any, present: bool, facts: dict[str, Any]) -> None:
-        pass
+        """Nothing: the domain XML file is the operator's, not a row of the inventory."""
 
 
 class CdiOp(_Op):
