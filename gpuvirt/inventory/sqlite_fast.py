@@ -144,6 +144,17 @@ def open_fast(settings: Any) -> "FastInventory | None":
     return inv
 
 
+def prune_due(ids: list[int], pruned_at: float | None) -> tuple[bool, bool, float | None]:
+    """Whether events are due for pruning after a write that recorded ``ids``: (by age, by count, the new
+    "pruned at" time).  By age on the first such write of a process and then every ``PRUNE_INTERVAL_S``; by
+    count when the ids cross a multiple of ``PRUNE_EVERY_IDS``.  Shared with ``store.Inventory`` so that both
+    paths prune at the same moments."""
+    now = time.monotonic()
+    by_age = pruned_at is None or now - pruned_at >= PRUNE_INTERVAL_S
+    by_count = max(ids) // PRUNE_EVERY_IDS != (min(ids) - 1) // PRUNE_EVERY_IDS
+    return by_age, by_count, now if by_age else pruned_at
+
+
 class FastInventory:
     """One connection; reads in plain ``BEGIN`` transactions, writes in ``BEGIN IMMEDIATE`` ones (:meth:`tx`)."""
 
@@ -214,13 +225,9 @@ class FastInventory:
         the pruning rather than failing a start that already succeeded)."""
         if self.event_limits == (0, 0):
             return
-        now = time.monotonic()
-        by_age = self._pruned_at is None or now - self._pruned_at >= PRUNE_INTERVAL_S
-        by_count = max(ids) // PRUNE_EVERY_IDS != (min(ids) - 1) // PRUNE_EVERY_IDS
+        by_age, by_count, self._pruned_at = prune_due(ids, self._pruned_at)
         if not by_age and not by_count:
             return
-        if by_age:
-            self._pruned_at = now
         max_age_days, max_rows = self.event_limits
         with contextlib.suppress(InventoryError):
             with self.tx(write=True, action="prune events") as t:

@@ -255,24 +255,18 @@ class Inventory:
         and then every ``PRUNE_INTERVAL_S`` (cheap: a range on the ``at`` index).  By count: when the new ids
         cross a multiple of ``PRUNE_EVERY_IDS`` (finding the cut walks up to ``max_rows`` index entries, so it
         runs about once per ``PRUNE_EVERY_IDS`` events of the inventory)."""
-        import time
+        from gpuvirt.inventory.sqlite_fast import prune_due
 
         if self.event_limits is None or self.event_limits == (0, 0) or not ids:
             return
-        now = time.monotonic()
-        by_age = self._pruned_at is None or now - self._pruned_at >= PRUNE_INTERVAL_S
-        by_count = max(ids) // PRUNE_EVERY_IDS != (min(ids) - 1) // PRUNE_EVERY_IDS
+        by_age, by_count, self._pruned_at = prune_due(ids, self._pruned_at)
         if not by_age and not by_count:
             return
-        if by_age:
-            self._pruned_at = now
         max_age_days, max_rows = self.event_limits
-        try:
+        with contextlib.suppress(GpuvirtError):
             with self.unit(write=True, action="prune events") as uow:
                 uow.prune_events(self.host_id, max_age_days=max_age_days if by_age else 0,
                                  max_rows=max_rows if by_count else 0)
-        except GpuvirtError:
-            pass
 
     def prune_events_now(self) -> int:
         """Delete this host's events beyond the configured age and count now; returns how many went."""

@@ -234,36 +234,28 @@ def build_scope(hosts: list[Any], stacks: dict[str, HostStack], modes: dict[str,
 
 
 # --- request and policy ----------------------------------------------------------------------------------------
+def _request_on(m: GpuModel, mid: str | None, name: str) -> Request | None:
+    """``name`` on model ``m``: its GPU-instance profile if it has one by that name, else its vGPU type, else
+    None (the catalog's resolvers refuse an unknown name with an error; here that only means "not this one")."""
+    for kind, fn, field_name in (("mig", resolve_gi_profile, "profile_id"), ("vgpu", resolve_vgpu_type, "vgpu_type")):
+        if getattr(m, kind) is None:
+            continue
+        try:
+            return Request(**{field_name: fn(m, name).id}, model=mid)
+        except GpuvirtError:
+            continue
+    return None
+
+
 def requests_for(scope: Scope, name: str) -> list[Request]:
     """The request ``name`` means on each model in scope: a GPU-instance profile or a vGPU type."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise UsageError(f"invalid profile or vGPU type name {str(name)[:60]!r}")
-    out = []
-    for mid, m in sorted(scope.models.items()):
-        if m.mig is not None:
-            try:
-                out.append(Request(profile_id=resolve_gi_profile(m, name).id, model=mid))
-                continue
-            except GpuvirtError:
-                pass
-        if m.vgpu is not None:
-            try:
-                out.append(Request(vgpu_type=resolve_vgpu_type(m, name).id, model=mid))
-            except GpuvirtError:
-                pass
+    out = [r for mid, m in sorted(scope.models.items()) if (r := _request_on(m, mid, name)) is not None]
     if not out:
         from gpuvirt.model.catalog import load_catalog
 
-        known = False
-        for m in load_catalog().models.values():
-            for kind, fn in (("mig", resolve_gi_profile), ("vgpu", resolve_vgpu_type)):
-                if getattr(m, kind) is not None and not known:
-                    try:
-                        fn(m, name)
-                        known = True
-                    except GpuvirtError:
-                        pass
-        if not known:
+        if not any(_request_on(m, None, name) for m in load_catalog().models.values()):
             raise UsageError(f"{name!r} is no MIG profile or vGPU type of any known GPU model")
         raise NotFoundError(f"no GPU in scope offers {name} (in the mode it needs: MIG mode for GPU instances "
                             "and MIG-backed vGPUs, vGPU mode for time-sliced ones)")
