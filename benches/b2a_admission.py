@@ -6,7 +6,8 @@ the cluster's compute has been asked for, no departures.  Placement alone cannot
 placement, a full repack at every arrival, reaches 40 %): the optimum *refuses* large requests that fit to
 hold more small ones.  This script layers admission rules on ``frag-aware`` placement, chooses each rule's
 parameter on training seeds (100-139 by default, the same generator) and evaluates the chosen setting once
-on the bench's seeds 0-9.  It changes nothing in gpuvirt/ and nothing in B2a's own figures.
+on the bench's seeds 0-9, then on a second held-out set (200-239) and on streams that stop at other multiples
+of capacity.  It changes nothing in gpuvirt/ and nothing in B2a's own figures; findings: docs/placement.md.
 
 Rules (``c`` = the request's compute slices, ``F`` = the cluster's free compute slices after accepting it,
 ``s<c`` = share of the mix's compute demand that comes from profiles smaller than ``c``; a rule refuses a
@@ -20,7 +21,7 @@ request that placement could hold):
                       generator fixes but an operator does not know; it is here as the better-informed bound
                       on what an online threshold rule can do.
 
-    .venv/bin/python benches/b2a_admission.py                 # train, then evaluate on seeds 0-9 (~5 min)
+    .venv/bin/python benches/b2a_admission.py                 # train, then evaluate on seeds 0-9 (~4 min)
     .venv/bin/python benches/b2a_admission.py --json          # the figures as one JSON object on stdout
     .venv/bin/python benches/b2a_admission.py --trace PATH    # the trace file, where ../shared is elsewhere
 """
@@ -230,11 +231,11 @@ def main(argv=None):
     headers = (["rule", "accepted", "requests", "of gap", "alloc. slices"] + [geom.profile(p).name for p in pids]
                + ["held back"])
     rows = [["frag-aware (no rule)", pct(ho["accepted"] / ho["requests"]), ho["accepted"],
-             f"{100 * ho['gap_closed']:.0f}%", pct(base_alloc)] + [pct(base_acc[p] / seen[p]) for p in pids] + [0]]
+             f"{100 * ho['gap_closed']:.1f}%", pct(base_alloc)] + [pct(base_acc[p] / seen[p]) for p in pids] + [0]]
     for fam, rule in chosen.items():
         acc, _, held, alloc = evaluate(memo, rule, BENCH_SEEDS)
         g = gap_figures(memo, BENCH_SEEDS, sum(acc.values()))
-        rows.append([rule.name(), pct(g["accepted"] / g["requests"]), g["accepted"], f"{100 * g['gap_closed']:.0f}%",
+        rows.append([rule.name(), pct(g["accepted"] / g["requests"]), g["accepted"], f"{100 * g['gap_closed']:.1f}%",
                      pct(alloc)]
                     + [f"{pct(acc[p] / seen[p])} ({100 * (acc[p] - base_acc[p]) / seen[p]:+.1f})" for p in pids]
                     + [sum(held.values())])
