@@ -164,17 +164,22 @@ def gap_figures(memo, seeds, accepted, factor=FACTOR):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trace", type=Path, default=common.TRACE, help="the Alibaba v2023 gpushare100 CSV")
+    ap.add_argument("--trace", type=Path, default=None, help="the Alibaba v2023 gpushare100 CSV (default: "
+                    "benches/placement.py's path; where that is missing, its synthetic workload)")
     ap.add_argument("--train-seeds", type=int, nargs=2, default=(TRAIN_SEEDS.start, TRAIN_SEEDS.stop),
                     metavar=("FIRST", "END"), help="training seeds FIRST..END-1 (default 100 140)")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object on stdout")
     args = ap.parse_args(argv)
-    if args.train_seeds[0] >= args.train_seeds[1] or args.train_seeds[0] < 10:
-        ap.error("training seeds must be a non-empty range that leaves out the bench seeds 0-9")
+    first, end = args.train_seeds
+    if first >= end or first < BENCH_SEEDS.stop or (first < EXTRA_SEEDS.stop and end > EXTRA_SEEDS.start):
+        ap.error("training seeds must be a non-empty range that leaves out the held-out seeds 0-9 and 200-239")
+    if args.trace is not None and not args.trace.is_file():
+        ap.error(f"no trace file at {args.trace}")
     out = sys.stdout
     if args.json:
         sys.stdout = sys.stderr
-    common.TRACE = args.trace
+    if args.trace is not None:
+        common.TRACE = args.trace
     t0 = time.perf_counter()
     geom = load_catalog().get("a100-40gb").mig
     wl = Workload(geom)
