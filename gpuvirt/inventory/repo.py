@@ -12,7 +12,7 @@ import getpass
 import os
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import String, and_, delete, func, or_, select, type_coerce
+from sqlalchemy import String, and_, delete, func, or_, select, type_coerce, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, selectinload
 
@@ -80,6 +80,14 @@ class Unit:
         if boot_marker is not None:
             h.boot_marker = boot_marker
         return h
+
+    def note_boot(self, host_id: str, boot_marker: str | None) -> None:
+        """Record the boot id the host runs now (when known and new): owners of intents on other machines are
+        judged by it (``service.intent.owner_state``)."""
+        if boot_marker is not None:
+            self.session.execute(update(Host).where(Host.id == host_id, or_(Host.boot_marker.is_(None),
+                                                                            Host.boot_marker != boot_marker))
+                                 .values(boot_marker=boot_marker))
 
     def hosts(self) -> list[Host]:
         return list(self.session.scalars(select(Host).order_by(Host.id)))
@@ -311,6 +319,10 @@ class Unit:
     def intents(self, host_id: str) -> list[Intent]:
         """Open intents of a host, oldest first (a host has a handful at most: they are deleted when done)."""
         return list(self.session.scalars(select(Intent).where(Intent.host_id == host_id).order_by(Intent.id)))
+
+    def touch_intent(self, intent_id: int) -> None:
+        """Renew an intent's lease (its owner's heartbeat during a long host operation)."""
+        self.session.execute(update(Intent).where(Intent.id == intent_id).values(updated_at=utcnow()))
 
     def delete_intent(self, intent_id: int) -> None:
         self.session.execute(delete(Intent).where(Intent.id == intent_id))
