@@ -40,6 +40,9 @@ DEFAULT_POLICIES: dict[str, Any] = {
     "health_history_max": 10000,        # and at most this many are kept per host
     # attach --allow-moves: the most VM device moves one attach may make to find room (0 to 8)
     "rebalance_max_moves": 2,
+    # an intent whose owner runs on another machine (a shared inventory) and has not renewed it for this long
+    # is taken for abandoned (service.intent.owner_state; docs/operator-guide.md "After a crash")
+    "intent_lease_seconds": 300,
 }
 # the events table (audit log) is pruned per host: rows older than max_age_days, and all but the newest
 # max_rows; 0 switches a limit off (docs/operator-guide.md "Event pruning")
@@ -217,6 +220,12 @@ def _check_policy(path: Path, key: str, value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10_000_000:
             raise ConfigError(f"config file {path}: policies.{key} = {value!r} is not valid; expected an integer "
                               "from 1 to 10000000", path=str(path))
+    elif key == "intent_lease_seconds":
+        # the owner renews the lease every HEARTBEAT_SECONDS (30): a lease of fewer than 4 beats would expire
+        # over one slow database write
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 120 <= value <= 7 * 86400:
+            raise ConfigError(f"config file {path}: policies.{key} = {value!r} is not valid; expected a number of "
+                              "seconds from 120 to 604800", path=str(path))
     elif key == "rebalance_max_moves":
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 8:
             raise ConfigError(f"config file {path}: policies.{key} = {value!r} is not valid; expected an integer "

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -141,3 +143,26 @@ def boards(cli, make_sim):
         r = cli("--sim", sim.root, "attach", vm, "--vgpu", "A10-12Q", "--gpu", gpu, "--format", "json")
         assert r.exit_code == 0, r
     return sim.root
+
+
+@pytest.fixture(scope="module")
+def two_host_template():
+    """Two simulated hosts sharing one SQLite inventory, one 12Q VM on each host's A10 board (the rebalance
+    tests' cross-host moves, the journal's owners on another machine)."""
+    from typer.testing import CliRunner
+
+    from gpuvirt.cli.app import app
+    from gpuvirt.sim.control import init_sim
+
+    root = Path(tempfile.mkdtemp(prefix="rebalance-2h-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    url = f"sqlite:///{root / 'shared.db'}"
+    for h, vm in (("ha", "vm-a"), ("hb", "vm-b")):
+        init_sim(root / h, ["a10"], seed="crash")
+        if h == "ha":
+            r = CliRunner().invoke(app, ["--sim", str(root / h), "--db", url, "--host-id", h, "db", "init"])
+            assert r.exit_code == 0, r.stderr
+        r = CliRunner().invoke(app, ["--sim", str(root / h), "--db", url, "--host-id", h, "attach", vm, "--vgpu",
+                                     "A10-12Q"])
+        assert r.exit_code == 0, r.stderr
+    yield root
+    shutil.rmtree(root, ignore_errors=True)

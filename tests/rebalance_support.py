@@ -4,6 +4,8 @@ list, and helpers that read what a simulated host and its inventory hold."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -284,3 +286,10 @@ def _one_device_each(ctx, fake, uris=(LOCAL,)):
 def _allocs(ctx):
     with ctx.inventory.unit() as uow:
         return [(a.vm_name, a.instance.host_id) for a in uow.allocations()]
+
+
+def _copy(root):
+    dst = Path(tempfile.mkdtemp(prefix="rebalance-crash-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    shutil.rmtree(dst)
+    shutil.copytree(root, dst, symlinks=True)
+    return dst

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from gpuvirt.errors import HostError
-from rebalance_support import LOCAL, FakeVirsh, _ctx, _domains, _one_device_each, _placements
+from rebalance_support import LOCAL, FakeVirsh, _copy, _ctx, _domains, _one_device_each, _placements
 
 pytestmark = pytest.mark.crash
 
@@ -49,13 +49,6 @@ def _killing(monkeypatch, k, after):
         return op
     monkeypatch.setattr(intent, "op_of", op_of)
     return seen
-
-
-def _copy(root):
-    dst = Path(tempfile.mkdtemp(prefix="rebalance-crash-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
-    shutil.rmtree(dst)
-    shutil.copytree(root, dst, symlinks=True)
-    return dst
 
 
 CASES = {"time-sliced": (["a10:2"], "A10-12Q", "A10-24Q", 4),
@@ -140,28 +133,6 @@ def test_a_failed_handover_is_undone_and_the_vm_keeps_its_device(boards):
     # the guest was shut down for the move; undoing it starts it again
     assert all(d["state"] == "running" for d in fake.domains[LOCAL].values())
     ctx.close()
-
-
-@pytest.fixture(scope="module")
-def two_host_template():
-    """Two simulated hosts sharing one SQLite inventory, one 12Q VM on each host's A10 board."""
-    from typer.testing import CliRunner
-
-    from gpuvirt.cli.app import app
-    from gpuvirt.sim.control import init_sim
-
-    root = Path(tempfile.mkdtemp(prefix="rebalance-2h-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
-    url = f"sqlite:///{root / 'shared.db'}"
-    for h, vm in (("ha", "vm-a"), ("hb", "vm-b")):
-        init_sim(root / h, ["a10"], seed="crash")
-        if h == "ha":
-            r = CliRunner().invoke(app, ["--sim", str(root / h), "--db", url, "--host-id", h, "db", "init"])
-            assert r.exit_code == 0, r.stderr
-        r = CliRunner().invoke(app, ["--sim", str(root / h), "--db", url, "--host-id", h, "attach", vm, "--vgpu",
-                                     "A10-12Q"])
-        assert r.exit_code == 0, r.stderr
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.mark.parametrize("after", [False, True], ids=["before", "after"])

@@ -66,6 +66,14 @@ def rows(root: Path, since_event: int = 0) -> dict:
     return json.loads(json.dumps(out).replace(str(root), "ROOT"))
 
 
+def boot_marker(root: Path) -> str | None:
+    con = sqlite3.connect(str(root / DB_REL))
+    try:
+        return con.execute("SELECT boot_marker FROM hosts").fetchone()[0]
+    finally:
+        con.close()
+
+
 def last_event(root: Path) -> int:
     con = sqlite3.connect(str(root / DB_REL))
     try:
@@ -314,6 +322,9 @@ def test_a_fast_restore_killed_at_each_host_operation_is_finished_by_reconcile(c
         # the journal holds the half-done restore; status never calls that in sync
         [row] = rows(root)["intents"]
         assert row["kind"] == "reconcile" and row["recovery"] == "forward-only"
+        # with the row, the host's boot id (what processes of other machines judge the row's owner by), as
+        # intent.Run.begin records it: nothing else recorded the host since the reboot
+        assert boot_marker(root) == (root / "proc/sys/kernel/random/boot_id").read_text().strip()
         st = ok(cli("--sim", root, "status", "--json")).json()
         assert not st["in_sync"]
         out = ok(cli("--sim", root, "reconcile", "--yes", "--json")).json()

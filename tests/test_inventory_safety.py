@@ -237,3 +237,70 @@ def test_event_pruning_can_be_switched_off(cli, make_sim):
     con.close()
     assert cli("--sim", root, "attach", "vm1", "--mdev", "mtty-1").exit_code == 0
     assert _events(db, "h1")[0] >= 301
+
+
+# --- a value SQLite kept that does not read back ----------------------------------------------------------------
+def _damaged(cli, make_sim):
+    """A host with a vGPU attached and an intent left open (as a kill leaves one); returns (root, db path)."""
+    from gpuvirt.context import Context, resolve_settings
+    from gpuvirt.service import intent
+
+    sim = make_sim(["a2"])
+    assert cli("--sim", sim.root, "attach", "vm1", "--vgpu", "A2-2Q", "--format", "json").exit_code == 0
+    with Context(resolve_settings(sim=str(sim.root), env={})) as ctx:
+        run = intent.Run.begin(ctx, "attach", gpus=["0000:41:00.0"], target={"vm": "vm2"}, recovery="back")
+        intent._ACTIVE.discard(run.id)
+    return sim.root, sim.root / "var/lib/gpuvirt/inventory.db"
+
+
+@pytest.mark.parametrize("table,column,value,row", [
+    ("intents", "updated_at", "garbage", "id=1"),
+    ("intents", "created_at", "2026-13-01 00:00:00", "id=1"),
+    ("instances", "created_at", "garbage", "id=1"),
+    ("allocations", "vm_state_at", 12345, "id=1"),
+    ("gpus", "last_seen_at", "yesterday", "id=1"),
+    ("intents", "steps", "[{not json", "id=1"),
+])
+def test_a_stored_value_that_does_not_read_back_is_one_line_naming_table_and_column(cli, make_sim, table, column,
+                                                                                    value, row):
+    """A hand-edited or damaged SQLite row made status, report and reconcile end in an internal error (a bare
+    ValueError from the driver's row parsing), unlike a bad hosts.last_seen_at in a cluster report."""
+    root, db = _damaged(cli, make_sim)
+    con = sqlite3.connect(str(db))
+    try:
+        con.execute(f"UPDATE {table} SET {column} = ?", (value,))
+        con.commit()
+    finally:
+        con.close()
+    before = _dump(db)
+    # the commands that read such a row (a report and the allocation list read no intent)
+    for args in (["status"], ["reconcile", "--yes"]) + ((["report"], ["allocations", "--json"])
+                                                         if table != "intents" else ()):
+        err = _one_line(cli("--sim", root, *args), 1)
+        assert f"the inventory is corrupt: {table}.{column} of the row {row} is not" in err, (args, err)
+        assert str(value)[:20] in err
+    # nothing written, the damaged value included (a report records the host it runs on first: its, its GPUs'
+    # and its stack's times of record may move)
+    assert _dump(db) == before
+
+
+def _dump(db):
+    con = sqlite3.connect(str(db))
+    try:
+        return [line for line in con.iterdump() if not line.startswith(
+            ('INSERT INTO "hosts"', 'INSERT INTO "gpus"', 'INSERT INTO "host_stack"'))]
+    finally:
+        con.close()
+
+
+def test_an_error_raised_by_gpuvirt_inside_a_unit_is_not_called_corruption(make_sim):
+    """Only a failure inside SQLAlchemy's reading of a row is looked for in the data; gpuvirt's own ValueError
+    inside a unit of work stays what it is."""
+    from gpuvirt.context import Context, resolve_settings
+
+    sim = make_sim(["a2"])
+    with Context(resolve_settings(sim=str(sim.root), env={})) as ctx:
+        with pytest.raises(ValueError, match="mine"):
+            with ctx.inventory.unit() as uow:
+                uow.hosts()
+                raise ValueError("mine")

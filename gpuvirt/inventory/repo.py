@@ -12,11 +12,11 @@ import getpass
 import os
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import String, and_, delete, func, or_, select, type_coerce
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, selectinload
 
-from gpuvirt.errors import ConflictError, InventoryError, NotFoundError
+from gpuvirt.errors import ConflictError, NotFoundError
 from gpuvirt.inventory.models import (
     ACTIVE,
     Allocation,
@@ -80,6 +80,14 @@ class Unit:
         if boot_marker is not None:
             h.boot_marker = boot_marker
         return h
+
+    def note_boot(self, host_id: str, boot_marker: str | None) -> None:
+        """Record the boot id the host runs now (when known and new): owners of intents on other machines are
+        judged by it (``service.intent.owner_state``)."""
+        if boot_marker is not None:
+            self.session.execute(update(Host).where(Host.id == host_id, or_(Host.boot_marker.is_(None),
+                                                                            Host.boot_marker != boot_marker))
+                                 .values(boot_marker=boot_marker))
 
     def hosts(self) -> list[Host]:
         return list(self.session.scalars(select(Host).order_by(Host.id)))
@@ -312,6 +320,10 @@ class Unit:
         """Open intents of a host, oldest first (a host has a handful at most: they are deleted when done)."""
         return list(self.session.scalars(select(Intent).where(Intent.host_id == host_id).order_by(Intent.id)))
 
+    def touch_intent(self, intent_id: int) -> None:
+        """Renew an intent's lease (its owner's heartbeat during a long host operation)."""
+        self.session.execute(update(Intent).where(Intent.id == intent_id).values(updated_at=utcnow()))
+
     def delete_intent(self, intent_id: int) -> None:
         self.session.execute(delete(Intent).where(Intent.id == intent_id))
 
@@ -412,30 +424,9 @@ class Unit:
         q = select(Host.id, Host.hostname, Host.last_seen_at, Host.simulated)
         if host_ids is not None:
             q = q.where(Host.id.in_(list(host_ids)))
-        try:
-            return list(self.session.execute(q.order_by(Host.id)))
-        except (ValueError, TypeError):
-            # SQLite keeps DateTime as text, so a hand-edited or damaged row ('garbage') fails inside the
-            # driver's row parsing with a bare ValueError that names neither row nor column.  Find the row
-            # and say which one: the inventory is corrupt (exit 1), as for other corrupt-inventory cases.
-            self._raise_bad_timestamp(host_ids)
-            raise
-
-    def _raise_bad_timestamp(self, host_ids: Iterable[str] | None) -> None:
-        dialect = self.session.get_bind().dialect
-        # the dialect's own reading of the column (SQLite: its text-to-datetime), applied row by row
-        impl = Host.__table__.c.last_seen_at.type.dialect_impl(dialect)
-        parse = impl.result_processor(dialect, None) or (lambda v: v)
-        q = select(Host.id, type_coerce(Host.last_seen_at, String))
-        if host_ids is not None:
-            q = q.where(Host.id.in_(list(host_ids)))
-        for hid, raw in self.session.execute(q.order_by(Host.id)):
-            try:
-                parse(raw)
-            except (ValueError, TypeError):
-                raise InventoryError(f"the inventory is corrupt: hosts.last_seen_at of host {hid!r} is not a "
-                                     f"timestamp ({str(raw)[:40]!r}); run any gpuvirt command on that host to "
-                                     f"record it again, or purge the host") from None
+        # a value that does not read as a timestamp ('garbage' in a hand-edited SQLite inventory) is named by
+        # the unit's error translation (store.unreadable_value), as anywhere else
+        return list(self.session.execute(q.order_by(Host.id)))
 
     def _fetch_plain(self, stmt: Any) -> list[tuple]:
         """Run a core SELECT on this unit's connection and return the DBAPI's own tuples.

@@ -349,8 +349,13 @@ class Tx:
 
     # --- the intent journal (models.Intent; service.intent reads these rows back) ------------------------------
     def add_intent(self, *, kind: str, state: str, recovery: str, gpus: list[str], steps: list[dict[str, Any]],
-                   owner: str | None, actor: str | None) -> int:
+                   owner: str | None, actor: str | None, boot_marker: str | None = None) -> int:
+        """``Unit.note_boot`` and ``Unit.add_intent``: the host's boot id is recorded with the row, as
+        ``intent.Run.begin`` does, since other processes judge the row's owner by it."""
         now = stamp()
+        if boot_marker is not None:
+            self.x("UPDATE hosts SET boot_marker = ? WHERE id = ? AND boot_marker IS NOT ?",
+                   (boot_marker, self.host_id, boot_marker))
         cur = self.x('INSERT INTO intents (host_id, kind, state, recovery, gpus, target, "before", steps, pid, owner, '
                      "actor, error, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
                      (self.host_id, kind, state, recovery, json.dumps(gpus), json.dumps({}), json.dumps({}),

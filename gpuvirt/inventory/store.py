@@ -76,6 +76,61 @@ def translate_db_error(exc: BaseException, url: str, action: str = "inventory") 
     return describe_db_error(msg, _describe(url), action, integrity=isinstance(exc, IntegrityError))
 
 
+def _raised_by_sqlalchemy(exc: BaseException) -> bool:
+    """Did ``exc`` come out of SQLAlchemy's own code (turning a stored value into a Python one), rather than
+    out of the caller's code inside a unit of work?"""
+    mods = []
+    tb = exc.__traceback__
+    while tb is not None:
+        f = tb.tb_frame
+        # compiled (Cython) modules of SQLAlchemy may name their frames only by a relative source path,
+        # e.g. "lib/sqlalchemy/engine/_processors_cy.py"
+        mods.append(f.f_globals.get("__name__") or ".".join(Path(f.f_code.co_filename).parts))
+        tb = tb.tb_next
+    # the frame below gpuvirt's innermost one: gpuvirt called SQLAlchemy, and the error came from inside that
+    # call (its value processors, or the json module they call)
+    ours = [i for i, m in enumerate(mods) if m == "gpuvirt" or m.startswith("gpuvirt.")]
+    below = ours[-1] + 1 if ours else 0
+    return below < len(mods) and "sqlalchemy" in mods[below].split(".")
+
+
+def unreadable_value(engine: Engine) -> InventoryError | None:
+    """The first stored value of a timestamp or JSON column that SQLAlchemy cannot read back, as the one-line
+    "corrupt inventory" error naming table, column and row; None when every one reads.
+
+    SQLite keeps both as text, so a hand-edited or damaged row (``created_at='garbage'``) is stored without
+    complaint and fails later inside the driver's row parsing, as a bare ValueError that names neither row nor
+    column, in whatever command happens to load it.  Only that failure pays for this scan, which reads each
+    such column once as text and parses it as the dialect does."""
+    from sqlalchemy import JSON, DateTime, String, select, type_coerce
+
+    from gpuvirt.inventory.models import Base
+
+    dialect = engine.dialect
+    with engine.connect() as conn:
+        for table in Base.metadata.sorted_tables:
+            keys = list(table.primary_key.columns)
+            for col in table.columns:
+                if not isinstance(col.type, (DateTime, JSON)):
+                    continue
+                parse = col.type.dialect_impl(dialect).result_processor(dialect, None)
+                if parse is None:
+                    continue
+                q = select(*keys, type_coerce(col, String)).where(col.is_not(None)).order_by(*keys)
+                for *key, raw in conn.execute(q):
+                    try:
+                        parse(raw)
+                    except (ValueError, TypeError):
+                        row = ", ".join(f"{k.name}={v!r}" for k, v in zip(keys, key))
+                        what = "a timestamp" if isinstance(col.type, DateTime) else "JSON"
+                        fix = ("a UTC time as 'YYYY-MM-DD HH:MM:SS'" if isinstance(col.type, DateTime)
+                               else "valid JSON")
+                        return InventoryError(f"the inventory is corrupt: {table.name}.{col.name} of the row "
+                                              f"{row} is not {what} ({str(raw)[:40]!r}); write {fix} there, or "
+                                              "restore the inventory from a backup")
+    return None
+
+
 def _describe(url: str) -> str:
     try:
         u = make_url(url)
@@ -240,6 +295,12 @@ class Inventory:
         except (DBAPIError, SQLAlchemyError) as exc:
             session.rollback()
             raise translate_db_error(exc, self.url, action) from exc
+        except (ValueError, TypeError) as exc:
+            session.rollback()
+            bad = unreadable_value(self.engine) if self.backend == "sqlite" and _raised_by_sqlalchemy(exc) else None
+            if bad is not None:
+                raise bad from None
+            raise
         except BaseException:
             session.rollback()
             raise

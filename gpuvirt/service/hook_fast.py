@@ -229,7 +229,7 @@ def _restore(ctx: Context, inv: FastInventory, gpu_ids: list[int], gpu_addrs: se
     """Restore the VM's GPUs as ``reconcile(only_parents=...)`` would; its report (``changed``, ``failed``), or
     None when this is not the plain case (nothing written then)."""
     from gpuvirt.service import intent_steps as steps_mod
-    from gpuvirt.service.intent import process_id
+    from gpuvirt.service.intent import process_id, root_boot_id
     from gpuvirt.service.instances import gpu_lock
 
     with contextlib.ExitStack() as locks:
@@ -246,9 +246,11 @@ def _restore(ctx: Context, inv: FastInventory, gpu_ids: list[int], gpu_addrs: se
                 # record a run that changed nothing (the caller then checks the devices again)
                 t.event("reconcile", actor=ACTOR, detail={"changed": 0, "failed": 0, "foreign": None})
                 return {"changed": 0, "failed": []}
+            # no lease heartbeat here (Run.heartbeat): this inventory is one machine's SQLite file, so the
+            # row's owner is only ever judged through /proc, and the boot id recorded with it
             intent_id = t.add_intent(kind="reconcile", state="running", recovery="forward-only",
                                      gpus=sorted({s["gpu"] for s in steps}), steps=steps, owner=process_id(),
-                                     actor=ACTOR)
+                                     actor=ACTOR, boot_marker=root_boot_id(ctx.settings.root))
         # reconcile._repair's order: the GPU-wide phase (VFs) first, then the instances in plan order
         order = sorted(range(len(steps)), key=lambda i: 0 if steps[i]["op"] == "vfs" else 1)
         for i in order:

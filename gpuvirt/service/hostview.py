@@ -6,7 +6,6 @@ whose VFs are handed out whole, an Intel iGPU with GVT-g, or a virtual mdev pare
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -182,9 +181,11 @@ def lock_addresses(ctx: Context) -> list[str]:
 
 def record(ctx: Context, view: HostView, uow: Any) -> dict[str, Any]:
     """Upsert this host and its GPUs in the inventory; GPUs no longer seen are marked not present."""
+    from gpuvirt.service.intent import root_boot_id
+
     s = ctx.settings
     uow.touch_host(s.host_id, hostname=view.doc["host"]["hostname"], root=str(s.root),
-                   simulated=s.sim_dir is not None, boot_marker=_boot_id(s.root))
+                   simulated=s.sim_dir is not None, boot_marker=root_boot_id(s.root))
     seen = set()
     rows = {}
     for g in view.gpus:
@@ -203,14 +204,6 @@ def record(ctx: Context, view: HostView, uow: Any) -> dict[str, Any]:
 
         uow.record_host_stack(s.host_id, host_stack(s.root, ctx.host.nvml()))
     return rows
-
-
-def _boot_id(root: Any) -> str | None:
-    try:
-        with open(os.path.join(str(root), "proc/sys/kernel/random/boot_id")) as fh:
-            return fh.read().strip()[:64]
-    except OSError:
-        return None
 
 
 def gpu_rows(uow: Any, host_id: str) -> dict[str, Any]:

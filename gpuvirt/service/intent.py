@@ -31,6 +31,7 @@ and other hosts' (a move between hosts) as ``host/address``.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import threading
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from typing import Any, Callable, Iterable
 
 from gpuvirt.context import Context
 from gpuvirt.errors import ConflictError, GpuvirtError
+from gpuvirt.inventory.kinds import utcnow
 from gpuvirt.service.intent_steps import (  # noqa: F401 - the step builders are used as intent.<name>_step
     DONE, INVENTORY_ONLY, OPS, PENDING, SKIPPED, UNDONE, allocate_step, cdi_step, describe, domain_xml_step,
     mdev_step, mig_mode_step, mig_step, op_of, record_vfs_step, release_step, row_id, vfs_step,
@@ -50,6 +52,11 @@ UNFINISHED = "unfinished"
 # steps a rollback does not go past when it cannot undo them (or cannot tell whether they hold): the steps
 # before a VM handover made the device the VM may still name, so undoing them would take it from the guest
 BARRIERS = ("vm-handover",)
+
+# an owner renews its intent's lease this often while a host operation runs (Run.heartbeat); the lease itself,
+# policies.intent_lease_seconds, must stay several beats long (context.py checks at least 4)
+HEARTBEAT_SECONDS = 30.0
+DEFAULT_LEASE_SECONDS = 300
 
 # intents this process is running right now (recover() must not settle its own callers' work)
 _ACTIVE: set[int] = set()
@@ -93,10 +100,15 @@ class Run:
                       gpus=sorted(set(gpus) | gpu_keys(ctx.settings.host_id, steps or [])), target=target or {},
                       before=before or {}, steps=list(steps or []), pid=os.getpid(), owner=process_id(),
                       actor=actor)
+        boot = root_boot_id(ctx.settings.root)
+
         def add(u: Any) -> Any:
             if u.host(ctx.settings.host_id) is None:      # a first command on a new inventory
                 u.touch_host(ctx.settings.host_id, root=str(ctx.settings.root),
                              simulated=ctx.settings.sim_dir is not None)
+            # the host's recorded boot id is what other machines judge this intent's owner by (owner_state): it
+            # must be this boot's before the row exists, also when nothing recorded the host since it booted
+            u.note_boot(ctx.settings.host_id, boot)
             return u.add_intent(**fields)
 
         if uow is not None:
@@ -131,6 +143,28 @@ class Run:
         for k, v in fields.items():
             setattr(row, k, v)
 
+    @contextlib.contextmanager
+    def heartbeat(self) -> Any:
+        """Keep the intent's lease (its ``updated_at``) fresh while one host operation runs: a live move
+        (``virsh migrate``), a GPU reset or a wait for vGPU types can outlast the lease, and a process on another
+        machine takes an intent whose lease ran out for abandoned (:func:`owner_state`).  Every recorded step
+        renews it too; a beat that fails (database busy) is only skipped, the next one tries again."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(HEARTBEAT_SECONDS):
+                with contextlib.suppress(GpuvirtError):
+                    with self.ctx.inventory.unit(write=True, action="renew the intent's lease") as uow:
+                        uow.touch_intent(self.id)
+
+        t = threading.Thread(target=beat, name=f"gpuvirt-intent-{self.id}-heartbeat", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join()
+
     # --- steps -----------------------------------------------------------------------------------------------
     def add(self, step: dict[str, Any], *, uow: Any = None) -> int:
         """Append a step (persisted before it runs); returns its index."""
@@ -156,7 +190,8 @@ class Run:
             with self.ctx.inventory.unit(write=True, action=f"record the {self.kind} plan") as uow:
                 self._save(uow)
         try:
-            facts = op.forward()
+            with self.heartbeat():
+                facts = op.forward()
         except GpuvirtError as exc:
             with contextlib.suppress(GpuvirtError):
                 with self.ctx.inventory.unit(write=True) as uow:
@@ -216,7 +251,8 @@ class Run:
             op = None
             try:
                 op = op_of(self.ctx, step)
-                facts = op.backward()
+                with self.heartbeat():
+                    facts = op.backward()
                 with self.ctx.inventory.unit(write=True, action=f"record: {op.describe(False)}") as uow:
                     op.record(uow, not step["present"], facts)
                     step["state"] = UNDONE if step["state"] in (DONE, UNDONE) else PENDING
@@ -317,10 +353,38 @@ def open_intents(ctx: Context) -> list[Any]:
         return uow.intents(ctx.settings.host_id)
 
 
+def _open_with_holders(ctx: Context) -> list[tuple[Any, str | None]]:
+    """The host's open intents, each with who still carries it out (:func:`owner_state`; None: nobody)."""
+    from gpuvirt.service import intent_steps
+
+    host_id = ctx.settings.host_id
+    own = intent_steps.is_home(host_id)
+    with ctx.inventory.unit() as uow:
+        rows = uow.intents(host_id)
+        h = uow.host(host_id)
+        marker = h.boot_marker if h is not None else None
+    boot = root_boot_id(ctx.settings.root) if own and h is not None else None
+    if boot is not None and boot != marker:
+        # this process runs as the host, so the boot id under its root is the host's now: recorded here, as
+        # a record or an intent would, so that other machines see this host booted since a dead owner's intent
+        with ctx.inventory.unit(write=True, action="record the host's boot") as uow:
+            uow.note_boot(host_id, boot)
+    lease = lease_seconds(ctx)
+    return [(row, owner_state(row, marker, lease, own_host=own)) for row in rows]
+
+
 def require_settled(ctx: Context, locked: set[str] | None, *, actor: str | None = None) -> None:
     """Settle what a crash left on these GPUs, and refuse to go on where that did not work: a new change is
-    never planned over a half-made one."""
+    never planned over a half-made one, nor beside one another process (of any machine) still carries out."""
     bad = [r for r in recover(ctx, locked, actor=actor) if r["result"] == "failed"]
+    for row, who in _open_with_holders(ctx):
+        mine = set(row.gpus or []) if locked is None else set(row.gpus or []) & locked
+        if who is not None and mine and not is_active(row.id):
+            # this process holds the GPUs' locks, so the owner runs where those locks do not reach (another
+            # machine): changing the GPUs beside it would build on a half-made change
+            raise ConflictError(f"{', '.join(sorted(mine))}: {_a(row.kind)} (intent {row.id}) is in progress, run by "
+                                f"{who}; wait for it to end ('After a crash' in docs/operator-guide.md: an owner "
+                                "whose machine is gone for good)")
     if locked is not None:
         # a move (kind rebalance) that touches a locked GPU and others this command does not hold cannot be
         # settled here (its other GPUs may be another command's), and planning over it would build on a
@@ -337,6 +401,10 @@ def require_settled(ctx: Context, locked: set[str] | None, *, actor: str | None 
                             f"finished or rolled back ({r.get('error')}); fix the cause and run 'gpuvirt reconcile'")
 
 
+def _a(kind: str) -> str:
+    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
+
+
 def is_active(intent_id: int) -> bool:
     """Is this intent being carried out by this very process (a caller further up the stack)?"""
     with _ACTIVE_GUARD:
@@ -346,15 +414,17 @@ def is_active(intent_id: int) -> bool:
 def recover(ctx: Context, locked: set[str] | None, *, actor: str | None = None,
             kinds: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> list[dict[str, Any]]:
     """Settle intents a dead process left behind on GPUs whose locks this process holds (keys as in the
-    row's ``gpus``: bare addresses of this host, ``host/address`` of others).
+    row's ``gpus``: bare addresses of this host, ``host/address`` of others).  An intent whose owner may still
+    run - on this machine, or on another one without evidence that it is gone (:func:`owner_state`) - is
+    left alone.
 
     ``locked`` None: every GPU of the host is locked.  Intents of a kind in ``exclude`` are left alone.
     Returns one record per intent settled or left."""
     out = []
     wanted = set(kinds) if kinds is not None else None
-    for row in open_intents(ctx):
+    for row, who in _open_with_holders(ctx):
         if is_active(row.id) or (wanted is not None and row.kind not in wanted) or row.kind in exclude \
-                or in_progress(row):
+                or who is not None:
             continue
         if locked is not None and not set(row.gpus or []) <= locked:
             continue
@@ -445,10 +515,58 @@ def process_id(pid: int | None = None) -> str | None:
     return f"{boot}:{pid}:{start}"
 
 
-def in_progress(row: Any) -> bool:
-    """Is another live process still carrying this intent out?  (One left behind after a failed rollback is
-    not, even while the process that left it runs on.)"""
-    return row.state in (RUNNING, ROLLING_BACK) and row.owner != process_id() and owner_alive(row.owner)
+def root_boot_id(root: Any) -> str | None:
+    """The boot id of the machine (or simulated host) under ``root``: what ``hosts.boot_marker`` records."""
+    try:
+        with open(os.path.join(str(root), "proc/sys/kernel/random/boot_id")) as fh:
+            return fh.read().strip()[:64] or None
+    except OSError:
+        return None
+
+
+def lease_seconds(ctx: Context) -> float:
+    return float(ctx.settings.policies.get("intent_lease_seconds", DEFAULT_LEASE_SECONDS))
+
+
+def owner_state(row: Any, host_boot: str | None, lease: float, *, own_host: bool = True,
+                now: dt.datetime | None = None) -> str | None:
+    """Who still carries this intent out, as a few words for messages; None when nobody does.
+
+    Only a ``running`` or ``rolling-back`` intent has a live owner (one left behind after a failed rollback has
+    none, even while the process that left it runs on).  An owner of this machine's current boot is asked
+    through /proc (pid and start time, so a reused pid is not taken for it).  One of another boot id ran on
+    another machine of a shared inventory, or on this one before a reboot; /proc cannot answer for it, so it
+    counts as alive unless there is evidence that it is gone:
+
+    * ``own_host``: the intent is of the host this process runs as.  Intents of a host are opened on that
+      host's machine, so another boot id is an earlier boot of this one.
+    * ``host_boot``: the boot id recorded for the intent's host (``hosts.boot_marker``) is not the owner's: the
+      host booted since the intent was opened (opening one records the boot id, :meth:`Run.begin`).
+    * the lease: the owner renews ``updated_at`` at every step and every ``HEARTBEAT_SECONDS`` during one
+      (:meth:`Run.heartbeat`); older than ``lease`` seconds, the owner is taken for dead (a host that went
+      down for good, a process frozen).  Hosts' clocks must agree to well within the lease.
+    """
+    if row.state not in (RUNNING, ROLLING_BACK) or not row.owner:
+        return None
+    try:
+        boot, pid, _start = row.owner.rsplit(":", 2)
+        int(pid)
+    except ValueError:
+        return None
+    me = process_id()
+    if me is None or row.owner == me:
+        return None
+    if boot == me.split(":", 1)[0]:
+        return f"process {pid} on this machine" if owner_alive(row.owner) else None
+    if own_host or (host_boot is not None and host_boot != boot):
+        return None
+    now = now or utcnow()
+    seen = row.updated_at
+    age = (now - seen).total_seconds() if isinstance(seen, dt.datetime) else None
+    if age is None or age > lease:
+        return None
+    return (f"process {pid} on the machine of host {row.host_id} (boot id {boot[:8]}), last heard from "
+            f"{max(age, 0):.0f} s ago (taken for gone after {lease:.0f} s: policies.intent_lease_seconds)")
 
 
 def owner_alive(owner: str | None) -> bool:

@@ -662,9 +662,17 @@ OPS: dict[str, type[_Op]] = {"mig": MigOp, "mdev": MdevOp, "vgpu": VgpuOp, "vfs"
                              "release": AllocateOp, "whole-gpu": WholeGpuOp}
 
 
-# Contexts of other hosts of a shared inventory that this process may change (the rebalance executor
-# registers them; a step naming a host missing here cannot run from this process).
+# Contexts of the hosts of a shared inventory that this process may change (the rebalance executor registers
+# them, its own host's too: a move another host opened may name this one; a step naming a host missing here
+# cannot run from this process), and the host this process runs as while they are registered (None: the host
+# of whichever context a function is given).
 PEERS: dict[str, Context] = {}
+HOME: list[str] = []
+
+
+def is_home(host_id: str) -> bool:
+    """Does this process run as ``host_id`` (rather than reach it as a peer of the host it runs as)?"""
+    return not HOME or HOME[-1] == host_id
 
 
 def op_of(ctx: Context, step: dict[str, Any]) -> _Op:

@@ -57,11 +57,13 @@ CLEANUP_RETRY_SECONDS = 0.5         # pause before the one retry of a move's sou
 def reach(ctx: Context, peers: Mapping[str, Context] | None, runner: Runner | None):
     """Make the other hosts' contexts and the libvirt runner available to the journal's steps."""
     old_peers = dict(intent_steps.PEERS)
-    intent_steps.PEERS.update({h: c for h, c in (peers or {}).items() if h != ctx.settings.host_id})
+    intent_steps.PEERS.update({**(peers or {}), ctx.settings.host_id: ctx})
+    intent_steps.HOME.append(ctx.settings.host_id)
     old_runner = set_runner(runner) if runner is not None else None
     try:
         yield
     finally:
+        intent_steps.HOME.pop()
         intent_steps.PEERS.clear()
         intent_steps.PEERS.update(old_peers)
         if runner is not None:

@@ -93,6 +93,19 @@ class VmHandoverOp(_Op):
         return (f"{p['kind']} handover of VM {p['vm']} from {_dev(frm)} on {frm['host']} to {_dev(to)} on "
                 f"{to['host']}")
 
+    def _uri(self, d: dict[str, Any]) -> str:
+        """The libvirt URI of ``d``'s host from this process.  The step records it as seen from the host that
+        opened the move; another host settling the move (its owner gone) reaches the same libvirts by other
+        names ("qemu:///system" there is the opener's own)."""
+        from gpuvirt.service.intent_steps import HOME
+
+        if not HOME or self.ctx is None or HOME[-1] == self.ctx.settings.host_id:
+            return d["uri"]
+        home = HOME[-1]
+        from gpuvirt.service.rebalance import libvirt_uri
+
+        return libvirt_uri(d["host"], home)
+
     # --- libvirt questions ---
     # A failed question is never an answer: "libvirt unreachable" read as "the VM is not there" made recovery
     # undo a move the VM had already made (review finding 1).  Only a domain that ``virsh list --all --name``
@@ -130,7 +143,7 @@ class VmHandoverOp(_Op):
         off domain shows its definition as both.)  Checking only one let a live move through whose definition
         still named the source device, handed back at the guest's next cold boot (review finding 3)."""
         for inactive in (False, True):
-            xml = self._xml(d["uri"], inactive=inactive)
+            xml = self._xml(self._uri(d), inactive=inactive)
             if xml is None or not _names(xml, d):
                 return False
         return True
@@ -141,14 +154,14 @@ class VmHandoverOp(_Op):
         if self.p.get("was_running") is not None:
             return False
         try:
-            st = self._state(self.p["src"]["uri"])
+            st = self._state(self._uri(self.p["src"]))
         except UnknownStateError as exc:
             # nothing has been asked of libvirt yet, so nothing of this move happened there: the move is undone
             # like any other failure (not left open, as an unknown outcome later would be)
             raise HostError(f"{exc}".split("; whether it was moved")[0] + "; the move was not started") from exc
         if st is None:
             raise NotFoundError(f"VM {self.p['vm']} is not defined on {self.p['src']['host']} "
-                                f"({self.p['src']['uri']}); nothing to move")
+                                f"({self._uri(self.p['src'])}); nothing to move")
         self.p["was_running"] = st == "running"
         return True
 
@@ -180,45 +193,45 @@ class VmHandoverOp(_Op):
         vm, cold = p["vm"], p["kind"] != "live"
         if not to.get("uuid") and not to.get("address"):
             raise ConflictError(f"the target device of VM {vm} is not known yet")
-        there = self._xml(to["uri"])
+        there = self._xml(self._uri(to))
         if there is not None and _names(there, to):
             # the VM is there: its persistent definition must name the device too (a live move made before
             # --persistent-xml was passed left the source's there), then it runs if it ran before
-            kept = self._xml(to["uri"], inactive=True, migratable=True)
+            kept = self._xml(self._uri(to), inactive=True, migratable=True)
             if kept is not None and not _names(kept, to):
                 with _xml_file(self._retarget(kept, frm, to, "persistent definition")) as path:
-                    run(["-c", to["uri"], "define", "--file", path])
-            if cold and p.get("was_running") and self._state(to["uri"]) != "running":
-                run(["-c", to["uri"], "start", "--domain", vm])
+                    run(["-c", self._uri(to), "define", "--file", path])
+            if cold and p.get("was_running") and self._state(self._uri(to)) != "running":
+                run(["-c", self._uri(to), "start", "--domain", vm])
             return {}
-        here = self._xml(frm["uri"], inactive=cold, migratable=True)
+        here = self._xml(self._uri(frm), inactive=cold, migratable=True)
         if here is None or not _names(here, frm):
             raise ConflictError(f"VM {vm} names neither {_dev(frm)} on {frm['host']} nor {_dev(to)} on {to['host']} "
                                 "in its libvirt definition; it is left as it is (see 'virsh dumpxml')")
-        if cold and self._state(frm["uri"]) != "shut off":
-            self._shutdown(frm["uri"])
-            here = self._xml(frm["uri"], inactive=True, migratable=True)
+        if cold and self._state(self._uri(frm)) != "shut off":
+            self._shutdown(self._uri(frm))
+            here = self._xml(self._uri(frm), inactive=True, migratable=True)
             if here is None:
-                raise ConflictError(f"VM {vm} left {frm['uri']} while it was shut down for the move")
+                raise ConflictError(f"VM {vm} left {self._uri(frm)} while it was shut down for the move")
         target = self._retarget(here, frm, to, "definition" if cold else "running XML")
         with _xml_file(target) as path:
             if not cold:
                 # the persistent definition goes along retargeted as well: without --persistent-xml libvirt
                 # keeps the source's inactive definition on the destination, naming the source device
-                kept = self._xml(frm["uri"], inactive=True, migratable=True)
+                kept = self._xml(self._uri(frm), inactive=True, migratable=True)
                 if kept is None:
-                    raise ConflictError(f"VM {vm} left {frm['uri']} before it was moved")
+                    raise ConflictError(f"VM {vm} left {self._uri(frm)} before it was moved")
                 with _xml_file(self._retarget(kept, frm, to, "persistent definition")) as ppath:
-                    run(["-c", frm["uri"], "migrate", "--live", "--persistent", "--undefinesource", "--xml", path,
-                         "--persistent-xml", ppath, "--domain", vm, "--desturi", to["uri"]])
-            elif frm["uri"] == to["uri"]:
-                run(["-c", to["uri"], "define", "--file", path])
+                    run(["-c", self._uri(frm), "migrate", "--live", "--persistent", "--undefinesource", "--xml", path,
+                         "--persistent-xml", ppath, "--domain", vm, "--desturi", self._uri(to)])
+            elif self._uri(frm) == self._uri(to):
+                run(["-c", self._uri(to), "define", "--file", path])
             else:
                 # offline: the --xml document is the one definition the destination gets
-                run(["-c", frm["uri"], "migrate", "--offline", "--persistent", "--undefinesource", "--xml", path,
-                     "--domain", vm, "--desturi", to["uri"]])
+                run(["-c", self._uri(frm), "migrate", "--offline", "--persistent", "--undefinesource", "--xml", path,
+                     "--domain", vm, "--desturi", self._uri(to)])
         if cold and p.get("was_running"):
-            run(["-c", to["uri"], "start", "--domain", vm])
+            run(["-c", self._uri(to), "start", "--domain", vm])
         return {}
 
     def _shutdown(self, uri: str) -> None:

@@ -20,6 +20,7 @@ from gpuvirt.inventory.models import ACTIVE, CREATING, DESTROYING, FAILED, GPU, 
 from gpuvirt.service import hostview
 from gpuvirt.service.hostview import GpuView, HostView
 from gpuvirt.service import intent
+from gpuvirt.service.intent_steps import is_home
 from gpuvirt.service.instances import gpu_lock, instance_fields_for_mig, instance_fields_for_vgpu, lock_busy
 
 
@@ -135,15 +136,18 @@ def analyze(ctx: Context, view: HostView, uow: Any, adopt: bool = False) -> tupl
     host_id = ctx.settings.host_id
     rows_by_gpu = hostview.record(ctx, view, uow)
     journal_gpus: set[str] = set()
+    host_row = uow.host(host_id)
     for row in uow.intents(host_id):
         if intent.is_active(row.id):
             continue
         journal_gpus.update(row.gpus or [])
         busy = any(lock_busy(ctx, a) for a in row.gpus or [] if "/" not in a)   # host/address: another host's
+        who = intent.owner_state(row, host_row.boot_marker if host_row is not None else None,
+                                 intent.lease_seconds(ctx), own_host=is_home(host_id))
         for addr in row.gpus or []:
             rep.add(addr, f"unfinished-{row.kind}", intent.describe_open(row),
                     action="in progress (another gpuvirt holds the GPU)" if busy else
-                    "finish it or roll it back ('gpuvirt reconcile')")
+                    f"in progress, run by {who}" if who else "finish it or roll it back ('gpuvirt reconcile')")
     for g in view.gpus:
         gpu_row = rows_by_gpu[g.address]
         rows = uow.instances(host_id, gpu_id=gpu_row.id)
