@@ -21,6 +21,7 @@ from gpuvirt.errors import NotFoundError, UsageError
 from gpuvirt.model import mig
 from gpuvirt.model import vgpu as vgpu_rules
 from gpuvirt.model.catalog import GpuInstanceProfile, GpuModel, VgpuType
+from gpuvirt.model.cluster_places import PlaceMeasures
 from gpuvirt.model.mig import Placed
 from gpuvirt.model.planner import _tables, pack_detailed
 from gpuvirt.model.preflight import (
@@ -147,9 +148,10 @@ class Request:
 
 
 # --- the index -------------------------------------------------------------------------------------
-class ClusterIndex:
+class ClusterIndex(PlaceMeasures):
     """The cluster in index form, with memoised rule answers.  Contents of a GPU are sorted tuples of
-    (start, unit index); start is -1 on time-sliced boards."""
+    (start, unit index); start is -1 on time-sliced boards.  Where a unit may land, best first, is
+    :class:`gpuvirt.model.cluster_places.PlaceMeasures`."""
 
     def __init__(self, cluster: Cluster, policy: Any) -> None:
         # ``policy``: a moves.MovePolicy (pins, allowed kinds, migration rules)
@@ -197,6 +199,7 @@ class ClusterIndex:
         self._kind: dict[tuple, tuple[str, Compatibility | None] | None] = {}
         self._places: dict[tuple, tuple] = {}
         self._everywhere: dict[int, list] = {}
+        self._wkey: dict[int, tuple] = {}
         self._sole: dict[tuple, tuple[int, ...]] = {}
         self.u_gpu: list[int] = []
         self.u_start: list[int] = []
@@ -655,19 +658,6 @@ class ClusterIndex:
         self._kind[key] = res
         return res
 
-    def badness(self, gi: int, c: int, start: int, d: int) -> float:
-        """How much a unit of demand ``d`` landing here hurts later placements: the compute slices it strands
-        (plus half a slice for opening an empty GPU), as in the planner's frag-aware policy; on a board, 1 for
-        opening an empty one."""
-        t = self.g_tables[gi]
-        if t is None:
-            return 1.0 if not self.cont[c] else 0.0
-        pid = self.demands[d][1]
-        pids = tuple(sorted(t.by_id))
-        lay = self.layout(c)
-        after = tuple(sorted(lay + (Placed(start, t.by_id[pid].memory_slices, pid),)))
-        return float(t.stranded(after, pids) - t.stranded(lay, pids)) + (0.5 if not lay else 0.0)
-
     def repack_fits(self, d: int, state: tuple) -> bool | None:
         """Would the instances on the GPUs that could take demand ``d``, plus one of ``d``, fit those GPUs if
         everything could be placed afresh (pins, VFs and move order ignored)?  False proves that no sequence
@@ -701,25 +691,6 @@ class ClusterIndex:
             c = t.max_instances if vfs is None else min(t.max_instances, vfs)
             cap[cls] = min(cap.get(cls, c), c)
         return sum(-(-n // max(1, cap[c])) for c, n in need.items()) <= len(pool)
-
-    def places(self, d: int, gi: int, c: int) -> tuple[tuple[float, int, int], ...]:
-        """(badness, gpu, start) of each legal place for demand ``d`` on GPU ``gi``, best first."""
-        key = (d, gi, c)
-        got = self._places.get(key)
-        if got is None:
-            got = tuple(sorted((self.badness(gi, c, s, d), gi, s) for s in self.starts(d, gi, c)))
-            if len(self._places) > 200_000:
-                self._places.clear()
-            self._places[key] = got
-        return got
-
-    def places_everywhere(self, d: int) -> list[tuple[float, int, int]]:
-        """:meth:`places` over every compatible GPU in the starting state, best first."""
-        got = self._everywhere.get(d)
-        if got is None:
-            got = sorted(p for gi in self.d_compat[d] for p in self.places(d, gi, self.start[gi]))
-            self._everywhere[d] = got
-        return got
 
     def request_demand(self, request: Request) -> tuple[int, list[int], str]:
         """The request as a demand, the GPUs it may go to, and how to name it; raises for a request no GPU model

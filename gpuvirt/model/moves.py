@@ -23,8 +23,11 @@ Entry points for the service layer (``gpuvirt rebalance``, ``attach --allow-move
 * :func:`gpuvirt.model.rejection.analyse_rejection` builds on these to classify refusals.
 
 Cost, in this order: the number of moves; then the number of cold moves (a cold move stops the guest); then
-the data moved (guest RAM + vGPU framebuffer of every moved VM, 0 for ``recreate``); then how many compute
-slices the destinations strand (the frag-aware measure of :mod:`gpuvirt.model.planner`).
+how much worse the destinations leave the free space (compute slices stranded, the frag-aware measure of
+:mod:`gpuvirt.model.planner`, with its fragmentation score as a tie-break: :meth:`ClusterIndex.badness`);
+then the data moved (guest RAM + vGPU framebuffer of every moved VM, 0 for ``recreate``).
+``MovePolicy.prefer="data"`` swaps the last two.  Destinations of equal cost are tried in the order the
+frag-aware placement would choose them (:meth:`ClusterIndex.tie`).
 
 Search: iterative deepening on the number of moves, depth-first with a transposition table and
 branch-and-bound on the secondary costs; a move may only be planned if it can still matter (see
@@ -54,6 +57,7 @@ from gpuvirt.model.preflight import COLD, DEFAULT_RULES, LIVE, Compatibility, Mi
 
 MOVE_KINDS = (LIVE, COLD)
 MAX_MOVES_LIMIT = 8
+PREFER = ("fragmentation", "data")
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,10 @@ class MovePolicy:
     clusters), ``auto`` picks exact up to ``exact_units`` movable units.  ``node_limit`` bounds the work of
     one call (search states generated and last moves checked, over all depths); when it runs out the best
     plan found so far is returned (none if none was) and ``Plan.complete`` is False.  1,500 keeps one plan
-    on a 64-GPU cluster in the tens of milliseconds (docs/placement.md, "Rebalancing").
+    on a 64-GPU cluster in the tens of milliseconds (docs/placement.md, "Rebalancing").  ``prefer`` orders
+    the costs after the number of moves and of cold moves: ``fragmentation`` (default) takes the plan that
+    leaves the free space easiest to fill, then the one moving the least data; ``data`` the other way round
+    (B2b, docs/benchmarks.md: fragmentation first accepted more requests under churn).
     """
 
     max_moves: int = 3
@@ -80,6 +87,8 @@ class MovePolicy:
     exact_units: int = 48
     node_limit: int = 1_500
     destinations: int = 3               # focused search: destinations tried per unit for a move that is not last
+    prefer: str = "fragmentation"       # among plans with as many moves and cold moves: "fragmentation" (the
+                                        # free space they leave), then data moved; or "data" first
     live_same_host: bool = True         # False: a move within one host is never live (libvirt cannot migrate
                                         # a domain to its own host; gpuvirt's executor moves it cold)
 
@@ -95,6 +104,8 @@ class MovePolicy:
             raise UsageError(f"max moves per host at once must be a positive integer, got {self.max_per_host!r}")
         if self.search not in ("auto", "exact", "focused"):
             raise UsageError(f"search must be auto, exact or focused, not {self.search!r}")
+        if self.prefer not in PREFER:
+            raise UsageError(f"prefer must be {' or '.join(PREFER)}, not {self.prefer!r}")
         if self.node_limit < 1 or self.destinations < 1:
             raise UsageError("node_limit and destinations must be positive")
 
@@ -192,6 +203,7 @@ class _Search:
         self.pos = dict(self.pos0)
         self.budget_start = 0
         self.budget = policy.node_limit
+        self.prefer_data = policy.prefer == "data"
 
     def run(self, max_moves: int) -> tuple[list | None, int]:
         """(best path or None, smallest move count not ruled out).  Depth ``D`` looks for the cheapest plan
@@ -292,17 +304,22 @@ class _Search:
             path.pop()
 
     def _move_cost(self, g: tuple, kind: str, u: int, bad: float) -> tuple:
-        return (g[0] + 1, g[1] + (kind == COLD), g[2] + self.net.u_data[u], round(g[3] + bad, 6))
+        """The cost after one more move; ``bad`` is how much worse its destination leaves the free space
+        (:meth:`ClusterIndex.badness`).  Fragmentation and data take the third and fourth places in the
+        order ``policy.prefer`` gives."""
+        if self.prefer_data:
+            return (g[0] + 1, g[1] + (kind == COLD), g[2] + self.net.u_data[u], round(g[3] + bad, 6))
+        return (g[0] + 1, g[1] + (kind == COLD), round(g[2] + bad, 6), g[3] + self.net.u_data[u])
 
     def _apply(self, state: tuple, u: int, a: int, sa: int, b: int, sb: int) -> tuple:
         return _apply(self.net, state, u, a, b, sb)
 
     def _destinations(self, state: tuple, d: int):
-        """(badness, gpu, start) of every legal place for demand ``d`` in ``state``, best first: the places
+        """(badness, tie, gpu, start) of every legal place for demand ``d`` in ``state``, best first: the places
         of the starting state on GPUs the path has not touched, merged with those of the touched GPUs."""
         net = self.net
         touched = set(self.touched)
-        base = (p for p in net.places_everywhere(d) if p[1] not in touched)
+        base = (p for p in net.places_everywhere(d) if p[2] not in touched)
         if not touched:
             return base
         extra = sorted(p for gi in touched if gi in net.d_compat_set[d] for p in net.places(d, gi, state[gi]))
@@ -314,7 +331,7 @@ class _Search:
         net, gi = self.net, self.target
         for u in net.sole(self.req, gi, state[gi]):
             sa = self.pos[u][1]
-            for bad, b, s in self._destinations(state, net.u_demand[u]):
+            for bad, _, b, s in self._destinations(state, net.u_demand[u]):
                 self._tick()
                 if b == gi and s == sa:
                     continue
@@ -341,7 +358,7 @@ class _Search:
         if places is None:
             places = list(self._destinations(state, d))
             if self.net.dominates(d, self.req):
-                places = [p for p in places if not self.is_target[p[1]]]
+                places = [p for p in places if not self.is_target[p[2]]]
             dests[d] = places
         return places
 
@@ -354,7 +371,7 @@ class _Search:
         dominant = net.dominates(d, self.req)
         touched = self.touched
         for p in net.places_everywhere(d):
-            if p[1] not in touched and not (dominant and self.is_target[p[1]]):
+            if p[2] not in touched and not (dominant and self.is_target[p[2]]):
                 return True
         for gi in touched:
             if gi in net.d_compat_set[d] and not (dominant and self.is_target[gi]) and \
@@ -380,7 +397,7 @@ class _Search:
             a, sa = self.pos[u]
             places = dests[demand[u]]
             taken = 0
-            for bad, b, s in places:
+            for bad, _, b, s in places:
                 k = net.kind(u, a, b)
                 if k is None:
                     continue
@@ -513,7 +530,7 @@ class _Search:
 
 # --- entry points -------------------------------------------------------------------------------------------------
 def plan_moves(cluster: Cluster, request: Request, policy: MovePolicy = MovePolicy()) -> Plan:
-    """The fewest moves (then fewest cold moves, least data, least stranding) after which ``request`` fits.
+    """The fewest moves (then fewest cold moves, least fragmentation, least data) after which ``request`` fits.
 
     Returns a feasible :class:`Plan` with no moves when the request fits already, a feasible plan whose
     moves are in execution order (every intermediate state valid, every move's target created while its
@@ -718,4 +735,4 @@ def cluster_problems(cluster: Cluster) -> list[str]:
 
 
 __all__ = ["Host", "Gpu", "Unit", "Cluster", "Request", "MovePolicy", "Slot", "PlannedMove", "Plan",
-           "plan_moves", "replay", "cluster_problems", "RECREATE", "MOVE_KINDS", "MAX_MOVES_LIMIT"]
+           "plan_moves", "replay", "cluster_problems", "RECREATE", "MOVE_KINDS", "MAX_MOVES_LIMIT", "PREFER"]
