@@ -40,6 +40,10 @@ DEFAULT_POLICIES: dict[str, Any] = {
     "health_history_max": 10000,        # and at most this many are kept per host
     # attach --allow-moves: the most VM device moves one attach may make to find room (0 to 8)
     "rebalance_max_moves": 2,
+    # among move plans with as many (cold) moves: "data" takes the least data moved (guest RAM + framebuffer:
+    # the shortest migrations), "fragmentation" the one leaving the free space easiest to fill
+    # (docs/placement.md, "Rebalancing")
+    "rebalance_prefer": "data",
     # an intent whose owner runs on another machine (a shared inventory) and has not renewed it for this long
     # is taken for abandoned (service.intent.owner_state; docs/operator-guide.md "After a crash")
     "intent_lease_seconds": 300,
@@ -230,6 +234,10 @@ def _check_policy(path: Path, key: str, value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 8:
             raise ConfigError(f"config file {path}: policies.{key} = {value!r} is not valid; expected an integer "
                               "from 0 to 8", path=str(path))
+    elif key == "rebalance_prefer":
+        if value not in ("data", "fragmentation"):
+            raise ConfigError(f"config file {path}: policies.{key} = {value!r} is not valid; expected \"data\" or "
+                              "\"fragmentation\"", path=str(path))
     elif key == "reset_gpu":
         if not isinstance(value, bool):
             raise ConfigError(f"config file {path}: policies.{key} = {value!r} is not valid; expected true or "

@@ -264,15 +264,16 @@ def test_fewest_moves_then_least_data():
 
 def test_least_fragmentation_before_least_data():
     # one move frees a GPU for a 7g either way: the small VM's 3g next to the 2g@4 on g0 would strand a slice
-    # (3g@0 + 2g@4), the big VM's 2g next to the 3g@4 on g1 strands none; by default the free space decides
-    # before the data moved, prefer="data" decides the other way
+    # (3g@0 + 2g@4), the big VM's 2g next to the 3g@4 on g1 strands none; with prefer="fragmentation" the free
+    # space decides before the data moved, by default (prefer="data", issue 13's order) the data does
     cl = Cluster((Host("h0", S1),), tuple(Gpu(f"g{i}", "h0", A100, True) for i in range(2)),
                  (vm_unit("big", "g0", 14, 4, ram=65536), vm_unit("small", "g1", 9, 4, ram=2048)))
     req = Request(vgpu_type=MIGTYPE[0], model="a100-40gb")
-    p = plan_moves(cl, req, MovePolicy(rules=LIVE_MIG))
+    p = plan_moves(cl, req, MovePolicy(rules=LIVE_MIG, prefer="fragmentation"))
     assert [m.unit for m in p.moves] == ["big"] and p.target.gpu == "g0"
     assert p.moves[0].dst.gpu == "g1" and p.moves[0].dst.start in (0, 2)    # a 2g or a 1g still fits beside
-    d = plan_moves(cl, req, MovePolicy(rules=LIVE_MIG, prefer="data"))
+    d = plan_moves(cl, req, MovePolicy(rules=LIVE_MIG))
+    assert MovePolicy().prefer == "data"
     assert [m.unit for m in d.moves] == ["small"] and d.target.gpu == "g1" and d.data_mib < p.data_mib
     assert (d.moves[0].dst.gpu, d.moves[0].dst.start) == ("g0", 0)
     assert (1, 0) == reference_min(cl, req, frozenset({LIVE}), LIVE_MIG)

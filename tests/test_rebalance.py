@@ -309,6 +309,28 @@ def test_rebalance_max_moves_policy_is_bounded(cli, boards, tmp_path, value):
     assert res.exit_code == 2 and "policies.rebalance_max_moves" in res.stderr, res
 
 
+@pytest.mark.parametrize("value", ["'speed'", "1", "''", "['data']"])
+def test_rebalance_prefer_policy_is_checked(cli, boards, tmp_path, value):
+    cfg = tmp_path / "gpuvirt.toml"
+    cfg.write_text(f"[policies]\nrebalance_prefer = {value}\n")
+    res = cli("--sim", boards, "--config", cfg, "rebalance", "--for", "A10-24Q", "--allow", "cold", "--json")
+    assert res.exit_code == 2 and "policies.rebalance_prefer" in res.stderr, res
+
+
+def test_rebalance_prefer_option(cli, boards, tmp_path):
+    # both orders plan the same single move here; a bad value is one line, exit 2, nothing planned
+    for how in ("data", "fragmentation"):
+        doc = ok(cli("--sim", boards, "rebalance", "--for", "A10-24Q", "--allow", "cold", "--prefer", how,
+                     "--json")).json()
+        assert doc["feasible"] and len(doc["moves"]) == 1
+    cfg = tmp_path / "gpuvirt.toml"
+    cfg.write_text("[policies]\nrebalance_prefer = 'fragmentation'\n")
+    assert ok(cli("--sim", boards, "--config", cfg, "rebalance", "--for", "A10-24Q", "--allow", "cold",
+                  "--json")).json()["feasible"]
+    res = cli("--sim", boards, "rebalance", "--for", "A10-24Q", "--allow", "cold", "--prefer", "speed")
+    assert res.exit_code == 2 and "--prefer must be" in res.stderr and res.stderr.count("\n") == 1, res
+
+
 def test_a_free_instance_of_the_request_needs_no_move(cli, make_sim):
     sim = make_sim(["a10:2"])
     root = sim.root

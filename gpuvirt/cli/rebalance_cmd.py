@@ -22,6 +22,9 @@ def rebalance(ctx: typer.Context,
               max_moves: int = typer.Option(3, "--max-moves", min=0, max=MAX_MOVES_LIMIT,
                                             help="Most moves a plan may use."),
               allow: str = typer.Option("live", "--allow", help="Move kinds allowed: live, cold or live,cold."),
+              prefer: Optional[str] = typer.Option(None, "--prefer", help="Among plans with as many (cold) moves: "
+                                                   "data (least data moved) or fragmentation (free space easiest "
+                                                   "to fill). Default: policies.rebalance_prefer (data)."),
               execute: bool = typer.Option(False, "--execute", help="Carry the plan out (journalled)."),
               yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before --execute."),
               vm: Optional[str] = typer.Option(None, "--vm", help="With --execute: attach the request to this VM "
@@ -44,13 +47,14 @@ def rebalance(ctx: typer.Context,
     if fmt is not None and fmt not in ("libvirt", "qemu", "cloud-hypervisor", "json"):
         raise UsageError("--format must be one of libvirt, qemu, cloud-hypervisor, json")
     c = state(ctx).context()
+    prefer = prefer if prefer is not None else svc.default_prefer(c)
     handoffs = None
     if execute:
         from gpuvirt.cli.ops_cmd import confirm_or_refuse
         from gpuvirt.service import rebalance_exec
         from gpuvirt.service.attach import check_tenant, check_vm_name
 
-        policy = svc.make_policy(max_moves=max_moves, allow=allow)     # bad options refused before asking
+        policy = svc.make_policy(max_moves=max_moves, allow=allow, prefer=prefer)     # bad options refused before asking
         if vm is not None:
             check_vm_name(vm)
             check_tenant(tenant)
@@ -59,7 +63,7 @@ def rebalance(ctx: typer.Context,
         doc, handoffs = rebalance_exec.execute_for(c, for_, policy=policy, cluster=cluster, vm=vm, tenant=tenant,
                                                    vm_uuid=vm_uuid, fmt=fmt)
     else:
-        doc = svc.rebalance(c, for_, cluster=cluster, max_moves=max_moves, allow=allow)
+        doc = svc.rebalance(c, for_, cluster=cluster, max_moves=max_moves, allow=allow, prefer=prefer)
     for w in doc.get("warnings", ()):
         print(f"gpuvirt: warning: {w}", file=sys.stderr)
     if handoffs and fmt is not None:

@@ -31,7 +31,7 @@ from gpuvirt.model import vgpu as vgpu_rules
 from gpuvirt.model.catalog import GpuModel, resolve_gi_profile, resolve_vgpu_type
 from gpuvirt.model.cluster import Cluster, Gpu, Host, Request, Unit
 from gpuvirt.model.mig import Placed
-from gpuvirt.model.moves import MAX_MOVES_LIMIT, MOVE_KINDS, MovePolicy, Plan, plan_moves, replay
+from gpuvirt.model.moves import MAX_MOVES_LIMIT, MOVE_KINDS, PREFER, MovePolicy, Plan, plan_moves, replay
 from gpuvirt.model.preflight import HostStack
 
 Runner = Callable[[Sequence[str]], str]
@@ -279,13 +279,20 @@ def parse_allow(allow: str | Iterable[str]) -> frozenset[str]:
 
 
 def make_policy(*, max_moves: int = DEFAULT_MAX_MOVES, allow: str | Iterable[str] = "live",
-                pinned_vms: Iterable[str] = ()) -> MovePolicy:
+                pinned_vms: Iterable[str] = (), prefer: str = "data") -> MovePolicy:
     if isinstance(max_moves, bool) or not isinstance(max_moves, int) or not 0 <= max_moves <= MAX_MOVES_LIMIT:
         raise UsageError(f"--max-moves must be an integer from 0 to {MAX_MOVES_LIMIT}, got {max_moves!r}")
+    if prefer not in PREFER:
+        raise UsageError(f"--prefer must be {' or '.join(PREFER)}, got {str(prefer)[:40]!r}")
     # free instances stay (apply owns the profile's layout); moves within one host are never live (libvirt
     # does not migrate a domain to the host it runs on)
     return MovePolicy(max_moves=max_moves, allow=parse_allow(allow), move_unallocated=False,
-                      pinned_vms=frozenset(pinned_vms), live_same_host=False)
+                      pinned_vms=frozenset(pinned_vms), live_same_host=False, prefer=prefer)
+
+
+def default_prefer(ctx: Context) -> str:
+    """``policies.rebalance_prefer``: which of two plans with as many (cold) moves wins."""
+    return str(ctx.settings.policies.get("rebalance_prefer", "data"))
 
 
 # --- planning -------------------------------------------------------------------------------------------------
@@ -328,13 +335,13 @@ def best_plan(scope: Scope, name: str, policy: MovePolicy, *, hosts: frozenset[s
 
 def rebalance(ctx: Context, name: str, *, cluster: bool = False, max_moves: int = DEFAULT_MAX_MOVES,
               allow: str | Iterable[str] = "live", runner: Runner | None = None,
-              hosts: Iterable[str] | None = None) -> dict[str, Any]:
+              hosts: Iterable[str] | None = None, prefer: str | None = None) -> dict[str, Any]:
     """The plan for ``name`` as the document of ``gpuvirt rebalance --json`` (docs/placement.md).
 
     ``runner`` answers ``virsh dumpxml`` for the target XML of each move (None: the real virsh); where the
     domain XML cannot be read the move's ``target_xml`` is null and ``target_xml_error`` says why.  ``hosts``
-    restricts where the request itself may go (attach: this host)."""
-    policy = make_policy(max_moves=max_moves, allow=allow)
+    restricts where the request itself may go (attach: this host).  ``prefer`` None: the policy's."""
+    policy = make_policy(max_moves=max_moves, allow=allow, prefer=prefer or default_prefer(ctx))
     scope = load_scope(ctx, cluster=cluster)
     return plan_document(scope, name, policy, runner=runner,
                          hosts=frozenset(hosts) if hosts is not None else None, cluster=cluster)

@@ -370,7 +370,7 @@ def attach_with_moves(ctx: Context, vm: str, *, allow: str, runner: Runner | Non
     again.  Only a single ``--vgpu`` or ``--mig`` request can be planned for."""
     from gpuvirt.errors import CapacityError, UsageError
     from gpuvirt.service import attach as svc
-    from gpuvirt.service.rebalance import make_policy
+    from gpuvirt.service.rebalance import default_prefer, make_policy
     from gpuvirt.service.rebalance_place import for_vm
 
     other = [o for o, v in (("--vf", kw.get("vf") or None), ("--instance", kw.get("instance")),
@@ -380,7 +380,8 @@ def attach_with_moves(ctx: Context, vm: str, *, allow: str, runner: Runner | Non
                          + (f", not {', '.join(other)}" if other else ""))
     if kw.get("count", 1) != 1:
         raise UsageError("--allow-moves makes room for one device at a time; drop --count")
-    policy = make_policy(max_moves=int(ctx.settings.policies.get("rebalance_max_moves", 2)), allow=allow)
+    policy = make_policy(max_moves=int(ctx.settings.policies.get("rebalance_max_moves", 2)), allow=allow,
+                         prefer=default_prefer(ctx))
     try:
         return svc.attach(ctx, vm, **kw)
     except CapacityError as exc:
