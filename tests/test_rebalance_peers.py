@@ -230,3 +230,53 @@ def test_a_kill_mid_move_is_settled_by_a_reconcile_through_a_peer_session(cluste
     where = c.consistent()
     assert where[m["vm"]] == (m["to"]["host"] if want == "finished" else m["from"]["host"])
     _sessions_gone(c)
+
+
+# --- the session's own bounds (its server side, in-process) ----------------------------------------------------------
+def _serve(ctx, *lines: bytes, **kw):
+    import io
+
+    from gpuvirt.service import peers
+
+    out = io.BytesIO()
+    code = peers.serve(ctx, io.BytesIO(b"".join(lines)), out, **kw)
+    return code, [json.loads(x) for x in out.getvalue().splitlines()]
+
+
+def _req(**msg) -> bytes:
+    return json.dumps(msg).encode() + b"\n"
+
+
+def test_the_peer_session_bounds_and_checks_every_request(cluster, monkeypatch):
+    from gpuvirt.host import peer_link
+    from gpuvirt.service import intent_steps
+
+    c = cluster()
+    hello = _req(op="hello", host=c.peer, protocol=1)
+    with c.ctx(c.peer) as p:
+        # the first request names the host the coordinator means; another host id ends the session
+        code, [r] = _serve(p, _req(op="hello", host=c.me, protocol=1), hello)
+        assert code == 2 and not r["ok"] and f"runs as host {c.peer}" in r["message"]
+        code, [r] = _serve(p, _req(op="view"))
+        assert code == 2 and "first request must be 'hello'" in r["message"]
+        # a step of another host, a kind the session does not run, a GPU address that is a path: refused, the
+        # session goes on (and ends cleanly at the end of its input)
+        step = intent_steps.on_host(intent_steps.mdev_step("0000:41:00.0", 1, None, "nvidia-1", "u", present=True,
+                                                           fields=None), c.me)
+        vfs = intent_steps.on_host(intent_steps.vfs_step("0000:41:00.0", 1, 4, present=True), c.peer)
+        code, rs = _serve(p, hello, _req(op="step", action="forward", step=step),
+                          _req(op="step", action="forward", step=vfs), _req(op="lock", gpu="../../etc/passwd"),
+                          _req(op="lock", gpu="0000:41:00.0"), _req(op="nope"), _req(op="view", nvml=True))
+        assert code == 0 and rs[0]["ok"] and [r["ok"] for r in rs[1:]] == [False, False, False, True, False, True]
+        assert f"step of host '{c.me}'" in rs[1]["message"] and "must be one of mig, mdev, vgpu" in rs[2]["message"]
+        assert "not a GPU address" in rs[3]["message"] and "unknown request" in rs[5]["message"]
+        assert "0000:41:00.0" in {g["pci_address"] for g in rs[6]["doc"]["gpus"]}
+        # bounded: a line over the limit, or more requests than allowed, ends the session
+        monkeypatch.setattr(peer_link, "MAX_LINE_BYTES", 64)
+        code, rs = _serve(p, hello, _req(op="view", pad="x" * 100))
+        assert code == 2 and "over 64 bytes" in rs[-1]["message"]
+        monkeypatch.undo()
+        code, rs = _serve(p, hello, *[_req(op="unlock", gpu="0000:41:00.0")] * 5, max_messages=3)
+        assert code == 2 and len(rs) == 4 and "more than 3 requests" in rs[-1]["message"]
+        code, rs = _serve(p, hello, b"not json\n", _req(op="view"))
+        assert code == 2 and len(rs) == 2 and "not a JSON object" in rs[-1]["message"]

@@ -133,9 +133,10 @@ class PeerLink:
                 pass
 
 
-def read_request(stream: Any, limit: int = MAX_LINE_BYTES) -> bytes | None:
-    """One line from ``stream`` (a binary file) of at most ``limit`` bytes; None at its end.  A longer line
-    raises ValueError (the session's server answers it with an error and ends)."""
+def read_request(stream: Any, limit: int | None = None) -> bytes | None:
+    """One line from ``stream`` (a binary file) of at most ``limit`` bytes (``MAX_LINE_BYTES``); None at its
+    end.  A longer line raises ValueError (the session's server answers it with an error and ends)."""
+    limit = MAX_LINE_BYTES if limit is None else limit
     line = stream.readline(limit + 1)
     if not line:
         return None
