@@ -280,3 +280,42 @@ def test_the_peer_session_bounds_and_checks_every_request(cluster, monkeypatch):
         assert code == 2 and len(rs) == 4 and "more than 3 requests" in rs[-1]["message"]
         code, rs = _serve(p, hello, b"not json\n", _req(op="view"))
         assert code == 2 and len(rs) == 2 and "not a JSON object" in rs[-1]["message"]
+
+
+def _live_stacks(c: Cluster) -> None:
+    """Both hosts run a stack that allows live moves, recorded in the inventory as each host sees itself."""
+    for h in ("ha", "hb"):
+        r = c.gpuvirt(h, "sim", "migration", str(c.root / h), "--driver", "550.127.05", "--os", "rhel-9.4",
+                      "--kernel", "5.14.0", "--qemu", "8.2.0", "--libvirt", "10.0.0")
+        assert r.returncode == 0, r.stderr
+        assert c.gpuvirt(h, "status").returncode == 0
+
+
+def test_a_live_move_to_a_peer_asks_the_targets_nvml_through_the_session(cluster):
+    c = cluster()
+    _live_stacks(c)
+    res = c.gpuvirt(c.me, "rebalance", "--for", "A10-24Q", "--cluster", "--allow", "live", "--execute", "--yes",
+                    "--json")
+    assert res.returncode == 0, res.stderr
+    [m] = json.loads(res.stdout)["moves"]
+    assert m["kind"] == "live" and m["result"] == "done" and m["to"]["host"] == c.peer
+    [mig] = [a for a in c.fake().calls if a[2] == "migrate"]
+    assert mig[:4] == ["-c", LOCAL, "migrate", "--live"] and mig[-1] == _uri(c.peer, c.me)
+    assert c.consistent()[m["vm"]] == c.peer
+
+
+def test_a_live_pre_flight_the_peer_cannot_answer_changes_nothing(cluster):
+    c = cluster()
+    _live_stacks(c)
+    # NVML on the target host fails the compatibility call: its error comes back through the session
+    r = c.gpuvirt(c.peer, "sim", "fault", str(c.root / c.peer), "--op", "nvml.GetVgpuCompatibility", "--nvml", "999")
+    assert r.returncode == 0, r.stderr
+    before = {h: json.loads(c.gpuvirt(h, "status", "--json").stdout)["gpus"] for h in ("ha", "hb")}
+    res = c.gpuvirt(c.me, "rebalance", "--for", "A10-24Q", "--cluster", "--allow", "live", "--execute", "--yes")
+    assert res.returncode != 0, res.stdout
+    [line] = res.stderr.strip().splitlines()
+    assert f"host {c.peer}: check whether vGPU instance" in line and "can move to GPU" in line, line
+    assert {h: json.loads(c.gpuvirt(h, "status", "--json").stdout)["gpus"] for h in ("ha", "hb")} == before
+    assert not [a for a in c.fake().calls if a[2] in ("shutdown", "migrate", "define", "start")]
+    c.consistent()
+    _sessions_gone(c)
