@@ -28,9 +28,8 @@ def _uri(host: str, coordinator: str) -> str:
 class Cluster:
     """A copy of the two-host template, with the fake libvirt and the coordinator's config set up."""
 
-    def __init__(self, template: Path, tmp: Path) -> None:
-        self.root = _copy(template)
-        self.url = f"sqlite:///{self.root / 'shared.db'}"
+    def __init__(self, root: Path, url: str, tmp: Path) -> None:
+        self.root, self.url = root, url
         plan = self.gpuvirt("ha", "rebalance", "--for", "A10-24Q", "--cluster", "--allow", "cold", "--json")
         assert plan.returncode == 0, plan.stderr
         self.plan = json.loads(plan.stdout)
@@ -101,7 +100,8 @@ def cluster(two_host_template, tmp_path):
     def make(**kw):
         tmp = tmp_path / f"cluster-{len(made)}"
         tmp.mkdir()
-        c = Cluster(two_host_template, tmp, **kw)
+        root = kw.pop("root", None) or _copy(two_host_template)
+        c = Cluster(root, kw.pop("url", None) or f"sqlite:///{root / 'shared.db'}", tmp)
         made.append(c)
         return c
 
@@ -116,8 +116,34 @@ def _sessions_gone(c: Cluster) -> None:
     assert not [line for line in out.splitlines() if "peer-session" in line and str(c.root) in line], out
 
 
-def test_a_cluster_rebalance_moves_a_vm_to_another_host_through_a_peer_session(cluster):
-    c = cluster()
+def _pg_hosts(url: str) -> Path:
+    """The two-host template's layout on a PostgreSQL inventory."""
+    import tempfile
+
+    from typer.testing import CliRunner
+
+    from gpuvirt.cli.app import app
+    from gpuvirt.sim.control import init_sim
+
+    root = Path(tempfile.mkdtemp(prefix="rebalance-peers-pg-"))
+    for h, vm in (("ha", "vm-a"), ("hb", "vm-b")):
+        init_sim(root / h, ["a10"], seed="crash")
+        if h == "ha":
+            r = CliRunner().invoke(app, ["--sim", str(root / h), "--db", url, "--host-id", h, "db", "init"])
+            assert r.exit_code == 0, r.stderr
+        r = CliRunner().invoke(app, ["--sim", str(root / h), "--db", url, "--host-id", h, "attach", vm, "--vgpu",
+                                     "A10-12Q"])
+        assert r.exit_code == 0, r.stderr
+    return root
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
+def test_a_cluster_rebalance_moves_a_vm_to_another_host_through_a_peer_session(cluster, db, request):
+    if db == "postgresql":
+        url = request.getfixturevalue("pg_schema")[0]
+        c = cluster(root=_pg_hosts(url), url=url)
+    else:
+        c = cluster()
     m = c.plan["moves"][0]
     res = c.gpuvirt(c.me, "rebalance", "--for", "A10-24Q", "--cluster", "--allow", "cold", "--execute", "--yes",
                     "--json")
