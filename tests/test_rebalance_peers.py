@@ -345,3 +345,23 @@ def test_a_live_pre_flight_the_peer_cannot_answer_changes_nothing(cluster):
     assert not [a for a in c.fake().calls if a[2] in ("shutdown", "migrate", "define", "start")]
     c.consistent()
     _sessions_gone(c)
+
+
+def test_a_plan_that_makes_room_on_another_host_is_refused_before_anything_changes(cli, make_sim, tmp_path):
+    # this host has no A10: the room for an A10-24Q can only be made on hb (a cold move within hb)
+    a = make_sim(["a100-40gb"], name="ha")
+    b = make_sim(["a10:2"], name="hb")
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    assert cli("--sim", a.root, "--db", url, "--host-id", "ha", "db", "init").exit_code == 0
+    for vm, gpu in (("vm-b", "0"), ("vm-c", "1")):
+        r = cli("--sim", b.root, "--db", url, "--host-id", "hb", "attach", vm, "--vgpu", "A10-12Q", "--gpu", gpu)
+        assert r.exit_code == 0, r.stderr
+    args = ("--sim", a.root, "--db", url, "--host-id", "ha")
+    plan = json.loads(cli(*args, "rebalance", "--for", "A10-24Q", "--cluster", "--allow", "cold", "--json").stdout)
+    assert plan["feasible"] and plan["unlocks"]["host"] == "hb" and plan["moves"]
+    before = json.loads(cli("--sim", b.root, "--db", url, "--host-id", "hb", "status", "--json").stdout)
+    res = cli(*args, "rebalance", "--for", "A10-24Q", "--cluster", "--allow", "cold", "--execute", "--yes")
+    assert res.exit_code == 5, res
+    [line] = res.stderr.strip().splitlines()
+    assert "makes room for A10-24Q on host hb" in line and "run it on hb" in line and "nothing was changed" in line
+    assert json.loads(cli("--sim", b.root, "--db", url, "--host-id", "hb", "status", "--json").stdout) == before
