@@ -244,7 +244,8 @@ def reconcile(ctx: typer.Context,
               boot: bool = typer.Option(False, "--boot", help="Run as the boot unit does, before libvirt: "
                                                                 "unfinished VM moves are left for a later reconcile."),
               json_out: bool = typer.Option(False, "--json")) -> None:
-    """Converge host and inventory: restore after reboot, finish crashed operations, report foreign instances."""
+    """Converge host and inventory: restore after reboot, finish crashed operations, report foreign instances.
+    An unfinished move between hosts is settled on both, the other host reached through policies.peer_command."""
     from gpuvirt.service.reconcile import reconcile as svc
     from gpuvirt.service.reconcile import wait_for_driver
 

@@ -255,60 +255,69 @@ def move_compatibility(src: Any, src_index: int, instance: int | str, dst: Any, 
 def serve(ctx: Context, inp: Any, out: Any, *, max_messages: int = MAX_MESSAGES) -> int:
     """Answer a coordinator's requests on ``inp`` / ``out`` (binary streams) until it ends the session or its
     end of the pipe closes; the GPU locks taken for it are released on the way out.  Returns the exit status:
-    0 after ``bye`` or the end of input, 2 after a request that ends the session (bad line, wrong host)."""
-    from gpuvirt.host.peer_link import read_request
-
+    0 after ``bye`` or the end of input (or a coordinator gone), 2 after a request that ends the session (bad
+    line, wrong host)."""
     locks: dict[str, contextlib.ExitStack] = {}
-    greeted = False
 
     def reply(msg: dict[str, Any]) -> None:
         out.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
         out.flush()
 
     try:
-        for n in range(max_messages + 1):
-            try:
-                raw = read_request(inp)
-            except ValueError as exc:
-                reply(_failure(UsageError(f"peer session: {exc}")))
-                return 2
-            if raw is None:
-                return 0
-            if n == max_messages:
-                reply(_failure(UsageError(f"peer session: more than {max_messages} requests")))
-                return 2
-            try:
-                req = json.loads(raw)
-            except ValueError:
-                req = None
-            if not isinstance(req, dict) or not isinstance(req.get("op"), str):
-                reply(_failure(UsageError("peer session: a request is not a JSON object with an 'op'")))
-                return 2
-            op = req["op"]
-            if op == "bye":
-                reply({"ok": True})
-                return 0
-            if not greeted and op != "hello":
-                reply(_failure(UsageError("peer session: the first request must be 'hello'")))
-                return 2
-            try:
-                result = _handle(ctx, req, locks)
-            except GpuvirtError as exc:
-                reply(_failure(exc))
-                if op == "hello":
-                    return 2
-                continue
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                # a request whose fields are not what the protocol says: refused, the session goes on
-                reply(_failure(UsageError(f"peer session: malformed {op[:40]!r} request ({type(exc).__name__}: "
-                                          f"{str(exc)[:200]})")))
-                continue
-            greeted = True
-            reply({"ok": True, **result})
-        return 2
+        return _serve(ctx, inp, reply, locks, max_messages)
+    except (BrokenPipeError, ConnectionResetError):
+        # the coordinator is gone (killed, or its ssh ended): what it asked for is journalled on its side, and the
+        # locks taken for it go below
+        return 0
     finally:
         for stack in locks.values():
             stack.close()
+
+
+def _serve(ctx: Context, inp: Any, reply: Any, locks: dict[str, contextlib.ExitStack], max_messages: int) -> int:
+    from gpuvirt.host.peer_link import read_request
+
+    greeted = False
+    for n in range(max_messages + 1):
+        try:
+            raw = read_request(inp)
+        except ValueError as exc:
+            reply(_failure(UsageError(f"peer session: {exc}")))
+            return 2
+        if raw is None:
+            return 0
+        if n == max_messages:
+            reply(_failure(UsageError(f"peer session: more than {max_messages} requests")))
+            return 2
+        try:
+            req = json.loads(raw)
+        except ValueError:
+            req = None
+        if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+            reply(_failure(UsageError("peer session: a request is not a JSON object with an 'op'")))
+            return 2
+        op = req["op"]
+        if op == "bye":
+            reply({"ok": True})
+            return 0
+        if not greeted and op != "hello":
+            reply(_failure(UsageError("peer session: the first request must be 'hello'")))
+            return 2
+        try:
+            result = _handle(ctx, req, locks)
+        except GpuvirtError as exc:
+            reply(_failure(exc))
+            if op == "hello":
+                return 2
+            continue
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            # a request whose fields are not what the protocol says: refused, the session goes on
+            reply(_failure(UsageError(f"peer session: malformed {op[:40]!r} request ({type(exc).__name__}: "
+                                      f"{str(exc)[:200]})")))
+            continue
+        greeted = True
+        reply({"ok": True, **result})
+    return 2
 
 
 def _failure(exc: GpuvirtError) -> dict[str, Any]:
