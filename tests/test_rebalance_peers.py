@@ -365,3 +365,29 @@ def test_a_plan_that_makes_room_on_another_host_is_refused_before_anything_chang
     [line] = res.stderr.strip().splitlines()
     assert "makes room for A10-24Q on host hb" in line and "run it on hb" in line and "nothing was changed" in line
     assert json.loads(cli("--sim", b.root, "--db", url, "--host-id", "hb", "status", "--json").stdout) == before
+
+
+def test_a_peer_lock_is_held_until_the_outermost_release_and_ends_with_the_session(cluster):
+    from gpuvirt.service import peers
+    from gpuvirt.errors import ConflictError
+    from gpuvirt.service.instances import gpu_lock, lock_busy
+
+    c = cluster()
+    gpu = "0000:41:00.0"
+    with c.ctx(c.me) as me, c.ctx(c.peer) as p:
+        me.settings.policies["peer_command"] = [sys.executable, "-m", "gpuvirt", "--sim", f"{c.root}/{{host}}", "--db",
+                                                c.url, "--host-id", "{host}"]
+        with peers.sessions(me, {c.peer}) as ss:
+            s = ss[c.peer]
+            assert s.settings.host_id == c.peer and s.inventory is me.inventory
+            with gpu_lock(s, gpu):
+                assert lock_busy(p, gpu)        # held by the peer process, on the peer's host
+                with gpu_lock(s, gpu):
+                    pass
+                assert lock_busy(p, gpu)        # a nested release keeps it
+            assert not lock_busy(p, gpu)
+            with gpu_lock(s, gpu):
+                s.link.kill()                   # the session dies: its lock goes with it
+                assert not lock_busy(p, gpu)
+            with pytest.raises(ConflictError, match=f"host {c.peer}: the peer session"):
+                s.remote_view()

@@ -72,6 +72,7 @@ class PeerSession:
                                  s.policies, s.events, s.cdi)
         self._ctx = ctx
         self._timeout = _reply_timeout(ctx)
+        self._held: dict[str, int] = {}
         self.link = PeerLink(host, command(ctx, host))
         try:
             hello = self.call({"op": "hello", "host": host, "protocol": PROTOCOL}, timeout=HELLO_TIMEOUT_SECONDS)
@@ -103,13 +104,20 @@ class PeerSession:
     # --- what gpuvirt.service.instances, hostview and intent_steps ask of a peer ---------------------------
     @contextlib.contextmanager
     def remote_lock(self, address: str) -> Iterator[None]:
-        self.call({"op": "lock", "gpu": address})
+        # re-entrant like gpu_lock within a thread: a nested take (recovery inside the executor) must not
+        # release the lock the outer one still counts on
+        if not self._held.get(address):
+            self.call({"op": "lock", "gpu": address})
+        self._held[address] = self._held.get(address, 0) + 1
         try:
             yield
         finally:
-            # a session that died took the lock with it
-            with contextlib.suppress(GpuvirtError):
-                self.call({"op": "unlock", "gpu": address})
+            self._held[address] -= 1
+            if not self._held[address]:
+                del self._held[address]
+                # a session that died took the lock with it
+                with contextlib.suppress(GpuvirtError):
+                    self.call({"op": "unlock", "gpu": address})
 
     def remote_view(self, nvml: bool = True) -> Any:
         from gpuvirt.service.hostview import build_view
