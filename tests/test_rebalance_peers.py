@@ -28,9 +28,9 @@ def _uri(host: str, coordinator: str) -> str:
 class Cluster:
     """A copy of the two-host template, with the fake libvirt and the coordinator's config set up."""
 
-    def __init__(self, root: Path, url: str, tmp: Path) -> None:
+    def __init__(self, root: Path, url: str, tmp: Path, want: str = "A10-24Q") -> None:
         self.root, self.url = root, url
-        plan = self.gpuvirt("ha", "rebalance", "--for", "A10-24Q", "--cluster", "--allow", "cold", "--json")
+        plan = self.gpuvirt("ha", "rebalance", "--for", want, "--cluster", "--allow", "cold", "--json")
         assert plan.returncode == 0, plan.stderr
         self.plan = json.loads(plan.stdout)
         assert self.plan["feasible"] and len(self.plan["moves"]) == 1
@@ -101,7 +101,7 @@ def cluster(two_host_template, tmp_path):
         tmp = tmp_path / f"cluster-{len(made)}"
         tmp.mkdir()
         root = kw.pop("root", None) or _copy(two_host_template)
-        c = Cluster(root, kw.pop("url", None) or f"sqlite:///{root / 'shared.db'}", tmp)
+        c = Cluster(root, kw.pop("url", None) or f"sqlite:///{root / 'shared.db'}", tmp, **kw)
         made.append(c)
         return c
 
@@ -124,8 +124,9 @@ def _sessions_gone(c: Cluster) -> None:
     raise AssertionError(f"peer sessions left running: {left}")
 
 
-def _pg_hosts(url: str) -> Path:
-    """The two-host template's layout on a PostgreSQL inventory."""
+def _hosts(url: str, gpu: str = "a10", vgpu: str = "A10-12Q") -> Path:
+    """The two-host template's layout (one ``gpu`` per host, one ``vgpu`` VM on each) on inventory ``url``
+    (None: a SQLite file beside the hosts)."""
     import tempfile
 
     from typer.testing import CliRunner
@@ -133,14 +134,15 @@ def _pg_hosts(url: str) -> Path:
     from gpuvirt.cli.app import app
     from gpuvirt.sim.control import init_sim
 
-    root = Path(tempfile.mkdtemp(prefix="rebalance-peers-pg-"))
+    root = Path(tempfile.mkdtemp(prefix="rebalance-peers-"))
+    url = url or f"sqlite:///{root / 'shared.db'}"
     for h, vm in (("ha", "vm-a"), ("hb", "vm-b")):
-        init_sim(root / h, ["a10"], seed="crash")
+        init_sim(root / h, [gpu], seed="crash", mig_enabled=gpu.startswith("a100"))
         if h == "ha":
             r = CliRunner().invoke(app, ["--sim", str(root / h), "--db", url, "--host-id", h, "db", "init"])
             assert r.exit_code == 0, r.stderr
         r = CliRunner().invoke(app, ["--sim", str(root / h), "--db", url, "--host-id", h, "attach", vm, "--vgpu",
-                                     "A10-12Q"])
+                                     vgpu])
         assert r.exit_code == 0, r.stderr
     return root
 
@@ -149,7 +151,7 @@ def _pg_hosts(url: str) -> Path:
 def test_a_cluster_rebalance_moves_a_vm_to_another_host_through_a_peer_session(cluster, db, request):
     if db == "postgresql":
         url = request.getfixturevalue("pg_schema")[0]
-        c = cluster(root=_pg_hosts(url), url=url)
+        c = cluster(root=_hosts(url), url=url)
     else:
         c = cluster()
     m = c.plan["moves"][0]
@@ -399,3 +401,30 @@ def test_a_peer_lock_is_held_until_the_outermost_release_and_ends_with_the_sessi
                 assert not lock_busy(p, gpu)
             with pytest.raises(ConflictError, match=f"host {c.peer}: the peer session"):
                 s.remote_view()
+
+
+def test_a_mig_backed_vgpu_moves_to_a_peer_with_its_gpu_instance(cluster):
+    root = _hosts(None, "a100-40gb", "A100-3-20C")
+    c = cluster(root=root, url=f"sqlite:///{root / 'shared.db'}", want="7g.40gb")
+    [m] = c.plan["moves"]
+    res = c.gpuvirt(c.me, "rebalance", "--for", "7g.40gb", "--cluster", "--allow", "cold", "--execute", "--yes",
+                    "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["moves"][0]["result"] == "done" and doc["placed"]["host"] == c.me
+    assert c.consistent()[m["vm"]] == m["to"]["host"]
+    # the GPU instance under the moved vGPU was made on the peer by its session and recorded here, allocated
+    # to the VM; the source's went, and the 7g the rebalance made room for is the only one left on this host
+    for h in ("ha", "hb"):
+        with c.ctx(h) as hc:
+            on_host = sorted((gi.profile_id, gi.start) for gi in hc.host.nvml().gpu_instances(0))
+            with hc.inventory.unit() as uow:
+                rows = uow.instances(h, kinds=["mig"])
+                recorded = sorted((r.profile_id, r.placement_start) for r in rows)
+                held = {r.allocation.vm_name for r in rows if r.allocation is not None}
+            assert on_host == recorded, (h, on_host, recorded)
+            if h == m["to"]["host"]:
+                assert (m["to"]["placement"] in {s for _, s in recorded}) and m["vm"] in held
+            else:
+                assert m["vm"] not in held and len(recorded) == 1
+    _sessions_gone(c)
