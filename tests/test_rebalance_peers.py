@@ -178,7 +178,7 @@ def test_a_cluster_rebalance_moves_a_vm_to_another_host_through_a_peer_session(c
     _sessions_gone(c)
 
 
-@pytest.mark.parametrize("how", ["no-program", "refused", "wrong-host"])
+@pytest.mark.parametrize("how", ["no-program", "refused", "wrong-host", "not-gpuvirt"])
 def test_a_peer_that_cannot_be_reached_is_one_line_exit_5_and_nothing_changes(cluster, how):
     c = cluster()
     other = c.peer
@@ -186,6 +186,8 @@ def test_a_peer_that_cannot_be_reached_is_one_line_exit_5_and_nothing_changes(cl
            "refused": ["sh", "-c", "echo \"ssh: connect to host $0 port 22: Connection refused\" >&2; exit 255",
                        "{host}"],
            # a peer command that reaches the wrong machine: the session says which host it runs as
+           # a login banner or another program on the far side: its first line is not a session message
+           "not-gpuvirt": ["sh", "-c", "echo Welcome to $0; cat >/dev/null", "{host}"],
            "wrong-host": [sys.executable, "-m", "gpuvirt", "--sim", f"{c.root}/{c.me}", "--db", c.url,
                           "--host-id", c.me]}[how]
     c.config.write_text("[policies]\npeer_command = " + json.dumps(cmd) + "\n")
@@ -195,7 +197,8 @@ def test_a_peer_that_cannot_be_reached_is_one_line_exit_5_and_nothing_changes(cl
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and f"host {other}" in lines[0], res.stderr
     assert {"no-program": "/nonexistent/gpuvirt-peer", "refused": "Connection refused",
-            "wrong-host": f"runs as host {c.me}"}[how] in lines[0]
+            "wrong-host": f"runs as host {c.me}", "not-gpuvirt": f"not a peer-session message: 'Welcome to {other}'"
+            }[how] in lines[0]
     assert {h: json.loads(c.gpuvirt(h, "status", "--json").stdout)["gpus"] for h in ("ha", "hb")} == before
     assert not [a for a in c.fake().calls if a[2] in ("shutdown", "migrate", "define", "start")]
     c.consistent()
