@@ -329,17 +329,19 @@ def reconcile(ctx: Context, *, dry_run: bool = False, adopt: bool = False, only_
     unfinished moves (kind rebalance) are reported and left for a reconcile once libvirt runs.  ``peers``: the
     other hosts this host's unfinished moves have steps on (Contexts or peer sessions, :mod:`gpuvirt.service.peers`),
     so those moves are settled on both hosts."""
+    settled: list[dict[str, Any]] = []
+    if peers and not dry_run and not boot and only_parents is None:
+        from gpuvirt.service import rebalance_exec
+
+        # a move between hosts first, under its GPUs' locks on every host (those of other hosts taken by their
+        # sessions), in the one order of (host, address) the executor takes them in - not after all of this
+        # host's, which a rebalance run from another host that holds one of those would wait on in turn
+        settled = rebalance_exec.recover(ctx, peers=peers, actor=actor)
     addresses = hostview.lock_addresses(ctx)
     with contextlib.ExitStack() as locks:
         for a in addresses:
             locks.enter_context(gpu_lock(ctx, a))
-        settled: list[dict[str, Any]] = []
         if not dry_run:
-            if peers and not boot and only_parents is None:
-                from gpuvirt.service import rebalance_exec
-
-                # a move between hosts first, under its other hosts' GPU locks too (taken by their sessions)
-                settled = rebalance_exec.recover(ctx, peers=peers, actor=actor)
             # first what a crash left half done: finished or rolled back as a whole, never adopted as it is.  The
             # hook's restore leaves an interrupted apply to reconcile and the boot unit (not its business)
             settled += intent.recover(ctx, None, actor=actor,
