@@ -47,6 +47,9 @@ DEFAULT_POLICIES: dict[str, Any] = {
     # an intent whose owner runs on another machine (a shared inventory) and has not renewed it for this long
     # is taken for abandoned (service.intent.owner_state; docs/operator-guide.md "After a crash")
     "intent_lease_seconds": 300,
+    # rebalance --cluster --execute / reconcile: how another host of the shared inventory is reached for the
+    # steps of a move there (argv; {host} is the host id; "peer-session" is appended: gpuvirt.service.peers)
+    "peer_command": ["ssh", "-o", "BatchMode=yes", "{host}", "gpuvirt"],
 }
 # the events table (audit log) is pruned per host: rows older than max_age_days, and all but the newest
 # max_rows; 0 switches a limit off (docs/operator-guide.md "Event pruning")
@@ -54,6 +57,7 @@ DEFAULT_EVENTS: dict[str, Any] = {"max_age_days": 90, "max_rows": 100_000}
 MAX_WAIT_SECONDS = 3600
 CONFIG_KEYS = {"db_url", "sim_dir", "host_id", "root", "policies", "events", "cdi"}
 MAX_XID_LIST = 1000
+MAX_PEER_COMMAND_ARGS = 64
 # [cdi]: CDI specs for containers (docs/containers.md); paths are absolute, defaults under the root
 CDI_KEYS = {"spec_dir": str, "vendor": str, "nvidia_spec": (str, list), "hook_path": str, "chmod_hook": bool}
 
@@ -236,12 +240,28 @@ def _check_policy(path: Path, key: str, value: Any) -> None:
                               "from 0 to 8", path=str(path))
     elif key == "rebalance_prefer":
         if value not in ("data", "fragmentation"):
-            raise ConfigError(f"config file {path}: policies.{key} = {value!r} is not valid; expected \"data\" or "
-                              "\"fragmentation\"", path=str(path))
+            raise ConfigError(f"config file {path}: policies.{key} = {value!r}"[:300] + " is not valid; expected "
+                              "\"data\" or \"fragmentation\"", path=str(path))
+    elif key == "peer_command":
+        why = check_peer_command(value)
+        if why is not None:
+            raise ConfigError(f"config file {path}: policies.{key} = {value!r}"[:300] + f" is not valid; {why}",
+                              path=str(path))
     elif key == "reset_gpu":
         if not isinstance(value, bool):
             raise ConfigError(f"config file {path}: policies.{key} = {value!r} is not valid; expected true or "
                               "false", path=str(path))
+
+
+def check_peer_command(value: Any) -> str | None:
+    """Why ``value`` is no valid ``policies.peer_command`` (None: it is): a non-empty list of strings, the
+    first a program, ``{host}`` where the host id goes."""
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_PEER_COMMAND_ARGS \
+            or not all(isinstance(a, str) and 0 < len(a) <= 4096 and "\0" not in a for a in value):
+        return f"expected a list of 1 to {MAX_PEER_COMMAND_ARGS} non-empty strings (argv, {{host}} for the host id)"
+    if value[0].startswith("-") or "{host}" in value[0]:
+        return "its first item must name the program to run"
+    return None
 
 
 def resolve_settings(*, root: str | None = None, sim: str | None = None, db: str | None = None,

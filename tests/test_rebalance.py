@@ -222,12 +222,21 @@ def test_live_move_between_two_hosts_is_virsh_migrate_live_with_the_target_xml(t
     cb.close()
 
 
-def test_a_cluster_plan_needing_an_unreachable_host_is_refused_before_anything_changes(cli, two_hosts):
+def test_a_cluster_plan_needing_an_unreachable_host_is_refused_before_anything_changes(cli, two_hosts, tmp_path):
+    from gpuvirt.service import peers
+
     ra, rb, url = two_hosts
-    args = ("--sim", ra, "--db", url, "--host-id", "ha")
+    assert peers.command(_ctx(ra, db=url, host_id="ha"), "hb") == ["ssh", "-o", "BatchMode=yes", "hb", "gpuvirt",
+                                                                    "peer-session"]
+    # the other host is reached through policies.peer_command (ssh by default); here one that fails
+    cfg = tmp_path / "gpuvirt.toml"
+    cfg.write_text('[policies]\npeer_command = ["sh", "-c", "echo ssh: Could not resolve hostname $0 >&2; exit 255", '
+                   '"{host}"]\n')
+    args = ("--sim", ra, "--db", url, "--host-id", "ha", "--config", str(cfg))
     before = json.loads(ok(cli(*args, "status", "--json")).stdout)
     res = cli(*args, "rebalance", "--for", "A10-24Q", "--cluster", "--allow", "cold", "--execute", "--yes")
-    assert res.exit_code == 5 and "cannot change" in res.stderr, res
+    assert res.exit_code == 5 and "host hb: the peer session" in res.stderr, res
+    assert "Could not resolve hostname hb" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res
     assert json.loads(ok(cli(*args, "status", "--json")).stdout)["gpus"] == before["gpus"]
     plan = ok(cli(*args, "rebalance", "--for", "A10-24Q", "--cluster", "--allow", "cold", "--json")).json()
     assert plan["feasible"] and plan["scope"]["hosts"] == ["ha", "hb"]

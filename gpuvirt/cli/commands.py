@@ -346,6 +346,7 @@ def sim_repair(directory: str = typer.Argument(..., metavar="DIR")) -> None:
 
 
 from gpuvirt.cli import ops_cmd  # noqa: E402,F401
+from gpuvirt.cli import peer_cmd  # noqa: E402,F401
 from gpuvirt.cli import profile_cmd  # noqa: E402,F401
 from gpuvirt.cli import vmm_cmd  # noqa: E402,F401
 from gpuvirt.cli import demo_cmd  # noqa: E402,F401

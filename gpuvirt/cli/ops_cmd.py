@@ -244,7 +244,8 @@ def reconcile(ctx: typer.Context,
               boot: bool = typer.Option(False, "--boot", help="Run as the boot unit does, before libvirt: "
                                                                 "unfinished VM moves are left for a later reconcile."),
               json_out: bool = typer.Option(False, "--json")) -> None:
-    """Converge host and inventory: restore after reboot, finish crashed operations, report foreign instances."""
+    """Converge host and inventory: restore after reboot, finish crashed operations, report foreign instances.
+    An unfinished move between hosts is settled on both, the other host reached through policies.peer_command."""
     from gpuvirt.service.reconcile import reconcile as svc
     from gpuvirt.service.reconcile import wait_for_driver
 
@@ -257,7 +258,15 @@ def reconcile(ctx: typer.Context,
         pre = svc(c, dry_run=True, adopt=adopt)
         if any(f["action"] for f in pre["findings"] if f["kind"] != "foreign" or adopt):
             confirm_or_refuse("reconcile this host", yes)
-    doc = svc(c, dry_run=dry_run, adopt=adopt, boot=boot)
+    from gpuvirt.service import peers as peer_sessions
+
+    # an unfinished move between hosts is settled on both: each other host through a peer session
+    # (policies.peer_command); one that cannot be reached leaves its move open for a later reconcile
+    others = set() if dry_run or boot else peer_sessions.hosts_of_open_moves(c)
+    with peer_sessions.reachable(c, others) as (sessions, missed):
+        for why in missed:
+            print(f"gpuvirt: warning: {why}; its unfinished moves stay open", file=sys.stderr)
+        doc = svc(c, dry_run=dry_run, adopt=adopt, boot=boot, peers=sessions)
     from rich.markup import escape
 
     if json_out:

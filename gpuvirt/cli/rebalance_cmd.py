@@ -18,7 +18,9 @@ def rebalance(ctx: typer.Context,
               for_: str = typer.Option(..., "--for", help="MIG profile or vGPU type to make room for, e.g. "
                                        "3g.20gb or A100-7-40C."),
               cluster: bool = typer.Option(False, "--cluster", help="Plan over every host of the shared "
-                                           "inventory (moves may cross hosts)."),
+                                           "inventory (moves may cross hosts; with --execute each other host "
+                                           "a move touches is reached through policies.peer_command, ssh by "
+                                           "default, and the request is placed only on this host)."),
               max_moves: int = typer.Option(3, "--max-moves", min=0, max=MAX_MOVES_LIMIT,
                                             help="Most moves a plan may use."),
               allow: str = typer.Option("live", "--allow", help="Move kinds allowed: live, cold or live,cold."),
@@ -61,7 +63,7 @@ def rebalance(ctx: typer.Context,
         confirm_or_refuse(f"move VMs' devices to make room for {for_}" + (f" and attach it to {vm}" if vm else ""),
                           yes)
         doc, handoffs = rebalance_exec.execute_for(c, for_, policy=policy, cluster=cluster, vm=vm, tenant=tenant,
-                                                   vm_uuid=vm_uuid, fmt=fmt)
+                                                   vm_uuid=vm_uuid, fmt=fmt, remote=True)
     else:
         doc = svc.rebalance(c, for_, cluster=cluster, max_moves=max_moves, allow=allow, prefer=prefer)
     for w in doc.get("warnings", ()):

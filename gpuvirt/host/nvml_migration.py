@@ -19,6 +19,7 @@ in the message.
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import pynvml
@@ -180,7 +181,32 @@ def move_compatibility(src_session: Any, src_index: int, src_instance: int | str
     source host to GPU ``dst_index`` on the target host: ``vm_compatibility`` (LIVE | SLEEP | HIBERNATE |
     COLD bits) and ``limit_code`` as NVML gives them."""
     vid = resolve_instance(src_session, src_index, src_instance)
-    vm_raw = _raw_vgpu(src_session, src_index, vid)
+    return _compatibility(dst_session, dst_index, _raw_vgpu(src_session, src_index, vid), src_index, vid)
+
+
+def vgpu_metadata_bytes(session: Any, index: int, instance: int | str) -> tuple[int, bytes]:
+    """The source half of :func:`move_compatibility` for a target on another machine: (the NVML vGPU
+    instance id, ``nvmlVgpuInstanceGetMetadata``'s structure as bytes, which the target's library reads)."""
+    vid = resolve_instance(session, index, instance)
+    return vid, bytes(_raw_vgpu(session, index, vid))
+
+
+def compatibility_of(dst_session: Any, dst_index: int, vm_bytes: bytes, src_index: int,
+                     vid: int) -> preflight.Compatibility:
+    """The target half: the verdict of ``dst_session``'s library on a source vGPU's metadata bytes
+    (:func:`vgpu_metadata_bytes` on the source host)."""
+    from gpuvirt.errors import ConflictError
+
+    if len(vm_bytes) != ctypes.sizeof(pynvml.c_nvmlVgpuMetadata_t):
+        raise ConflictError(f"the vGPU metadata of instance {vid} is {len(vm_bytes)} bytes, not the "
+                            f"{ctypes.sizeof(pynvml.c_nvmlVgpuMetadata_t)} this NVML library reads (a different "
+                            "pynvml on the source host)")
+    return _compatibility(dst_session, dst_index, pynvml.c_nvmlVgpuMetadata_t.from_buffer_copy(vm_bytes),
+                          src_index, vid)
+
+
+def _compatibility(dst_session: Any, dst_index: int, vm_raw: Any, src_index: int,
+                   vid: int) -> preflight.Compatibility:
     pg_raw = _raw_pgpu(dst_session, dst_index)
     dst = dst_session._gpu(dst_index)
     try:
@@ -204,4 +230,4 @@ def vgpu_version(session: Any) -> tuple[tuple[int, int], tuple[int, int]] | None
     return (int(smin), int(smax)), (int(cmin), int(cmax))
 
 
-__all__ = ["vgpu_metadata", "pgpu_metadata", "move_compatibility", "resolve_instance", "vgpu_version"]
+__all__ = ["vgpu_metadata", "pgpu_metadata", "move_compatibility", "vgpu_metadata_bytes", "compatibility_of", "resolve_instance", "vgpu_version"]

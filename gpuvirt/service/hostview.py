@@ -170,7 +170,11 @@ def build_view(doc: dict[str, Any]) -> HostView:
 
 def snapshot(ctx: Context, *, nvml: bool = True) -> HostView:
     """The host now.  ``nvml=False`` reads sysfs only: enough to know which devices exist (e.g. to take the
-    per-GPU locks in a fixed order) without the cost of querying every MIG profile."""
+    per-GPU locks in a fixed order) without the cost of querying every MIG profile.  A host reached through a peer session
+    (:mod:`gpuvirt.service.peers`) is asked through it."""
+    remote = getattr(ctx, "remote_view", None)
+    if remote is not None:
+        return remote(nvml)
     return build_view(host_discover(ctx.host, with_nvml=nvml))
 
 

@@ -66,7 +66,15 @@ def gpu_lock(ctx: Context, address: str) -> Iterator[None]:
     Re-entrant within a thread: flock() conflicts between two descriptors of the same file even in one
     process, so a nested take (attach creating the GPU instance for a MIG-backed vGPU while it already holds
     the GPU) would otherwise wait for itself forever.
+
+    Another host of a shared inventory reached through a peer session (:mod:`gpuvirt.service.peers`) takes
+    the lock in its own process there, so it ends with that process.
     """
+    remote = getattr(ctx, "remote_lock", None)
+    if remote is not None:
+        with remote(address):
+            yield
+        return
     d = ctx.settings.state_dir / "locks"
     path = d / f"gpu-{address.replace(':', '_')}.lock"
     key = (threading.get_ident(), str(path))

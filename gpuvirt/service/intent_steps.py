@@ -662,7 +662,8 @@ OPS: dict[str, type[_Op]] = {"mig": MigOp, "mdev": MdevOp, "vgpu": VgpuOp, "vfs"
                              "release": AllocateOp, "whole-gpu": WholeGpuOp}
 
 
-# Contexts of the hosts of a shared inventory that this process may change (the rebalance executor registers
+# Contexts (or peer sessions, gpuvirt.service.peers) of the hosts of a shared inventory that this process may
+# change (the rebalance executor registers
 # them, its own host's too: a move another host opened may name this one; a step naming a host missing here
 # cannot run from this process), and the host this process runs as while they are registered (None: the host
 # of whichever context a function is given).
@@ -683,6 +684,11 @@ def op_of(ctx: Context, step: dict[str, Any]) -> _Op:
             raise ConflictError(f"{describe(step)} is a step on host {host}, which this process cannot reach; "
                                 f"settle it where both hosts are reachable ('gpuvirt reconcile' there)")
         ctx = peer
+    # a host reached through a peer session (gpuvirt.service.peers) carries out the host part of its steps there;
+    # inventory-only steps touch nothing but the shared inventory, which this process records
+    remote = getattr(ctx, "remote_op", None)
+    if remote is not None and step["op"] not in INVENTORY_ONLY:
+        return remote(step)
     return OPS[step["op"]](ctx, step)
 
 

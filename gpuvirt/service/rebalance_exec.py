@@ -23,7 +23,10 @@ After the moves, still under the GPU locks, the request is placed where the plan
 that is an intent of its own, so a failure there leaves the moves done.
 
 Steps on another host of a shared inventory run through that host's :class:`~gpuvirt.context.Context`
-(``peers``); a plan that needs a host this process cannot reach is refused before anything changes.
+(``peers``), or, with ``remote`` (the CLI), through a peer session started on that host
+(:mod:`gpuvirt.service.peers`); a plan that needs a host this process cannot reach is refused before anything
+changes, and so is one that places the request on a host reached through a peer session (the request is
+placed by a command on its own host).
 """
 
 from __future__ import annotations
@@ -116,12 +119,13 @@ def rebalance_and_execute(ctx: Context, name: str, *, cluster: bool = False, pol
 
 def execute_for(ctx: Context, name: str, *, policy: MovePolicy, cluster: bool = False, vm: str | None = None,
                 tenant: str | None = None, vm_uuid: str | None = None, fmt: str | None = None,
-                runner: Runner | None = None,
-                peers: Mapping[str, Context] | None = None) -> tuple[dict[str, Any], list | None]:
+                runner: Runner | None = None, peers: Mapping[str, Context] | None = None,
+                remote: bool = False) -> tuple[dict[str, Any], list | None]:
     """``gpuvirt rebalance --execute [--vm VM [--tenant T]]``: the plan document and, for a VM, the attach's
     hand-offs.  With a VM the request is placed as ``attach VM --vgpu/--mig NAME --tenant T`` would place it
     (a GPU-instance profile as the MIG-backed vGPU on it, so room is planned for that vGPU type); ``fmt`` is
-    rendered inside the attach, so a hand-off the VMM could not use undoes the attach (the moves stay)."""
+    rendered inside the attach, so a hand-off the VMM could not use undoes the attach (the moves stay).
+    ``remote``: reach the other hosts the plan touches (not in ``peers``) through peer sessions."""
     from gpuvirt.service.attach import check_tenant, check_vm_name
     from gpuvirt.service.rebalance_place import for_vm
 
@@ -139,20 +143,44 @@ def execute_for(ctx: Context, name: str, *, policy: MovePolicy, cluster: bool = 
 
         raise UsageError("--tenant, --vm-uuid and --format go with --vm")
     return _plan_and_execute(ctx, name, cluster=cluster, policy=policy, runner=runner, peers=peers, hosts=None,
-                             place=True, vm=vm, attach_kw=kw)
+                             place=True, vm=vm, attach_kw=kw, remote=remote)
 
 
 def _plan_and_execute(ctx: Context, name: str, *, cluster: bool, policy: MovePolicy, runner: Runner | None,
                       peers: Mapping[str, Context] | None, hosts: frozenset[str] | None, place: bool,
-                      vm: str | None, attach_kw: dict[str, Any] | None) -> tuple[dict[str, Any], list | None]:
+                      vm: str | None, attach_kw: dict[str, Any] | None,
+                      remote: bool = False) -> tuple[dict[str, Any], list | None]:
+    from gpuvirt.service import peers as peer_sessions
+
     scope = load_scope(ctx, cluster=cluster)
     handoffs = None
-    with reach(ctx, peers, runner):
-        doc = plan_document(scope, name, policy, runner=runner, hosts=hosts, cluster=cluster)
-        if doc["feasible"] and (doc["moves"] or place):
-            handoffs = execute(ctx, scope, doc, name, policy, peers=peers, hosts=hosts, cluster=cluster,
-                               place=place, vm=vm, attach_kw=attach_kw)
+    with contextlib.ExitStack() as stack:
+        with reach(ctx, peers, runner):
+            doc = plan_document(scope, name, policy, runner=runner, hosts=hosts, cluster=cluster)
+            if doc["feasible"] and (doc["moves"] or place):
+                reached = dict(peers or {})
+                missing = _needed(ctx, doc, place) - set(reached)
+                if missing and remote:
+                    u = doc.get("unlocks")
+                    if place and u is not None and u["host"] in missing:
+                        raise ConflictError(f"the plan makes room for {name} on host {u['host']}, and the request is "
+                                            f"placed by the host that runs the rebalance: run it on {u['host']}, "
+                                            "or plan without --cluster; nothing was changed")
+                    # started only now: a plan that moves nothing elsewhere needs no other host
+                    opened = stack.enter_context(peer_sessions.sessions(ctx, missing))
+                    reached.update(opened)
+                    intent_steps.PEERS.update(opened)
+                handoffs = execute(ctx, scope, doc, name, policy, peers=reached, hosts=hosts, cluster=cluster,
+                                   place=place, vm=vm, attach_kw=attach_kw)
     return doc, handoffs
+
+
+def _needed(ctx: Context, doc: dict[str, Any], place: bool) -> set[str]:
+    """The other hosts the moves of ``doc`` (and its placing) change."""
+    out = {m[s]["host"] for m in doc["moves"] for s in ("from", "to")}
+    if doc.get("unlocks") and (place or doc["moves"]):
+        out.add(doc["unlocks"]["host"])
+    return out - {ctx.settings.host_id}
 
 
 def _contexts(ctx: Context, peers: Mapping[str, Context] | None, doc: dict[str, Any]) -> dict[str, Context]:
@@ -252,12 +280,12 @@ def _check_live(src_ctx: Context, dst_ctx: Context, src_gpu: str, dst_index: int
     """Ask the drivers themselves, right before a live move, what the plan assumed from recorded facts:
     ``nvmlGetVgpuCompatibility`` on the running vGPU's metadata and the target GPU's.  The recorded stack
     may be stale (a driver updated since) and the guest driver's vGPU version is known only to NVML."""
-    from gpuvirt.host.nvml_migration import move_compatibility
+    from gpuvirt.service.peers import move_compatibility
 
     if not instance:
         raise ConflictError(f"VM {vm}: no mdev UUID or VM UUID to find its running vGPU by; not moved live")
     _, src_index = _gpu_row(src_ctx, src_gpu)
-    compat = move_compatibility(src_ctx.host.nvml(), src_index, instance, dst_ctx.host.nvml(), dst_index)
+    compat = move_compatibility(src_ctx, src_index, instance, dst_ctx, dst_index)
     if not compat.allows("live"):
         raise ConflictError(f"VM {vm}: the drivers refuse a live move from GPU {src_gpu} of host "
                             f"{src_ctx.settings.host_id} to host {dst_ctx.settings.host_id}: {compat.message()}; "

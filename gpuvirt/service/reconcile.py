@@ -324,18 +324,27 @@ NEEDS_LIBVIRT = ("rebalance",)
 
 
 def reconcile(ctx: Context, *, dry_run: bool = False, adopt: bool = False, only_parents: set[str] | None = None,
-              actor: str | None = None, boot: bool = False) -> dict[str, Any]:
+              actor: str | None = None, boot: bool = False, peers: Any = None) -> dict[str, Any]:
     """Converge host and inventory (docs/operator-guide.md).  ``boot``: run by the boot unit, before libvirt:
-    unfinished moves (kind rebalance) are reported and left for a reconcile once libvirt runs."""
+    unfinished moves (kind rebalance) are reported and left for a reconcile once libvirt runs.  ``peers``: the
+    other hosts this host's unfinished moves have steps on (Contexts or peer sessions, :mod:`gpuvirt.service.peers`),
+    so those moves are settled on both hosts."""
+    settled: list[dict[str, Any]] = []
+    if peers and not dry_run and not boot and only_parents is None:
+        from gpuvirt.service import rebalance_exec
+
+        # a move between hosts first, under its GPUs' locks on every host (those of other hosts taken by their
+        # sessions), in the one order of (host, address) the executor takes them in - not after all of this
+        # host's, which a rebalance run from another host that holds one of those would wait on in turn
+        settled = rebalance_exec.recover(ctx, peers=peers, actor=actor)
     addresses = hostview.lock_addresses(ctx)
     with contextlib.ExitStack() as locks:
         for a in addresses:
             locks.enter_context(gpu_lock(ctx, a))
-        settled: list[dict[str, Any]] = []
         if not dry_run:
             # first what a crash left half done: finished or rolled back as a whole, never adopted as it is.  The
             # hook's restore leaves an interrupted apply to reconcile and the boot unit (not its business)
-            settled = intent.recover(ctx, None, actor=actor,
+            settled += intent.recover(ctx, None, actor=actor,
                                      kinds=None if only_parents is None else ("attach", "detach", "reconcile"),
                                      exclude=NEEDS_LIBVIRT if boot else ())
         view = hostview.snapshot(ctx)
