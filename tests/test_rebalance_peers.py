@@ -28,15 +28,18 @@ def _uri(host: str, coordinator: str) -> str:
 class Cluster:
     """A copy of the two-host template, with the fake libvirt and the coordinator's config set up."""
 
-    def __init__(self, root: Path, url: str, tmp: Path, want: str = "A10-24Q") -> None:
+    def __init__(self, root: Path, url: str, tmp: Path, want: str = "A10-24Q", other: bool = False) -> None:
         self.root, self.url = root, url
         plan = self.gpuvirt("ha", "rebalance", "--for", want, "--cluster", "--allow", "cold", "--json")
         assert plan.returncode == 0, plan.stderr
         self.plan = json.loads(plan.stdout)
         assert self.plan["feasible"] and len(self.plan["moves"]) == 1
-        # the request is placed by the host that runs the rebalance: the one the plan makes room on
+        # the request is placed by the host that runs the rebalance: the one the plan makes room on (``other``:
+        # the host it does not make room on, which then plans room for itself)
         self.me = self.plan["unlocks"]["host"]
         self.peer = ({"ha", "hb"} - {self.me}).pop()
+        if other:
+            self.me, self.peer = self.peer, self.me
         m = self.plan["moves"][0]
         assert {m["from"]["host"], m["to"]["host"]} == {"ha", "hb"}
         self.bin = tmp / "bin"
@@ -175,6 +178,23 @@ def test_a_cluster_rebalance_moves_a_vm_to_another_host_through_a_peer_session(c
     # and a fresh plan from the other side sees the free 24Q the rebalance made: nothing to move
     again = json.loads(c.gpuvirt(c.peer, "rebalance", "--for", "A10-24Q", "--cluster", "--json").stdout)
     assert again["feasible"] and not again["moves"]
+    _sessions_gone(c)
+
+
+def test_a_cluster_rebalance_makes_room_on_the_host_that_runs_it(cluster):
+    # the cluster-wide dry run makes room on the other host; run here, --execute plans room *here* (the request
+    # is placed by this host) and sends this host's VM to the other one instead of refusing
+    c = cluster(other=True)
+    assert c.plan["unlocks"]["host"] == c.peer
+    res = c.gpuvirt(c.me, "rebalance", "--for", "A10-24Q", "--cluster", "--allow", "cold", "--execute", "--yes",
+                    "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    [done] = doc["moves"]
+    assert done["result"] == "done" and (done["from"]["host"], done["to"]["host"]) == (c.me, c.peer)
+    assert doc["unlocks"]["host"] == doc["placed"]["host"] == c.me and doc["placed"]["created"]
+    where = c.consistent()
+    assert where[done["vm"]] == c.peer
     _sessions_gone(c)
 
 

@@ -156,7 +156,18 @@ def _plan_and_execute(ctx: Context, name: str, *, cluster: bool, policy: MovePol
     handoffs = None
     with contextlib.ExitStack() as stack:
         with reach(ctx, peers, runner):
-            doc = plan_document(scope, name, policy, runner=runner, hosts=hosts, cluster=cluster)
+            here = frozenset({ctx.settings.host_id})
+            if remote and place and cluster and hosts is None:
+                # the request can only be placed by this process, on this host: plan room *here* (moves may
+                # still send VMs to other hosts); only when there is none here does the cluster-wide plan say
+                # where to run the rebalance instead
+                doc, hosts = plan_document(scope, name, policy, runner=runner, hosts=here, cluster=cluster), here
+                if not doc["feasible"]:
+                    wide = plan_document(scope, name, policy, runner=runner, hosts=None, cluster=cluster)
+                    if wide["feasible"] and wide.get("unlocks"):
+                        doc, hosts = wide, None     # refused below, naming the host to run it on
+            else:
+                doc = plan_document(scope, name, policy, runner=runner, hosts=hosts, cluster=cluster)
             if doc["feasible"] and (doc["moves"] or place):
                 reached = dict(peers or {})
                 missing = _needed(ctx, doc, place) - set(reached)
