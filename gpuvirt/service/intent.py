@@ -544,7 +544,8 @@ def owner_state(row: Any, host_boot: str | None, lease: float, *, own_host: bool
       host booted since the intent was opened (opening one records the boot id, :meth:`Run.begin`).
     * the lease: the owner renews ``updated_at`` at every step and every ``HEARTBEAT_SECONDS`` during one
       (:meth:`Run.heartbeat`); older than ``lease`` seconds, the owner is taken for dead (a host that went
-      down for good, a process frozen).  Hosts' clocks must agree to well within the lease.
+      down for good, a process frozen).  Hosts' clocks must agree to well within the lease: a renewal more
+      than ``lease`` seconds ahead of this machine's clock counts as expired too.
     """
     if row.state not in (RUNNING, ROLLING_BACK) or not row.owner:
         return None
@@ -563,10 +564,15 @@ def owner_state(row: Any, host_boot: str | None, lease: float, *, own_host: bool
     now = now or utcnow()
     seen = row.updated_at
     age = (now - seen).total_seconds() if isinstance(seen, dt.datetime) else None
-    if age is None or age > lease:
+    # a renewal further ahead of this clock than the lease is no evidence of life either: clocks that agree to
+    # within the lease cannot write it, and counted as fresh it would hold the GPUs until this clock caught up
+    # (forever, for a year-9999 value written by hand)
+    if age is None or abs(age) > lease:
         return None
-    return (f"process {pid} on the machine of host {row.host_id} (boot id {boot[:8]}), last heard from "
-            f"{max(age, 0):.0f} s ago (taken for gone after {lease:.0f} s: policies.intent_lease_seconds)")
+    heard = f"last heard from {age:.0f} s ago" if age >= 0 else \
+        f"last renewed {-age:.0f} s ahead of this machine's clock"
+    return (f"process {pid} on the machine of host {row.host_id} (boot id {boot[:8]}), {heard} (taken for gone "
+            f"after {lease:.0f} s: policies.intent_lease_seconds)")
 
 
 def owner_alive(owner: str | None) -> bool:
