@@ -5,6 +5,9 @@ The owners are forged as in tests/test_crash_owners.py: a process of the other s
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -52,3 +55,101 @@ def test_an_intent_renewed_in_the_future_is_settled_once_the_lease_cannot_hold(h
         [res] = intent.recover(cb, {addr})
     assert res["intent"] == iid and res["result"] == "back"
     assert not intent.open_intents(cb)
+
+
+def test_a_heartbeat_while_another_process_holds_the_database_skips_and_the_step_ends(make_sim, monkeypatch):
+    """BEGIN IMMEDIATE held by another connection for several beats: each beat fails on the lock (busy
+    timeout) and is skipped without a traceback from the thread, the lease is renewed once the lock is gone,
+    and the step ends (the heartbeat stops within a busy timeout of the step's end)."""
+    from gpuvirt.context import Context, resolve_settings
+    from gpuvirt.inventory import store
+    from gpuvirt.service import intent
+
+    monkeypatch.setattr(store, "BUSY_TIMEOUT_MS", 200)
+    monkeypatch.setattr(intent, "HEARTBEAT_SECONDS", 0.05)
+    crashes = []
+    monkeypatch.setattr(threading, "excepthook", lambda a: crashes.append(a))
+    sim = make_sim(["a2"])
+    with Context(resolve_settings(sim=str(sim.root), env={})) as ctx:
+        run = intent.Run.begin(ctx, "attach", gpus=["0000:41:00.0"], target={"vm": "vm2"}, recovery="back")
+        with ctx.inventory.unit() as uow:
+            first = uow.intent(run.id).updated_at
+        db = sim.root / "var/lib/gpuvirt/inventory.db"
+        other = sqlite3.connect(str(db), isolation_level=None)
+        t0 = time.monotonic()
+        with run.heartbeat():
+            other.execute("BEGIN IMMEDIATE")
+            time.sleep(0.8)                     # several beats, each waiting its busy timeout
+            with ctx.inventory.unit() as uow:   # readers are not blocked (WAL)
+                assert uow.intent(run.id).updated_at == first
+            other.execute("COMMIT")
+            time.sleep(0.4)
+        took = time.monotonic() - t0
+        other.close()
+        with ctx.inventory.unit() as uow:
+            assert uow.intent(run.id).updated_at > first
+        intent._ACTIVE.discard(run.id)
+    assert not crashes
+    assert took < 1.2 + 1.0, took
+
+
+def test_a_heartbeat_that_ends_while_the_lock_is_still_held_does_not_outlast_the_busy_timeout(make_sim,
+                                                                                              monkeypatch):
+    from gpuvirt.context import Context, resolve_settings
+    from gpuvirt.inventory import store
+    from gpuvirt.service import intent
+
+    monkeypatch.setattr(store, "BUSY_TIMEOUT_MS", 300)
+    monkeypatch.setattr(intent, "HEARTBEAT_SECONDS", 0.05)
+    sim = make_sim(["a2"])
+    with Context(resolve_settings(sim=str(sim.root), env={})) as ctx:
+        run = intent.Run.begin(ctx, "attach", gpus=["0000:41:00.0"], target={"vm": "vm2"}, recovery="back")
+        other = sqlite3.connect(str(sim.root / "var/lib/gpuvirt/inventory.db"), isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            t0 = time.monotonic()
+            with run.heartbeat():
+                time.sleep(0.2)
+            took = time.monotonic() - t0
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        intent._ACTIVE.discard(run.id)
+    assert took < 0.2 + 0.3 + 0.5, took
+
+
+@pytest.mark.parametrize("value", ["null", "[1]", "{}"])
+def test_the_hook_refuses_a_start_over_a_journal_of_the_wrong_shape_in_one_line(cli, make_sim, value):
+    """The libvirt hook (a real process, libvirtd's argv and live XML) restoring a VM's device after a reboot
+    while an intent is open whose steps are valid JSON of the wrong shape: it ended in "internal error:
+    TypeError"; now it refuses the start naming the row, and changes nothing."""
+    from test_hook import hook, install_hook, live_xml, stderr_line
+    from test_inventory_safety import _dump
+
+    from gpuvirt.context import Context, resolve_settings
+    from gpuvirt.service import intent
+    from gpuvirt.sim.control import open_sim, reboot
+
+    sim = make_sim(["a2"])
+    path = install_hook(cli, sim.root)
+    assert cli("--sim", sim.root, "attach", "vm1", "--vgpu", "A2-2Q").exit_code == 0
+    with Context(resolve_settings(sim=str(sim.root), env={})) as ctx:
+        run = intent.Run.begin(ctx, "attach", gpus=["0000:41:00.0"], target={"vm": "vm2"}, recovery="back")
+        intent._ACTIVE.discard(run.id)
+    db = sim.root / "var/lib/gpuvirt/inventory.db"
+    con = sqlite3.connect(str(db))
+    try:
+        [(uuid,)] = con.execute("SELECT mdev_uuid FROM instances").fetchall()
+        con.execute("UPDATE intents SET steps = ?", (value,))
+        con.commit()
+    finally:
+        con.close()
+    reboot(open_sim(sim.root))
+    # (the full path has recorded the VM's UUID on its allocation by then, as for any refusal after it)
+    before = [x for x in _dump(db) if not x.startswith('INSERT INTO "allocations"')]
+    p = hook(path, "vm1", "prepare", xml=live_xml("vm1", mdevs=[uuid]))
+    assert p.returncode == 1, p
+    line = stderr_line(p)
+    assert line.startswith("gpuvirt: error: refusing to start vm1: the inventory is corrupt: intents.steps of the "
+                           "row id=1 is not a JSON list of objects"), line
+    assert [x for x in _dump(db) if not x.startswith('INSERT INTO "allocations"')] == before
