@@ -153,3 +153,27 @@ def test_the_hook_refuses_a_start_over_a_journal_of_the_wrong_shape_in_one_line(
     assert line.startswith("gpuvirt: error: refusing to start vm1: the inventory is corrupt: intents.steps of the "
                            "row id=1 is not a JSON list of objects"), line
     assert [x for x in _dump(db) if not x.startswith('INSERT INTO "allocations"')] == before
+
+
+def test_a_last_health_event_at_the_end_of_time_is_no_internal_error(cli, make_sim):
+    """health_last_at '9999-12-31 23:59:59.999999' reads back (a valid datetime) but its recovery time, that
+    plus policies.health_quiet_seconds, overflowed: health, report and attach ended in "internal error:
+    OverflowError".  A recovery past the representable time is no recovery ('recovers' empty)."""
+    sim = make_sim(["a2"])
+    assert cli("--sim", sim.root, "attach", "vm1", "--vgpu", "A2-2Q").exit_code == 0
+    con = sqlite3.connect(str(sim.root / "var/lib/gpuvirt/inventory.db"))
+    try:
+        con.execute("UPDATE gpus SET health = 'unhealthy', health_since = ?, health_last_at = ?, health_reason = "
+                    "'xid 79'", ("9999-12-31 23:59:59.999999",) * 2)
+        con.commit()
+    finally:
+        con.close()
+    r = cli("--sim", sim.root, "health", "--json")
+    assert r.exit_code == 0, r
+    [g] = r.json()["gpus"]
+    assert g["health"] == "unhealthy" and g["recovers_at"] is None, g
+    for args in (["health"], ["report", "-f", "prometheus"], ["status", "--json"]):
+        r = cli("--sim", sim.root, *args)
+        assert r.exit_code == 0 and "internal error" not in r.stderr, (args, r)
+    r = cli("--sim", sim.root, "attach", "vm2", "--vgpu", "A2-2Q")
+    assert "internal error" not in r.stderr, r
