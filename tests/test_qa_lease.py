@@ -177,3 +177,30 @@ def test_a_last_health_event_at_the_end_of_time_is_no_internal_error(cli, make_s
         assert r.exit_code == 0 and "internal error" not in r.stderr, (args, r)
     r = cli("--sim", sim.root, "attach", "vm2", "--vgpu", "A2-2Q")
     assert "internal error" not in r.stderr, r
+
+
+@pytest.mark.pg
+@pytest.mark.parametrize("value", ["null", "[1]"])
+def test_on_postgresql_a_journal_of_the_wrong_shape_is_one_line(pg_schema, make_sim, cli, value):
+    """PostgreSQL refuses JSON that does not parse, but keeps any valid JSON: a journal's steps of the wrong
+    shape ended in an internal error there too."""
+    from sqlalchemy import text
+
+    from gpuvirt.context import Context, resolve_settings
+    from gpuvirt.service import intent
+
+    url, admin, schema = pg_schema
+    sim = make_sim(["a2"])
+    assert cli("--sim", sim.root, "--db", url, "attach", "vm1", "--vgpu", "A2-2Q").exit_code == 0
+    with Context(resolve_settings(sim=str(sim.root), db=url, env={})) as ctx:
+        run = intent.Run.begin(ctx, "attach", gpus=["0000:41:00.0"], target={"vm": "vm2"}, recovery="back")
+        intent._ACTIVE.discard(run.id)
+    with admin.connect() as c:
+        c.execute(text(f'UPDATE "{schema}".intents SET steps = CAST(:v AS JSON)'), {"v": value})
+    for args in (["status"], ["reconcile", "--yes"]):
+        r = cli("--sim", sim.root, "--db", url, *args)
+        assert r.exit_code == 1 and r.stderr.count("\n") == 1, (args, r)
+        assert f"the inventory is corrupt: intents.steps of the row id={run.id} is not a JSON list of objects" \
+            in r.stderr, (args, r)
+    with admin.connect() as c:
+        assert c.execute(text(f'SELECT steps::text FROM "{schema}".intents')).scalar() == value
