@@ -204,3 +204,44 @@ def test_on_postgresql_a_journal_of_the_wrong_shape_is_one_line(pg_schema, make_
             in r.stderr, (args, r)
     with admin.connect() as c:
         assert c.execute(text(f'SELECT steps::text FROM "{schema}".intents')).scalar() == value
+
+
+@pytest.mark.parametrize("owner", [b"\x00\xff:1:1", "", ":", "::", "a", "x:y:z:1:2", "x" * 100000, f"{OTHER}:-1:1",
+                                   f"{OTHER}: 1\n:1", f"{OTHER}:99999999999999999999999:1"])
+def test_an_owner_that_names_no_process_is_nobody(owner):
+    """Every unparseable owner names no live process (the intent is settled like a crashed one); one stored
+    as a BLOB (SQLite returns bytes for it) ended in "internal error: TypeError" in status, reconcile, attach."""
+    from gpuvirt.service import intent
+
+    now = dt.datetime(2026, 12, 6, 22, 0, 0)
+    for own_host in (True, False):
+        who = intent.owner_state(_row(now, owner=owner), OTHER, 300, own_host=own_host, now=now)
+        assert who is None or (not own_host and "\n" not in who), (owner, who)
+    assert intent.owner_alive(owner) is False
+
+
+def test_a_binary_owner_in_the_inventory_is_settled_not_an_internal_error(cli, make_sim):
+    from gpuvirt.context import Context, resolve_settings
+    from gpuvirt.service import intent
+
+    sim = make_sim(["a2"])
+    assert cli("--sim", sim.root, "attach", "vm1", "--vgpu", "A2-2Q").exit_code == 0
+    with Context(resolve_settings(sim=str(sim.root), env={})) as ctx:
+        run = intent.Run.begin(ctx, "attach", gpus=["0000:41:00.0"], target={"vm": "vm2"}, recovery="back")
+        intent._ACTIVE.discard(run.id)
+    db = sim.root / "var/lib/gpuvirt/inventory.db"
+    con = sqlite3.connect(str(db))
+    try:
+        con.execute("UPDATE intents SET owner = ?", (b"\x00\xff:1:1",))
+        con.commit()
+    finally:
+        con.close()
+    r = cli("--sim", sim.root, "status", "--json")
+    assert r.exit_code == 0, r
+    r = cli("--sim", sim.root, "reconcile", "--yes")
+    assert r.exit_code == 0, r
+    con = sqlite3.connect(str(db))
+    try:
+        assert con.execute("SELECT count(*) FROM intents").fetchone() == (0,)
+    finally:
+        con.close()

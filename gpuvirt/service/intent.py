@@ -547,13 +547,12 @@ def owner_state(row: Any, host_boot: str | None, lease: float, *, own_host: bool
       down for good, a process frozen).  Hosts' clocks must agree to well within the lease: a renewal more
       than ``lease`` seconds ahead of this machine's clock counts as expired too.
     """
-    if row.state not in (RUNNING, ROLLING_BACK) or not row.owner:
+    if row.state not in (RUNNING, ROLLING_BACK):
         return None
-    try:
-        boot, pid, _start = row.owner.rsplit(":", 2)
-        int(pid)
-    except ValueError:
+    parsed = _parse_owner(row.owner)
+    if parsed is None:
         return None
+    boot, pid = parsed
     me = process_id()
     if me is None or row.owner == me:
         return None
@@ -575,15 +574,22 @@ def owner_state(row: Any, host_boot: str | None, lease: float, *, own_host: bool
             f"after {lease:.0f} s: policies.intent_lease_seconds)")
 
 
+def _parse_owner(owner: Any) -> tuple[str, int] | None:
+    """(boot id, pid) of an owner as :func:`process_id` writes it; None for anything else (empty, hand-made,
+    a BLOB, which SQLite hands back as bytes): such an owner names no process, so nobody carries the intent
+    out.  Whitespace is refused too, since the parts are quoted into one-line messages."""
+    if not isinstance(owner, str) or any(c.isspace() for c in owner):
+        return None
+    parts = owner.rsplit(":", 2)
+    if len(parts) != 3 or not parts[0] or not (parts[1].isascii() and parts[1].isdigit()):
+        return None
+    return parts[0], int(parts[1])
+
+
 def owner_alive(owner: str | None) -> bool:
     """Is the process that opened an intent still running (same boot, same pid, same start time)?"""
-    if not owner:
-        return False
-    try:
-        boot, pid, start = owner.rsplit(":", 2)
-        return process_id(int(pid)) == owner
-    except ValueError:
-        return False
+    parsed = _parse_owner(owner)
+    return parsed is not None and parsed[1] > 0 and process_id(parsed[1]) == owner
 
 
 __all__ = ["Run", "recover", "require_settled", "settle", "open_intents", "register_kind", "mig_step", "mdev_step", "vgpu_step",
