@@ -245,3 +245,17 @@ def test_a_binary_owner_in_the_inventory_is_settled_not_an_internal_error(cli, m
         assert con.execute("SELECT count(*) FROM intents").fetchone() == (0,)
     finally:
         con.close()
+
+
+def test_a_boot_id_that_is_not_text_is_unknown_not_an_internal_error(cli, make_sim):
+    """The host's boot id file (under the root: a simulated host's, or a --root tree) holding bytes that are not
+    UTF-8 ended every command that records the host or opens an intent in "internal error:
+    UnicodeDecodeError"; it is an unknown boot id, as a missing file is."""
+    from gpuvirt.service import intent
+
+    sim = make_sim(["a2"])
+    (sim.root / "proc/sys/kernel/random/boot_id").write_bytes(b"\xff\xfe\x00")
+    assert intent.root_boot_id(sim.root) is None
+    r = cli("--sim", sim.root, "attach", "vm1", "--vgpu", "A2-2Q")
+    assert r.exit_code == 0, r
+    assert cli("--sim", sim.root, "status").exit_code == 0

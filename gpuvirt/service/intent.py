@@ -520,7 +520,7 @@ def root_boot_id(root: Any) -> str | None:
     try:
         with open(os.path.join(str(root), "proc/sys/kernel/random/boot_id")) as fh:
             return fh.read().strip()[:64] or None
-    except OSError:
+    except (OSError, UnicodeDecodeError):      # bytes that are no text (a damaged simulated host): unknown
         return None
 
 
