@@ -259,3 +259,33 @@ def test_a_boot_id_that_is_not_text_is_unknown_not_an_internal_error(cli, make_s
     r = cli("--sim", sim.root, "attach", "vm1", "--vgpu", "A2-2Q")
     assert r.exit_code == 0, r
     assert cli("--sim", sim.root, "status").exit_code == 0
+
+
+@pytest.mark.parametrize("spec", [b"\x00\xff", 12, "garbage"])
+def test_the_hooks_fast_path_leaves_a_profile_it_cannot_read_to_the_full_path(cli, make_sim, spec):
+    """A GPU's desired profile whose stored spec is a BLOB or a number made the hook's fast path (restoring a VM's
+    device after a reboot) end in "internal error: TypeError", refusing the start; one that is no JSON was
+    judged by its raw text.  Each is now left to the full path, which restores the device as reconcile would
+    (the restore reads no profile spec)."""
+    from test_hook import hook, install_hook, live_xml, stderr_line
+
+    from gpuvirt.sim.control import open_sim, reboot
+
+    sim = make_sim(["a2"])
+    path = install_hook(cli, sim.root)
+    assert cli("--sim", sim.root, "create-profile", "p1", "--vgpu", "A2-2Q=2").exit_code == 0
+    assert cli("--sim", sim.root, "attach", "vm1", "--vgpu", "A2-2Q").exit_code == 0
+    db = sim.root / "var/lib/gpuvirt/inventory.db"
+    con = sqlite3.connect(str(db))
+    try:
+        [(uuid,)] = con.execute("SELECT mdev_uuid FROM instances").fetchall()
+        con.execute("UPDATE gpus SET desired_profile = 'p1'")
+        con.execute("UPDATE profiles SET spec = ?", (spec,))
+        con.commit()
+    finally:
+        con.close()
+    reboot(open_sim(sim.root))
+    p = hook(path, "vm1", "prepare", xml=live_xml("vm1", mdevs=[uuid]))
+    assert p.returncode == 0, p
+    assert stderr_line(p).startswith("gpuvirt: vm1: restored 1 device(s) of this VM"), p
+    assert (sim.root / "sys/bus/mdev/devices" / uuid).exists()
