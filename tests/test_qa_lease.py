@@ -289,3 +289,32 @@ def test_the_hooks_fast_path_leaves_a_profile_it_cannot_read_to_the_full_path(cl
     assert p.returncode == 0, p
     assert stderr_line(p).startswith("gpuvirt: vm1: restored 1 device(s) of this VM"), p
     assert (sim.root / "sys/bus/mdev/devices" / uuid).exists()
+
+
+@pytest.mark.parametrize("table,column", [("instances", "parent"), ("instances", "type_id"), ("gpus", "address")])
+def test_the_hooks_fast_path_names_a_blob_where_text_belongs(cli, make_sim, table, column):
+    """A BLOB in a text column the fast path reads (written by hand; SQLite keeps it) ended the VM's start in
+    "internal error: TypeError"; it is the one-line corrupt-inventory refusal, and nothing is changed."""
+    from test_hook import hook, install_hook, live_xml, stderr_line
+    from test_inventory_safety import _dump
+
+    from gpuvirt.sim.control import open_sim, reboot
+
+    sim = make_sim(["a2"])
+    path = install_hook(cli, sim.root)
+    assert cli("--sim", sim.root, "attach", "vm1", "--vgpu", "A2-2Q").exit_code == 0
+    db = sim.root / "var/lib/gpuvirt/inventory.db"
+    con = sqlite3.connect(str(db))
+    try:
+        [(uuid,)] = con.execute("SELECT mdev_uuid FROM instances").fetchall()
+        con.execute(f"UPDATE {table} SET {column} = ?", (b"\x00\xff",))
+        con.commit()
+    finally:
+        con.close()
+    reboot(open_sim(sim.root))
+    before = _dump(db)
+    p = hook(path, "vm1", "prepare", xml=live_xml("vm1", mdevs=[uuid]))
+    assert p.returncode == 1, p
+    assert stderr_line(p).startswith(f"gpuvirt: error: refusing to start vm1: the inventory is corrupt: {table}."
+                                     f"{column} of the row id=1 is not text"), p
+    assert _dump(db) == before
