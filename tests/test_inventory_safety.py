@@ -260,6 +260,11 @@ def _damaged(cli, make_sim):
     ("allocations", "vm_state_at", 12345, "id=1"),
     ("gpus", "last_seen_at", "yesterday", "id=1"),
     ("intents", "steps", "[{not json", "id=1"),
+    # JSON that reads back but not as the shape gpuvirt writes: a TypeError deep in a command
+    ("intents", "steps", "null", "id=1"),
+    ("intents", "steps", "[1]", "id=1"),
+    ("intents", "gpus", "{}", "id=1"),
+    ("intents", "target", "[]", "id=1"),
 ])
 def test_a_stored_value_that_does_not_read_back_is_one_line_naming_table_and_column(cli, make_sim, table, column,
                                                                                     value, row):

@@ -22,6 +22,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
     text,
 )
@@ -40,6 +41,39 @@ NAMING = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+class UnreadableValue(ValueError):
+    """A stored value that does not read back as what gpuvirt writes there (``store.unreadable_value`` names
+    its table, column and row)."""
+
+
+class JsonOf(TypeDecorator):
+    """JSON that must read back as the shape gpuvirt writes: a list (of ``items``) or an object.  JSON of
+    another shape (``null``, a number, ``[1]`` for a list of steps, written by hand) is valid to SQLite and
+    PostgreSQL alike, and used to surface as a TypeError or AttributeError deep inside whichever command read
+    the row; it is now an error of reading the row, like JSON that does not parse."""
+
+    impl = JSON
+    cache_ok = True
+
+    def __init__(self, shape: type, items: type | None = None, optional: bool = False) -> None:
+        super().__init__()
+        self.shape, self.items, self.optional = shape, items, optional
+
+    @property
+    def describe(self) -> str:
+        what = ("a JSON list" + (" of objects" if self.items is dict else " of strings" if self.items is str else "")
+                if self.shape is list else "a JSON object")
+        return what + (" or null" if self.optional else "")
+
+    def process_result_value(self, value: Any, dialect: Any) -> Any:
+        if value is None and self.optional:
+            return value
+        if not isinstance(value, self.shape) or (self.items is not None
+                                                 and not all(isinstance(v, self.items) for v in value)):
+            raise UnreadableValue(f"not {self.describe}")
+        return value
 
 
 class Base(DeclarativeBase):
@@ -160,7 +194,7 @@ class Profile(Base):
     kind: Mapped[str] = mapped_column(String(16))                 # mig | vgpu | sriov | mixed
     model: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
     description: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
-    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    spec: Mapped[dict[str, Any]] = mapped_column(JsonOf(dict))
     source: Mapped[str] = mapped_column(String(255), default="user")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
@@ -213,10 +247,10 @@ class Intent(Base):
     kind: Mapped[str] = mapped_column(String(32))                  # apply | attach | detach | reconcile | ...
     state: Mapped[str] = mapped_column(String(24), default="running")
     recovery: Mapped[str] = mapped_column(String(16), default="forward")   # direction tried first after a crash
-    gpus: Mapped[list[Any]] = mapped_column(JSON, default=list)    # addresses of the GPUs it changes
-    target: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    before: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    steps: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    gpus: Mapped[list[Any]] = mapped_column(JsonOf(list, str), default=list)    # addresses of the GPUs it changes
+    target: Mapped[dict[str, Any]] = mapped_column(JsonOf(dict), default=dict)
+    before: Mapped[dict[str, Any]] = mapped_column(JsonOf(dict), default=dict)
+    steps: Mapped[list[Any]] = mapped_column(JsonOf(list, dict), default=list)
     pid: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
     # "<boot id>:<pid>:<process start time>": tells a live owner from a dead one whose pid was reused
     owner: Mapped[Optional[str]] = mapped_column(String(128), nullable=True)
@@ -235,7 +269,7 @@ class Event(Base):
     action: Mapped[str] = mapped_column(String(64))
     target: Mapped[Optional[str]] = mapped_column(String(255), nullable=True)
     result: Mapped[str] = mapped_column(String(16), default="ok")
-    detail: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
+    detail: Mapped[Optional[dict[str, Any]]] = mapped_column(JsonOf(dict, optional=True), nullable=True)
 
 
 class HealthEvent(Base):
@@ -264,7 +298,7 @@ class HealthEvent(Base):
     vm_name: Mapped[Optional[str]] = mapped_column(String(255), nullable=True)
     vm_uuid: Mapped[Optional[str]] = mapped_column(String(36), nullable=True)
     tenant: Mapped[Optional[str]] = mapped_column(String(128), nullable=True)
-    detail: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
+    detail: Mapped[Optional[dict[str, Any]]] = mapped_column(JsonOf(dict, optional=True), nullable=True)
 
 
 class HostStackRow(Base):

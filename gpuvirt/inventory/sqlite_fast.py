@@ -51,6 +51,18 @@ class Row(dict):
     __getattr__ = dict.get
 
 
+def _row(table: str, cols: tuple[str, ...], values: tuple) -> Row:
+    """``values`` of ``table`` as a Row.  No column the hook reads is ever written as a BLOB, but SQLite keeps
+    one written by hand, and bytes where text belongs ended the VM's start in an internal TypeError; it is the
+    corrupt-inventory error, naming table, column and row as ``store.unreadable_value`` does."""
+    for c, v in zip(cols, values):
+        if isinstance(v, bytes):
+            raise InventoryError(f"the inventory is corrupt: {table}.{c} of the row id={values[0]!r} is not text "
+                                 f"({v[:20]!r}); write the value gpuvirt recorded there, or restore the inventory "
+                                 "from a backup")
+    return Row(zip(cols, values))
+
+
 def stamp(when: dt.datetime | None = None) -> str:
     """A datetime as SQLAlchemy's SQLite dialect stores it (naive UTC, microseconds always written)."""
     d = when or dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
@@ -258,7 +270,7 @@ class Tx:
     def _instances(self, where: str, params: tuple, *, first: bool = False) -> list[Row]:
         cols = ", ".join(f"instances.{c}" for c in _INSTANCE_COLS)
         sql = f"SELECT {cols} FROM instances WHERE {where}" + (" LIMIT 1" if first else "")
-        return [Row(zip(_INSTANCE_COLS, r)) for r in self.x(sql, params)]
+        return [_row("instances", _INSTANCE_COLS, r) for r in self.x(sql, params)]
 
     def instance_by_mdev(self, uuid: str) -> Row | None:
         """``Unit.instance_by_mdev``: the same statement, so SQLite picks the same row."""
@@ -279,7 +291,7 @@ class Tx:
     def allocation_of(self, instance_id: int) -> Row | None:
         r = self.x(f"SELECT {', '.join(_ALLOC_COLS)} FROM allocations WHERE instance_id = ?",
                    (instance_id,)).fetchone()
-        return Row(zip(_ALLOC_COLS, r)) if r else None
+        return _row("allocations", _ALLOC_COLS, r) if r else None
 
     def allocations(self, vm_name: str | None = None) -> list[Row]:
         """This host's allocations (of one VM name), by id, as ``Unit.allocations``."""
@@ -288,12 +300,12 @@ class Tx:
         if vm_name is not None:
             sql += " AND vm_name = ?"
             params += (vm_name,)
-        return [Row(zip(_ALLOC_COLS, r)) for r in self.x(sql + " ORDER BY id", params)]
+        return [_row("allocations", _ALLOC_COLS, r) for r in self.x(sql + " ORDER BY id", params)]
 
     def gpu(self, gpu_id: int) -> Row | None:
         cols = ("id", "address", "mig_capable", "desired_profile", "profile_state", "sriov_num_vfs")
         r = self.x(f"SELECT {', '.join(cols)} FROM gpus WHERE id = ?", (gpu_id,)).fetchone()
-        return Row(zip(cols, r)) if r else None
+        return _row("gpus", cols, r) if r else None
 
     def profile_spec(self, name: str) -> str | None:
         r = self.x("SELECT spec FROM profiles WHERE name = ?", (name,)).fetchone()

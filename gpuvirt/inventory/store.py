@@ -102,7 +102,7 @@ def unreadable_value(engine: Engine) -> InventoryError | None:
     complaint and fails later inside the driver's row parsing, as a bare ValueError that names neither row nor
     column, in whatever command happens to load it.  Only that failure pays for this scan, which reads each
     such column once as text and parses it as the dialect does."""
-    from sqlalchemy import JSON, DateTime, String, select, type_coerce
+    from sqlalchemy import JSON, DateTime, String, TypeDecorator, select, type_coerce
 
     from gpuvirt.inventory.models import Base
 
@@ -111,7 +111,8 @@ def unreadable_value(engine: Engine) -> InventoryError | None:
         for table in Base.metadata.sorted_tables:
             keys = list(table.primary_key.columns)
             for col in table.columns:
-                if not isinstance(col.type, (DateTime, JSON)):
+                base = col.type.impl if isinstance(col.type, TypeDecorator) else col.type
+                if not isinstance(base, (DateTime, JSON)):
                     continue
                 parse = col.type.dialect_impl(dialect).result_processor(dialect, None)
                 if parse is None:
@@ -122,9 +123,10 @@ def unreadable_value(engine: Engine) -> InventoryError | None:
                         parse(raw)
                     except (ValueError, TypeError):
                         row = ", ".join(f"{k.name}={v!r}" for k, v in zip(keys, key))
-                        what = "a timestamp" if isinstance(col.type, DateTime) else "JSON"
-                        fix = ("a UTC time as 'YYYY-MM-DD HH:MM:SS'" if isinstance(col.type, DateTime)
-                               else "valid JSON")
+                        shape = getattr(col.type, "describe", "JSON")
+                        what = "a timestamp" if isinstance(base, DateTime) else shape
+                        fix = ("a UTC time as 'YYYY-MM-DD HH:MM:SS'" if isinstance(base, DateTime)
+                               else "valid JSON" if shape == "JSON" else shape)
                         return InventoryError(f"the inventory is corrupt: {table.name}.{col.name} of the row "
                                               f"{row} is not {what} ({str(raw)[:40]!r}); write {fix} there, or "
                                               "restore the inventory from a backup")
@@ -297,7 +299,11 @@ class Inventory:
             raise translate_db_error(exc, self.url, action) from exc
         except (ValueError, TypeError) as exc:
             session.rollback()
-            bad = unreadable_value(self.engine) if self.backend == "sqlite" and _raised_by_sqlalchemy(exc) else None
+            from gpuvirt.inventory.models import UnreadableValue
+
+            # JSON of the wrong shape is valid to PostgreSQL too; text that is no timestamp only SQLite keeps
+            bad = unreadable_value(self.engine) if isinstance(exc, UnreadableValue) or (
+                self.backend == "sqlite" and _raised_by_sqlalchemy(exc)) else None
             if bad is not None:
                 raise bad from None
             raise

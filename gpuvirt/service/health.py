@@ -90,7 +90,12 @@ def in_force(needs_reset: bool, last_at: dt.datetime | None, now: dt.datetime, q
 def recovers_at(needs_reset: bool, last_at: dt.datetime | None, quiet_seconds: float) -> dt.datetime | None:
     if needs_reset or quiet_seconds <= 0 or last_at is None:
         return None
-    return last_at + dt.timedelta(seconds=quiet_seconds)
+    try:
+        return last_at + dt.timedelta(seconds=quiet_seconds)
+    except OverflowError:
+        # a last event stamped near year 9999 (a clock set wrong, a value written by hand) reads back, but its
+        # recovery lies past what a datetime holds: it never comes, as in_force agrees
+        return None
 
 
 def _iso(t: dt.datetime | None) -> str | None:

@@ -32,6 +32,7 @@ unit's reconcile does both.
 from __future__ import annotations
 
 import contextlib
+import json
 from typing import Any
 
 from gpuvirt.context import Context
@@ -169,7 +170,7 @@ def _plan(ctx: Context, t: Any, gpu_ids: list[int]) -> tuple[list[dict[str, Any]
         g = t.gpu(gpu_id)
         if g is None or g.mig_capable or g.profile_state in ("pending-reset", "rollback-incomplete"):
             return None
-        if g.desired_profile and "scheduler" in (t.profile_spec(g.desired_profile) or "scheduler"):
+        if g.desired_profile and not _plain_profile(t.profile_spec(g.desired_profile)):
             return None
         rows = t.gpu_instances(gpu_id)
         for r in rows:
@@ -223,6 +224,18 @@ def _vfio_type(host: Any, vf: str) -> int | None:
         return 0
     except GpuvirtError:
         return None
+
+
+def _plain_profile(spec: Any) -> bool:
+    """Can the fast path restore under this desired profile's stored spec?  Only one stored as the ORM writes it
+    (the text of a JSON object) that sets no vGPU scheduler (that needs NVML).  A BLOB, a number or text that is
+    no JSON object is the full path's to judge: it names the corrupt value in one line."""
+    if not isinstance(spec, str) or "scheduler" in spec:
+        return False
+    try:
+        return isinstance(json.loads(spec), dict)
+    except ValueError:
+        return False
 
 
 def _restore(ctx: Context, inv: FastInventory, gpu_ids: list[int], gpu_addrs: set[str]) -> dict[str, Any] | None:

@@ -520,7 +520,7 @@ def root_boot_id(root: Any) -> str | None:
     try:
         with open(os.path.join(str(root), "proc/sys/kernel/random/boot_id")) as fh:
             return fh.read().strip()[:64] or None
-    except OSError:
+    except (OSError, UnicodeDecodeError):      # bytes that are no text (a damaged simulated host): unknown
         return None
 
 
@@ -544,15 +544,15 @@ def owner_state(row: Any, host_boot: str | None, lease: float, *, own_host: bool
       host booted since the intent was opened (opening one records the boot id, :meth:`Run.begin`).
     * the lease: the owner renews ``updated_at`` at every step and every ``HEARTBEAT_SECONDS`` during one
       (:meth:`Run.heartbeat`); older than ``lease`` seconds, the owner is taken for dead (a host that went
-      down for good, a process frozen).  Hosts' clocks must agree to well within the lease.
+      down for good, a process frozen).  Hosts' clocks must agree to well within the lease: a renewal more
+      than ``lease`` seconds ahead of this machine's clock counts as expired too.
     """
-    if row.state not in (RUNNING, ROLLING_BACK) or not row.owner:
+    if row.state not in (RUNNING, ROLLING_BACK):
         return None
-    try:
-        boot, pid, _start = row.owner.rsplit(":", 2)
-        int(pid)
-    except ValueError:
+    parsed = _parse_owner(row.owner)
+    if parsed is None:
         return None
+    boot, pid = parsed
     me = process_id()
     if me is None or row.owner == me:
         return None
@@ -563,21 +563,33 @@ def owner_state(row: Any, host_boot: str | None, lease: float, *, own_host: bool
     now = now or utcnow()
     seen = row.updated_at
     age = (now - seen).total_seconds() if isinstance(seen, dt.datetime) else None
-    if age is None or age > lease:
+    # a renewal further ahead of this clock than the lease is no evidence of life either: clocks that agree to
+    # within the lease cannot write it, and counted as fresh it would hold the GPUs until this clock caught up
+    # (forever, for a year-9999 value written by hand)
+    if age is None or abs(age) > lease:
         return None
-    return (f"process {pid} on the machine of host {row.host_id} (boot id {boot[:8]}), last heard from "
-            f"{max(age, 0):.0f} s ago (taken for gone after {lease:.0f} s: policies.intent_lease_seconds)")
+    heard = f"last heard from {age:.0f} s ago" if age >= 0 else \
+        f"last renewed {-age:.0f} s ahead of this machine's clock"
+    return (f"process {pid} on the machine of host {row.host_id} (boot id {boot[:8]}), {heard} (taken for gone "
+            f"after {lease:.0f} s: policies.intent_lease_seconds)")
+
+
+def _parse_owner(owner: Any) -> tuple[str, int] | None:
+    """(boot id, pid) of an owner as :func:`process_id` writes it; None for anything else (empty, hand-made,
+    a BLOB, which SQLite hands back as bytes): such an owner names no process, so nobody carries the intent
+    out.  Whitespace is refused too, since the parts are quoted into one-line messages."""
+    if not isinstance(owner, str) or any(c.isspace() for c in owner):
+        return None
+    parts = owner.rsplit(":", 2)
+    if len(parts) != 3 or not parts[0] or not (parts[1].isascii() and parts[1].isdigit()):
+        return None
+    return parts[0], int(parts[1])
 
 
 def owner_alive(owner: str | None) -> bool:
     """Is the process that opened an intent still running (same boot, same pid, same start time)?"""
-    if not owner:
-        return False
-    try:
-        boot, pid, start = owner.rsplit(":", 2)
-        return process_id(int(pid)) == owner
-    except ValueError:
-        return False
+    parsed = _parse_owner(owner)
+    return parsed is not None and parsed[1] > 0 and process_id(parsed[1]) == owner
 
 
 __all__ = ["Run", "recover", "require_settled", "settle", "open_intents", "register_kind", "mig_step", "mdev_step", "vgpu_step",
