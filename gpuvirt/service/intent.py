@@ -379,9 +379,11 @@ def require_settled(ctx: Context, locked: set[str] | None, *, actor: str | None 
     bad = [r for r in recover(ctx, locked, actor=actor) if r["result"] == "failed"]
     for row, who in _open_with_holders(ctx):
         mine = set(row.gpus or []) if locked is None else set(row.gpus or []) & locked
-        if who is not None and mine and not is_active(row.id):
-            # this process holds the GPUs' locks, so the owner runs where those locks do not reach (another
-            # machine): changing the GPUs beside it would build on a half-made change
+        if who is not None and mine and not is_active(row.id) and not _of_this_boot(row.owner):
+            # an owner on another machine runs where this process's GPU locks do not reach: changing the GPUs
+            # beside it would build on a half-made change.  A live owner of this machine is left to the locks
+            # as before: some intents (an attach taking a free instance) are written without the GPU's lock,
+            # in one database transaction, and refusing beside them made racing attaches fail (exit 5)
             raise ConflictError(f"{', '.join(sorted(mine))}: {_a(row.kind)} (intent {row.id}) is in progress, run by "
                                 f"{who}; wait for it to end ('After a crash' in docs/operator-guide.md: an owner "
                                 "whose machine is gone for good)")
@@ -572,6 +574,12 @@ def owner_state(row: Any, host_boot: str | None, lease: float, *, own_host: bool
         f"last renewed {-age:.0f} s ahead of this machine's clock"
     return (f"process {pid} on the machine of host {row.host_id} (boot id {boot[:8]}), {heard} (taken for gone "
             f"after {lease:.0f} s: policies.intent_lease_seconds)")
+
+
+def _of_this_boot(owner: Any) -> bool:
+    """Was the intent opened on this machine since it booted (its owner then is checked through /proc)?"""
+    parsed, me = _parse_owner(owner), process_id()
+    return parsed is not None and me is not None and parsed[0] == me.split(":", 1)[0]
 
 
 def _parse_owner(owner: Any) -> tuple[str, int] | None:
