@@ -10,6 +10,7 @@ another machine, so "it did not answer" is a conflict with the cluster, not a bu
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import select
@@ -114,11 +115,10 @@ class PeerLink:
 
     def close(self, timeout: float = 10.0) -> None:
         """End the session: its standard input closes, so it releases what it holds and exits."""
-        try:
+        # a session that already died has a broken pipe: closing it is only a courtesy
+        with contextlib.suppress(OSError):
             if self.proc.stdin is not None:
                 self.proc.stdin.close()
-        except OSError:
-            pass
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -127,10 +127,9 @@ class PeerLink:
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-            try:
+            # SIGKILL cannot be refused; a process stuck in the kernel (D state) is left to init
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
 
 
 def read_request(stream: Any, limit: int | None = None) -> bytes | None:
