@@ -283,7 +283,7 @@ def serve(ctx: Context, inp: Any, out: Any, *, max_messages: int = MAX_MESSAGES)
 
 
 def _serve(ctx: Context, inp: Any, reply: Any, locks: dict[str, contextlib.ExitStack], max_messages: int) -> int:
-    from gpuvirt.host.peer_link import read_request
+    from gpuvirt.host.peer_link import parse_line, read_request
 
     greeted = False
     for n in range(max_messages + 1):
@@ -297,10 +297,7 @@ def _serve(ctx: Context, inp: Any, reply: Any, locks: dict[str, contextlib.ExitS
         if n == max_messages:
             reply(_failure(UsageError(f"peer session: more than {max_messages} requests")))
             return 2
-        try:
-            req = json.loads(raw)
-        except ValueError:
-            req = None
+        req = parse_line(raw)
         if not isinstance(req, dict) or not isinstance(req.get("op"), str):
             reply(_failure(UsageError("peer session: a request is not a JSON object with an 'op'")))
             return 2
