@@ -58,6 +58,7 @@ def _peer(tmp_path, body: str):
     return cfg
 
 
+REST = "\nfor _ in sys.stdin: print('{\"ok\": true}', flush=True)\n"
 HELLO_OK = 'sys.stdin.readline(); print(json.dumps({"ok": True, "host": host, "protocol": 1}), flush=True)\n'
 
 
@@ -67,7 +68,7 @@ def test_malformed_view_reply_is_a_conflict(make_sim, tmp_path, answer):
     from gpuvirt.service.peers import PeerSession
 
     root = make_sim(["a100-40gb:1"], name="hc").root
-    cfg = _peer(tmp_path, HELLO_OK + f"sys.stdin.readline(); print({answer!r}, flush=True)\nsys.stdin.read()\n")
+    cfg = _peer(tmp_path, HELLO_OK + f"sys.stdin.readline(); print({answer!r}, flush=True)" + REST)
     with _ctx(root, host_id="hc", config=str(cfg)) as c:
         s = PeerSession(c, "hp")
         try:
@@ -84,7 +85,7 @@ def test_malformed_preflight_reply_is_a_conflict(make_sim, tmp_path, req, answer
     from gpuvirt.service.peers import PeerSession
 
     root = make_sim(["a100-40gb:1"], name="hc").root
-    cfg = _peer(tmp_path, HELLO_OK + f"sys.stdin.readline(); print({answer!r}, flush=True)\nsys.stdin.read()\n")
+    cfg = _peer(tmp_path, HELLO_OK + f"sys.stdin.readline(); print({answer!r}, flush=True)" + REST)
     with _ctx(root, host_id="hc", config=str(cfg)) as c:
         s = PeerSession(c, "hp")
         try:
@@ -126,3 +127,29 @@ def test_host_id_never_becomes_an_ssh_option(make_sim, bad):
     with _ctx(root, host_id="hc") as c:
         with pytest.raises(GpuvirtError):
             command(c, bad)
+
+
+@pytest.mark.parametrize("action,answer", [
+    ("resolve", '{"ok": true}'), ("resolve", '{"ok": true, "changed": true, "params": 3}'),
+    ("forward", '{"ok": true, "facts": [1]}'), ("forward", '{"ok": true}'), ("holds", '{"ok": true}'),
+    ("holds", '{"ok": true, "holds": "yes"}')])
+def test_malformed_step_reply_is_a_conflict(make_sim, tmp_path, action, answer):
+    from gpuvirt.service.peers import PeerSession, RemoteOp
+
+    root = make_sim(["a100-40gb:1"], name="hc").root
+    cfg = _peer(tmp_path, HELLO_OK + f"sys.stdin.readline(); print({answer!r}, flush=True)" + REST)
+    step = {"op": "mdev", "host": "hp", "gpu": "0000:01:00.0", "present": True,
+            "params": {"uuid": "00000000-0000-0000-0000-000000000001", "type": "nvidia-1"}}
+    with _ctx(root, host_id="hc", config=str(cfg)) as c:
+        s = PeerSession(c, "hp")
+        try:
+            op = RemoteOp(s, step)
+            with pytest.raises(ConflictError, match="host hp.*malformed"):
+                if action == "resolve":
+                    op.resolve()
+                elif action == "forward":
+                    op.forward()
+                else:
+                    op.holds(None, True)
+        finally:
+            s.close()

@@ -101,6 +101,16 @@ class PeerSession:
             return msg
         raise _error(str(msg.get("error")), f"host {self.settings.host_id}: {str(msg.get('message'))[:1000]}")
 
+    @contextlib.contextmanager
+    def reading(self, what: str) -> Iterator[None]:
+        """Where a reply's fields are read: one that lacks them or has the wrong types is the far end's fault
+        (another gpuvirt version, or no gpuvirt), a conflict naming the host, not a traceback here."""
+        try:
+            yield
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise ConflictError(f"host {self.settings.host_id}: the peer session ({self.link.command()}) answered a "
+                                f"malformed {what} reply ({type(exc).__name__}: {str(exc)[:120]})") from None
+
     # --- what gpuvirt.service.instances, hostview and intent_steps ask of a peer ---------------------------
     @contextlib.contextmanager
     def remote_lock(self, address: str) -> Iterator[None]:
@@ -122,7 +132,9 @@ class PeerSession:
     def remote_view(self, nvml: bool = True) -> Any:
         from gpuvirt.service.hostview import build_view
 
-        return build_view(self.call({"op": "view", "nvml": bool(nvml)})["doc"])
+        r = self.call({"op": "view", "nvml": bool(nvml)})
+        with self.reading("view"):
+            return build_view(r["doc"])
 
     def remote_op(self, step: dict[str, Any]) -> "RemoteOp":
         return RemoteOp(self, step)
@@ -130,15 +142,17 @@ class PeerSession:
     # --- the live-migration pre-flight ---------------------------------------------------------------------
     def vgpu_metadata(self, index: int, instance: int | str) -> tuple[int, bytes]:
         r = self.call({"op": "vgpu-metadata", "index": index, "instance": instance})
-        return int(r["vid"]), bytes.fromhex(r["data"])
+        with self.reading("vgpu-metadata"):
+            return int(r["vid"]), bytes.fromhex(r["data"])
 
     def compatibility(self, index: int, data: bytes, src_index: int, vid: int) -> Any:
         from gpuvirt.model.preflight import Compatibility, Reason
 
         r = self.call({"op": "compatibility", "index": index, "data": data.hex(), "src_index": src_index,
                        "vid": vid})
-        return Compatibility(int(r["bits"]), int(r["code"]),
-                             tuple(Reason(str(a), int(b), str(c)) for a, b, c in r["reasons"]))
+        with self.reading("compatibility"):
+            return Compatibility(int(r["bits"]), int(r["code"]),
+                                 tuple(Reason(str(a), int(b), str(c)) for a, b, c in r["reasons"]))
 
     def close(self) -> None:
         with contextlib.suppress(GpuvirtError):
@@ -155,11 +169,18 @@ class RemoteOp(intent_steps._Op):
         self.session = session
         self.local = intent_steps.OPS[step["op"]](session, step)  # type: ignore[arg-type]
 
-    def _ask(self, action: str, **kw: Any) -> dict[str, Any]:
-        return self.session.call({"op": "step", "action": action, "step": self.step, **kw})
+    def _ask(self, action: str, key: str, kind: type, **kw: Any) -> Any:
+        r = self.session.call({"op": "step", "action": action, "step": self.step, **kw})
+        with self.session.reading(f"step {action}"):
+            if not isinstance(r[key], kind):
+                raise TypeError(f"{key!r} is not a {kind.__name__}")
+            return r[key]
 
     def resolve(self) -> bool:
-        r = self._ask("resolve")
+        r = self.session.call({"op": "step", "action": "resolve", "step": self.step})
+        with self.session.reading("step resolve"):
+            if not isinstance(r["changed"], bool) or (r["changed"] and not isinstance(r["params"], dict)):
+                raise TypeError("'changed' is not a bool with 'params' a dict")
         if not r["changed"]:
             return False
         # in place: the caller saves the step it holds, and the executor reads the choice from it
@@ -171,17 +192,17 @@ class RemoteOp(intent_steps._Op):
         return self.local.describe(forward)
 
     def ensure(self, present: bool) -> dict[str, Any]:
-        return self._ask("forward" if present == self.step["present"] else "backward")["facts"]
+        return self._ask("forward" if present == self.step["present"] else "backward", "facts", dict)
 
     def forward(self) -> dict[str, Any]:
-        return self._ask("forward")["facts"]
+        return self._ask("forward", "facts", dict)
 
     def backward(self) -> dict[str, Any]:
-        return self._ask("backward")["facts"]
+        return self._ask("backward", "facts", dict)
 
     def holds(self, view: Any, present: bool) -> bool:
         # the peer checks against its own view, taken now (``view`` is the coordinator's copy of an earlier one)
-        return bool(self._ask("holds", present=bool(present))["holds"])
+        return self._ask("holds", "holds", bool, present=bool(present))
 
     def record(self, uow: Any, present: bool, facts: dict[str, Any]) -> None:
         self.local.record(uow, present, facts)
