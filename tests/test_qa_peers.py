@@ -153,3 +153,21 @@ def test_malformed_step_reply_is_a_conflict(make_sim, tmp_path, action, answer):
                     op.holds(None, True)
         finally:
             s.close()
+
+
+def test_lock_under_an_alias_address_keeps_the_one_lock_file_held(host):
+    """'0000:41:00.0' and '0000_41_00.0' are one lock file: releasing one name must not leave the other
+    believed held with its flock gone (nor fail the later unlock)."""
+    import fcntl
+
+    lock = b'{"op":"lock","gpu":"0000:41:00.0"}\n'
+    alias = b'{"op":"lock","gpu":"0000_41_00.0"}\n'
+    unlock = b'{"op":"unlock","gpu":"0000:41:00.0"}\n'
+    unalias = b'{"op":"unlock","gpu":"0000_41_00.0"}\n'
+    code, out = _serve(host, HELLO, lock, alias, unlock, unalias)
+    assert code == 0 and all(o["ok"] for o in out), out
+    # and after the session nothing is left held
+    path = next((host / "var").rglob("gpu-0000_41_00.0.lock"))
+    fd = open(path, "a")
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fd.close()

@@ -364,15 +364,18 @@ def _handle(ctx: Context, req: dict[str, Any], locks: dict[str, contextlib.ExitS
         gpu = req["gpu"]
         if not isinstance(gpu, str) or not _GPU.fullmatch(gpu):
             raise UsageError(f"peer session: {str(gpu)[:80]!r} is not a GPU address")
+        # keyed by the lock file gpu_lock uses, which spells ':' as '_': two spellings of one GPU are one lock, so
+        # releasing one cannot drop the flock under the other (a nested gpu_lock released out of order)
+        key = gpu.replace(":", "_")
         if op == "lock":
-            if gpu not in locks:
+            if key not in locks:
                 from gpuvirt.service.instances import gpu_lock
 
                 stack = contextlib.ExitStack()
                 stack.enter_context(gpu_lock(ctx, gpu))
-                locks[gpu] = stack
-        elif gpu in locks:
-            locks.pop(gpu).close()
+                locks[key] = stack
+        elif key in locks:
+            locks.pop(key).close()
         return {}
     if op == "view":
         from gpuvirt.host.discover import discover
