@@ -171,3 +171,20 @@ def test_lock_under_an_alias_address_keeps_the_one_lock_file_held(host):
     fd = open(path, "a")
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     fd.close()
+
+
+@pytest.mark.parametrize("body", [
+    "sys.stderr.write('\\x1b[2J\\x1b]0;owned\\x07 boom\\n'); sys.exit(3)\n",
+    "sys.stdin.readline(); print(json.dumps({'ok': False, 'error': 'ConflictError', 'message': '\\x1b[2Jboom\\x07'}),"
+    " flush=True)\n"])
+def test_peer_text_reaches_the_operator_without_control_characters(make_sim, tmp_path, body):
+    """What a peer writes (its stderr, its error message) ends up in the coordinator's one error line: terminal
+    escape sequences from another machine must not reach the operator's terminal."""
+    from gpuvirt.service.peers import PeerSession
+
+    root = make_sim(["a100-40gb:1"], name="hc").root
+    cfg = _peer(tmp_path, body)
+    with _ctx(root, host_id="hc", config=str(cfg)) as c:
+        with pytest.raises(GpuvirtError, match="boom") as err:
+            PeerSession(c, "hp")
+    assert str(err.value).isprintable(), str(err.value)

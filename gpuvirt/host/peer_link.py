@@ -61,7 +61,7 @@ class PeerLink:
         last = next((e for e in reversed(self._err) if e), None)
         code = self.proc.poll()
         if last:
-            return " ".join(last.split())[:300]
+            return shown(last, 300)
         return f"it exited with status {code}" if code is not None else "it stopped answering"
 
     def _fail(self, what: str) -> ConflictError:
@@ -109,7 +109,7 @@ class PeerLink:
         msg = parse_line(line)
         if not isinstance(msg, dict):
             self.kill()
-            text = " ".join(line.decode(errors="replace").split())[:120]
+            text = shown(line.decode(errors="replace"), 120)
             raise ConflictError(f"host {self.host}: the peer session ({self.command()}) answered something that is "
                                 f"not a peer-session message: {text!r} (is policies.peer_command a gpuvirt?)")
         return msg
@@ -133,6 +133,12 @@ class PeerLink:
                 self.proc.wait(timeout=5)
 
 
+def shown(text: str, limit: int) -> str:
+    """Text from the far end as it may appear in this host's one error line: another machine's terminal escapes
+    (ESC, BEL) must not reach the operator's terminal, so every non-printable character is '?'."""
+    return "".join(c if c.isprintable() else "?" for c in " ".join(text.split())[:limit])
+
+
 def parse_line(line: bytes) -> Any:
     """The JSON value of one line, None where it is none."""
     try:
@@ -154,4 +160,4 @@ def read_request(stream: Any, limit: int | None = None) -> bytes | None:
     return line
 
 
-__all__ = ["PeerLink", "MAX_LINE_BYTES", "read_request", "parse_line"]
+__all__ = ["PeerLink", "MAX_LINE_BYTES", "read_request", "parse_line", "shown"]

@@ -99,7 +99,9 @@ class PeerSession:
         msg = self.link.receive(self._timeout if timeout is None else timeout)
         if msg.get("ok") is True:
             return msg
-        raise _error(str(msg.get("error")), f"host {self.settings.host_id}: {str(msg.get('message'))[:1000]}")
+        from gpuvirt.host.peer_link import shown
+
+        raise _error(str(msg.get("error")), f"host {self.settings.host_id}: {shown(str(msg.get('message')), 1000)}")
 
     @contextlib.contextmanager
     def reading(self, what: str) -> Iterator[None]:
