@@ -61,7 +61,7 @@ class PeerLink:
         last = next((e for e in reversed(self._err) if e), None)
         code = self.proc.poll()
         if last:
-            return " ".join(last.split())[:300]
+            return shown(last, 300)
         return f"it exited with status {code}" if code is not None else "it stopped answering"
 
     def _fail(self, what: str) -> ConflictError:
@@ -98,17 +98,18 @@ class PeerLink:
                 continue
             chunk = os.read(fd, 65536)
             if not chunk:
-                self.proc.wait(timeout=5)
+                try:
+                    self.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    # it closed its output but runs on: nothing more can come from it
+                    self.kill()
                 raise self._fail("ended")
             self._buf += chunk
         line, _, self._buf = self._buf.partition(b"\n")
-        try:
-            msg = json.loads(line)
-        except ValueError:
-            msg = None
+        msg = parse_line(line)
         if not isinstance(msg, dict):
             self.kill()
-            text = " ".join(line.decode(errors="replace").split())[:120]
+            text = shown(line.decode(errors="replace"), 120)
             raise ConflictError(f"host {self.host}: the peer session ({self.command()}) answered something that is "
                                 f"not a peer-session message: {text!r} (is policies.peer_command a gpuvirt?)")
         return msg
@@ -132,6 +133,21 @@ class PeerLink:
                 self.proc.wait(timeout=5)
 
 
+def shown(text: str, limit: int) -> str:
+    """Text from the far end as it may appear in this host's one error line: another machine's terminal escapes
+    (ESC, BEL) must not reach the operator's terminal, so every non-printable character is '?'."""
+    return "".join(c if c.isprintable() else "?" for c in " ".join(text.split())[:limit])
+
+
+def parse_line(line: bytes) -> Any:
+    """The JSON value of one line, None where it is none."""
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError):
+        # a line within the byte limit can still nest deeper than the parser's recursion ('[[[[...')
+        return None
+
+
 def read_request(stream: Any, limit: int | None = None) -> bytes | None:
     """One line from ``stream`` (a binary file) of at most ``limit`` bytes (``MAX_LINE_BYTES``); None at its
     end.  A longer line raises ValueError (the session's server answers it with an error and ends)."""
@@ -144,4 +160,4 @@ def read_request(stream: Any, limit: int | None = None) -> bytes | None:
     return line
 
 
-__all__ = ["PeerLink", "MAX_LINE_BYTES", "read_request"]
+__all__ = ["PeerLink", "MAX_LINE_BYTES", "read_request", "parse_line", "shown"]

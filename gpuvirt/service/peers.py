@@ -99,7 +99,19 @@ class PeerSession:
         msg = self.link.receive(self._timeout if timeout is None else timeout)
         if msg.get("ok") is True:
             return msg
-        raise _error(str(msg.get("error")), f"host {self.settings.host_id}: {str(msg.get('message'))[:1000]}")
+        from gpuvirt.host.peer_link import shown
+
+        raise _error(str(msg.get("error")), f"host {self.settings.host_id}: {shown(str(msg.get('message')), 1000)}")
+
+    @contextlib.contextmanager
+    def reading(self, what: str) -> Iterator[None]:
+        """Where a reply's fields are read: one that lacks them or has the wrong types is the far end's fault
+        (another gpuvirt version, or no gpuvirt), a conflict naming the host, not a traceback here."""
+        try:
+            yield
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise ConflictError(f"host {self.settings.host_id}: the peer session ({self.link.command()}) answered a "
+                                f"malformed {what} reply ({type(exc).__name__}: {str(exc)[:120]})") from None
 
     # --- what gpuvirt.service.instances, hostview and intent_steps ask of a peer ---------------------------
     @contextlib.contextmanager
@@ -122,7 +134,9 @@ class PeerSession:
     def remote_view(self, nvml: bool = True) -> Any:
         from gpuvirt.service.hostview import build_view
 
-        return build_view(self.call({"op": "view", "nvml": bool(nvml)})["doc"])
+        r = self.call({"op": "view", "nvml": bool(nvml)})
+        with self.reading("view"):
+            return build_view(r["doc"])
 
     def remote_op(self, step: dict[str, Any]) -> "RemoteOp":
         return RemoteOp(self, step)
@@ -130,15 +144,17 @@ class PeerSession:
     # --- the live-migration pre-flight ---------------------------------------------------------------------
     def vgpu_metadata(self, index: int, instance: int | str) -> tuple[int, bytes]:
         r = self.call({"op": "vgpu-metadata", "index": index, "instance": instance})
-        return int(r["vid"]), bytes.fromhex(r["data"])
+        with self.reading("vgpu-metadata"):
+            return int(r["vid"]), bytes.fromhex(r["data"])
 
     def compatibility(self, index: int, data: bytes, src_index: int, vid: int) -> Any:
         from gpuvirt.model.preflight import Compatibility, Reason
 
         r = self.call({"op": "compatibility", "index": index, "data": data.hex(), "src_index": src_index,
                        "vid": vid})
-        return Compatibility(int(r["bits"]), int(r["code"]),
-                             tuple(Reason(str(a), int(b), str(c)) for a, b, c in r["reasons"]))
+        with self.reading("compatibility"):
+            return Compatibility(int(r["bits"]), int(r["code"]),
+                                 tuple(Reason(str(a), int(b), str(c)) for a, b, c in r["reasons"]))
 
     def close(self) -> None:
         with contextlib.suppress(GpuvirtError):
@@ -155,11 +171,18 @@ class RemoteOp(intent_steps._Op):
         self.session = session
         self.local = intent_steps.OPS[step["op"]](session, step)  # type: ignore[arg-type]
 
-    def _ask(self, action: str, **kw: Any) -> dict[str, Any]:
-        return self.session.call({"op": "step", "action": action, "step": self.step, **kw})
+    def _ask(self, action: str, key: str, kind: type, **kw: Any) -> Any:
+        r = self.session.call({"op": "step", "action": action, "step": self.step, **kw})
+        with self.session.reading(f"step {action}"):
+            if not isinstance(r[key], kind):
+                raise TypeError(f"{key!r} is not a {kind.__name__}")
+            return r[key]
 
     def resolve(self) -> bool:
-        r = self._ask("resolve")
+        r = self.session.call({"op": "step", "action": "resolve", "step": self.step})
+        with self.session.reading("step resolve"):
+            if not isinstance(r["changed"], bool) or (r["changed"] and not isinstance(r["params"], dict)):
+                raise TypeError("'changed' is not a bool with 'params' a dict")
         if not r["changed"]:
             return False
         # in place: the caller saves the step it holds, and the executor reads the choice from it
@@ -171,17 +194,17 @@ class RemoteOp(intent_steps._Op):
         return self.local.describe(forward)
 
     def ensure(self, present: bool) -> dict[str, Any]:
-        return self._ask("forward" if present == self.step["present"] else "backward")["facts"]
+        return self._ask("forward" if present == self.step["present"] else "backward", "facts", dict)
 
     def forward(self) -> dict[str, Any]:
-        return self._ask("forward")["facts"]
+        return self._ask("forward", "facts", dict)
 
     def backward(self) -> dict[str, Any]:
-        return self._ask("backward")["facts"]
+        return self._ask("backward", "facts", dict)
 
     def holds(self, view: Any, present: bool) -> bool:
         # the peer checks against its own view, taken now (``view`` is the coordinator's copy of an earlier one)
-        return bool(self._ask("holds", present=bool(present))["holds"])
+        return self._ask("holds", "holds", bool, present=bool(present))
 
     def record(self, uow: Any, present: bool, facts: dict[str, Any]) -> None:
         self.local.record(uow, present, facts)
@@ -283,7 +306,7 @@ def serve(ctx: Context, inp: Any, out: Any, *, max_messages: int = MAX_MESSAGES)
 
 
 def _serve(ctx: Context, inp: Any, reply: Any, locks: dict[str, contextlib.ExitStack], max_messages: int) -> int:
-    from gpuvirt.host.peer_link import read_request
+    from gpuvirt.host.peer_link import parse_line, read_request
 
     greeted = False
     for n in range(max_messages + 1):
@@ -297,10 +320,7 @@ def _serve(ctx: Context, inp: Any, reply: Any, locks: dict[str, contextlib.ExitS
         if n == max_messages:
             reply(_failure(UsageError(f"peer session: more than {max_messages} requests")))
             return 2
-        try:
-            req = json.loads(raw)
-        except ValueError:
-            req = None
+        req = parse_line(raw)
         if not isinstance(req, dict) or not isinstance(req.get("op"), str):
             reply(_failure(UsageError("peer session: a request is not a JSON object with an 'op'")))
             return 2
@@ -346,15 +366,18 @@ def _handle(ctx: Context, req: dict[str, Any], locks: dict[str, contextlib.ExitS
         gpu = req["gpu"]
         if not isinstance(gpu, str) or not _GPU.fullmatch(gpu):
             raise UsageError(f"peer session: {str(gpu)[:80]!r} is not a GPU address")
+        # keyed by the lock file gpu_lock uses, which spells ':' as '_': two spellings of one GPU are one lock, so
+        # releasing one cannot drop the flock under the other (a nested gpu_lock released out of order)
+        key = gpu.replace(":", "_")
         if op == "lock":
-            if gpu not in locks:
+            if key not in locks:
                 from gpuvirt.service.instances import gpu_lock
 
                 stack = contextlib.ExitStack()
                 stack.enter_context(gpu_lock(ctx, gpu))
-                locks[gpu] = stack
-        elif gpu in locks:
-            locks.pop(gpu).close()
+                locks[key] = stack
+        elif key in locks:
+            locks.pop(key).close()
         return {}
     if op == "view":
         from gpuvirt.host.discover import discover
