@@ -242,7 +242,7 @@ def _restore(ctx: Context, inv: FastInventory, gpu_ids: list[int], gpu_addrs: se
     """Restore the VM's GPUs as ``reconcile(only_parents=...)`` would; its report (``changed``, ``failed``), or
     None when this is not the plain case (nothing written then)."""
     from gpuvirt.service import intent_steps as steps_mod
-    from gpuvirt.service.intent import process_id, root_boot_id
+    from gpuvirt.host.boot import process_id, root_boot_id
     from gpuvirt.service.instances import gpu_lock
 
     with contextlib.ExitStack() as locks:

@@ -185,7 +185,7 @@ def lock_addresses(ctx: Context) -> list[str]:
 
 def record(ctx: Context, view: HostView, uow: Any) -> dict[str, Any]:
     """Upsert this host and its GPUs in the inventory; GPUs no longer seen are marked not present."""
-    from gpuvirt.service.intent import root_boot_id
+    from gpuvirt.host.boot import root_boot_id
 
     s = ctx.settings
     uow.touch_host(s.host_id, hostname=view.doc["host"]["hostname"], root=str(s.root),

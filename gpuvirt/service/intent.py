@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable
 
 from gpuvirt.context import Context
 from gpuvirt.errors import ConflictError, GpuvirtError
+from gpuvirt.host.boot import process_id, root_boot_id  # noqa: F401 - part of this module's API
 from gpuvirt.inventory.kinds import utcnow
 from gpuvirt.service.intent_steps import (  # noqa: F401 - the step builders are used as intent.<name>_step
     DONE, INVENTORY_ONLY, OPS, PENDING, SKIPPED, UNDONE, allocate_step, cdi_step, describe, domain_xml_step,
@@ -501,29 +502,6 @@ def describe_open(row: Any) -> str:
     return f"{row.kind} {what}: {done} of {len(row.steps)} steps done" + \
         (f" (not settled: {row.error})" if row.state == INCOMPLETE and row.error else "") + \
         (f" (to be finished: {row.error})" if row.state == UNFINISHED and row.error else "")
-
-
-def process_id(pid: int | None = None) -> str | None:
-    """``<boot id>:<pid>:<start time>`` of a process of this machine (None where /proc cannot tell)."""
-    pid = pid or os.getpid()
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as fh:
-            boot = fh.read().strip()
-        with open(f"/proc/{pid}/stat") as fh:
-            # the command name (field 2) may contain spaces and parentheses: fields are counted after the last ')'
-            start = fh.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-    return f"{boot}:{pid}:{start}"
-
-
-def root_boot_id(root: Any) -> str | None:
-    """The boot id of the machine (or simulated host) under ``root``: what ``hosts.boot_marker`` records."""
-    try:
-        with open(os.path.join(str(root), "proc/sys/kernel/random/boot_id")) as fh:
-            return fh.read().strip()[:64] or None
-    except (OSError, UnicodeDecodeError):      # bytes that are no text (a damaged simulated host): unknown
-        return None
 
 
 def lease_seconds(ctx: Context) -> float:
